@@ -1,0 +1,256 @@
+// The step loop of one layer and one direction, shared by the CPU and CUDA implementations.
+//
+// The GEMMs go through ATen (MKL/oneDNN on the CPU, cuBLAS on the current stream on CUDA), so
+// this file is device-agnostic; a device supplies only the fused elementwise passes through a
+// `Kernels` policy:
+//
+//   template <typename scalar_t> static void forward_step(const ForwardStep<scalar_t>&);
+//   template <typename scalar_t> static void backward_step(const BackwardStep<scalar_t>&);
+//
+// Forward: one GEMM for the input projection of every step (both biases folded in), then per
+// step one GEMM adds W_hh h into that step's gate rows and one elementwise pass applies the
+// gates. Backward walks the steps the other way: an elementwise pass turns dh, dc into gate
+// gradients, one GEMM carries dh to the previous step; after the loop dx, dW_ih, dW_hh, the bias
+// and projection gradients are each one GEMM or reduction over all steps.
+#pragma once
+
+#include "lstm_common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <tuple>
+
+namespace lstm_ext {
+
+template <typename scalar_t>
+struct ForwardStep {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t rows;              // sequences active in this step
+  int64_t hidden;            // H
+  scalar_t* gates;           // (rows, 4H): pre-activations in; activations out if save_gates
+  acc_t* cell;               // (rows, H): c in, c' out
+  acc_t* cell_prev_saved;    // (rows, H) copy of c for backward, or null
+  scalar_t* hidden_out;      // (rows, H): h' = o * tanh(c')
+  scalar_t* hidden_state;    // (rows, H) second copy of h', or null
+  bool save_gates;
+};
+
+template <typename scalar_t>
+struct BackwardStep {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t rows;
+  int64_t hidden;
+  const scalar_t* gates;       // (rows, 4H) activations saved by forward
+  const acc_t* cell_prev;      // (rows, H)
+  const scalar_t* grad_h;      // (rows, H) gradient of h', or null for zero
+  const scalar_t* grad_h_extra;  // (rows, H) second term added to grad_h, or null
+  acc_t* grad_cell;            // (rows, H): dc' in, dc out
+  scalar_t* grad_gates;        // (rows, 4H) out: gradients of the gate pre-activations
+};
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor>;
+
+template <typename scalar_t>
+scalar_t* rows_ptr(const at::Tensor& t, int64_t row) {
+  return t.data_ptr<scalar_t>() + row * t.size(1);
+}
+
+template <typename Kernels>
+ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& b_hh,
+                            const std::optional<at::Tensor>& w_hr,
+                            const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                            bool training) {
+  constexpr const char* op = "lstm_layer_forward";
+  const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
+  check_state(op, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
+              "c0 (batch, hidden_size)");
+  check_bias(op, s, input, b_ih, "b_ih (4*hidden)");
+  check_bias(op, s, input, b_hh, "b_hh (4*hidden)");
+  c10::OptionalDeviceGuard device_guard(input.device());
+
+  const int64_t H = s.hidden_size;
+  const auto options = input.options();
+  const auto acc_options = options.dtype(at::toOpMathType(input.scalar_type()));
+  const at::Tensor x = input.reshape({s.rows, s.input_size});
+
+  // gates: (N, 4H) = x W_ih^T + b_ih + b_hh, then per step += h W_hh^T.
+  at::Tensor gates = at::empty({s.rows, kNumGates * H}, options);
+  if (b_ih.has_value() || b_hh.has_value()) {
+    const at::Tensor bias = b_ih.has_value() && b_hh.has_value() ? *b_ih + *b_hh
+                            : b_ih.has_value()                  ? *b_ih
+                                                                : *b_hh;
+    at::addmm_out(gates, bias, x, w_ih.t());
+  } else {
+    at::mm_out(gates, x, w_ih.t());
+  }
+
+  at::Tensor output = at::empty({s.rows, s.output_size}, options);
+  at::Tensor h_state = h0.contiguous().clone();
+  at::Tensor c_state = c0.to(acc_options, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  SavedForBackward saved;
+  saved.cell_prev = at::empty({training ? s.rows : 0, H}, acc_options);
+  saved.hidden_prev = at::empty({training ? s.rows : 0, s.output_size}, options);
+  // Without training only the current step's h before projection is needed.
+  at::Tensor hidden_raw =
+      at::empty({s.has_projection ? (training ? s.rows : s.batch) : 0, H}, options);
+  const at::Tensor w_hh_t = w_hh.t();
+  const at::Tensor w_hr_t = s.has_projection ? w_hr->t() : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t k = 0; k < s.steps; ++k) {
+      const int64_t t = reverse ? s.steps - 1 - k : k;
+      const int64_t rows = s.step_size[t];
+      const int64_t offset = s.step_offset[t];
+      if (rows == 0) continue;
+      at::Tensor step_gates = gates.narrow(0, offset, rows);
+      at::Tensor h_prev = h_state.narrow(0, 0, rows);
+      if (training) saved.hidden_prev.narrow(0, offset, rows).copy_(h_prev);
+      step_gates.addmm_(h_prev, w_hh_t);
+
+      ForwardStep<scalar_t> step;
+      step.rows = rows;
+      step.hidden = H;
+      step.gates = rows_ptr<scalar_t>(gates, offset);
+      step.cell = c_state.data_ptr<acc_t>();
+      step.cell_prev_saved = training ? rows_ptr<acc_t>(saved.cell_prev, offset) : nullptr;
+      step.hidden_out = s.has_projection
+                            ? rows_ptr<scalar_t>(hidden_raw, training ? offset : 0)
+                            : rows_ptr<scalar_t>(output, offset);
+      step.hidden_state = s.has_projection ? nullptr : h_state.data_ptr<scalar_t>();
+      step.save_gates = training;
+      Kernels::template forward_step<scalar_t>(step);
+
+      if (s.has_projection) {
+        at::Tensor y = output.narrow(0, offset, rows);
+        at::mm_out(y, hidden_raw.narrow(0, training ? offset : 0, rows), w_hr_t);
+        h_prev.copy_(y);
+      }
+    }
+  });
+
+  const at::Tensor c_n = c_state.to(input.scalar_type());
+  if (training) {
+    saved.gates = gates;
+    saved.hidden_raw = s.has_projection ? hidden_raw : at::empty({0, H}, options);
+  } else {
+    saved.gates = at::empty({0, kNumGates * H}, options);
+    saved.hidden_raw = at::empty({0, H}, options);
+  }
+  const at::Tensor y = s.packed ? output : output.view({s.steps, s.batch, s.output_size});
+  return {y, h_state, c_n, saved.gates, saved.cell_prev, saved.hidden_prev, saved.hidden_raw};
+}
+
+// Gradients of one layer-direction; an absent grad_output counts as zero.
+// Returns (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); the bias
+// gradient is the same for b_ih and b_hh. Gradients not asked for come back empty.
+template <typename Kernels>
+BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
+                              const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                              const at::Tensor& input,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const std::optional<at::Tensor>& w_hr,
+                              const std::optional<at::Tensor>& batch_sizes,
+                              const at::Tensor& gates, const at::Tensor& cell_prev,
+                              const at::Tensor& hidden_prev, const at::Tensor& hidden_raw,
+                              bool reverse, bool has_bias, bool input_grad, bool weight_grads) {
+  constexpr const char* op = "lstm_layer_backward";
+  const SavedForBackward saved{gates, cell_prev, hidden_prev, hidden_raw};
+  const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
+  check_saved(op, s, input, saved);
+  c10::OptionalDeviceGuard device_guard(input.device());
+
+  const int64_t H = s.hidden_size;
+  const int64_t R = s.output_size;
+  const auto options = input.options();
+  const auto acc_options = options.dtype(at::toOpMathType(input.scalar_type()));
+
+  at::Tensor grad_y;
+  if (grad_output.has_value()) {
+    check_shape(op, *grad_output, s.packed ? at::IntArrayRef{s.rows, R}
+                                           : at::IntArrayRef{s.steps, s.batch, R},
+                "grad_output");
+    check_same_dtype_and_device(op, input, *grad_output, "grad_output");
+    grad_y = grad_output->reshape({s.rows, R}).contiguous();
+  }
+  // dh and dc flowing backwards through time, one row per sequence.
+  check_state(op, s, input, grad_h_n, grad_c_n, "grad_h_n", "grad_c_n");
+  at::Tensor grad_h = grad_h_n.contiguous().clone();
+  at::Tensor grad_c = grad_c_n.to(acc_options, /*non_blocking=*/false, /*copy=*/true).contiguous();
+
+  at::Tensor grad_gates = at::empty({s.rows, kNumGates * H}, options);
+  // With a projection, dh of every step is kept for dW_hr, and dh W_hr feeds the cell.
+  at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, options);
+  at::Tensor grad_h_raw = at::empty({s.has_projection ? s.batch : 0, H}, options);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t k = 0; k < s.steps; ++k) {
+      const int64_t t = reverse ? k : s.steps - 1 - k;
+      const int64_t rows = s.step_size[t];
+      const int64_t offset = s.step_offset[t];
+      if (rows == 0) continue;
+      at::Tensor grad_h_rows = grad_h.narrow(0, 0, rows);
+
+      BackwardStep<scalar_t> step;
+      step.rows = rows;
+      step.hidden = H;
+      step.gates = rows_ptr<scalar_t>(saved.gates, offset);
+      step.cell_prev = rows_ptr<acc_t>(saved.cell_prev, offset);
+      step.grad_cell = grad_c.data_ptr<acc_t>();
+      step.grad_gates = rows_ptr<scalar_t>(grad_gates, offset);
+      if (s.has_projection) {
+        at::Tensor dh = grad_h_all.narrow(0, offset, rows);
+        if (grad_y.defined()) {
+          at::add_out(dh, grad_y.narrow(0, offset, rows), grad_h_rows);
+        } else {
+          dh.copy_(grad_h_rows);
+        }
+        at::Tensor dh_raw = grad_h_raw.narrow(0, 0, rows);
+        at::mm_out(dh_raw, dh, *w_hr);
+        step.grad_h = grad_h_raw.data_ptr<scalar_t>();
+        step.grad_h_extra = nullptr;
+      } else {
+        step.grad_h = grad_y.defined() ? rows_ptr<scalar_t>(grad_y, offset) : nullptr;
+        step.grad_h_extra = grad_h.data_ptr<scalar_t>();
+      }
+      Kernels::template backward_step<scalar_t>(step);
+      at::mm_out(grad_h_rows, grad_gates.narrow(0, offset, rows), w_hh);
+    }
+  });
+
+  // Outputs of an op must not alias each other, so each gradient not asked for is its own
+  // empty tensor.
+  const auto none = [&] { return at::empty({0}, options); };
+  at::Tensor grad_input = input_grad ? at::mm(grad_gates, w_ih).view(input.sizes()) : none();
+  at::Tensor grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
+  if (weight_grads) {
+    const at::Tensor x = input.reshape({s.rows, s.input_size});
+    const at::Tensor grad_gates_t = grad_gates.t();
+    grad_w_ih = at::mm(grad_gates_t, x);
+    grad_w_hh = at::mm(grad_gates_t, saved.hidden_prev);
+    // Summed in the math type so bf16/fp16 bias gradients do not lose the small steps.
+    grad_bias = has_bias ? at::sum(grad_gates, {0}, false, acc_options.dtype().toScalarType())
+                               .to(input.scalar_type())
+                         : none();
+    grad_w_hr = s.has_projection ? at::mm(grad_h_all.t(), saved.hidden_raw) : none();
+  } else {
+    grad_w_ih = none();
+    grad_w_hh = none();
+    grad_bias = none();
+    grad_w_hr = none();
+  }
+  return {grad_input, grad_h, grad_c.to(input.scalar_type()), grad_w_ih, grad_w_hh, grad_bias,
+          grad_w_hr};
+}
+
+}  // namespace lstm_ext

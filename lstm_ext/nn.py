@@ -1,0 +1,243 @@
+"""Drop-in replacements for torch.nn.LSTM and torch.nn.LSTMCell running the fused lstm_ext ops.
+
+Construction, parameters (names, shapes, order, initialisation), input handling and errors are
+torch.nn's own: both classes build on the same torch.nn base classes (RNNBase, RNNCellBase) and
+reuse nn.LSTM's argument checks, so a state_dict moves between the two implementations as is.
+They are not subclasses of nn.LSTM on purpose: torch.compile refuses nn.LSTM instances.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops
+
+_ZERO_LENGTH = "Expected sequence length to be larger than 0 in RNN"
+
+
+def _needs_saved_state(tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_state_dtype_and_device(input, states, names):
+    if torch.is_autocast_enabled(input.device.type):
+        return  # autocast casts every floating input of the op to its own dtype
+    for state, name in zip(states, names):
+        if state.dtype != input.dtype:
+            raise RuntimeError(
+                f"{name} has dtype {state.dtype} but input has dtype {input.dtype}; "
+                f"pass {name}.to({input.dtype})"
+            )
+        if state.device != input.device:
+            raise RuntimeError(
+                f"{name} is on {state.device} but input is on {input.device}; "
+                f"pass {name}.to({str(input.device)!r})"
+            )
+
+
+def _check_device(input, weight):
+    if input.device != weight.device:
+        raise RuntimeError(
+            f"Input and parameter tensors are not at the same device, found input tensor at "
+            f"{input.device} and parameter tensors at {weight.device}; move the input with "
+            f".to({str(weight.device)!r}) or the module with .to({str(input.device)!r})"
+        )
+
+
+class LSTM(nn.RNNBase):
+    """Applies a multi-layer LSTM to an input sequence, exactly like :class:`torch.nn.LSTM`
+    (same constructor, parameters, inputs, outputs and errors) but through lstm_ext's fused
+    kernels. Beyond nn.LSTM: it compiles with ``torch.compile(fullgraph=True)`` (inter-layer
+    dropout included), gives gradients in eval mode and supports double backward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    # nn.LSTM's own argument checks and state permutation, so errors match it word for word.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTM) -> "LSTM":
+        """A copy of a torch.nn.LSTM (configuration, weights, device, dtype, train/eval)."""
+        return _convert(module, cls)
+
+    def to_torch(self) -> nn.LSTM:
+        """A torch.nn.LSTM copy of this module (configuration, weights, device, dtype, mode)."""
+        return _convert(self, nn.LSTM)
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        is_batched = True
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead"
+                )
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+            batch = input.size(batch_dim)
+            if input.size(1 - batch_dim) == 0:
+                raise RuntimeError(_ZERO_LENGTH)
+        if hx is None:
+            shape = (self.num_layers * num_directions, batch)
+            hx = (
+                torch.zeros(*shape, state_size, dtype=data.dtype, device=data.device),
+                torch.zeros(*shape, self.hidden_size, dtype=data.dtype, device=data.device),
+            )
+        elif not packed:
+            if is_batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
+                raise RuntimeError(
+                    "For batched 3-D input, hx and cx should also be 3-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            if not is_batched:
+                if hx[0].dim() != 2 or hx[1].dim() != 2:
+                    raise RuntimeError(
+                        "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(data, hx, batch_sizes)
+        _check_device(data, self._flat_weights[0])
+        _check_state_dtype_and_device(data, hx, ("hx[0]", "hx[1]"))
+        hx = self.permute_hidden(hx, sorted_indices)
+
+        if not packed and self.batch_first:
+            data = data.transpose(0, 1)
+        output, h_n, c_n = self._run_layers(data, batch_sizes, *hx)
+
+        if packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
+        return output, (h_n, c_n)
+
+    def _run_layers(self, data, batch_sizes, h0, c0):
+        """All layers and directions over time-major (T, B, I) or packed (N, I) data."""
+        num_directions = 2 if self.bidirectional else 1
+        weights = self._flat_weights
+        per_direction = len(weights) // (self.num_layers * num_directions)
+        training = _needs_saved_state([data, h0, c0, *weights])
+        h_n, c_n = [], []
+        layer_input = data
+        for layer in range(self.num_layers):
+            if layer > 0 and self.training and self.dropout > 0:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+            outputs = []
+            for direction in range(num_directions):
+                index = layer * num_directions + direction
+                w = weights[index * per_direction:(index + 1) * per_direction]
+                b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+                w_hr = w[-1] if self.proj_size > 0 else None
+                output, h, c = ops.layer_forward(
+                    layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh, w_hr,
+                    batch_sizes, direction == 1, training,
+                )
+                outputs.append(output)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+class LSTMCell(nn.RNNCellBase):
+    """One LSTM step, exactly like :class:`torch.nn.LSTMCell` but through lstm_ext's fused
+    kernels (gradients in eval mode and double backward included)."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTMCell) -> "LSTMCell":
+        """A copy of a torch.nn.LSTMCell (configuration, weights, device, dtype, mode)."""
+        return _convert(module, cls)
+
+    def to_torch(self) -> nn.LSTMCell:
+        """A torch.nn.LSTMCell copy of this module (configuration, weights, device, dtype, mode)."""
+        return _convert(self, nn.LSTMCell)
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for index, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(
+                        f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead"
+                    )
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(
+                input.size(0), self.hidden_size, dtype=input.dtype, device=input.device
+            )
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_forward_args(input, hx)
+        h, c = ops.cell_forward(
+            input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            _needs_saved_state([input, *hx, *self.parameters()]),
+        )
+        if not is_batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _check_forward_args(self, input, hx):
+        # The messages of ATen's lstm_cell checks, raised before any kernel runs.
+        if input.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
+            )
+        for index, state in enumerate(hx):
+            if state.size(0) != input.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{index} batch size "
+                    f"{state.size(0)}"
+                )
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected "
+                    f"{self.hidden_size}"
+                )
+        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(
+            input.device.type
+        ):
+            raise RuntimeError(
+                f"LSTMCell input dtype ({input.dtype}) does not match weight dtype "
+                f"({self.weight_ih.dtype}); convert the input with input.to({self.weight_ih.dtype}) "
+                f"or the module with .to({input.dtype})"
+            )
+        _check_device(input, self.weight_ih)
+        _check_state_dtype_and_device(input, hx, ("hx[0]", "hx[1]"))
+
+
+def _convert(module, target_class):
+    """The same configuration, weights, device, dtype and train/eval mode in another class."""
+    weight = next(module.parameters())
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(module, nn.RNNCellBase):
+        new = target_class(module.input_size, module.hidden_size, module.bias, **factory)
+    else:
+        new = target_class(
+            module.input_size, module.hidden_size, module.num_layers, module.bias,
+            module.batch_first, module.dropout, module.bidirectional, module.proj_size, **factory,
+        )
+    new.load_state_dict(module.state_dict())
+    return new.train(module.training)

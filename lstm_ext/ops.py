@@ -1,0 +1,234 @@
+"""The Python side of the torch.ops.lstm_ext ops: shape functions for FakeTensor (torch.compile,
+export) and the autograd formulas. The schemas and kernels live in csrc/."""
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.lstm_ext
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels do gate math and keep the cell in (fp32 for bf16/fp16 storage)."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
+                  reverse=False, training=True):
+    """One LSTM layer in one direction over a whole sequence; see csrc/ops.cpp for the layout.
+    Returns (output, h_n, c_n)."""
+    output, h_n, c_n, *_ = _ops.lstm_layer_forward(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training
+    )
+    return output, h_n, c_n
+
+
+def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
+    """One LSTMCell step. Returns (h, c)."""
+    h, c, *_ = _ops.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
+    return h, c
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape functions
+
+
+@torch.library.register_fake("lstm_ext::lstm_layer_forward")
+def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                        training):
+    hidden_size = w_hh.shape[0] // 4
+    output_size = w_hh.shape[1]
+    torch._check(input.dim() == (2 if batch_sizes is not None else 3),
+                 lambda: f"lstm_layer_forward: unexpected input of shape {tuple(input.shape)}")
+    torch._check(input.shape[-1] == w_ih.shape[1],
+                 lambda: f"lstm_layer_forward: input has {input.shape[-1]} features, w_ih expects "
+                         f"{w_ih.shape[1]}")
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    saved_rows = rows if training else 0
+    output = input.new_empty((*input.shape[:-1], output_size))
+    h_n = input.new_empty(h0.shape)
+    c_n = input.new_empty(c0.shape)
+    gates = input.new_empty((saved_rows, 4 * hidden_size))
+    cell_prev = input.new_empty((saved_rows, hidden_size), dtype=math_dtype(input.dtype))
+    hidden_prev = input.new_empty((saved_rows, output_size))
+    hidden_raw = input.new_empty((saved_rows if w_hr is not None else 0, hidden_size))
+    return output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw
+
+
+@torch.library.register_fake("lstm_ext::lstm_layer_backward")
+def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes,
+                         gates, cell_prev, hidden_prev, hidden_raw, reverse, has_bias, input_grad,
+                         weight_grads):
+    def grad_like(tensor, wanted):
+        return input.new_empty(tensor.shape if wanted else (0,))
+
+    hidden_size = w_hh.shape[0] // 4
+    bias_shape = (4 * hidden_size,) if has_bias and weight_grads else (0,)
+    return (
+        grad_like(input, input_grad),
+        input.new_empty(grad_h_n.shape),
+        input.new_empty(grad_c_n.shape),
+        grad_like(w_ih, weight_grads),
+        grad_like(w_hh, weight_grads),
+        input.new_empty(bias_shape),
+        grad_like(w_hr, weight_grads) if w_hr is not None else input.new_empty((0,)),
+    )
+
+
+@torch.library.register_fake("lstm_ext::lstm_cell_forward")
+def _cell_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training):
+    hidden_size = w_hh.shape[1]
+    saved_rows = input.shape[0] if training else 0
+    return (
+        input.new_empty(hx.shape),
+        input.new_empty(cx.shape),
+        input.new_empty((saved_rows, 4 * hidden_size)),
+        input.new_empty((saved_rows, hidden_size), dtype=math_dtype(input.dtype)),
+    )
+
+
+@torch.library.register_fake("lstm_ext::lstm_cell_backward")
+def _cell_backward_fake(grad_h, grad_c, input, hx, w_ih, w_hh, gates, cell_prev, has_bias,
+                        input_grad, weight_grads):
+    def grad_like(tensor, wanted):
+        return input.new_empty(tensor.shape if wanted else (0,))
+
+    bias_shape = (w_hh.shape[0],) if has_bias and weight_grads else (0,)
+    return (
+        grad_like(input, input_grad),
+        input.new_empty(hx.shape),
+        input.new_empty(hx.shape),
+        grad_like(w_ih, weight_grads),
+        grad_like(w_hh, weight_grads),
+        input.new_empty(bias_shape),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+
+
+def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
+                            batch_sizes=None, reverse=False):
+    """The layer op written with plain differentiable torch ops, step by step. Too slow for
+    ordinary use; it serves double backward, whose graph autograd builds through these ops."""
+    if batch_sizes is None:
+        steps, batch = input.shape[0], input.shape[1]
+        sizes = [batch] * steps
+        x = input.reshape(steps * batch, input.shape[-1])
+    else:
+        sizes = batch_sizes.tolist()
+        steps, x = len(sizes), input
+    offsets = [sum(sizes[:t]) for t in range(steps)]
+    gates_x = x @ w_ih.t()
+    for bias in (b_ih, b_hh):
+        if bias is not None:
+            gates_x = gates_x + bias
+    h, c = h0, c0
+    outputs = [None] * steps
+    for t in reversed(range(steps)) if reverse else range(steps):
+        n = sizes[t]
+        gates = gates_x[offsets[t]:offsets[t] + n] + h[:n] @ w_hh.t()
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        outputs[t] = h_new
+        h = torch.cat([h_new, h[n:]])
+        c = torch.cat([c_new, c[n:]])
+    output = torch.cat(outputs)
+    if batch_sizes is None:
+        output = output.view(steps, sizes[0], -1)
+    return output, h, c
+
+
+def _differentiable_grads(forward, inputs, grad_outputs):
+    """Gradients that are themselves differentiable (backward with create_graph=True): rerun
+    the forward through reference_layer_forward and let autograd build the graph."""
+    with torch.enable_grad():
+        outputs = forward(*inputs)
+        wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+            create_graph=True, allow_unused=True,
+        )
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return result
+
+
+def _creates_graph():
+    # Under torch.compile the backward is traced once into a graph; the double-backward path
+    # only serves eager create_graph=True calls.
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _layer_setup_context(ctx, inputs, output):
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training = inputs
+    _, _, _, gates, cell_prev, hidden_prev, hidden_raw = output
+    ctx.mark_non_differentiable(gates, cell_prev, hidden_prev, hidden_raw)
+    ctx.reverse = reverse
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates,
+                          cell_prev, hidden_prev, hidden_raw)
+
+
+def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
+    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates, cell_prev, hidden_prev,
+     hidden_raw) = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if _creates_graph():
+        grads = _differentiable_grads(
+            lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse),
+            (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_output, grad_h_n, grad_c_n),
+        )
+        return (*grads, None, None, None)
+    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
+        _ops.lstm_layer_backward(
+            grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, gates,
+            cell_prev, hidden_prev, hidden_raw, ctx.reverse,
+            b_ih is not None or b_hh is not None, needs[0], any(needs[3:8]),
+        )
+    )
+    grads = (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, grad_w_hr)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+
+
+torch.library.register_autograd(
+    "lstm_ext::lstm_layer_forward", _layer_backward, setup_context=_layer_setup_context
+)
+
+
+def _cell_setup_context(ctx, inputs, output):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, training = inputs
+    _, _, gates, cell_prev = output
+    ctx.mark_non_differentiable(gates, cell_prev)
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, gates, cell_prev)
+
+
+def _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    output, h, c = reference_layer_forward(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return h, c
+
+
+def _cell_backward(ctx, grad_h, grad_c, *_grads_of_saved):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, gates, cell_prev = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if _creates_graph():
+        grads = _differentiable_grads(
+            _reference_cell_forward, (input, hx, cx, w_ih, w_hh, b_ih, b_hh), (grad_h, grad_c)
+        )
+        return (*grads, None)
+    grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = _ops.lstm_cell_backward(
+        grad_h, grad_c, input, hx, w_ih, w_hh, gates, cell_prev,
+        b_ih is not None or b_hh is not None, needs[0], any(needs[3:7]),
+    )
+    grads = (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_bias)
+    return (*(g if need else None for g, need in zip(grads, needs)), None)
+
+
+torch.library.register_autograd(
+    "lstm_ext::lstm_cell_forward", _cell_backward, setup_context=_cell_setup_context
+)

@@ -1,0 +1,103 @@
+"""Builds lstm_ext's op library: always the CPU kernels, and csrc/cuda when a CUDA toolkit and a
+CUDA build of torch are both present (LSTM_EXT_CUDA=0 turns that off, =1 makes it required)."""
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_cuda_home():
+    """The toolkit root. torch guesses it from the nvcc on PATH, which lands on the wrong folder
+    when nvcc is reached through a link or wrapper script (/usr/local/bin/nvcc), so each
+    candidate must hold both nvcc and the CUDA runtime headers."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "bin" / "nvcc").exists() and (
+            Path(candidate) / "include" / "cuda_runtime.h"
+        ).exists():
+            return str(Path(candidate).resolve())
+    return None
+
+
+cuda_home = find_cuda_home()
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME once, at import.
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def want_cuda():
+    setting = os.environ.get("LSTM_EXT_CUDA", "auto")
+    available = cuda_home is not None and torch.version.cuda is not None
+    if setting == "0":
+        return False
+    if setting == "1" and not available:
+        sys.exit(
+            "LSTM_EXT_CUDA=1 but no CUDA build is possible: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA toolkit={cuda_home}"
+        )
+    return available
+
+
+def nvidia_wheel_includes():
+    """ATen's CUDA headers include cuBLAS/cuSPARSE headers; with a pip-installed CUDA torch
+    these ship in the nvidia-* wheels rather than in the toolkit."""
+    found = []
+    for site in map(Path, sys.path):
+        found += sorted(str(p) for p in site.glob("nvidia/*/include") if p.is_dir())
+    return found
+
+
+def write_build_info(with_cuda):
+    # Read by lstm_ext/__init__.py before loading the library, so that a library built against
+    # another torch is refused with a clear message instead of an obscure symbol error.
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    (ROOT / "lstm_ext" / "_build_info.py").write_text(
+        "# Written by setup.py at build time.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_ARCH_LIST = {arch!r}\n"
+    )
+
+
+with_cuda = want_cuda()
+sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+cxx_flags = ["-O3"]
+extra_compile_args = {"cxx": cxx_flags}
+include_dirs = [str(ROOT / "csrc")]
+if with_cuda:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs += nvidia_wheel_includes()
+    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    extension_type = CUDAExtension
+else:
+    extension_type = CppExtension
+write_build_info(with_cuda)
+
+setup(
+    packages=find_packages(include=["lstm_ext", "lstm_ext.*"]),
+    ext_modules=[
+        extension_type(
+            "lstm_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra_compile_args,
+            py_limited_api=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
