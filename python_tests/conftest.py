@@ -1,0 +1,101 @@
+"""Shared helpers: running a module with every gradient collected, and relative errors."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+import lstm_ext  # noqa: F401  (loads the ops)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+def rel_error(actual, expected):
+    """‖actual − expected‖ / ‖expected‖ in fp64 (0 when both are exactly zero)."""
+    actual, expected = actual.double(), expected.double()
+    denominator = expected.norm()
+    difference = (actual - expected).norm()
+    if denominator == 0:
+        return difference.item()
+    return (difference / denominator).item()
+
+
+class Case:
+    """Fresh random inputs for one LSTM configuration, built so that the same leaves can be fed
+    to several modules: `kind` is 'padded', 'unbatched', 'packed_sorted' or 'packed_unsorted'."""
+
+    def __init__(self, module, kind, steps=5, batch=3, with_state=True, dtype=torch.float64,
+                 lengths=None, device="cpu"):
+        self.kind = kind
+        num_directions = 2 if module.bidirectional else 1
+        state_size = module.proj_size or module.hidden_size
+        layers = module.num_layers * num_directions
+        options = {"dtype": dtype, "device": device}
+        if kind.startswith("packed"):
+            if lengths is None:
+                lengths = torch.randint(1, steps + 1, (batch,)).tolist()
+                lengths[0] = steps
+                lengths[-1] = 1  # a length-1 sequence in every packed case
+            if kind == "packed_sorted":
+                lengths = sorted(lengths, reverse=True)
+            self.leaves = [torch.randn(n, module.input_size, **options) for n in lengths]
+            batch = len(lengths)
+        elif kind == "unbatched":
+            self.leaves = [torch.randn(steps, module.input_size, **options)]
+        else:
+            shape = (batch, steps) if module.batch_first else (steps, batch)
+            self.leaves = [torch.randn(*shape, module.input_size, **options)]
+        self.state = None
+        if with_state:
+            state_batch = () if kind == "unbatched" else (batch,)
+            self.state = [
+                torch.randn(layers, *state_batch, state_size, **options),
+                torch.randn(layers, *state_batch, module.hidden_size, **options),
+            ]
+
+    def inputs(self, dtype=None):
+        """(input, hx) made from leaves of this case, converted to dtype, requiring grad."""
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in self.leaves]
+        state = None
+        if self.state is not None:
+            state = [t.detach().to(dtype or t.dtype).requires_grad_() for t in self.state]
+        if self.kind == "packed_sorted":
+            input = pack_sequence(leaves, enforce_sorted=True)
+        elif self.kind == "packed_unsorted":
+            input = pack_sequence(leaves, enforce_sorted=False)
+        else:
+            input = leaves[0]
+        return input, state, leaves
+
+    def run(self, module, dtype=None, autocast=False):
+        """Forward and backward of a random weighting of every output; returns a dict of the
+        outputs and of every gradient (inputs, states, each parameter by name)."""
+        input, state, leaves = self.inputs(dtype)
+        with torch.autocast("cpu", enabled=autocast):
+            output, (h_n, c_n) = module(input, None if state is None else tuple(state))
+        if isinstance(output, PackedSequence):
+            output = output.data
+        generator = torch.Generator().manual_seed(1234)
+        # d loss / d t is exactly the weight, in any dtype.
+        loss = sum(
+            (t * torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)).sum()
+            for t in (output, h_n, c_n)
+        )
+        module.zero_grad(set_to_none=True)
+        loss.backward()
+        result = {"output": output, "h_n": h_n, "c_n": c_n}
+        for index, leaf in enumerate(leaves):
+            result[f"grad_input{index}"] = leaf.grad
+        if state is not None:
+            result["grad_h0"], result["grad_c0"] = state[0].grad, state[1].grad
+        for name, parameter in module.named_parameters():
+            result[f"grad_{name}"] = parameter.grad
+        return result
+
+
+def compare(actual, expected, tolerance):
+    """Relative error of every entry; fails listing the entries above tolerance."""
+    assert actual.keys() == expected.keys()
+    errors = {key: rel_error(actual[key], expected[key]) for key in expected}
+    worst = {key: error for key, error in errors.items() if not error <= tolerance}
+    assert not worst, f"relative errors above {tolerance}: {worst}"
+    return errors

@@ -1,0 +1,68 @@
+"""lstm_ext.LSTMCell against torch.nn.LSTMCell: outputs and every gradient."""
+
+import pytest
+import torch
+from torch import nn
+
+import lstm_ext
+from conftest import compare
+
+
+def run(cell, x, state):
+    x = x.detach().requires_grad_()
+    state = None if state is None else tuple(s.detach().requires_grad_() for s in state)
+    h, c = cell(x, state)
+    generator = torch.Generator().manual_seed(5)
+    loss = (h * torch.randn(h.shape, generator=generator, dtype=torch.float64).to(h)).sum() + (
+        c * torch.randn(c.shape, generator=generator, dtype=torch.float64).to(c)).sum()
+    cell.zero_grad(set_to_none=True)
+    loss.backward()
+    result = {"h": h, "c": c, "grad_x": x.grad}
+    if state is not None:
+        result["grad_h0"], result["grad_c0"] = state[0].grad, state[1].grad
+    result.update({f"grad_{n}": p.grad for n, p in cell.named_parameters()})
+    return result
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_cell_matches_nn_lstmcell_fp64(bias, batched, with_state):
+    torch.manual_seed(3)
+    reference = nn.LSTMCell(5, 7, bias=bias, dtype=torch.float64)
+    ours = lstm_ext.LSTMCell.from_torch(reference)
+    batch = (4,) if batched else ()
+    x = torch.randn(*batch, 5, dtype=torch.float64)
+    state = None
+    if with_state:
+        state = (torch.randn(*batch, 7, dtype=torch.float64), torch.randn(*batch, 7, dtype=torch.float64))
+    compare(run(ours, x, state), run(reference, x, state), 1e-10)
+
+
+def test_cell_fp32_and_bf16_against_fp64():
+    torch.manual_seed(4)
+    reference = nn.LSTMCell(16, 32, dtype=torch.float64)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    state = (torch.randn(8, 32, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64))
+    for dtype, tolerance in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
+        low = lstm_ext.LSTMCell.from_torch(reference).to(dtype)
+        rounded = nn.LSTMCell(16, 32, dtype=torch.float64)
+        rounded.load_state_dict({k: v.double() for k, v in low.state_dict().items()})
+        xs, ss = x.to(dtype), tuple(s.to(dtype) for s in state)
+        compare(run(low, xs, ss), run(rounded, xs.double(), tuple(s.double() for s in ss)),
+                tolerance)
+
+
+def test_cell_loop_equals_lstm_layer():
+    """Stepping LSTMCell over a sequence gives the LSTM layer's output."""
+    torch.manual_seed(6)
+    layer = lstm_ext.LSTM(5, 7).double()
+    cell = lstm_ext.LSTMCell(5, 7).double()
+    cell.load_state_dict({k[:-3]: v for k, v in layer.state_dict().items()})
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    expected, (h_n, c_n) = layer(x)
+    h = c = torch.zeros(3, 7, dtype=torch.float64)
+    for t in range(6):
+        h, c = cell(x[t], (h, c))
+        torch.testing.assert_close(h, expected[t], rtol=0, atol=1e-14)
+    torch.testing.assert_close(c, c_n[0], rtol=0, atol=1e-14)

@@ -1,0 +1,188 @@
+"""Module behaviour beyond the forward pass: state_dict round trips with torch.nn, pickling,
+deepcopy, .to(), train/eval dropout, gradients in eval mode and double backward."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import lstm_ext
+from lstm_ext import nn as lstm_nn
+
+CONFIGS = [
+    dict(input_size=4, hidden_size=6),
+    dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, proj_size=3),
+    dict(input_size=4, hidden_size=6, num_layers=3, bias=False, batch_first=True, dropout=0.2),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_state_dict_moves_both_ways(config):
+    torch_module = nn.LSTM(**config)
+    ours = lstm_ext.LSTM(**config)
+    assert list(ours.state_dict()) == list(torch_module.state_dict())
+    for (name, a), (_, b) in zip(ours.named_parameters(), torch_module.named_parameters()):
+        assert a.shape == b.shape, name
+    ours.load_state_dict(torch_module.state_dict(), strict=True)
+    torch_module.load_state_dict(ours.state_dict(), strict=True)
+    for name, value in torch_module.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[name])
+    back = ours.to_torch()
+    assert isinstance(back, nn.LSTM) and not isinstance(ours, nn.LSTM)
+    x = torch.randn(3, 2, 4)
+    torch.testing.assert_close(ours.eval()(x)[0], back.eval()(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_same_initialisation_as_nn_lstm():
+    config = CONFIGS[1]
+    torch.manual_seed(11)
+    torch_module = nn.LSTM(**config)
+    torch.manual_seed(11)
+    ours = lstm_ext.LSTM(**config)
+    for name, value in torch_module.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[name]), name
+
+
+def test_repr_and_config_like_nn_lstm():
+    config = CONFIGS[1]
+    assert repr(lstm_ext.LSTM(**config)) == repr(nn.LSTM(**config))
+    assert repr(lstm_ext.LSTMCell(4, 6)) == repr(nn.LSTMCell(4, 6))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_pickle_deepcopy_and_torch_save(config):
+    module = lstm_ext.LSTM(**config).eval()
+    x = torch.randn(3, 2, 4)
+    expected = module(x)[0]
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    copies = [
+        pickle.loads(pickle.dumps(module)),
+        copy.deepcopy(module),
+        torch.load(buffer, weights_only=False),
+    ]
+    for clone in copies:
+        assert type(clone) is lstm_ext.LSTM
+        torch.testing.assert_close(clone(x)[0], expected, rtol=0, atol=0)
+    cell = lstm_ext.LSTMCell(4, 6)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(cell))(x[0])[0], cell(x[0])[0])
+
+
+def test_to_dtype_and_double():
+    module = lstm_ext.LSTM(4, 6, 2)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    reference = module.to_torch().double()
+    output, _ = module.double()(x)
+    assert output.dtype == torch.float64
+    torch.testing.assert_close(output, reference(x)[0], rtol=1e-12, atol=1e-12)
+    output, (h, c) = module.to(torch.bfloat16)(x.bfloat16())
+    assert output.dtype == h.dtype == c.dtype == torch.bfloat16
+
+
+def test_gradients_in_eval_mode():
+    torch.manual_seed(1)
+    module = lstm_ext.LSTM(4, 6, 2, dropout=0.5).double().eval()
+    reference = module.to_torch().eval()
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    (grad_ours,) = torch.autograd.grad(module(x)[0].sum(), x)
+    (grad_torch,) = torch.autograd.grad(reference(x)[0].sum(), x)
+    torch.testing.assert_close(grad_ours, grad_torch, rtol=1e-10, atol=1e-12)
+
+
+def test_module_double_backward():
+    torch.manual_seed(2)
+    module = lstm_ext.LSTM(3, 4, 2, bidirectional=True, proj_size=2).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, h, c: module(x, (h, c))[0], (x, h0, c0))
+
+
+def test_gradient_penalty_matches_nn_lstm():
+    """A second-order use (gradient penalty) gives nn.LSTM's parameter gradients."""
+    torch.manual_seed(3)
+    ours = lstm_ext.LSTM(3, 5, 2).double()
+    reference = ours.to_torch()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def penalty_grads(module):
+        (grad_x,) = torch.autograd.grad(module(x)[0].pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.pow(2).sum(), list(module.parameters()))
+
+    for a, b in zip(penalty_grads(ours), penalty_grads(reference)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+class DropoutSpy:
+    """Records the masks F.dropout applies inside the module."""
+
+    def __init__(self, monkeypatch):
+        self.zero_fractions = []
+        original = torch.nn.functional.dropout
+
+        def spy(input, p, training=True, inplace=False):
+            output = original(input, p, training, inplace)
+            self.zero_fractions.append((output == 0).double().mean().item())
+            return output
+
+        monkeypatch.setattr(lstm_nn.F, "dropout", spy)
+
+
+def test_dropout_between_layers_in_training_only(monkeypatch):
+    spy = DropoutSpy(monkeypatch)
+    module = lstm_ext.LSTM(16, 256, num_layers=3, dropout=0.3).double()
+    x = torch.randn(20, 8, 16, dtype=torch.float64)
+    module.train()
+    module(x)
+    # applied between layers only: 3 layers, 2 masks, each zeroing about 30 % of 40960 values
+    assert len(spy.zero_fractions) == 2
+    for fraction in spy.zero_fractions:
+        assert abs(fraction - 0.3) < 0.02
+    module.eval()
+    spy.zero_fractions.clear()
+    module(x)
+    assert spy.zero_fractions == []
+
+
+def test_dropout_reproducible_under_seed():
+    module = lstm_ext.LSTM(4, 32, num_layers=2, dropout=0.5).double().train()
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    torch.manual_seed(21)
+    first = module(x)[0]
+    torch.manual_seed(21)
+    again = module(x)[0]
+    torch.manual_seed(22)
+    other = module(x)[0]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    eval_output = module.eval()(x)[0]
+    assert not torch.equal(first, eval_output)
+
+
+def test_dropout_probability_one_matches_nn_lstm():
+    """p = 1 zeroes layer 2's whole input in both implementations: outputs must agree."""
+    torch.manual_seed(5)
+    reference = nn.LSTM(4, 6, 2, dropout=1.0).double().train()
+    ours = lstm_ext.LSTM.from_torch(reference)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(ours(x)[0], reference(x)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_no_state_saved_without_grad(monkeypatch):
+    calls = []
+    original = lstm_ext.ops.layer_forward
+
+    def record(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(lstm_nn.ops, "layer_forward", record)
+    module = lstm_ext.LSTM(4, 6)
+    with torch.no_grad():
+        module(torch.randn(3, 2, 4))
+    module(torch.randn(3, 2, 4))
+    assert calls == [False, True]

@@ -1,0 +1,174 @@
+"""The ops themselves: torch.library.opcheck on every op, gradcheck and gradgradcheck in fp64,
+and the errors of the raw ops."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+from lstm_ext import ops
+
+OPS = torch.ops.lstm_ext
+
+
+def layer_args(steps=4, batch=3, input_size=5, hidden=6, proj=0, bias=True, packed=False,
+               reverse=False, training=True, dtype=torch.float64, requires_grad=True):
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+
+    state = proj or hidden
+    if packed:
+        lengths = [steps, max(1, steps - 1), 1][:batch]
+        sequences = [torch.randn(n, input_size, dtype=dtype) for n in lengths]
+        packed_seq = pack_sequence(sequences)
+        x = packed_seq.data.clone().requires_grad_(requires_grad)
+        batch_sizes = packed_seq.batch_sizes
+        batch = len(lengths)
+    else:
+        x, batch_sizes = rand(steps, batch, input_size), None
+    return [
+        x, rand(batch, state), rand(batch, hidden), rand(4 * hidden, input_size),
+        rand(4 * hidden, state), rand(4 * hidden) if bias else None,
+        rand(4 * hidden) if bias else None, rand(proj, hidden) if proj else None, batch_sizes,
+        reverse, training,
+    ]
+
+
+VARIANTS = [
+    {},
+    {"reverse": True},
+    {"proj": 2},
+    {"bias": False},
+    {"packed": True},
+    {"packed": True, "reverse": True, "proj": 2},
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_opcheck_layer_forward(variant):
+    torch.library.opcheck(OPS.lstm_layer_forward, layer_args(**variant))
+    torch.library.opcheck(OPS.lstm_layer_forward, layer_args(training=False, **variant),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_opcheck_layer_backward(variant):
+    args = layer_args(requires_grad=False, **variant)
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = OPS.lstm_layer_forward(*args)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = args
+    for input_grad, weight_grads in [(True, True), (False, True), (True, False)]:
+        backward_args = [
+            torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih,
+            w_hh, w_hr, batch_sizes, gates, cell_prev, hidden_prev, hidden_raw, reverse,
+            b_ih is not None, input_grad, weight_grads,
+        ]
+        torch.library.opcheck(OPS.lstm_layer_backward, backward_args)
+
+
+def cell_args(bias=True, training=True, requires_grad=True):
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
+
+    return [rand(3, 5), rand(3, 6), rand(3, 6), rand(24, 5), rand(24, 6),
+            rand(24) if bias else None, rand(24) if bias else None, training]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_cell(bias):
+    torch.library.opcheck(OPS.lstm_cell_forward, cell_args(bias))
+    args = cell_args(bias, requires_grad=False)
+    h, c, gates, cell_prev = OPS.lstm_cell_forward(*args)
+    x, hx, cx, w_ih, w_hh, b_ih, _, _ = args
+    torch.library.opcheck(OPS.lstm_cell_backward, [
+        torch.randn_like(h), torch.randn_like(c), x, hx, w_ih, w_hh, gates, cell_prev, bias,
+        True, True,
+    ])
+
+
+def differentiable_layer(*variant_args, **variant):
+    args = layer_args(**variant)
+    tensors = [a for a in args[:8] if a is not None]
+    positions = [i for i, a in enumerate(args[:8]) if a is not None]
+
+    def function(*inputs):
+        call = list(args)
+        for position, value in zip(positions, inputs):
+            call[position] = value
+        return ops.layer_forward(*call)
+
+    return function, tensors
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_gradcheck_layer(variant):
+    function, inputs = differentiable_layer(**variant)
+    assert torch.autograd.gradcheck(function, inputs)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_gradgradcheck_layer(variant):
+    function, inputs = differentiable_layer(steps=3, batch=3, hidden=3, input_size=2, **variant)
+    assert torch.autograd.gradgradcheck(function, inputs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_and_gradgradcheck_cell(bias):
+    inputs = [a for a in cell_args(bias)[:7] if a is not None]
+
+    def function(*tensors):
+        x, hx, cx, w_ih, w_hh, *biases = tensors
+        b_ih, b_hh = biases if biases else (None, None)
+        return ops.cell_forward(x, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+    assert torch.autograd.gradcheck(function, inputs)
+    assert torch.autograd.gradgradcheck(function, inputs)
+
+
+def test_reference_matches_kernel():
+    """The differentiable reference (double backward's path) agrees with the fused kernel."""
+    for variant in VARIANTS:
+        args = layer_args(requires_grad=False, **variant)
+        fused = ops.layer_forward(*args)
+        reference = ops.reference_layer_forward(*args[:10])
+        for a, b in zip(fused, reference):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_without_saved_state_is_refused():
+    args = layer_args(requires_grad=False, training=False)
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = OPS.lstm_layer_forward(*args)
+    x, h0, c0, w_ih, w_hh, *_ = args
+    with pytest.raises(RuntimeError, match="training=True"):
+        OPS.lstm_layer_backward(output, h_n, c_n, x, w_ih, w_hh, None, None, gates, cell_prev,
+                                hidden_prev, hidden_raw, False, True, True, True)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.__setitem__(0, a[0][:, :, :4]), "w_ih"),
+    (lambda a: a.__setitem__(1, a[1][:2]), "h0"),
+    (lambda a: a.__setitem__(2, a[2][:, :5]), "c0"),
+    (lambda a: a.__setitem__(1, a[1].float()), "dtype"),
+    (lambda a: a.__setitem__(5, a[5][:7]), "b_ih"),
+    (lambda a: a.__setitem__(0, a[0][:0]), "larger than 0"),
+    (lambda a: a.__setitem__(0, a[0][0]), "input of shape"),
+    (lambda a: a.__setitem__(0, a[0].long()), "floating point"),
+])
+def test_layer_op_errors(change, message):
+    args = layer_args(requires_grad=False)
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.lstm_layer_forward(*args)
+
+
+@pytest.mark.parametrize("sizes,message", [
+    ([3, 2, 0], "positive and non-increasing"),
+    ([1, 2, 3], "positive and non-increasing"),
+    ([3, 3, 1], "rows but batch_sizes sum"),
+])
+def test_layer_op_rejects_bad_batch_sizes(sizes, message):
+    args = layer_args(requires_grad=False, packed=True)
+    args[8] = torch.tensor(sizes)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.lstm_layer_forward(*args)
+    args[8] = torch.tensor([3, 2, 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="int64 CPU"):
+        OPS.lstm_layer_forward(*args)
