@@ -69,6 +69,7 @@ def write_build_info(with_cuda):
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_ARCH_LIST = {arch!r}\n"
+        f"CUDA_HOME = {cuda_home if with_cuda else None!r}\n"
     )
 
 
