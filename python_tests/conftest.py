@@ -1,5 +1,7 @@
 """Shared helpers: running a module with every gradient collected, and relative errors."""
 
+import copy
+
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
@@ -24,12 +26,12 @@ class Case:
     to several modules: `kind` is 'padded', 'unbatched', 'packed_sorted' or 'packed_unsorted'."""
 
     def __init__(self, module, kind, steps=5, batch=3, with_state=True, dtype=torch.float64,
-                 lengths=None, device="cpu"):
+                 lengths=None):
         self.kind = kind
         num_directions = 2 if module.bidirectional else 1
         state_size = module.proj_size or module.hidden_size
         layers = module.num_layers * num_directions
-        options = {"dtype": dtype, "device": device}
+        options = {"dtype": dtype}
         if kind.startswith("packed"):
             if lengths is None:
                 lengths = torch.randint(1, steps + 1, (batch,)).tolist()
@@ -51,6 +53,13 @@ class Case:
                 torch.randn(layers, *state_batch, state_size, **options),
                 torch.randn(layers, *state_batch, module.hidden_size, **options),
             ]
+
+    def to(self, device):
+        """The same case with its tensors on another device."""
+        moved = copy.copy(self)
+        moved.leaves = [t.to(device) for t in self.leaves]
+        moved.state = None if self.state is None else [t.to(device) for t in self.state]
+        return moved
 
     def inputs(self, dtype=None):
         """(input, hx) made from leaves of this case, converted to dtype, requiring grad."""

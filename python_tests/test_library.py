@@ -37,3 +37,14 @@ def test_unloadable_library_refused(monkeypatch, tmp_path):
 
 def test_public_api():
     assert {"LSTM", "LSTMCell", "ops"} <= set(lstm_ext.__all__)
+
+
+def test_every_op_has_a_kernel_for_each_built_device():
+    keys = ["CPU"] + (["CUDA"] if _build_info.WITH_CUDA else [])
+    for op in ("lstm_layer_forward", "lstm_layer_backward"):
+        for key in keys:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_ext::{op}", key), (op, key)
+    for op in ("lstm_cell_forward", "lstm_cell_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"lstm_ext::{op}", "CompositeExplicitAutograd")
+
