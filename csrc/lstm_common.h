@@ -17,8 +17,12 @@
 #include <optional>
 #include <vector>
 
+// Always inlined: the CPU compiles its elementwise loops once per instruction set
+// (target_clones), and the math must be inlined into each of them to be vectorized there.
 #if defined(__CUDACC__)
 #define LSTM_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define LSTM_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define LSTM_HOST_DEVICE inline
 #endif

@@ -6,6 +6,7 @@
 //
 //   template <typename scalar_t> static void forward_step(const ForwardStep<scalar_t>&);
 //   template <typename scalar_t> static void backward_step(const BackwardStep<scalar_t>&);
+//   static constexpr bool kTransposeWeightsOnce;  // GEMMs faster on W^T stored contiguously
 //
 // Forward: one GEMM for the input projection of every step (both biases folded in), then per
 // step one GEMM adds W_hh h into that step's gate rows and one elementwise pass applies the
@@ -102,8 +103,14 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   // Without training only the current step's h before projection is needed.
   at::Tensor hidden_raw =
       at::empty({s.has_projection ? (training ? s.rows : s.batch) : 0, H}, options);
-  const at::Tensor w_hh_t = w_hh.t();
-  const at::Tensor w_hr_t = s.has_projection ? w_hr->t() : at::Tensor();
+  // CPU GEMM libraries run the small-batch per-step products up to 2x slower against a
+  // transposed view; a transposed copy made once per call pays for itself within a few steps.
+  const bool transpose_once = Kernels::kTransposeWeightsOnce && s.batch >= 4 && s.steps > 1;
+  const auto transposed = [&](const at::Tensor& w) {
+    return transpose_once ? w.t().contiguous() : w.t();
+  };
+  const at::Tensor w_hh_t = transposed(w_hh);
+  const at::Tensor w_hr_t = s.has_projection ? transposed(*w_hr) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;

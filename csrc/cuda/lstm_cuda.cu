@@ -74,6 +74,9 @@ dim3 elementwise_grid(int64_t elements) {
 }
 
 struct CudaKernels {
+  // cuBLAS takes transposed operands at full speed.
+  static constexpr bool kTransposeWeightsOnce = false;
+
   template <typename scalar_t>
   static void forward_step(const ForwardStep<scalar_t>& a) {
     forward_step_kernel<scalar_t>
