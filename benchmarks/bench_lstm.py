@@ -57,20 +57,56 @@ class Row:
 QUICK = [
     Row("inference", 256, 16, 25),
     Row("training", 256, 16, 25),
+    Row("decode", 256, 1, 1, layers=2),
 ]
 
-DEFAULT = [
-    *[Row("training", h, b, t) for h in (256, 512, 1024) for b in (16, 64) for t in (25, 150)],
-    *[Row("inference", h, b, 50) for h in (256, 512, 1024) for b in (1, 4)],
-    Row("training", 650, 20, 35, layers=2),
-    Row("training", 512, 64, 128, input_size=64, layers=2),
-    Row("training", 512, 32, 100, packed=True),
-    Row("training", 512, 32, 50, dtype="bfloat16", autocast=True),
-    Row("training", 512, 32, 50, dtype="float64"),
-    Row("training", 512, 32, 50, proj_size=128),
-    Row("training", 256, 16, 50, bidirectional=True),
-    Row("decode", 512, 1, 1, layers=2),
-]
+# DeepBench's LSTM shapes scaled to a 2-core CPU, language-model shapes, and the cases where
+# nn.LSTM leaves oneDNN (PackedSequence, projections, fp64) or uses it differently (bf16).
+SUITES = {
+    "training": [Row("training", h, b, t) for h in (256, 512, 1024) for b in (16, 32, 64)
+                 for t in (25, 50, 150)],
+    "inference": [Row("inference", h, b, t) for h in (256, 512, 1024) for b in (1, 4)
+                  for t in (25, 150)],
+    "lm": [Row("training", 650, 20, 35, layers=2),
+           Row("training", 512, 64, 128, input_size=64, layers=2)],
+    "packed": [Row("training", h, b, 100, packed=True) for h, b in ((256, 32), (512, 32), (512, 64))]
+              + [Row("inference", 512, 32, 100, packed=True)],
+    "bf16": [Row("training", h, 32, 50, dtype="bfloat16", autocast=True) for h in (256, 512, 1024)]
+            + [Row("training", 512, 32, 50, dtype="bfloat16"),
+               Row("inference", 512, 32, 50, dtype="bfloat16", autocast=True)],
+    "fp64": [Row("training", h, 32, 50, dtype="float64") for h in (256, 512)],
+    "projection": [Row("training", h, 32, 50, proj_size=h // 4) for h in (512, 1024)],
+    "bidirectional": [Row("training", 256, 16, 50, bidirectional=True),
+                      Row("training", 512, 32, 50, layers=2, bidirectional=True)],
+    "decode": [Row("decode", 512, 1, 1, layers=2)],
+}
+
+# The targets of the "CPU performance" issue: median ratio (torch time / ours) per group.
+TARGETS = {
+    "training fp32": 1.3,
+    "inference fp32": 1.0,
+    "packed training": 3.0,
+    "bf16 training (autocast)": 1.3,
+    "fp64 training": 2.0,
+    "projection training": 2.0,
+    "decode": 10.0,
+}
+
+
+def group_of(row):
+    if row.mode == "decode":
+        return "decode"
+    if row.packed:
+        return f"packed {row.mode}"
+    if row.proj_size:
+        return f"projection {row.mode}"
+    if row.dtype == "bfloat16":
+        return f"bf16 {row.mode}" + (" (autocast)" if row.autocast else " (native)")
+    if row.dtype == "float64":
+        return f"fp64 {row.mode}"
+    if row.bidirectional or row.layers > 1:
+        return f"multi-layer/bidirectional {row.mode}"
+    return f"{row.mode} fp32"
 
 
 def flops(row, rows_of_data):
@@ -154,12 +190,26 @@ def step_function(row, module, make_input, device):
     return run
 
 
+def read_bandwidth(nbytes, device, repeats=20):
+    """GB/s of reading a buffer of nbytes (a working set of that size, warm), now."""
+    buffer = torch.ones(max(1, nbytes // 4), device=device)
+    times = []
+    for _ in range(repeats + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        buffer.sum()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times[2:]) / 1e9
+
+
 def measure(row, device, repeats, warmup):
     generator = torch.Generator().manual_seed(0)
     baseline, ours, make_input, rows_of_data = build(row, device, generator)
     runs = {"ours": step_function(row, ours, make_input, device),
             "torch": step_function(row, baseline, make_input, device)}
-    inner = 100 if row.mode == "decode" else 1  # decode steps are too short to time one by one
+    # Decode steps are too short to time one by one: 1000 carried steps per timing.
+    inner = 1000 if row.mode == "decode" else 1
     times = {name: [] for name in runs}
     for iteration in range(warmup + repeats):
         for name, run in runs.items():  # interleaved, so both see the same machine state
@@ -171,37 +221,129 @@ def measure(row, device, repeats, warmup):
             if iteration >= warmup:
                 times[name].append((time.perf_counter() - start) / inner)
     ours_s, torch_s = statistics.median(times["ours"]), statistics.median(times["torch"])
-    return {
+    result = {
         "ours_ms": ours_s * 1e3,
         "torch_ms": torch_s * 1e3,
         "ratio": torch_s / ours_s,
         "ours_gflops": flops(row, rows_of_data) / ours_s / 1e9,
     }
+    if row.mode == "decode":
+        # A decode step reads every weight once: its floor is those bytes over the read
+        # bandwidth of a working set that size, measured now.
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        bandwidth = read_bandwidth(weight_bytes, device)
+        result.update(weight_bytes=weight_bytes, read_gbps=bandwidth,
+                      bound_ms=weight_bytes / bandwidth / 1e6)
+        result["bound_fraction"] = result["bound_ms"] / result["ours_ms"]
+    return result
+
+
+def machine_details(device):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                            if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def summarize(rows):
+    """Median ratio per group, next to the group's target where it has one."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(group_of(row), []).append(row.results["ratio"])
+    return [{"group": group, "rows": len(ratios), "median_ratio": statistics.median(ratios),
+             "target": TARGETS.get(group)} for group, ratios in groups.items()]
+
+
+def table(rows, summary, machine, command):
+    lines = [
+        f"# lstm_ext vs torch.nn.LSTM — {machine['device']}",
+        "",
+        f"`{command}` on {machine['date']}: torch {machine['torch']}, {machine['threads']} "
+        f"threads, Python {machine['python']}. ratio = torch time / ours (above 1: we are "
+        f"faster); GFLOP/s and % of roof are ours, against a large torch.mm in the row's dtype "
+        f"measured in the same run.",
+        "",
+        "| group | rows | median ratio | target | met |",
+        "|---|---:|---:|---:|:---:|",
+    ]
+    for entry in summary:
+        target = entry["target"]
+        met = "" if target is None else ("yes" if entry["median_ratio"] >= target else "no")
+        lines.append(f"| {entry['group']} | {entry['rows']} | {entry['median_ratio']:.2f} | "
+                     f"{'' if target is None else f'{target:.1f}'} | {met} |")
+    lines += ["", "| row | ours ms | torch ms | ratio | GFLOP/s | % of roof | notes |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        r = row.results
+        note = ""
+        if "bound_ms" in r:
+            note = (f"weights {r['weight_bytes'] / 1e6:.1f} MB read at {r['read_gbps']:.0f} GB/s: "
+                    f"floor {r['bound_ms']:.3f} ms, ours at {100 * r['bound_fraction']:.0f} % of it")
+        lines.append(f"| {row.name} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} | "
+                     f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows, path, machine):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row.name for row in rows]
+    ratios = [row.results["ratio"] for row in rows]
+    figure, axes = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.5))
+    colors = ["tab:green" if r >= 1 else "tab:red" for r in ratios]
+    axes.barh(range(len(rows)), ratios, color=colors)
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.set_yticks(range(len(rows)), names, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.set_xlabel("torch.nn.LSTM time / lstm_ext time (log scale; right of 1: lstm_ext faster)")
+    axes.set_title(f"lstm_ext vs torch.nn.LSTM, {machine['device']}, torch {machine['torch']}",
+                   fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="a couple of rows, in seconds")
+    parser.add_argument("--quick", action="store_true", help="a few small rows, in seconds")
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES),
+                        help="run only these suites (repeatable; default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row")
-    parser.add_argument("--json", help="write the rows and machine details to this file")
+    parser.add_argument("--json", help="write rows, summary and machine details here")
+    parser.add_argument("--markdown", help="write the report as a markdown table here")
+    parser.add_argument("--png", help="write a chart of the ratios here")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    rows = QUICK if args.quick else DEFAULT
-    repeats = args.repeats or (3 if args.quick else 7)
-    roofs = {}
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    if args.quick:
+        rows = QUICK
+    else:
+        rows = [row for name in (args.suite or SUITES) for row in SUITES[name]]
+    repeats = args.repeats or (3 if args.quick else 5)
+    machine = machine_details(device)
+    command = "python benchmarks/bench_lstm.py " + " ".join(
+        a for a in __import__("sys").argv[1:])
     print(f"# lstm_ext vs torch.nn.LSTM on {args.device} ({machine['device']}, torch "
           f"{machine['torch']}, {machine['threads']} threads); ratio = torch time / ours\n")
     print("| row | ours ms | torch ms | ratio | GFLOP/s | % of GEMM roof |")
     print("|---|---:|---:|---:|---:|---:|")
+    roofs = {}
     for row in rows:
         dtype = getattr(torch, row.dtype)
         if dtype not in roofs:
@@ -212,10 +354,24 @@ def main():
         r = row.results
         print(f"| {row.name} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} | "
               f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % |", flush=True)
+    summary = summarize(rows)
+    print()
+    for entry in summary:
+        target = f" (target {entry['target']:.1f})" if entry["target"] else ""
+        print(f"{entry['group']}: median ratio {entry['median_ratio']:.2f} over "
+              f"{entry['rows']} rows{target}")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"machine": machine, "rows": [dict(asdict(r), name=r.name) for r in rows]},
+            json.dump({"machine": machine, "command": command,
+                       "roofs_gflops": {str(k): v for k, v in roofs.items()},
+                       "summary": summary,
+                       "rows": [dict(asdict(r), name=r.name, group=group_of(r)) for r in rows]},
                       file, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as file:
+            file.write(table(rows, summary, machine, command))
+    if args.png:
+        chart(rows, args.png, machine)
 
 
 if __name__ == "__main__":

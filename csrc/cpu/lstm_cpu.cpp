@@ -127,6 +127,32 @@ inline void convert(const from_t* from, to_t* to, int64_t count) {
   for (int64_t j = 0; j < count; ++j) to[j] = static_cast<to_t>(from[j]);
 }
 
+// bf16 <-> fp32 on the raw bits, branch-free so the loops vectorize (c10::BFloat16's own
+// conversion is correct but scalar). fp32 -> bf16 rounds to nearest even and keeps NaN a NaN.
+LSTM_EXT_CPU_CLONES void bf16_to_f32(const uint16_t* from, float* to, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) {
+    to[j] = std::bit_cast<float>(static_cast<uint32_t>(from[j]) << 16);
+  }
+}
+
+LSTM_EXT_CPU_CLONES void f32_to_bf16(const float* from, uint16_t* to, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) {
+    const uint32_t bits = std::bit_cast<uint32_t>(from[j]);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    to[j] = static_cast<uint16_t>(from[j] != from[j] ? 0x7FC0u : rounded);
+  }
+}
+
+template <>
+inline void convert(const c10::BFloat16* from, float* to, int64_t count) {
+  bf16_to_f32(reinterpret_cast<const uint16_t*>(from), to, count);
+}
+
+template <>
+inline void convert(const float* from, c10::BFloat16* to, int64_t count) {
+  f32_to_bf16(from, reinterpret_cast<uint16_t*>(to), count);
+}
+
 // Per-thread scratch in the math type, grown once and reused across steps and calls.
 template <typename acc_t>
 acc_t* scratch(int64_t count) {
