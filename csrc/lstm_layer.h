@@ -6,7 +6,11 @@
 //
 //   template <typename scalar_t> static void forward_step(const ForwardStep<scalar_t>&);
 //   template <typename scalar_t> static void backward_step(const BackwardStep<scalar_t>&);
-//   static constexpr bool kTransposeWeightsOnce;  // GEMMs faster on W^T stored contiguously
+//   static std::unique_ptr<StepProduct> step_product(const at::Tensor& weight, int64_t steps,
+//                                                    int64_t batch);
+//
+// A StepProduct is the per-step GEMM with one weight used at every step; a device may prepare
+// the weight once per call (transpose, pack) to make the small per-step products faster.
 //
 // Forward: one GEMM for the input projection of every step (both biases folded in), then per
 // step one GEMM adds W_hh h into that step's gate rows and one elementwise pass applies the
@@ -22,6 +26,7 @@
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <memory>
 #include <tuple>
 
 namespace lstm_ext {
@@ -50,6 +55,30 @@ struct BackwardStep {
   const scalar_t* grad_h_extra;  // (rows, H) second term added to grad_h, or null
   acc_t* grad_cell;            // (rows, H): dc' in, dc out
   scalar_t* grad_gates;        // (rows, 4H) out: gradients of the gate pre-activations
+};
+
+// out (rows, N) = in (rows, K) @ weight (K, N), or out += ... with accumulate. `in` and `out` are
+// row-contiguous; the same weight serves every step of one call.
+class StepProduct {
+ public:
+  virtual ~StepProduct() = default;
+  virtual void run(const at::Tensor& in, at::Tensor& out, bool accumulate) = 0;
+};
+
+// Plain ATen GEMMs on the weight as given (any strides).
+class AtenStepProduct final : public StepProduct {
+ public:
+  explicit AtenStepProduct(at::Tensor weight) : weight_(std::move(weight)) {}
+  void run(const at::Tensor& in, at::Tensor& out, bool accumulate) override {
+    if (accumulate) {
+      out.addmm_(in, weight_);
+    } else {
+      at::mm_out(out, in, weight_);
+    }
+  }
+
+ private:
+  at::Tensor weight_;
 };
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -103,14 +132,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   // Without training only the current step's h before projection is needed.
   at::Tensor hidden_raw =
       at::empty({s.has_projection ? (training ? s.rows : s.batch) : 0, H}, options);
-  // CPU GEMM libraries run the small-batch per-step products up to 2x slower against a
-  // transposed view; a transposed copy made once per call pays for itself within a few steps.
-  const bool transpose_once = Kernels::kTransposeWeightsOnce && s.batch >= 4 && s.steps > 1;
-  const auto transposed = [&](const at::Tensor& w) {
-    return transpose_once ? w.t().contiguous() : w.t();
-  };
-  const at::Tensor w_hh_t = transposed(w_hh);
-  const at::Tensor w_hr_t = s.has_projection ? transposed(*w_hr) : at::Tensor();
+  const auto recurrent = Kernels::step_product(w_hh.t(), s.steps, s.batch);
+  const auto projection =
+      s.has_projection ? Kernels::step_product(w_hr->t(), s.steps, s.batch) : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -122,7 +146,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       at::Tensor step_gates = gates.narrow(0, offset, rows);
       at::Tensor h_prev = h_state.narrow(0, 0, rows);
       if (training) saved.hidden_prev.narrow(0, offset, rows).copy_(h_prev);
-      step_gates.addmm_(h_prev, w_hh_t);
+      recurrent->run(h_prev, step_gates, /*accumulate=*/true);
 
       ForwardStep<scalar_t> step;
       step.rows = rows;
@@ -139,7 +163,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
 
       if (s.has_projection) {
         at::Tensor y = output.narrow(0, offset, rows);
-        at::mm_out(y, hidden_raw.narrow(0, training ? offset : 0, rows), w_hr_t);
+        projection->run(hidden_raw.narrow(0, training ? offset : 0, rows), y, false);
         h_prev.copy_(y);
       }
     }
@@ -198,6 +222,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   // With a projection, dh of every step is kept for dW_hr, and dh W_hr feeds the cell.
   at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, options);
   at::Tensor grad_h_raw = at::empty({s.has_projection ? s.batch : 0, H}, options);
+  const auto recurrent = Kernels::step_product(w_hh, s.steps, s.batch);
+  const auto projection = s.has_projection ? Kernels::step_product(*w_hr, s.steps, s.batch)
+                                           : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -223,7 +250,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
           dh.copy_(grad_h_rows);
         }
         at::Tensor dh_raw = grad_h_raw.narrow(0, 0, rows);
-        at::mm_out(dh_raw, dh, *w_hr);
+        projection->run(dh, dh_raw, /*accumulate=*/false);
         step.grad_h = grad_h_raw.data_ptr<scalar_t>();
         step.grad_h_extra = nullptr;
       } else {
@@ -231,7 +258,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
         step.grad_h_extra = grad_h.data_ptr<scalar_t>();
       }
       Kernels::template backward_step<scalar_t>(step);
-      at::mm_out(grad_h_rows, grad_gates.narrow(0, offset, rows), w_hh);
+      recurrent->run(grad_gates.narrow(0, offset, rows), grad_h_rows, /*accumulate=*/false);
     }
   });
 

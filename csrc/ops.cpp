@@ -3,6 +3,7 @@
 // The layer ops cover a whole sequence for one layer and one direction; the Python module
 // composes layers, directions and dropout. Their device kernels live in cpu/ and cuda/; their
 // fake (shape) functions and autograd formulas are registered from lstm_ext/ops.py.
+#include "cpu/step_product.h"
 #include "lstm_common.h"
 
 #include <ATen/ATen.h>
@@ -145,6 +146,11 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor w_ih, Tensor w_hh, Tensor gates, Tensor cell_prev, bool has_bias, "
       "bool input_grad, bool weight_grads) -> (Tensor grad_input, Tensor grad_hx, "
       "Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_FRAGMENT(lstm_ext, m) {
+  // Whether the CPU per-step GEMMs use MKL's packed weights (see cpu/step_product.h).
+  m.def("cpu_packed_gemm_enabled() -> bool", &packed_gemm_enabled);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {

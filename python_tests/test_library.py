@@ -1,6 +1,8 @@
 """Loading the compiled library: a library built for another torch, or none at all, gives an
 ImportError that says so and how to rebuild."""
 
+import platform
+
 import pytest
 import torch
 
@@ -48,3 +50,13 @@ def test_every_op_has_a_kernel_for_each_built_device():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(
             f"lstm_ext::{op}", "CompositeExplicitAutograd")
 
+
+
+def test_packed_gemm_switch(monkeypatch):
+    """LSTM_EXT_PACKED_GEMM=0 turns the MKL packed path off; where this torch exports MKL's
+    packed GEMM (x86-64 wheels do) it is on by default."""
+    monkeypatch.setenv("LSTM_EXT_PACKED_GEMM", "0")
+    assert not torch.ops.lstm_ext.cpu_packed_gemm_enabled()
+    monkeypatch.delenv("LSTM_EXT_PACKED_GEMM")
+    if torch.backends.mkl.is_available() and platform.machine() == "x86_64":
+        assert torch.ops.lstm_ext.cpu_packed_gemm_enabled()

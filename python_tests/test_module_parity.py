@@ -43,10 +43,14 @@ def test_fp64_matches_nn_lstm(layers, bias, batch_first, bidirectional, proj_siz
     compare(case.run(ours), case.run(reference), 1e-10)
 
 
+@pytest.mark.parametrize("packed_gemm", ["1", "0"], ids=["mkl-packed-gemm", "aten-gemm"])
 @pytest.mark.parametrize("kind", ["padded", "packed_unsorted"])
 @pytest.mark.parametrize("layers,bidirectional,proj_size", [(1, False, 0), (2, True, 4), (3, False, 4)])
-def test_fp32_against_fp64_reference(layers, bidirectional, proj_size, kind):
-    """fp32 within 1e-4 of an fp64 reference, and no less accurate than nn.LSTM in fp32."""
+def test_fp32_against_fp64_reference(layers, bidirectional, proj_size, kind, packed_gemm,
+                                     monkeypatch):
+    """fp32 within 1e-4 of an fp64 reference, and no less accurate than nn.LSTM in fp32, with
+    the CPU's per-step GEMMs on MKL's packed weights and on plain ATen GEMMs."""
+    monkeypatch.setenv("LSTM_EXT_PACKED_GEMM", packed_gemm)
     reference64, _ = make_pair(layers, True, False, bidirectional, proj_size, hidden_size=32,
                                input_size=16)
     torch_fp32 = nn.LSTM(16, 32, layers, bidirectional=bidirectional, proj_size=proj_size)

@@ -8,6 +8,7 @@
 // build passes -fno-trapping-math, without which GCC keeps the selects as branches and the loops
 // stay scalar; it changes no result.
 #include "../lstm_layer.h"
+#include "step_product.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -168,7 +169,10 @@ int64_t row_grain(int64_t hidden) {
 }
 
 struct CpuKernels {
-  static constexpr bool kTransposeWeightsOnce = true;
+  static std::unique_ptr<StepProduct> step_product(const at::Tensor& weight, int64_t steps,
+                                                   int64_t batch) {
+    return cpu_step_product(weight, steps, batch);
+  }
 
   template <typename scalar_t>
   static void forward_step(const ForwardStep<scalar_t>& a) {

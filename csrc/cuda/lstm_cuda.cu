@@ -74,8 +74,10 @@ dim3 elementwise_grid(int64_t elements) {
 }
 
 struct CudaKernels {
-  // cuBLAS takes transposed operands at full speed.
-  static constexpr bool kTransposeWeightsOnce = false;
+  // cuBLAS takes transposed operands at full speed: no per-call preparation.
+  static std::unique_ptr<StepProduct> step_product(const at::Tensor& weight, int64_t, int64_t) {
+    return std::make_unique<AtenStepProduct>(weight);
+  }
 
   template <typename scalar_t>
   static void forward_step(const ForwardStep<scalar_t>& a) {
