@@ -203,7 +203,29 @@ def read_bandwidth(nbytes, device, repeats=20):
     return nbytes / statistics.median(times[2:]) / 1e9
 
 
-def measure(row, device, repeats, warmup):
+GEMM_EVENTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "lstm_ext::step_gemm"}
+
+
+def profile_split(run):
+    """Where one call of `run` spends its time: GEMMs (ATen's and the per-step ones), the fused
+    elementwise passes, and everything else (allocation, copies, dispatch, Python, autograd).
+    Profiler overhead lands in "other", so that share is an upper bound."""
+    run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        start = time.perf_counter()
+        run()
+        total_us = (time.perf_counter() - start) * 1e6
+    gemm = elementwise = 0.0
+    for event in profile.key_averages():
+        if event.key in GEMM_EVENTS:
+            gemm += event.self_cpu_time_total
+        elif event.key == "lstm_ext::step_elementwise":
+            elementwise += event.self_cpu_time_total
+    return {"gemm": gemm / total_us, "elementwise": elementwise / total_us,
+            "other": max(0.0, 1 - (gemm + elementwise) / total_us)}
+
+
+def measure(row, device, repeats, warmup, profile=False):
     generator = torch.Generator().manual_seed(0)
     baseline, ours, make_input, rows_of_data = build(row, device, generator)
     runs = {"ours": step_function(row, ours, make_input, device),
@@ -227,6 +249,8 @@ def measure(row, device, repeats, warmup):
         "ratio": torch_s / ours_s,
         "ours_gflops": flops(row, rows_of_data) / ours_s / 1e9,
     }
+    if profile:
+        result["profile"] = profile_split(runs["ours"])
     if row.mode == "decode":
         # A decode step reads every weight once: its floor is those bytes over the read
         # bandwidth of a working set that size, measured now.
@@ -263,6 +287,14 @@ def summarize(rows):
              "target": TARGETS.get(group)} for group, ratios in groups.items()]
 
 
+def split_text(result):
+    split = result.get("profile")
+    if not split:
+        return ""
+    return (f" GEMM {100 * split['gemm']:.0f} %, elementwise {100 * split['elementwise']:.0f} %, "
+            f"other {100 * split['other']:.0f} % |")
+
+
 def table(rows, summary, machine, command):
     lines = [
         f"# lstm_ext vs torch.nn.LSTM — {machine['device']}",
@@ -282,6 +314,9 @@ def table(rows, summary, machine, command):
                      f"{'' if target is None else f'{target:.1f}'} | {met} |")
     lines += ["", "| row | ours ms | torch ms | ratio | GFLOP/s | % of roof | notes |",
               "|---|---:|---:|---:|---:|---:|---|"]
+    if any("profile" in row.results for row in rows):
+        lines[-2] = lines[-2][:-len(" notes |")] + " where our time goes (profiled) | notes |"
+        lines[-1] = lines[-1][:-len("---|")] + "---|---|"
     for row in rows:
         r = row.results
         note = ""
@@ -289,7 +324,8 @@ def table(rows, summary, machine, command):
             note = (f"weights {r['weight_bytes'] / 1e6:.1f} MB read at {r['read_gbps']:.0f} GB/s: "
                     f"floor {r['bound_ms']:.3f} ms, ours at {100 * r['bound_fraction']:.0f} % of it")
         lines.append(f"| {row.name} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} | "
-                     f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % | {note} |")
+                     f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % |"
+                     f"{split_text(r) or ''} {note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -323,6 +359,8 @@ def main():
     parser.add_argument("--suite", action="append", choices=sorted(SUITES),
                         help="run only these suites (repeatable; default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split each row's time into GEMM, elementwise and other")
     parser.add_argument("--json", help="write rows, summary and machine details here")
     parser.add_argument("--markdown", help="write the report as a markdown table here")
     parser.add_argument("--png", help="write a chart of the ratios here")
@@ -348,12 +386,14 @@ def main():
         dtype = getattr(torch, row.dtype)
         if dtype not in roofs:
             roofs[dtype] = gemm_roof(dtype, device)
-        row.results = measure(row, device, repeats, warmup=1 if args.quick else 2)
+        row.results = measure(row, device, repeats, warmup=1 if args.quick else 2,
+                              profile=args.profile)
         row.results["roof_gflops"] = roofs[dtype]
         row.results["roof_fraction"] = row.results["ours_gflops"] / roofs[dtype]
         r = row.results
         print(f"| {row.name} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} | "
-              f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % |", flush=True)
+              f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % |{split_text(r)}",
+              flush=True)
     summary = summarize(rows)
     print()
     for entry in summary:

@@ -17,6 +17,9 @@
 // gates. Backward walks the steps the other way: an elementwise pass turns dh, dc into gate
 // gradients, one GEMM carries dh to the previous step; after the loop dx, dW_ih, dW_hh, the bias
 // and projection gradients are each one GEMM or reduction over all steps.
+//
+// The per-step GEMMs and elementwise passes show in torch.profiler as lstm_ext::step_gemm and
+// lstm_ext::step_elementwise (free when no profiler runs).
 #pragma once
 
 #include "lstm_common.h"
@@ -24,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/record_function.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <memory>
@@ -146,7 +150,10 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       at::Tensor step_gates = gates.narrow(0, offset, rows);
       at::Tensor h_prev = h_state.narrow(0, 0, rows);
       if (training) saved.hidden_prev.narrow(0, offset, rows).copy_(h_prev);
-      recurrent->run(h_prev, step_gates, /*accumulate=*/true);
+      {
+        RECORD_FUNCTION("lstm_ext::step_gemm", std::vector<c10::IValue>());
+        recurrent->run(h_prev, step_gates, /*accumulate=*/true);
+      }
 
       ForwardStep<scalar_t> step;
       step.rows = rows;
@@ -159,10 +166,14 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
                             : rows_ptr<scalar_t>(output, offset);
       step.hidden_state = s.has_projection ? nullptr : h_state.data_ptr<scalar_t>();
       step.save_gates = training;
-      Kernels::template forward_step<scalar_t>(step);
+      {
+        RECORD_FUNCTION("lstm_ext::step_elementwise", std::vector<c10::IValue>());
+        Kernels::template forward_step<scalar_t>(step);
+      }
 
       if (s.has_projection) {
         at::Tensor y = output.narrow(0, offset, rows);
+        RECORD_FUNCTION("lstm_ext::step_gemm", std::vector<c10::IValue>());
         projection->run(hidden_raw.narrow(0, training ? offset : 0, rows), y, false);
         h_prev.copy_(y);
       }
@@ -250,6 +261,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
           dh.copy_(grad_h_rows);
         }
         at::Tensor dh_raw = grad_h_raw.narrow(0, 0, rows);
+        RECORD_FUNCTION("lstm_ext::step_gemm", std::vector<c10::IValue>());
         projection->run(dh, dh_raw, /*accumulate=*/false);
         step.grad_h = grad_h_raw.data_ptr<scalar_t>();
         step.grad_h_extra = nullptr;
@@ -257,7 +269,11 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
         step.grad_h = grad_y.defined() ? rows_ptr<scalar_t>(grad_y, offset) : nullptr;
         step.grad_h_extra = grad_h.data_ptr<scalar_t>();
       }
-      Kernels::template backward_step<scalar_t>(step);
+      {
+        RECORD_FUNCTION("lstm_ext::step_elementwise", std::vector<c10::IValue>());
+        Kernels::template backward_step<scalar_t>(step);
+      }
+      RECORD_FUNCTION("lstm_ext::step_gemm", std::vector<c10::IValue>());
       recurrent->run(grad_gates.narrow(0, offset, rows), grad_h_rows, /*accumulate=*/false);
     }
   });

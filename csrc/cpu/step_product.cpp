@@ -85,8 +85,9 @@ bool packed_gemm_enabled() {
 
 std::unique_ptr<StepProduct> cpu_step_product(const at::Tensor& weight, int64_t steps,
                                               int64_t batch) {
-  // Packing costs about one product; it pays from the second step on.
-  if (weight.scalar_type() == at::kFloat && steps > 1 && packed_gemm_enabled()) {
+  // Packing costs about one product and pays from the second step on, but for one or two rows
+  // MKL's matrix-vector path beats the packed kernel.
+  if (weight.scalar_type() == at::kFloat && steps > 1 && batch >= 4 && packed_gemm_enabled()) {
     return std::make_unique<PackedStepProduct>(weight, batch);
   }
   // Small-batch products run up to 2x slower against a transposed view than against W^T stored
