@@ -31,8 +31,9 @@ namespace lstm_ext {
 
 constexpr int kNumGates = 4;
 
-// Scalar math for float/double, usable on host and device. The CPU kernels pass a
-// vectorized policy with the same interface, so the formulas below exist once.
+// Scalar math for float/double, usable on host and device: exp, tanh, reciprocal, constant.
+// The CPU's fp32 kernels pass a faster policy with the same interface, so the formulas below
+// exist once.
 struct ScalarMath {
   template <typename T>
   static LSTM_HOST_DEVICE T exp(T x) {
@@ -51,6 +52,10 @@ struct ScalarMath {
 #endif
   }
   template <typename T>
+  static LSTM_HOST_DEVICE T reciprocal(T x) {
+    return static_cast<T>(1) / x;
+  }
+  template <typename T>
   static LSTM_HOST_DEVICE T constant(double value) {
     return static_cast<T>(value);
   }
@@ -61,7 +66,7 @@ struct ScalarMath {
 template <typename Math, typename T>
 LSTM_HOST_DEVICE T sigmoid(T x) {
   const T one = Math::template constant<T>(1.0);
-  return one / (one + Math::exp(-x));
+  return Math::reciprocal(one + Math::exp(-x));
 }
 
 // Gate activations and the new cell, from pre-activations (W_ih x + b_ih + W_hh h + b_hh).

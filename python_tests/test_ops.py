@@ -172,3 +172,33 @@ def test_layer_op_rejects_bad_batch_sizes(sizes, message):
     args[8] = torch.tensor([3, 2, 1], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="int64 CPU"):
         OPS.lstm_layer_forward(*args)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 3e-7), (torch.float64, 1e-15)])
+def test_gate_activations_over_the_whole_range(dtype, tolerance):
+    """The saved gate activations are sigmoid/tanh of the pre-activations: with W_ih = I and
+    W_hh = 0 the pre-activations are the input itself, swept from -100 to 100 (zero, tiny and
+    huge values included), and compared with fp64 math."""
+    grid = torch.cat([torch.linspace(-100, 100, 4001), torch.tensor([0.0, 1e-30, -1e-30, 1e-7, 88.5, -88.5])]).double()
+    hidden = 64
+    pre = torch.cat([grid, grid[torch.randperm(len(grid))][: (-len(grid)) % (4 * hidden)]])
+    x = pre.view(1, -1, 4 * hidden).to(dtype)
+    batch = x.shape[1]
+    eye = torch.eye(4 * hidden, dtype=dtype)
+    zeros = torch.zeros(batch, hidden, dtype=dtype)
+    _, _, c_n, gates, *_ = OPS.lstm_layer_forward(
+        x, zeros, zeros, eye, torch.zeros(4 * hidden, hidden, dtype=dtype), None, None, None,
+        None, False, True)
+    exact_pre = x.double().view(batch, 4 * hidden)
+    i, f, g, o = exact_pre.chunk(4, dim=1)
+    expected = torch.cat([torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)], 1)
+    error = (gates.double() - expected).abs() / expected.abs().clamp_min(1.0)
+    assert error.max().item() <= tolerance
+    torch.testing.assert_close(c_n.double(), torch.sigmoid(i) * torch.tanh(g), rtol=tolerance * 4,
+                               atol=tolerance * 4)
+    nan_input = x.clone()
+    nan_input[0, 0, 0] = float("nan")
+    _, _, _, nan_gates, *_ = OPS.lstm_layer_forward(
+        nan_input, zeros, zeros, eye, torch.zeros(4 * hidden, hidden, dtype=dtype), None, None,
+        None, None, False, True)
+    assert torch.isnan(nan_gates[0, 0])
