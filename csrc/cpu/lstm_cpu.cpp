@@ -4,7 +4,7 @@
 // The passes do the gate math of lstm_common.h on contiguous runs of one row's H cells. For
 // fp32 math (fp32, bf16 and fp16 storage) the loop uses branch-free polynomial exp/tanh that the
 // compiler vectorizes, and is compiled for AVX-512, AVX2 and baseline x86-64 with the best
-// picked when the library loads (target_clones). fp64 keeps the C library's exp and tanh. The
+// picked when the library loads (target_clones); fp64 the same way with its own approximations. The
 // build passes -fno-trapping-math, without which GCC keeps the selects as branches and the loops
 // stay scalar; it changes no result.
 #include "../lstm_layer.h"
@@ -75,8 +75,45 @@ struct FastFloatMath {
   }
 };
 
+// exp and tanh for fp64 without calls or branches (Cephes' rational approximations, relative
+// error about 2e-16), so that fp64 loops vectorize too.
+struct FastDoubleMath {
+  static LSTM_HOST_DEVICE double exp(double x) {
+    x = std::min(std::max(x, -708.0), 709.0);
+    constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: round to nearest
+    const double n = (x * 1.4426950408889634073599 + kRound) - kRound;
+    double r = x - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    const double rr = r * r;
+    const double p = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr +
+                          9.99999999999999999910e-1);
+    const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
+                      2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
+    const double e = 1.0 + 2.0 * (p / (q - p));
+    // Through int32: double -> int64 conversion has no vector instruction before AVX-512DQ.
+    const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(n) + 1023) << 52;
+    return e * std::bit_cast<double>(bits);
+  }
+  static LSTM_HOST_DEVICE double reciprocal(double x) { return 1.0 / x; }
+  static LSTM_HOST_DEVICE double tanh(double x) {
+    const double z = x * x;
+    const double p = (-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z -
+                     1.61468768441708447952e3;
+    const double q = ((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z +
+                     4.84406305325125486048e3;
+    const double small = x + x * z * (p / q);
+    const double e = exp(2.0 * std::abs(x));
+    const double large = std::copysign(1.0 - 2.0 / (e + 1.0), x);
+    return std::abs(x) < 0.625 ? small : large;
+  }
+  template <typename T>
+  static LSTM_HOST_DEVICE T constant(double value) {
+    return static_cast<T>(value);
+  }
+};
+
 template <typename acc_t>
-using CpuMath = std::conditional_t<std::is_same_v<acc_t, float>, FastFloatMath, ScalarMath>;
+using CpuMath = std::conditional_t<std::is_same_v<acc_t, float>, FastFloatMath, FastDoubleMath>;
 
 // One row: gates (4H, pre-activations in, activations out), cell (c in, c' out), h' out.
 template <typename acc_t>
@@ -124,8 +161,19 @@ LSTM_EXT_CPU_CLONES void backward_cells_f32(int64_t H, const float* gates,
 void forward_row(int64_t H, float* gates, float* cell, float* hidden) {
   forward_cells_f32(H, gates, cell, hidden);
 }
-void forward_row(int64_t H, double* gates, double* cell, double* hidden) {
+LSTM_EXT_CPU_CLONES void forward_cells_f64(int64_t H, double* gates, double* cell,
+                                           double* hidden) {
   forward_cells<double>(H, gates, cell, hidden);
+}
+
+LSTM_EXT_CPU_CLONES void backward_cells_f64(int64_t H, const double* gates,
+                                            const double* cell_prev, const double* grad_h,
+                                            double* grad_cell, double* grad_gates) {
+  backward_cells<double>(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
+}
+
+void forward_row(int64_t H, double* gates, double* cell, double* hidden) {
+  forward_cells_f64(H, gates, cell, hidden);
 }
 void backward_row(int64_t H, const float* gates, const float* cell_prev, const float* grad_h,
                   float* grad_cell, float* grad_gates) {
@@ -133,7 +181,7 @@ void backward_row(int64_t H, const float* gates, const float* cell_prev, const f
 }
 void backward_row(int64_t H, const double* gates, const double* cell_prev,
                   const double* grad_h, double* grad_cell, double* grad_gates) {
-  backward_cells<double>(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
+  backward_cells_f64(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
 }
 
 template <typename to_t, typename from_t>
