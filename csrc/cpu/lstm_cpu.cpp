@@ -267,15 +267,20 @@ struct CpuKernels {
     constexpr bool same = std::is_same_v<acc_t, scalar_t>;
     const int64_t H = a.hidden;
     at::parallel_for(0, a.rows, row_grain(H), [&](int64_t begin, int64_t end) {
-      acc_t* grad_h = scratch<acc_t>((same ? 1 : 9) * H);
-      acc_t* gates = grad_h + H;
-      acc_t* grad_gates = grad_h + 5 * H;
+      acc_t* grad_h = scratch<acc_t>(10 * H);
+      acc_t* grad_h_extra = grad_h + H;
+      acc_t* gates = grad_h + 2 * H;
+      acc_t* grad_gates = grad_h + 6 * H;
       for (int64_t r = begin; r < end; ++r) {
-        for (int64_t j = 0; j < H; ++j) {
-          acc_t dh = 0;
-          if (a.grad_h) dh += static_cast<acc_t>(a.grad_h[r * H + j]);
-          if (a.grad_h_extra) dh += static_cast<acc_t>(a.grad_h_extra[r * H + j]);
-          grad_h[j] = dh;
+        // dh = grad_h + grad_h_extra, either of which may be absent, in the math type.
+        if (a.grad_h) {
+          convert(a.grad_h + r * H, grad_h, H);
+        } else {
+          std::fill_n(grad_h, H, acc_t(0));
+        }
+        if (a.grad_h_extra) {
+          convert(a.grad_h_extra + r * H, grad_h_extra, H);
+          for (int64_t j = 0; j < H; ++j) grad_h[j] += grad_h_extra[j];
         }
         const scalar_t* row_gates = a.gates + r * kNumGates * H;
         scalar_t* row_grad_gates = a.grad_gates + r * kNumGates * H;
