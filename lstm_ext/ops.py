@@ -170,6 +170,8 @@ def _layer_setup_context(ctx, inputs, output):
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training = inputs
     _, _, _, gates, cell_prev, hidden_prev, hidden_raw = output
     ctx.mark_non_differentiable(gates, cell_prev, hidden_prev, hidden_raw)
+    # Unused outputs get None rather than zero-filled gradients the size of the saved tensors.
+    ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates,
                           cell_prev, hidden_prev, hidden_raw)
@@ -179,12 +181,16 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates, cell_prev, hidden_prev,
      hidden_raw) = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if grad_output is None and grad_h_n is None and grad_c_n is None:
+        return (None,) * 11
     if _creates_graph():
         grads = _differentiable_grads(
             lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse),
             (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_output, grad_h_n, grad_c_n),
         )
         return (*grads, None, None, None)
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
         _ops.lstm_layer_backward(
             grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, gates,
@@ -205,6 +211,7 @@ def _cell_setup_context(ctx, inputs, output):
     input, hx, cx, w_ih, w_hh, b_ih, b_hh, training = inputs
     _, _, gates, cell_prev = output
     ctx.mark_non_differentiable(gates, cell_prev)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, gates, cell_prev)
 
 
@@ -216,11 +223,15 @@ def _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 def _cell_backward(ctx, grad_h, grad_c, *_grads_of_saved):
     input, hx, cx, w_ih, w_hh, b_ih, b_hh, gates, cell_prev = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if grad_h is None and grad_c is None:
+        return (None,) * 8
     if _creates_graph():
         grads = _differentiable_grads(
             _reference_cell_forward, (input, hx, cx, w_ih, w_hh, b_ih, b_hh), (grad_h, grad_c)
         )
         return (*grads, None)
+    grad_h = torch.zeros_like(hx) if grad_h is None else grad_h
+    grad_c = torch.zeros_like(cx) if grad_c is None else grad_c
     grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = _ops.lstm_cell_backward(
         grad_h, grad_c, input, hx, w_ih, w_hh, gates, cell_prev,
         b_ih is not None or b_hh is not None, needs[0], any(needs[3:7]),
