@@ -148,40 +148,25 @@ LSTM_HOST_DEVICE void backward_cells(int64_t H, const acc_t* __restrict__ gates,
   }
 }
 
-LSTM_EXT_CPU_CLONES void forward_cells_f32(int64_t H, float* gates, float* cell, float* hidden) {
+// One instantiation per math type, each compiled per instruction set (target_clones does not
+// take templates).
+LSTM_EXT_CPU_CLONES void forward_row(int64_t H, float* gates, float* cell, float* hidden) {
   forward_cells<float>(H, gates, cell, hidden);
 }
 
-LSTM_EXT_CPU_CLONES void backward_cells_f32(int64_t H, const float* gates,
-                                            const float* cell_prev, const float* grad_h,
-                                            float* grad_cell, float* grad_gates) {
-  backward_cells<float>(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
-}
-
-void forward_row(int64_t H, float* gates, float* cell, float* hidden) {
-  forward_cells_f32(H, gates, cell, hidden);
-}
-LSTM_EXT_CPU_CLONES void forward_cells_f64(int64_t H, double* gates, double* cell,
-                                           double* hidden) {
+LSTM_EXT_CPU_CLONES void forward_row(int64_t H, double* gates, double* cell, double* hidden) {
   forward_cells<double>(H, gates, cell, hidden);
 }
 
-LSTM_EXT_CPU_CLONES void backward_cells_f64(int64_t H, const double* gates,
-                                            const double* cell_prev, const double* grad_h,
-                                            double* grad_cell, double* grad_gates) {
-  backward_cells<double>(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
+LSTM_EXT_CPU_CLONES void backward_row(int64_t H, const float* gates, const float* cell_prev,
+                                      const float* grad_h, float* grad_cell, float* grad_gates) {
+  backward_cells<float>(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
 }
 
-void forward_row(int64_t H, double* gates, double* cell, double* hidden) {
-  forward_cells_f64(H, gates, cell, hidden);
-}
-void backward_row(int64_t H, const float* gates, const float* cell_prev, const float* grad_h,
-                  float* grad_cell, float* grad_gates) {
-  backward_cells_f32(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
-}
-void backward_row(int64_t H, const double* gates, const double* cell_prev,
-                  const double* grad_h, double* grad_cell, double* grad_gates) {
-  backward_cells_f64(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
+LSTM_EXT_CPU_CLONES void backward_row(int64_t H, const double* gates, const double* cell_prev,
+                                      const double* grad_h, double* grad_cell,
+                                      double* grad_gates) {
+  backward_cells<double>(H, gates, cell_prev, grad_h, grad_cell, grad_gates);
 }
 
 template <typename to_t, typename from_t>
