@@ -1,8 +1,8 @@
 // The step loop of one layer and one direction, shared by the CPU and CUDA implementations.
 //
-// The GEMMs go through ATen (MKL/oneDNN on the CPU, cuBLAS on the current stream on CUDA), so
-// this file is device-agnostic; a device supplies only the fused elementwise passes through a
-// `Kernels` policy:
+// The whole-sequence GEMMs go through ATen (MKL/oneDNN on the CPU, cuBLAS on the current stream
+// on CUDA), so this file is device-agnostic; a device supplies the fused elementwise passes and
+// the per-step GEMM through a `Kernels` policy:
 //
 //   template <typename scalar_t> static void forward_step(const ForwardStep<scalar_t>&);
 //   template <typename scalar_t> static void backward_step(const BackwardStep<scalar_t>&);
@@ -40,7 +40,8 @@ struct ForwardStep {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t rows;              // sequences active in this step
   int64_t hidden;            // H
-  scalar_t* gates;           // (rows, 4H): pre-activations in; activations out if save_gates
+  scalar_t* gates;           // (rows, 4H): pre-activations in; activations out (required if
+                             // save_gates, else the kernel may leave them or not)
   acc_t* cell;               // (rows, H): c in, c' out
   acc_t* cell_prev_saved;    // (rows, H) copy of c for backward, or null
   scalar_t* hidden_out;      // (rows, H): h' = o * tanh(c')
