@@ -69,7 +69,6 @@ class LSTM(nn.RNNBase):
         return _convert(self, nn.LSTM)
 
     def forward(self, input, hx=None):
-        self._update_flat_weights()
         num_directions = 2 if self.bidirectional else 1
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -109,14 +108,15 @@ class LSTM(nn.RNNBase):
                         f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
                     )
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        weights = self._current_weights()
         self.check_forward_args(data, hx, batch_sizes)
-        _check_device(data, self._flat_weights[0])
+        _check_device(data, weights[0])
         _check_state_dtype_and_device(data, hx, ("hx[0]", "hx[1]"))
         hx = self.permute_hidden(hx, sorted_indices)
 
         if not packed and self.batch_first:
             data = data.transpose(0, 1)
-        output, h_n, c_n = self._run_layers(data, batch_sizes, *hx)
+        output, h_n, c_n = self._run_layers(data, batch_sizes, weights, *hx)
 
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -127,10 +127,15 @@ class LSTM(nn.RNNBase):
             return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
         return output, (h_n, c_n)
 
-    def _run_layers(self, data, batch_sizes, h0, c0):
+    def _current_weights(self):
+        # Read from the parameter dict on every call: always current (assignment, load_state_dict
+        # with assign=True, torch.func.functional_call), and much cheaper than RNNBase's weakref
+        # bookkeeping (_update_flat_weights), which costs ~20 us per call.
+        return [self._parameters[name] for name in self._flat_weights_names]
+
+    def _run_layers(self, data, batch_sizes, weights, h0, c0):
         """All layers and directions over time-major (T, B, I) or packed (N, I) data."""
         num_directions = 2 if self.bidirectional else 1
-        weights = self._flat_weights
         per_direction = len(weights) // (self.num_layers * num_directions)
         training = _needs_saved_state([data, h0, c0, *weights])
         h_n, c_n = [], []
