@@ -75,15 +75,17 @@ def write_build_info(with_cuda):
 
 with_cuda = want_cuda()
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-# -fno-trapping-math lets the CPU elementwise loops vectorize (see csrc/cpu/lstm_cpu.cpp).
-cxx_flags = ["-O3", "-fno-trapping-math"]
+# C++20 is named explicitly: torch releases before 2.13 default extensions to C++17, and the CPU
+# kernels use std::bit_cast. -fno-trapping-math lets the CPU elementwise loops vectorize (see
+# csrc/cpu/lstm_cpu.cpp).
+cxx_flags = ["-O3", "-std=c++20", "-fno-trapping-math"]
 extra_compile_args = {"cxx": cxx_flags}
 include_dirs = [str(ROOT / "csrc")]
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += nvidia_wheel_includes()
-    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
     extension_type = CUDAExtension
 else:
     extension_type = CppExtension

@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -79,7 +80,13 @@ SUITES = {
     "bidirectional": [Row("training", 256, 16, 50, bidirectional=True),
                       Row("training", 512, 32, 50, layers=2, bidirectional=True)],
     "decode": [Row("decode", 512, 1, 1, layers=2)],
+    # The CUDA issue's targets: DeepBench training shapes against cuDNN, fp32 and half types.
+    "gpu-fp32": [Row("training", h, b, t) for h in (256, 512, 1024) for b in (16, 64)
+                 for t in (25, 150)],
+    "gpu-half": [Row("training", h, b, t, dtype=dtype) for dtype in ("bfloat16", "float16")
+                 for h in (256, 512, 1024) for b in (16, 64) for t in (25, 150)],
 }
+CPU_SUITES = [name for name in SUITES if not name.startswith("gpu")]
 
 # The targets of the "CPU performance" issue: median ratio (torch time / ours) per group.
 TARGETS = {
@@ -130,10 +137,11 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def gemm_roof(dtype, device, size=2048, repeats=10):
+def gemm_roof(dtype, device, size=None, repeats=10):
     """GFLOP/s of a large square torch.mm in this dtype, on this device, now: the best of
     several runs, since a roof is what the machine can reach, and clocks and neighbours on a
     shared machine only ever pull single runs down."""
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     times = []
@@ -276,6 +284,8 @@ def machine_details(device):
         except (OSError, StopIteration):
             pass
     return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "tf32": torch.backends.cuda.matmul.allow_tf32,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -361,6 +371,8 @@ def main():
     parser.add_argument("--suite", action="append", choices=sorted(SUITES),
                         help="run only these suites (repeatable; default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA fp32: allow TF32 in matmuls and cuDNN (both implementations)")
     parser.add_argument("--profile", action="store_true",
                         help="also split each row's time into GEMM, elementwise and other")
     parser.add_argument("--json", help="write rows, summary and machine details here")
@@ -371,14 +383,15 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     if args.quick:
         rows = QUICK
     else:
-        rows = [row for name in (args.suite or SUITES) for row in SUITES[name]]
+        rows = [row for name in (args.suite or CPU_SUITES) for row in SUITES[name]]
     repeats = args.repeats or (3 if args.quick else 5)
     machine = machine_details(device)
-    command = "python benchmarks/bench_lstm.py " + " ".join(
-        a for a in __import__("sys").argv[1:])
+    command = " ".join(["python benchmarks/bench_lstm.py", *sys.argv[1:]])
     print(f"# lstm_ext vs torch.nn.LSTM on {args.device} ({machine['device']}, torch "
           f"{machine['torch']}, {machine['threads']} threads); ratio = torch time / ours\n")
     print("| row | ours ms | torch ms | ratio | GFLOP/s | % of GEMM roof |")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lstm_ext
-from conftest import Case, compare, requires_cuda
+from conftest import Case, compare, rel_error, requires_cuda
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -40,3 +40,96 @@ def test_non_default_stream():
         output = module(x)[0]
     torch.cuda.current_stream().wait_stream(stream)
     torch.testing.assert_close(output, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_types_on_gpu_against_fp64(dtype):
+    """fp32 math and fp32 cell state for bf16/fp16 storage: within 2e-2 of fp64 on the same
+    rounded values."""
+    torch.manual_seed(1)
+    reference = nn.LSTM(16, 32, 2, bidirectional=True, dtype=torch.float64)
+    low = lstm_ext.LSTM.from_torch(reference).to(device="cuda", dtype=dtype)
+    reference.load_state_dict({k: v.double().cpu() for k, v in low.state_dict().items()})
+    case = Case(reference, "padded", steps=20, batch=6)
+    case.leaves = [t.to(dtype).double() for t in case.leaves]
+    case.state = [t.to(dtype).double() for t in case.state]
+    result = case.to("cuda").run(low, dtype=dtype)
+    compare({k: v.cpu() for k, v in result.items()}, case.run(reference), 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cuda_runs_in_the_requested_dtype(dtype):
+    module = lstm_ext.LSTM(16, 32).cuda()
+    x = torch.randn(5, 3, 16, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        output, (h, c) = module(x)
+    assert output.dtype == h.dtype == c.dtype == dtype
+    output.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and module.weight_ih_l0.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fp32_honours_allow_tf32(tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    torch.manual_seed(2)
+    reference = nn.LSTM(64, 128, dtype=torch.float64)
+    ours = lstm_ext.LSTM.from_torch(reference).float().cuda()
+    x = torch.randn(30, 8, 64, dtype=torch.float64)
+    error = rel_error(ours(x.float().cuda())[0].cpu(), reference(x)[0])
+    assert error <= (5e-3 if tf32 else 1e-5)
+
+
+def test_every_output_element_is_written():
+    """Memory handed out by the caching allocator is poisoned with NaN first: any element the
+    kernels fail to write stays NaN."""
+    module = lstm_ext.LSTM(16, 32, 2, bidirectional=True, proj_size=8).cuda()
+    x = torch.randn(12, 5, 16, device="cuda", requires_grad=True)
+    torch.cuda.empty_cache()
+    poison = torch.full((1 << 26,), float("nan"), device="cuda")
+    del poison
+    output, (h, c) = module(x)
+    (output.sum() + h.sum() + c.sum()).backward()
+    for tensor in [output, h, c, x.grad, *(p.grad for p in module.parameters())]:
+        assert torch.isfinite(tensor).all()
+
+
+def test_cuda_graph_capture_and_replay():
+    module = lstm_ext.LSTM(16, 32, 2).cuda().eval()
+    static_x = torch.randn(10, 4, 16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            module(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_output, _ = module(static_x)
+    fresh = torch.randn_like(static_x)
+    static_x.copy_(fresh)
+    graph.replay()
+    with torch.no_grad():
+        expected, _ = module(fresh)
+    torch.testing.assert_close(static_output, expected)
+
+
+def test_compile_on_gpu():
+    module = lstm_ext.LSTM(16, 32, 2, dropout=0.2).cuda().eval()
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(10, 4, 16, device="cuda")
+    torch.testing.assert_close(compiled(x)[0], module(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_mode_backward_and_double_backward_on_gpu():
+    """cuDNN refuses both; ours gives them."""
+    module = lstm_ext.LSTM(3, 4, 2).double().cuda().eval()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: module(x)[0], (x,))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_second_gpu():
+    module = lstm_ext.LSTM(8, 16).double().to("cuda:1")
+    reference = module.to_torch().cpu()
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(module(x.to("cuda:1"))[0].cpu(), reference(x)[0])
