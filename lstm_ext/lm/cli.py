@@ -1,0 +1,108 @@
+"""`lstm-ext train | eval | generate` (also `python -m lstm_ext ...`)."""
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from . import data as lm_data
+from .train import (PRECISIONS, TrainConfig, evaluate, generate, load_checkpoint, model_from_checkpoint,
+                    quality, train)
+
+
+def _add_train_arguments(parser):
+    defaults = TrainConfig()
+    add = parser.add_argument
+    add("--data", default=None, help="a text file (split 90/5/5) or a folder with train/valid/"
+        "test files (ptb.train.txt, train.txt, wiki.train.tokens); default: the Python standard "
+        "library's own source")
+    add("--level", choices=lm_data.LEVELS, default=defaults.level)
+    add("--no-clean", dest="clean", action="store_false",
+        help="keep the text as it is (no Unicode/line-end normalisation)")
+    add("--impl", choices=("ext", "torch"), default=defaults.impl,
+        help="lstm_ext.LSTM or torch.nn.LSTM (same initial weights for the same seed)")
+    add("--layers", type=int, default=defaults.layers)
+    add("--hidden", type=int, default=defaults.hidden)
+    add("--emb", type=int, default=defaults.emb)
+    add("--dropout", type=float, default=defaults.dropout)
+    add("--proj-size", type=int, default=defaults.proj_size)
+    add("--tied", action="store_true", help="share embedding and decoder weights")
+    add("--bptt", type=int, default=defaults.bptt, help="steps per truncated-BPTT window")
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,
+        help="sgd: divide the rate by 4 when validation stops improving; adamw: warm-up + cosine")
+    add("--lr", type=float, default=defaults.lr)
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--warmup", type=int, default=defaults.warmup, help="AdamW warm-up steps")
+    add("--clip", type=float, default=defaults.clip, help="gradient-norm clip (0: off)")
+    add("--epochs", type=int, default=defaults.epochs)
+    add("--max-steps", type=int, default=defaults.max_steps, help="0: no limit")
+    add("--time-budget", type=float, default=defaults.time_budget,
+        help="minutes of training before a last evaluation and stop (0: no limit)")
+    add("--precision", choices=PRECISIONS, default=defaults.precision,
+        help="bf16: autocast with fp32 weights; fp64: for exact comparisons")
+    add("--device", default=defaults.device, help="cpu or cuda")
+    add("--seed", type=int, default=defaults.seed)
+    add("--out", default=defaults.out, help="folder for checkpoints, metrics.jsonl and loss.png")
+    add("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
+    add("--resume", default=None, metavar="DIR",
+        help="continue the run in this folder (its own settings; other flags are ignored)")
+    add("--no-progress", dest="progress", action="store_false")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="lstm-ext", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    _add_train_arguments(commands.add_parser("train", help="train a language model"))
+    evaluation = commands.add_parser("eval", help="loss and perplexity/bpc of a checkpoint")
+    evaluation.add_argument("--checkpoint", required=True, help="a .pt file or a run folder")
+    evaluation.add_argument("--split", choices=lm_data.SPLITS, default="test")
+    evaluation.add_argument("--data", default=None,
+                            help="evaluate on this corpus instead of the run's own")
+    evaluation.add_argument("--device", default="cpu")
+    generation = commands.add_parser("generate", help="sample text from a checkpoint")
+    generation.add_argument("--checkpoint", required=True, help="a .pt file or a run folder")
+    generation.add_argument("--prompt", default="")
+    generation.add_argument("--tokens", type=int, default=200)
+    generation.add_argument("--temperature", type=float, default=0.8)
+    generation.add_argument("--top-k", type=int, default=0)
+    generation.add_argument("--seed", type=int, default=None)
+    generation.add_argument("--device", default="cpu")
+    args = parser.parse_args(["train"] if argv == [] or (argv is None and len(sys.argv) == 1)
+                             else argv)
+
+    try:
+        if args.command == "train":
+            names = {f.name for f in fields(TrainConfig)}
+            config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+            record = train(config, resume=args.resume)
+            print(json.dumps(record))
+        elif args.command == "eval":
+            payload = load_checkpoint(args.checkpoint)
+            model, vocabulary, config = model_from_checkpoint(payload, args.device)
+            corpus = lm_data.load_corpus(args.data or config.data, config.level, config.clean,
+                                         vocabulary)
+            loss = evaluate(model, getattr(corpus, args.split), config)
+            metric = quality(loss, config.level)
+            print(json.dumps({"split": args.split, "loss": loss,
+                              **{k.replace("valid_", ""): v for k, v in metric.items()}}))
+        elif args.command == "generate":
+            payload = load_checkpoint(args.checkpoint)
+            model, vocabulary, config = model_from_checkpoint(payload, args.device)
+            sys.stdout.write(args.prompt)
+            for text in generate(model, vocabulary, config.level, args.prompt, args.tokens,
+                                 args.temperature, args.top_k, args.seed, args.device):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            parser.print_help()
+            return 2
+    except (FileNotFoundError, ValueError) as error:
+        print(f"lstm-ext: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

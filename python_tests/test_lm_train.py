@@ -1,0 +1,150 @@
+"""The language-model driver end to end on tiny corpora: training lowers the loss, ext and
+torch agree step for step, kill-and-resume equals uninterrupted, checkpoints are safe, eval and
+generate work from a checkpoint, bad arguments give clear errors."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from lstm_ext.lm import cli, train as lm_train
+from lstm_ext.lm.train import TrainConfig
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(400)]
+    path = tmp_path / "tiny.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def tiny_config(corpus_file, out, **changes):
+    settings = dict(data=str(corpus_file), level="char", layers=2, hidden=24, emb=12,
+                    dropout=0.1, bptt=16, batch_size=8, lr=1e-2, warmup=5, max_steps=40,
+                    eval_every=10, eval_batch_size=4, out=str(out), progress=False)
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_validation_loss(corpus_file, tmp_path):
+    lm_train.train(tiny_config(corpus_file, tmp_path / "run", epochs=5, max_steps=150,
+                               eval_every=50, lr=2e-2))
+    records = metrics(tmp_path / "run")
+    vocabulary = len(lm_train.load_checkpoint(tmp_path / "run")["vocabulary"]["itos"])
+    assert [r["step"] for r in records] == [50, 100, 150]
+    # uniform guessing costs ln(vocabulary) nats; training must do clearly better, and improve
+    assert records[-1]["valid_loss"] < torch.log(torch.tensor(float(vocabulary))) - 0.7
+    assert records[-1]["valid_loss"] < records[0]["valid_loss"] - 0.1
+    assert {"step", "epoch", "train_loss", "valid_loss", "valid_bpc", "tokens_per_s",
+            "elapsed_s"} <= records[0].keys()
+    for name in ("best.pt", "last.pt", "loss.png"):
+        assert (tmp_path / "run" / name).is_file()
+
+
+@pytest.mark.parametrize("precision,tolerance", [("fp64", 1e-10), ("fp32", 1e-4)])
+def test_ext_and_torch_give_the_same_losses(corpus_file, tmp_path, precision, tolerance):
+    runs = {}
+    for impl in ("ext", "torch"):
+        lm_train.train(tiny_config(corpus_file, tmp_path / impl, impl=impl, dropout=0.0,
+                                   precision=precision, max_steps=12, eval_every=1))
+        runs[impl] = metrics(tmp_path / impl)
+    assert len(runs["ext"]) == 12
+    for ours, theirs in zip(runs["ext"], runs["torch"]):
+        for key in ("train_loss", "valid_loss"):
+            assert abs(ours[key] - theirs[key]) <= tolerance * abs(theirs[key]), (ours, theirs)
+
+
+def test_kill_and_resume_equals_uninterrupted(corpus_file, tmp_path, monkeypatch):
+    config = tiny_config(corpus_file, tmp_path / "whole")
+    lm_train.train(config)
+    uninterrupted = metrics(tmp_path / "whole")
+
+    original = lm_train.Run.evaluate_and_save
+
+    def crash_after_step_20(self, *args):
+        record = original(self, *args)
+        if self.step == 20:
+            raise KeyboardInterrupt("killed")
+        return record
+
+    monkeypatch.setattr(lm_train.Run, "evaluate_and_save", crash_after_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        lm_train.train(tiny_config(corpus_file, tmp_path / "killed"))
+    monkeypatch.setattr(lm_train.Run, "evaluate_and_save", original)
+    lm_train.train(TrainConfig(progress=False), resume=tmp_path / "killed")
+    resumed = metrics(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [10, 20, 30, 40]
+    for a, b in zip(resumed, uninterrupted):
+        assert a["train_loss"] == b["train_loss"] and a["valid_loss"] == b["valid_loss"]
+
+
+def test_checkpoints_survive_a_crash_mid_write_and_corruption_is_reported(corpus_file, tmp_path,
+                                                                           monkeypatch):
+    out = tmp_path / "run"
+    lm_train.train(tiny_config(corpus_file, out, max_steps=10))
+    good = (out / "last.pt").read_bytes()
+
+    def crash_mid_write(payload, file):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lm_train.torch, "save", crash_mid_write)
+    with pytest.raises(OSError):
+        lm_train.save_atomically({"x": 1}, out / "last.pt")
+    assert (out / "last.pt").read_bytes() == good
+    assert not [p for p in out.iterdir() if p.name.startswith(".last.pt.")]
+    monkeypatch.undo()
+
+    (out / "broken.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        lm_train.load_checkpoint(out / "broken.pt")
+    assert lm_train.load_checkpoint(out)["position"]["step"] == 10
+
+
+def test_eval_and_generate_from_a_checkpoint(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    lm_train.train(tiny_config(corpus_file, out, max_steps=20))
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["bpc"] > 0 and result["loss"] > 0
+    assert cli.main(["generate", "--checkpoint", str(out / "best.pt"), "--prompt", "the ",
+                     "--tokens", "30", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the ") and len(text.rstrip("\n")) == 34
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--data", "/nonexistent/corpus.txt"], "no such file"),
+    (["train", "--device", "tpu"], "--device"),
+    (["eval", "--checkpoint", "/nonexistent/run"], "no such checkpoint"),
+])
+def test_bad_arguments_give_clear_errors(argv, message, capsys):
+    assert cli.main(argv + ["--no-progress"] if argv[0] == "train" else argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_corpus_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert cli.main(["train", "--data", str(empty), "--no-progress"]) == 2
+    assert "tokens" in capsys.readouterr().err
+
+
+def test_module_entry_point_lists_the_commands():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lstm_ext", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("train", "eval", "generate"):
+        assert command in result.stdout
