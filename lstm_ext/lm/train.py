@@ -36,9 +36,9 @@ class TrainConfig:
     bptt: int = 128
     batch_size: int = 64
     optimizer: str = "adamw"
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.01
-    warmup: int = 100
+    warmup: int = 20
     clip: float = 1.0
     epochs: int = 1
     max_steps: int = 0          # 0: no limit
@@ -47,7 +47,7 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 1234
     out: str = "runs/lm"
-    eval_every: int = 200
+    eval_every: int = 50
     eval_batch_size: int = 16
     progress: bool = True
 
