@@ -139,12 +139,13 @@ def test_empty_corpus_is_refused(tmp_path, capsys):
     assert "tokens" in capsys.readouterr().err
 
 
-def test_module_entry_point_lists_the_commands():
+def test_module_entry_point_lists_the_commands(tmp_path):
     import subprocess
     import sys
 
+    # Run outside the source folder, so the installed package (with its library) is imported.
     result = subprocess.run([sys.executable, "-m", "lstm_ext", "--help"], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0
     for command in ("train", "eval", "generate"):
         assert command in result.stdout
