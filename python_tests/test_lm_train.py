@@ -149,3 +149,28 @@ def test_module_entry_point_lists_the_commands(tmp_path):
     assert result.returncode == 0
     for command in ("train", "eval", "generate"):
         assert command in result.stdout
+
+
+def test_two_process_torchrun(corpus_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each trains on its own shard, rank 0 alone writes
+    the log and checkpoints, and the job ends cleanly."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    # --standalone: a rendezvous on a free local port, so parallel runs cannot collide
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "lstm_ext", "train", "--data", str(corpus_file),
+               "--layers", "1", "--hidden", "16", "--emb", "8", "--bptt", "8",
+               "--batch-size", "4", "--max-steps", "6", "--eval-every", "3", "--out", str(out),
+               "--no-progress"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                            env=environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [3, 6]
+    assert all(r["world_size"] == 2 for r in records)
+    assert result.stdout.count('"world_size": 2') == 1  # one summary line, from rank 0
+    assert lm_train.load_checkpoint(out)["position"]["step"] == 6

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -76,7 +77,8 @@ def main(argv=None):
             names = {f.name for f in fields(TrainConfig)}
             config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
             record = train(config, resume=args.resume)
-            print(json.dumps(record))
+            if os.environ.get("RANK", "0") == "0":  # one summary per torchrun job
+                print(json.dumps(record))
         elif args.command == "eval":
             payload = load_checkpoint(args.checkpoint)
             model, vocabulary, config = model_from_checkpoint(payload, args.device)

@@ -52,6 +52,39 @@ class TrainConfig:
     progress: bool = True
 
 
+class Distributed:
+    """The process's place in a torchrun job (WORLD_SIZE > 1): gloo on the CPU, nccl on CUDA.
+    Each rank trains on its own shard of the training stream; rank 0 alone writes checkpoints
+    and logs."""
+
+    def __init__(self, config):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.active = self.world_size > 1
+        if self.active and not torch.distributed.is_initialized():
+            cuda = str(config.device).startswith("cuda")
+            if cuda:
+                config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                torch.cuda.set_device(config.device)
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def shard(self, ids):
+        """This rank's equal-length slice of the token stream (equal, so every rank runs the
+        same number of steps and the gradient all-reduces pair up)."""
+        length = ids.numel() // self.world_size
+        return ids[self.rank * length:(self.rank + 1) * length]
+
+    def close(self, finished):
+        if self.active and torch.distributed.is_initialized():
+            if finished:  # after a failure the other ranks may never reach a barrier
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def check_config(config):
     if config.optimizer not in ("sgd", "adamw"):
         raise ValueError(f"--optimizer must be sgd or adamw, got {config.optimizer!r}")
@@ -166,15 +199,21 @@ def model_from_checkpoint(payload, device="cpu"):
 class Run:
     """One training run: its output folder, metrics log and checkpoints."""
 
-    def __init__(self, config, corpus):
-        self.config, self.corpus = config, corpus
+    def __init__(self, config, corpus, distributed):
+        self.config, self.corpus, self.distributed = config, corpus, distributed
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.columns = lm_data.batchify(corpus.train, config.batch_size).to(config.device)
+        train_ids = distributed.shard(corpus.train)
+        self.columns = lm_data.batchify(train_ids, config.batch_size).to(config.device)
         self.windows_per_epoch = math.ceil((self.columns.size(0) - 1) / config.bptt)
         total = config.epochs * self.windows_per_epoch
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.model = build_model(config, len(corpus.vocabulary)).to(config.device)
+        # What the training step calls: the model itself, or its DistributedDataParallel wrapper.
+        self.trained = self.model
+        if distributed.active:
+            self.trained = nn.parallel.DistributedDataParallel(self.model)
+            torch.manual_seed(config.seed + distributed.rank)  # own dropout masks per rank
         self.optimizer, self.scheduler = build_optimizer(config, self.model, self.total_steps)
         self.step = self.epoch = self.window = 0
         self.state = None
@@ -219,25 +258,28 @@ class Run:
         self.model.train()
         record = {"step": self.step, "epoch": self.epoch, "train_loss": train_loss,
                   "valid_loss": valid_loss, **quality(valid_loss, self.corpus.level),
-                  "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed}
+                  "tokens_per_s": tokens_per_s * self.distributed.world_size,
+                  "elapsed_s": self.elapsed, "world_size": self.distributed.world_size}
         self.history.append(record)
-        with open(self.out / "metrics.jsonl", "a") as file:
-            file.write(json.dumps(record) + "\n")
+        # Every rank evaluates the same split, so the plateau schedule stays the same everywhere.
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(valid_loss)
         improved = valid_loss < self.best_loss
         self.best_loss = min(self.best_loss, valid_loss)
-        payload = self.checkpoint()
-        save_atomically(payload, self.out / "last.pt")
-        if improved:
-            save_atomically(payload, self.out / "best.pt")
+        if self.distributed.is_main:
+            with open(self.out / "metrics.jsonl", "a") as file:
+                file.write(json.dumps(record) + "\n")
+            payload = self.checkpoint()
+            save_atomically(payload, self.out / "last.pt")
+            if improved:
+                save_atomically(payload, self.out / "best.pt")
         return record
 
     def train(self):
         config = self.config
         windows = list(lm_data.bptt_windows(self.columns, config.bptt))
         bar = None
-        if config.progress:
+        if config.progress and self.distributed.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
@@ -250,7 +292,7 @@ class Run:
             while self.window < len(windows) and self.step < self.total_steps:
                 inputs, targets = windows[self.window]
                 with autocast(config):
-                    logits, state = self.model(inputs, self.state)
+                    logits, state = self.trained(inputs, self.state)
                     loss = criterion(logits.float().reshape(-1, logits.size(-1)),
                                      targets.reshape(-1))
                 self.optimizer.zero_grad(set_to_none=True)
@@ -283,7 +325,8 @@ class Run:
                                             tokens / max(1e-9, time.perf_counter() - started))
         if bar is not None:
             bar.close()
-        plot_losses(self.history, self.out / "loss.png")
+        if self.distributed.is_main:
+            plot_losses(self.history, self.out / "loss.png")
         return record
 
 
@@ -315,10 +358,17 @@ def train(config, resume=None):
                                 "progress": config.progress})
     check_config(config)
     corpus = lm_data.load_corpus(config.data, config.level, config.clean)
-    run = Run(config, corpus)
-    if resume:
-        run.restore(payload)
-    return run.train()
+    distributed = Distributed(config)
+    finished = False
+    try:
+        run = Run(config, corpus, distributed)
+        if resume:
+            run.restore(payload)
+        record = run.train()
+        finished = True
+        return record
+    finally:
+        distributed.close(finished)
 
 
 @torch.no_grad()
