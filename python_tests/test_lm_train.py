@@ -174,3 +174,13 @@ def test_two_process_torchrun(corpus_file, tmp_path):
     assert all(r["world_size"] == 2 for r in records)
     assert result.stdout.count('"world_size": 2') == 1  # one summary line, from rank 0
     assert lm_train.load_checkpoint(out)["position"]["step"] == 6
+
+
+def test_word_level_generation(corpus_file, tmp_path):
+    out = tmp_path / "words"
+    lm_train.train(tiny_config(corpus_file, out, level="word", max_steps=5, eval_every=5,
+                               bptt=4, batch_size=4))
+    model, vocabulary, config = lm_train.model_from_checkpoint(lm_train.load_checkpoint(out))
+    text = "".join(lm_train.generate(model, vocabulary, "word", "the cat", 25, seed=0))
+    words = text.split()
+    assert words and set(words) <= set(vocabulary.itos) - {"<unk>", "<eos>"}

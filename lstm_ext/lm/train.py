@@ -387,6 +387,8 @@ def generate(model, vocabulary, level, prompt, tokens, temperature=1.0, top_k=0,
         logits[-1, :, unknown] = float("-inf")
         next_id = sample_next(logits[-1], temperature, top_k, generator)
         token = vocabulary.itos[int(next_id)]
-        yield token if level == "char" else (" " if token != lm_data.EOS else "") + (
-            "\n" if token == lm_data.EOS else token)
+        if level == "char":
+            yield token
+        else:
+            yield "\n" if token == lm_data.EOS else " " + token
         logits, state = model(next_id.view(1, 1), state)
