@@ -55,23 +55,25 @@ def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
     return output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw
 
 
+def _grad_like(input, tensor, wanted):
+    """A gradient shaped like `tensor`, or the empty tensor the ops return when not asked."""
+    return input.new_empty(tensor.shape if wanted else (0,))
+
+
 @torch.library.register_fake("lstm_ext::lstm_layer_backward")
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes,
                          gates, cell_prev, hidden_prev, hidden_raw, reverse, has_bias, input_grad,
                          weight_grads):
-    def grad_like(tensor, wanted):
-        return input.new_empty(tensor.shape if wanted else (0,))
-
     hidden_size = w_hh.shape[0] // 4
     bias_shape = (4 * hidden_size,) if has_bias and weight_grads else (0,)
     return (
-        grad_like(input, input_grad),
+        _grad_like(input, input, input_grad),
         input.new_empty(grad_h_n.shape),
         input.new_empty(grad_c_n.shape),
-        grad_like(w_ih, weight_grads),
-        grad_like(w_hh, weight_grads),
+        _grad_like(input, w_ih, weight_grads),
+        _grad_like(input, w_hh, weight_grads),
         input.new_empty(bias_shape),
-        grad_like(w_hr, weight_grads) if w_hr is not None else input.new_empty((0,)),
+        _grad_like(input, w_hr, weight_grads) if w_hr is not None else input.new_empty((0,)),
     )
 
 
@@ -90,16 +92,13 @@ def _cell_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training):
 @torch.library.register_fake("lstm_ext::lstm_cell_backward")
 def _cell_backward_fake(grad_h, grad_c, input, hx, w_ih, w_hh, gates, cell_prev, has_bias,
                         input_grad, weight_grads):
-    def grad_like(tensor, wanted):
-        return input.new_empty(tensor.shape if wanted else (0,))
-
     bias_shape = (w_hh.shape[0],) if has_bias and weight_grads else (0,)
     return (
-        grad_like(input, input_grad),
+        _grad_like(input, input, input_grad),
         input.new_empty(hx.shape),
         input.new_empty(hx.shape),
-        grad_like(w_ih, weight_grads),
-        grad_like(w_hh, weight_grads),
+        _grad_like(input, w_ih, weight_grads),
+        _grad_like(input, w_hh, weight_grads),
         input.new_empty(bias_shape),
     )
 

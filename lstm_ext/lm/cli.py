@@ -4,11 +4,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
 
 from . import data as lm_data
-from .train import (PRECISIONS, TrainConfig, evaluate, generate, load_checkpoint, model_from_checkpoint,
-                    quality, train)
+from .train import (PRECISIONS, TrainConfig, config_from_dict, evaluate, generate,
+                    load_checkpoint, model_from_checkpoint, quality, train)
 
 
 def _add_train_arguments(parser):
@@ -74,8 +73,7 @@ def main(argv=None):
 
     try:
         if args.command == "train":
-            names = {f.name for f in fields(TrainConfig)}
-            config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+            config = config_from_dict(vars(args))
             record = train(config, resume=args.resume)
             if os.environ.get("RANK", "0") == "0":  # one summary per torchrun job
                 print(json.dumps(record))

@@ -85,6 +85,12 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
+def config_from_dict(values):
+    """A TrainConfig from a dict with possibly more keys (argparse's namespace, a checkpoint)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
 def check_config(config):
     if config.optimizer not in ("sgd", "adamw"):
         raise ValueError(f"--optimizer must be sgd or adamw, got {config.optimizer!r}")
@@ -187,8 +193,7 @@ def load_checkpoint(path):
 
 
 def model_from_checkpoint(payload, device="cpu"):
-    config = TrainConfig(**{k: v for k, v in payload["config"].items()
-                            if k in {f.name for f in fields(TrainConfig)}})
+    config = config_from_dict(payload["config"])
     config.device = device
     vocabulary = lm_data.Vocabulary.from_state_dict(payload["vocabulary"])
     model = build_model(config, len(vocabulary))
@@ -354,7 +359,7 @@ def train(config, resume=None):
     """Trains (or resumes from a run folder) and returns the last metrics record."""
     if resume:
         payload = load_checkpoint(Path(resume) / "last.pt")
-        config = TrainConfig(**{**payload["config"], "out": str(resume),
+        config = config_from_dict({**payload["config"], "out": str(resume),
                                 "progress": config.progress})
     check_config(config)
     corpus = lm_data.load_corpus(config.data, config.level, config.clean)
