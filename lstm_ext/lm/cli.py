@@ -1,4 +1,4 @@
-"""`lstm-ext train | eval | generate` (also `python -m lstm_ext ...`)."""
+"""`lstm-ext train | eval | generate | classify` (also `python -m lstm_ext ...`)."""
 
 import argparse
 import json
@@ -6,6 +6,7 @@ import os
 import sys
 
 from . import data as lm_data
+from .classify import ClassifyConfig, classify
 from .train import (PRECISIONS, TrainConfig, config_from_dict, evaluate, generate,
                     load_checkpoint, model_from_checkpoint, quality, train)
 
@@ -50,6 +51,32 @@ def _add_train_arguments(parser):
     add("--no-progress", dest="progress", action="store_false")
 
 
+def _add_classify_arguments(parser):
+    defaults = ClassifyConfig()
+    add = parser.add_argument
+    add("--impl", choices=("ext", "torch"), default=defaults.impl,
+        help="lstm_ext.LSTM or torch.nn.LSTM (same initial weights for the same seed)")
+    add("--features", type=int, default=defaults.features, help="values per sequence step")
+    add("--hidden", type=int, default=defaults.hidden)
+    add("--layers", type=int, default=defaults.layers, help="stacked LSTM layers")
+    add("--length", type=int, default=defaults.length, help="steps per sequence")
+    add("--noise", type=float, default=defaults.noise,
+        help="standard deviation of the Gaussian noise added to every step")
+    add("--forget-bias", type=float, default=defaults.forget_bias,
+        help="added to the forget-gate bias at initialisation")
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--steps", type=int, default=defaults.steps, help="training batches (fresh sequences)")
+    add("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    add("--clip", type=float, default=defaults.clip, help="gradient-norm clip (0: off)")
+    add("--test-size", type=int, default=defaults.test_size, help="held-out sequences")
+    add("--eval-every", type=int, default=defaults.eval_every)
+    add("--device", default=defaults.device, help="cpu or cuda")
+    add("--seed", type=int, default=defaults.seed)
+    add("--out", default=defaults.out,
+        help="folder for metrics.jsonl and the trained model (default: write nothing)")
+    add("--no-progress", dest="progress", action="store_false")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="lstm-ext", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
@@ -68,6 +95,8 @@ def main(argv=None):
     generation.add_argument("--top-k", type=int, default=0)
     generation.add_argument("--seed", type=int, default=None)
     generation.add_argument("--device", default="cpu")
+    _add_classify_arguments(commands.add_parser(
+        "classify", help="stacked-LSTM sequence classifier on the temporal-order problem"))
     args = parser.parse_args(["train"] if argv == [] or (argv is None and len(sys.argv) == 1)
                              else argv)
 
@@ -95,10 +124,13 @@ def main(argv=None):
                 sys.stdout.write(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+        elif args.command == "classify":
+            print(json.dumps(classify(ClassifyConfig(**{
+                key: value for key, value in vars(args).items() if key != "command"}))))
         else:
             parser.print_help()
             return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, FloatingPointError) as error:
         print(f"lstm-ext: error: {error}", file=sys.stderr)
         return 2
     return 0
