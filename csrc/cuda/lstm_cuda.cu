@@ -2,15 +2,32 @@
 // through ATen on cuBLAS and the caller's current stream, with the fused elementwise passes
 // below. The gate math is lstm_common.h's, the same the CPU uses.
 #include "../lstm_layer.h"
+#include "launch_plan.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 namespace lstm_ext {
 namespace {
 
-constexpr int kThreadsPerBlock = 256;
+// The step arguments travel to the kernels by value, as kernel parameters.
+template <typename Step>
+constexpr bool kKernelArgument =
+    std::is_trivially_copyable_v<Step> && std::is_standard_layout_v<Step> &&
+    sizeof(Step) <= 4096;  // the kernel parameter limit
+static_assert(kKernelArgument<ForwardStep<float>> && kKernelArgument<ForwardStep<double>> &&
+              kKernelArgument<ForwardStep<at::Half>> &&
+              kKernelArgument<ForwardStep<at::BFloat16>>);
+static_assert(kKernelArgument<BackwardStep<float>> && kKernelArgument<BackwardStep<double>> &&
+              kKernelArgument<BackwardStep<at::Half>> &&
+              kKernelArgument<BackwardStep<at::BFloat16>>);
+// The cell state is kept in fp32 (fp64 for fp64) whatever the storage type.
+static_assert(std::is_same_v<ForwardStep<at::Half>::acc_t, float> &&
+              std::is_same_v<ForwardStep<at::BFloat16>::acc_t, float> &&
+              std::is_same_v<ForwardStep<double>::acc_t, double>);
 
 // One thread per (row, hidden unit); a grid-stride loop covers any size with a bounded grid.
 template <typename scalar_t>
@@ -66,11 +83,9 @@ __global__ void backward_step_kernel(BackwardStep<scalar_t> a) {
   }
 }
 
-dim3 elementwise_grid(int64_t elements) {
-  const int64_t blocks = (elements + kThreadsPerBlock - 1) / kThreadsPerBlock;
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, max_blocks))));
+cuda::ElementwiseLaunch elementwise_launch(int64_t elements) {
+  return cuda::plan_elementwise(elements,
+                                at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 struct CudaKernels {
@@ -81,16 +96,18 @@ struct CudaKernels {
 
   template <typename scalar_t>
   static void forward_step(const ForwardStep<scalar_t>& a) {
+    const auto launch = elementwise_launch(a.rows * a.hidden);
     forward_step_kernel<scalar_t>
-        <<<elementwise_grid(a.rows * a.hidden), kThreadsPerBlock, 0,
+        <<<static_cast<unsigned>(launch.blocks), static_cast<unsigned>(launch.threads), 0,
            at::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <typename scalar_t>
   static void backward_step(const BackwardStep<scalar_t>& a) {
+    const auto launch = elementwise_launch(a.rows * a.hidden);
     backward_step_kernel<scalar_t>
-        <<<elementwise_grid(a.rows * a.hidden), kThreadsPerBlock, 0,
+        <<<static_cast<unsigned>(launch.blocks), static_cast<unsigned>(launch.threads), 0,
            at::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
