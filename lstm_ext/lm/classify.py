@@ -40,7 +40,9 @@ class ClassifyConfig:
     forget_bias: float = 3.0
     batch_size: int = 64
     steps: int = 800
-    lr: float = 2e-3
+    # Adam's own default. At 2e-3, one of four runs at length 100 stayed at chance for 800
+    # steps; at 1e-3, seven of seven (both --impl) reached 100 % held-out accuracy by step 300.
+    lr: float = 1e-3
     clip: float = 1.0
     test_size: int = 2048
     eval_every: int = 100
