@@ -184,3 +184,16 @@ def test_word_level_generation(corpus_file, tmp_path):
     text = "".join(lm_train.generate(model, vocabulary, "word", "the cat", 25, seed=0))
     words = text.split()
     assert words and set(words) <= set(vocabulary.itos) - {"<unk>", "<eos>"}
+
+
+def test_max_steps_alone_runs_past_the_first_epoch(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    windows_per_epoch = lm_train.Run(tiny_config(corpus_file, out), lm_train.lm_data.load_corpus(
+        str(corpus_file), "char", True), lm_train.Distributed(TrainConfig())).windows_per_epoch
+    steps = windows_per_epoch + 5
+    lm_train.train(tiny_config(corpus_file, out, max_steps=steps, eval_every=steps))
+    assert [(r["step"], r["epoch"]) for r in metrics(out)] == [(steps, 1)]
+    # and --epochs alone gives whole epochs
+    lm_train.train(tiny_config(corpus_file, tmp_path / "epochs", max_steps=0, epochs=2,
+                               eval_every=10_000))
+    assert metrics(tmp_path / "epochs")[-1]["step"] == 2 * windows_per_epoch

@@ -36,10 +36,13 @@ def _add_train_arguments(parser):
     add("--weight-decay", type=float, default=defaults.weight_decay)
     add("--warmup", type=int, default=defaults.warmup, help="AdamW warm-up steps")
     add("--clip", type=float, default=defaults.clip, help="gradient-norm clip (0: off)")
-    add("--epochs", type=int, default=defaults.epochs)
-    add("--max-steps", type=int, default=defaults.max_steps, help="0: no limit")
+    add("--epochs", type=int, default=defaults.epochs,
+        help="passes over the training split (0: as many as --max-steps needs, else 1)")
+    add("--max-steps", type=int, default=defaults.max_steps,
+        help="training steps (0: no limit); the cosine schedule ends here")
     add("--time-budget", type=float, default=defaults.time_budget,
-        help="minutes of training before a last evaluation and stop (0: no limit)")
+        help="minutes of training before a last evaluation and stop (0: no limit); a cap, the "
+        "schedule still follows --max-steps / --epochs")
     add("--precision", choices=PRECISIONS, default=defaults.precision,
         help="bf16: autocast with fp32 weights; fp64: for exact comparisons")
     add("--device", default=defaults.device, help="cpu or cuda")

@@ -40,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 20
     clip: float = 1.0
-    epochs: int = 1
+    epochs: int = 0             # 0: as many as --max-steps needs, else 1
     max_steps: int = 0          # 0: no limit
     time_budget: float = 0.0    # minutes; 0: no limit
     precision: str = "fp32"
@@ -101,9 +101,12 @@ def check_config(config):
         raise ValueError(f"--device must be cpu or cuda, got {config.device!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
-    for name in ("layers", "hidden", "emb", "bptt", "batch_size", "epochs", "eval_every"):
+    for name in ("layers", "hidden", "emb", "bptt", "batch_size", "eval_every"):
         if getattr(config, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("epochs", "max_steps", "time_budget"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative")
 
 
 def build_model(config, vocabulary_size):
@@ -211,7 +214,10 @@ class Run:
         train_ids = distributed.shard(corpus.train)
         self.columns = lm_data.batchify(train_ids, config.batch_size).to(config.device)
         self.windows_per_epoch = math.ceil((self.columns.size(0) - 1) / config.bptt)
-        total = config.epochs * self.windows_per_epoch
+        # --max-steps alone runs as many epochs as it takes; --epochs alone, whole epochs.
+        self.epochs = config.epochs or (
+            math.ceil(config.max_steps / self.windows_per_epoch) if config.max_steps else 1)
+        total = self.epochs * self.windows_per_epoch
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.model = build_model(config, len(corpus.vocabulary)).to(config.device)
         # What the training step calls: the model itself, or its DistributedDataParallel wrapper.
@@ -293,7 +299,7 @@ class Run:
         losses, tokens, started = [], 0, time.perf_counter()
         base_elapsed = self.elapsed
         record = None
-        while self.epoch < config.epochs and self.step < self.total_steps:
+        while self.epoch < self.epochs and self.step < self.total_steps:
             while self.window < len(windows) and self.step < self.total_steps:
                 inputs, targets = windows[self.window]
                 with autocast(config):
