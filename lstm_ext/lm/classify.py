@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import check_device, check_positive
 from .model import IMPLEMENTATIONS
 
 CHECKPOINT_FORMAT = "lstm_ext.classify/1"
@@ -121,17 +122,9 @@ class SequenceClassifier(nn.Module):
 def check_config(config):
     if config.impl not in IMPLEMENTATIONS:
         raise ValueError(f"--impl must be one of {sorted(IMPLEMENTATIONS)}, got {config.impl!r}")
-    device_type = str(config.device).split(":")[0]
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {config.device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
-    for name in ("hidden", "layers", "batch_size", "steps", "test_size", "eval_every"):
-        if getattr(config, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got "
-                             f"{getattr(config, name)}")
-    if not config.lr > 0:
-        raise ValueError(f"--lr must be positive, got {config.lr}")
+    check_device(config.device)
+    check_positive(config, ("hidden", "layers", "batch_size", "steps", "test_size",
+                            "eval_every", "lr"))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import data as lm_data
+from .checks import check_device, check_positive
 from .model import LanguageModel, detach_state, sample_next
 
 CHECKPOINT_FORMAT = "lstm_ext.lm/1"
@@ -96,14 +97,8 @@ def check_config(config):
         raise ValueError(f"--optimizer must be sgd or adamw, got {config.optimizer!r}")
     if config.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {config.precision!r}")
-    device_type = str(config.device).split(":")[0]
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {config.device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
-    for name in ("layers", "hidden", "emb", "bptt", "batch_size", "eval_every"):
-        if getattr(config, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    check_device(config.device)
+    check_positive(config, ("layers", "hidden", "emb", "bptt", "batch_size", "eval_every"))
     for name in ("epochs", "max_steps", "time_budget"):
         if getattr(config, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative")
