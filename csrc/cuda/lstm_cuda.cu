@@ -3,6 +3,7 @@
 // below. The gate math is lstm_common.h's, the same the CPU uses.
 #include "../lstm_layer.h"
 #include "launch_plan.h"
+#include "step_elements.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,54 +33,19 @@ static_assert(std::is_same_v<ForwardStep<at::Half>::acc_t, float> &&
 // One thread per (row, hidden unit); a grid-stride loop covers any size with a bounded grid.
 template <typename scalar_t>
 __global__ void forward_step_kernel(ForwardStep<scalar_t> a) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = a.hidden;
-  const int64_t total = a.rows * H;
+  const int64_t total = a.rows * a.hidden;
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < total; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = index / H;
-    const int64_t j = index - r * H;
-    scalar_t* gates = a.gates + r * kNumGates * H + j;
-    const acc_t c_prev = a.cell[index];
-    const CellForward<ScalarMath, acc_t> cf(
-        static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
-        static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]), c_prev);
-    if (a.save_gates) {
-      gates[0] = static_cast<scalar_t>(cf.in);
-      gates[H] = static_cast<scalar_t>(cf.forget);
-      gates[2 * H] = static_cast<scalar_t>(cf.cell);
-      gates[3 * H] = static_cast<scalar_t>(cf.out);
-    }
-    if (a.cell_prev_saved) a.cell_prev_saved[index] = c_prev;
-    a.cell[index] = cf.c;
-    a.hidden_out[index] = static_cast<scalar_t>(cf.h);
-    if (a.hidden_state) a.hidden_state[index] = static_cast<scalar_t>(cf.h);
+    cuda::forward_step_element(a, index);
   }
 }
 
 template <typename scalar_t>
 __global__ void backward_step_kernel(BackwardStep<scalar_t> a) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = a.hidden;
-  const int64_t total = a.rows * H;
+  const int64_t total = a.rows * a.hidden;
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < total; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = index / H;
-    const int64_t j = index - r * H;
-    const scalar_t* gates = a.gates + r * kNumGates * H + j;
-    scalar_t* grad_gates = a.grad_gates + r * kNumGates * H + j;
-    acc_t dh = 0;
-    if (a.grad_h) dh += static_cast<acc_t>(a.grad_h[index]);
-    if (a.grad_h_extra) dh += static_cast<acc_t>(a.grad_h_extra[index]);
-    const CellBackward<ScalarMath, acc_t> cb(
-        static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
-        static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]), a.cell_prev[index],
-        dh, a.grad_cell[index]);
-    grad_gates[0] = static_cast<scalar_t>(cb.d_in);
-    grad_gates[H] = static_cast<scalar_t>(cb.d_forget);
-    grad_gates[2 * H] = static_cast<scalar_t>(cb.d_cell);
-    grad_gates[3 * H] = static_cast<scalar_t>(cb.d_out);
-    a.grad_cell[index] = cb.dc_prev;
+    cuda::backward_step_element(a, index);
   }
 }
 
