@@ -6,8 +6,43 @@ from torch import nn
 
 import lstm_ext
 from conftest import Case, compare, rel_error, requires_cuda
+from test_module_parity import GRID, KINDS, make_pair
+from test_ops import OPS, VARIANTS, layer_args
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
+# Every test here runs on this device. The tests' own logic was checked by running them with
+# "cpu" here (the GPU-only features aside) on a machine without a GPU.
+DEVICE = "cuda"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layers,bias,batch_first,bidirectional,proj_size,with_state", GRID)
+def test_parity_grid_against_nn_lstm_on_gpu(layers, bias, batch_first, bidirectional, proj_size,
+                                             with_state, kind):
+    """The Core parity grid against nn.LSTM (cuDNN) on the GPU, in fp64. cuDNN runs backward
+    only in training mode, so dropout is off and both modules train."""
+    reference, ours = make_pair(layers, bias, batch_first, bidirectional, proj_size)
+    case = Case(reference, kind, with_state=with_state).to(DEVICE)
+    for module in (reference, ours):
+        module.dropout = 0.0
+        module.train()
+    reference, ours = reference.to(DEVICE), ours.to(DEVICE)
+    compare(case.run(ours), case.run(reference), 1e-9)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_opcheck_layer_ops_on_gpu(variant):
+    args = layer_args(device=DEVICE, **variant)
+    torch.library.opcheck(OPS.lstm_layer_forward, args)
+    no_grad_args = layer_args(device=DEVICE, requires_grad=False, **variant)
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = OPS.lstm_layer_forward(
+        *no_grad_args)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = no_grad_args
+    torch.library.opcheck(OPS.lstm_layer_backward, [
+        torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh,
+        w_hr, batch_sizes, gates, cell_prev, hidden_prev, hidden_raw, reverse,
+        b_ih is not None, True, True,
+    ])
 
 
 @pytest.mark.parametrize("kind", ["padded", "unbatched", "packed_sorted", "packed_unsorted"])

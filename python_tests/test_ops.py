@@ -11,14 +11,15 @@ OPS = torch.ops.lstm_ext
 
 
 def layer_args(steps=4, batch=3, input_size=5, hidden=6, proj=0, bias=True, packed=False,
-               reverse=False, training=True, dtype=torch.float64, requires_grad=True):
+               reverse=False, training=True, dtype=torch.float64, requires_grad=True,
+               device="cpu"):
     def rand(*shape):
-        return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=requires_grad)
 
     state = proj or hidden
     if packed:
         lengths = [steps, max(1, steps - 1), 1][:batch]
-        sequences = [torch.randn(n, input_size, dtype=dtype) for n in lengths]
+        sequences = [torch.randn(n, input_size, dtype=dtype, device=device) for n in lengths]
         packed_seq = pack_sequence(sequences)
         x = packed_seq.data.clone().requires_grad_(requires_grad)
         batch_sizes = packed_seq.batch_sizes
