@@ -80,7 +80,7 @@ def _add_classify_arguments(parser):
     add("--no-progress", dest="progress", action="store_false")
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(prog="lstm-ext", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
     _add_train_arguments(commands.add_parser("train", help="train a language model"))
@@ -100,6 +100,11 @@ def main(argv=None):
     generation.add_argument("--device", default="cpu")
     _add_classify_arguments(commands.add_parser(
         "classify", help="stacked-LSTM sequence classifier on the temporal-order problem"))
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(["train"] if argv == [] or (argv is None and len(sys.argv) == 1)
                              else argv)
 
