@@ -45,7 +45,9 @@ struct ForwardStep {
   acc_t* cell;               // (rows, H): c in, c' out
   acc_t* cell_prev_saved;    // (rows, H) copy of c for backward, or null
   scalar_t* hidden_out;      // (rows, H): h' = o * tanh(c')
-  scalar_t* hidden_state;    // (rows, H) second copy of h', or null
+  scalar_t* hidden_state;    // (rows, H): h in, h' out (the recurrent state), or null
+  scalar_t* hidden_prev_saved;  // (rows, H) copy of h as it entered (from hidden_state,
+                                // before it is overwritten) for backward, or null
   bool save_gates;
 };
 
@@ -150,7 +152,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       if (rows == 0) continue;
       at::Tensor step_gates = gates.narrow(0, offset, rows);
       at::Tensor h_prev = h_state.narrow(0, 0, rows);
-      if (training) saved.hidden_prev.narrow(0, offset, rows).copy_(h_prev);
+      // Without a projection the elementwise pass saves h as it overwrites it (no copy
+      // launch per step); with one, h_state is (B, R) and is copied here.
+      if (training && s.has_projection) saved.hidden_prev.narrow(0, offset, rows).copy_(h_prev);
       {
         RECORD_FUNCTION("lstm_ext::step_gemm", std::vector<c10::IValue>());
         recurrent->run(h_prev, step_gates, /*accumulate=*/true);
@@ -166,6 +170,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
                             ? rows_ptr<scalar_t>(hidden_raw, training ? offset : 0)
                             : rows_ptr<scalar_t>(output, offset);
       step.hidden_state = s.has_projection ? nullptr : h_state.data_ptr<scalar_t>();
+      step.hidden_prev_saved = training && !s.has_projection
+                                   ? rows_ptr<scalar_t>(saved.hidden_prev, offset)
+                                   : nullptr;
       step.save_gates = training;
       {
         RECORD_FUNCTION("lstm_ext::step_elementwise", std::vector<c10::IValue>());

@@ -241,7 +241,13 @@ struct CpuKernels {
           if (a.save_gates) convert(staged, gates, kNumGates * H);
           convert(staged + kNumGates * H, hidden, H);
         }
-        if (a.hidden_state) std::memcpy(a.hidden_state + r * H, hidden, H * sizeof(scalar_t));
+        if (a.hidden_state) {
+          if (a.hidden_prev_saved) {
+            std::memcpy(a.hidden_prev_saved + r * H, a.hidden_state + r * H,
+                        H * sizeof(scalar_t));
+          }
+          std::memcpy(a.hidden_state + r * H, hidden, H * sizeof(scalar_t));
+        }
       }
     });
   }

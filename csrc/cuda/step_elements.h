@@ -28,7 +28,10 @@ LSTM_HOST_DEVICE void forward_step_element(const ForwardStep<scalar_t>& a, int64
   if (a.cell_prev_saved) a.cell_prev_saved[index] = c_prev;
   a.cell[index] = cf.c;
   a.hidden_out[index] = static_cast<scalar_t>(cf.h);
-  if (a.hidden_state) a.hidden_state[index] = static_cast<scalar_t>(cf.h);
+  if (a.hidden_state) {
+    if (a.hidden_prev_saved) a.hidden_prev_saved[index] = a.hidden_state[index];
+    a.hidden_state[index] = static_cast<scalar_t>(cf.h);
+  }
 }
 
 template <typename scalar_t>

@@ -1,9 +1,10 @@
 // Runs the CUDA kernels' per-thread code (csrc/cuda/step_elements.h) on the CPU, one call per
 // (row, hidden unit) in a shuffled order as independent GPU threads may run, and checks:
 // forward against an fp64 reference for fp32/fp64/fp16/bf16 storage, with and without the
-// optional outputs; backward in fp64 against central finite differences of that forward, and
-// the other dtypes against the fp64 instantiation; optional gradient inputs absent or present;
-// nothing written outside the step's rows (guard cells around every buffer).
+// optional outputs (saved gates; copies of c, of h' and of h as it entered); backward in fp64
+// against central finite differences of that forward, and the other dtypes against the fp64
+// instantiation; optional gradient inputs absent or present; nothing written outside the
+// step's rows (guard cells around every buffer).
 #include "../cuda/step_elements.h"
 
 #include <algorithm>
@@ -68,18 +69,22 @@ struct StepInputs {
   int64_t rows, hidden;
   std::vector<double> pre;     // (rows, 4H) gate pre-activations
   std::vector<double> c_prev;  // (rows, H)
+  std::vector<double> h_prev;  // (rows, H) recurrent state entering the step
   StepInputs(int64_t rows_, int64_t hidden_) : rows(rows_), hidden(hidden_) {
     std::normal_distribution<double> normal(0.0, 2.0);
+    std::uniform_real_distribution<double> uniform(-1.0, 1.0);
     pre.resize(rows * kNumGates * hidden);
     c_prev.resize(rows * hidden);
+    h_prev.resize(rows * hidden);
     for (double& x : pre) x = normal(rng);
     for (double& x : c_prev) x = normal(rng);
+    for (double& x : h_prev) x = uniform(rng);
   }
 };
 
 template <typename scalar_t>
 struct ForwardResult {
-  std::vector<double> activations, cell, cell_prev_saved, hidden, hidden_state;
+  std::vector<double> activations, cell, cell_prev_saved, hidden, hidden_state, hidden_prev_saved;
 };
 
 // Runs forward_step_element for every index (shuffled). Inputs are rounded to scalar_t (gates)
@@ -89,23 +94,36 @@ ForwardResult<scalar_t> run_forward(const StepInputs& in, bool save_gates, bool 
                                     StepInputs* rounded = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = in.rows * in.hidden;
-  Guarded<scalar_t> gates(kNumGates * n), hidden(n), hidden_state(n);
+  Guarded<scalar_t> gates(kNumGates * n), hidden(n), hidden_state(n), hidden_prev_saved(n);
   Guarded<acc_t> cell(n), cell_prev_saved(n);
   for (int64_t i = 0; i < kNumGates * n; ++i) gates[i] = static_cast<scalar_t>(in.pre[i]);
-  for (int64_t i = 0; i < n; ++i) cell[i] = static_cast<acc_t>(in.c_prev[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    cell[i] = static_cast<acc_t>(in.c_prev[i]);
+    hidden_state[i] = static_cast<scalar_t>(in.h_prev[i]);
+  }
   if (rounded) {
     for (int64_t i = 0; i < kNumGates * n; ++i) rounded->pre[i] = static_cast<double>(gates[i]);
-    for (int64_t i = 0; i < n; ++i) rounded->c_prev[i] = static_cast<double>(cell[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      rounded->c_prev[i] = static_cast<double>(cell[i]);
+      rounded->h_prev[i] = static_cast<double>(hidden_state[i]);
+    }
   }
-  ForwardStep<scalar_t> step{in.rows, in.hidden, gates.data(), cell.data(),
-                             copies ? cell_prev_saved.data() : nullptr, hidden.data(),
-                             copies ? hidden_state.data() : nullptr, save_gates};
+  ForwardStep<scalar_t> step{in.rows,
+                             in.hidden,
+                             gates.data(),
+                             cell.data(),
+                             copies ? cell_prev_saved.data() : nullptr,
+                             hidden.data(),
+                             copies ? hidden_state.data() : nullptr,
+                             copies ? hidden_prev_saved.data() : nullptr,
+                             save_gates};
   for (int64_t index : shuffled(n)) forward_step_element(step, index);
   gates.check_guards("gates");
   cell.check_guards("cell");
   hidden.check_guards("hidden_out");
   cell_prev_saved.check_guards("cell_prev_saved");
   hidden_state.check_guards("hidden_state");
+  hidden_prev_saved.check_guards("hidden_prev_saved");
   ForwardResult<scalar_t> out;
   for (int64_t i = 0; i < kNumGates * n; ++i) out.activations.push_back(gates[i]);
   for (int64_t i = 0; i < n; ++i) {
@@ -113,6 +131,7 @@ ForwardResult<scalar_t> run_forward(const StepInputs& in, bool save_gates, bool 
     out.hidden.push_back(static_cast<double>(hidden[i]));
     out.cell_prev_saved.push_back(cell_prev_saved[i]);
     out.hidden_state.push_back(static_cast<double>(hidden_state[i]));
+    out.hidden_prev_saved.push_back(static_cast<double>(hidden_prev_saved[i]));
   }
   return out;
 }
@@ -144,8 +163,15 @@ void check_forward(double tolerance, const char* dtype) {
           if (copies) {
             expect_close(out.cell_prev_saved[index], in.c_prev[index], 0.0, "saved cell", index);
             expect_close(out.hidden_state[index], out.hidden[index], 0.0, "hidden copy", index);
+            expect_close(out.hidden_prev_saved[index], in.h_prev[index], 0.0, "saved hidden",
+                         index);
           } else {
             expect_close(out.cell_prev_saved[index], kSentinel, 0.0, "no cell copy", index);
+            expect_close(out.hidden_prev_saved[index],
+                         static_cast<double>(static_cast<scalar_t>(kSentinel)), 0.0,
+                         "no hidden copy", index);
+            expect_close(out.hidden_state[index], in.h_prev[index], 0.0, "state untouched",
+                         index);
           }
         }
       }
