@@ -1,5 +1,6 @@
 """Shared helpers: running a module with every gradient collected, and relative errors."""
 
+import contextlib
 import copy
 
 import pytest
@@ -9,6 +10,28 @@ from torch.nn.utils.rnn import PackedSequence, pack_sequence
 import lstm_ext  # noqa: F401  (loads the ops)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@contextlib.contextmanager
+def poisoned_allocations(device):
+    """Inside, every fresh tensor (torch.empty in Python, at::empty in the extension) on any
+    device comes filled with NaN (PyTorch's deterministic mode with
+    fill_uninitialized_memory), so an output element a kernel forgets to write stays NaN
+    instead of showing whatever the allocator's cached memory held (often the right answer of
+    the previous run)."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+    # warn_only: deterministic mode would otherwise refuse cuBLAS without a workspace setting.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        probe = torch.empty(1000, device=device)
+        assert probe.isnan().all(), "fresh allocations are not poisoned; the check would be void"
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[2]
 
 
 def rel_error(actual, expected):

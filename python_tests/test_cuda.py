@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import lstm_ext
-from conftest import Case, compare, rel_error, requires_cuda
+from conftest import Case, compare, poisoned_allocations, rel_error, requires_cuda
 from test_module_parity import GRID, KINDS, make_pair
-from test_ops import OPS, VARIANTS, layer_args
+from test_ops import OPS, VARIANTS, check_every_output_element_written, layer_args
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 # Every test here runs on this device. The tests' own logic was checked by running them with
@@ -103,29 +103,44 @@ def test_autocast_cuda_runs_in_the_requested_dtype(dtype):
     assert x.grad.dtype == torch.float32 and module.weight_ih_l0.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("tf32", [False, True])
-def test_fp32_honours_allow_tf32(tf32, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+def test_fp32_honours_allow_tf32(monkeypatch):
+    """TF32 off: fp32 accuracy. On: the matmuls really run in TF32 (10-bit mantissa), which
+    shows as a much larger error, as nn.LSTM's own matmuls would."""
     torch.manual_seed(2)
-    reference = nn.LSTM(64, 128, dtype=torch.float64)
+    reference = nn.LSTM(256, 256, dtype=torch.float64)
     ours = lstm_ext.LSTM.from_torch(reference).float().cuda()
-    x = torch.randn(30, 8, 64, dtype=torch.float64)
-    error = rel_error(ours(x.float().cuda())[0].cpu(), reference(x)[0])
-    assert error <= (5e-3 if tf32 else 1e-5)
+    x = torch.randn(30, 8, 256, dtype=torch.float64)
+    expected = reference(x)[0]
+    errors = {}
+    for tf32 in (False, True):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        errors[tf32] = rel_error(ours(x.float().cuda())[0].cpu(), expected)
+    assert errors[False] <= 1e-5
+    assert errors[True] <= 5e-3
+    assert errors[True] > 4 * errors[False], f"TF32 setting ignored: errors {errors}"
 
 
-def test_every_output_element_is_written():
-    """Memory handed out by the caching allocator is poisoned with NaN first: any element the
-    kernels fail to write stays NaN."""
-    module = lstm_ext.LSTM(16, 32, 2, bidirectional=True, proj_size=8).cuda()
-    x = torch.randn(12, 5, 16, device="cuda", requires_grad=True)
-    torch.cuda.empty_cache()
-    poison = torch.full((1 << 26,), float("nan"), device="cuda")
-    del poison
-    output, (h, c) = module(x)
-    (output.sum() + h.sum() + c.sum()).backward()
-    for tensor in [output, h, c, x.grad, *(p.grad for p in module.parameters())]:
-        assert torch.isfinite(tensor).all()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_every_op_output_element_is_written(variant, dtype):
+    check_every_output_element_written(variant, DEVICE, dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_every_module_output_element_is_written(packed):
+    module = lstm_ext.LSTM(16, 32, 2, bidirectional=True, proj_size=8).to(DEVICE)
+    with poisoned_allocations(DEVICE):
+        if packed:
+            leaves = [torch.randn(n, 16, device=DEVICE, requires_grad=True) for n in (12, 9, 4)]
+            output, (h, c) = module(torch.nn.utils.rnn.pack_sequence(leaves))
+            output = output.data
+        else:
+            leaves = [torch.randn(12, 5, 16, device=DEVICE, requires_grad=True)]
+            output, (h, c) = module(leaves[0])
+        (output.sum() + h.sum() + c.sum()).backward()
+    grads = [x.grad for x in leaves] + [p.grad for p in module.parameters()]
+    for tensor in [output, h, c, *grads]:
+        assert not tensor.isnan().any()
 
 
 def test_cuda_graph_capture_and_replay():

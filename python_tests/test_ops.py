@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
+from conftest import poisoned_allocations
 from lstm_ext import ops
 
 OPS = torch.ops.lstm_ext
@@ -63,6 +64,38 @@ def test_opcheck_layer_backward(variant):
             b_ih is not None, input_grad, weight_grads,
         ]
         torch.library.opcheck(OPS.lstm_layer_backward, backward_args)
+
+
+def check_every_output_element_written(variant, device, dtype):
+    """The layer ops' outputs, saved tensors and gradients with every allocation poisoned:
+    forward with and without training, backward with and without grad_output."""
+    with poisoned_allocations(device):
+        args = layer_args(device=device, dtype=dtype, requires_grad=False, **variant)
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = args
+        names = ["output", "h_n", "c_n", "gates", "cell_prev", "hidden_prev", "hidden_raw"]
+        forward = OPS.lstm_layer_forward(*args)
+        results = dict(zip(names, forward))
+        results.update(zip([f"eval {name}" for name in names[:3]],
+                           OPS.lstm_layer_forward(*args[:-1], False)))
+        output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = forward
+        grad_names = ["grad_input", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_bias",
+                      "grad_w_hr"]
+        for grad_output in (torch.randn_like(output), None):
+            grads = OPS.lstm_layer_backward(
+                grad_output, torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh, w_hr,
+                batch_sizes, gates, cell_prev, hidden_prev, hidden_raw, reverse,
+                b_ih is not None, True, True)
+            suffix = "" if grad_output is not None else " (no grad_output)"
+            results.update((name + suffix, grad) for name, grad in zip(grad_names, grads))
+    for name, tensor in results.items():
+        unwritten = tensor.isnan().sum().item()
+        assert unwritten == 0, f"{name}: {unwritten} of {tensor.numel()} elements never written"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_every_output_element_is_written(variant, dtype):
+    check_every_output_element_written(variant, "cpu", dtype)
 
 
 def cell_args(bias=True, training=True, requires_grad=True):

@@ -55,9 +55,11 @@ cuda::ElementwiseLaunch elementwise_launch(int64_t elements) {
 }
 
 struct CudaKernels {
-  // cuBLAS takes transposed operands at full speed: no per-call preparation.
+  // cuBLAS takes a row-major or column-major weight as it is. Any other strides (a sliced
+  // weight, say) would make at::mm copy it at every step, so that copy is made once here.
   static std::unique_ptr<StepProduct> step_product(const at::Tensor& weight, int64_t, int64_t) {
-    return std::make_unique<AtenStepProduct>(weight);
+    const bool as_is = weight.is_contiguous() || weight.t().is_contiguous();
+    return std::make_unique<AtenStepProduct>(as_is ? weight : weight.contiguous());
   }
 
   template <typename scalar_t>
