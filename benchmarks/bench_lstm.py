@@ -12,6 +12,7 @@ runs; the ratios measured side by side are what to compare.
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -27,7 +28,9 @@ import lstm_ext
 
 @dataclass
 class Row:
-    mode: str                  # "inference" (no_grad), "training" (forward + backward), "decode"
+    # "inference" (no_grad), "forward" (recording for backward, as in training), "training"
+    # (forward + backward), "decode"
+    mode: str
     hidden: int
     batch: int
     steps: int
@@ -57,6 +60,7 @@ class Row:
 
 QUICK = [
     Row("inference", 256, 16, 25),
+    Row("forward", 256, 16, 25),
     Row("training", 256, 16, 25),
     Row("decode", 256, 1, 1, layers=2),
 ]
@@ -81,10 +85,11 @@ SUITES = {
                       Row("training", 512, 32, 50, layers=2, bidirectional=True)],
     "decode": [Row("decode", 512, 1, 1, layers=2)],
     # The CUDA issue's targets: DeepBench training shapes against cuDNN, fp32 and half types.
-    "gpu-fp32": [Row("training", h, b, t) for h in (256, 512, 1024) for b in (16, 64)
-                 for t in (25, 150)],
-    "gpu-half": [Row("training", h, b, t, dtype=dtype) for dtype in ("bfloat16", "float16")
-                 for h in (256, 512, 1024) for b in (16, 64) for t in (25, 150)],
+    "gpu-fp32": [Row(mode, h, b, t) for h in (256, 512, 1024) for b in (16, 64)
+                 for t in (25, 150) for mode in ("forward", "training")],
+    "gpu-half": [Row(mode, h, b, t, dtype=dtype) for dtype in ("bfloat16", "float16")
+                 for h in (256, 512, 1024) for b in (16, 64) for t in (25, 150)
+                 for mode in ("forward", "training")],
 }
 CPU_SUITES = [name for name in SUITES if not name.startswith("gpu")]
 
@@ -97,7 +102,21 @@ TARGETS = {
     "fp64 training": 2.0,
     "projection training": 2.0,
     "decode": 10.0,
+    # The CUDA issue's: forward + backward on par with cuDNN overall, faster at B <= 16.
+    **{f"gpu fwd+bwd {dtype}{batches}": 1.0 for dtype in ("float32", "bfloat16", "float16")
+       for batches in ("", " B<=16")},
 }
+# A CUDA timing spans at least this long (repeating the run), so that launch jitter and the
+# timer's resolution stay small against it.
+MIN_CUDA_TIMING_S = 0.01
+
+
+def groups_of(row, device_type):
+    """The summary groups a row counts in: on CUDA by pass and dtype, and again for B <= 16."""
+    if device_type != "cuda":
+        return [group_of(row)]
+    group = f"gpu {'fwd+bwd' if row.mode == 'training' else row.mode} {row.dtype}"
+    return [group] + ([f"{group} B<=16"] if row.batch <= 16 else [])
 
 
 def group_of(row):
@@ -183,6 +202,10 @@ def step_function(row, module, make_input, device):
         def run():
             with torch.no_grad(), autocast:
                 module(make_input())
+    elif row.mode == "forward":
+        def run():
+            with autocast:
+                module(make_input())
     elif row.mode == "training":
         def run():
             module.zero_grad(set_to_none=True)
@@ -240,18 +263,22 @@ def measure(row, device, repeats, warmup, profile=False):
     baseline, ours, make_input, rows_of_data = build(row, device, generator)
     runs = {"ours": step_function(row, ours, make_input, device),
             "torch": step_function(row, baseline, make_input, device)}
-    # Decode steps are too short to time one by one: 1000 carried steps per timing.
-    inner = 1000 if row.mode == "decode" else 1
+    # Decode steps are too short to time one by one: 1000 carried steps per timing. On CUDA the
+    # warm-ups size the repeat count so that a timing lasts MIN_CUDA_TIMING_S.
+    inner = {name: 1000 if row.mode == "decode" else 1 for name in runs}
     times = {name: [] for name in runs}
     for iteration in range(warmup + repeats):
         for name, run in runs.items():  # interleaved, so both see the same machine state
             synchronize(device)
             start = time.perf_counter()
-            for _ in range(inner):
+            for _ in range(inner[name]):
                 run()
             synchronize(device)
+            seconds = (time.perf_counter() - start) / inner[name]
             if iteration >= warmup:
-                times[name].append((time.perf_counter() - start) / inner)
+                times[name].append(seconds)
+            elif device.type == "cuda":
+                inner[name] = max(inner[name], math.ceil(MIN_CUDA_TIMING_S / seconds))
     ours_s, torch_s = statistics.median(times["ours"]), statistics.median(times["torch"])
     result = {
         "ours_ms": ours_s * 1e3,
@@ -283,18 +310,20 @@ def machine_details(device):
                             if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"device": name, "gpu": device.type == "cuda", "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "tf32": torch.backends.cuda.matmul.allow_tf32,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def summarize(rows):
+def summarize(rows, device_type):
     """Median ratio per group, next to the group's target where it has one."""
     groups = {}
     for row in rows:
-        groups.setdefault(group_of(row), []).append(row.results["ratio"])
+        for group in groups_of(row, device_type):
+            groups.setdefault(group, []).append(row.results["ratio"])
     return [{"group": group, "rows": len(ratios), "median_ratio": statistics.median(ratios),
              "target": TARGETS.get(group)} for group, ratios in groups.items()]
 
@@ -312,7 +341,10 @@ def table(rows, summary, machine, command):
         f"# lstm_ext vs torch.nn.LSTM — {machine['device']}",
         "",
         f"`{command}` on {machine['date']}: torch {machine['torch']}, {machine['threads']} "
-        f"threads, Python {machine['python']}. ratio = torch time / ours (above 1: we are "
+        f"threads, Python {machine['python']}"
+        + (f", CUDA {machine['cuda']}, cuDNN {machine['cudnn']}, TF32 "
+           f"{'on' if machine['tf32'] else 'off'}" if machine.get("gpu") else "")
+        + f". ratio = torch time / ours (above 1: we are "
         f"faster); GFLOP/s and % of roof are ours, against a large torch.mm in the row's dtype "
         f"measured in the same run.",
         "",
@@ -409,7 +441,7 @@ def main():
         print(f"| {row.name} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} | "
               f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % |{split_text(r)}",
               flush=True)
-    summary = summarize(rows)
+    summary = summarize(rows, device.type)
     print()
     for entry in summary:
         target = f" (target {entry['target']:.1f})" if entry["target"] else ""
@@ -420,7 +452,8 @@ def main():
             json.dump({"machine": machine, "command": command,
                        "roofs_gflops": {str(k): v for k, v in roofs.items()},
                        "summary": summary,
-                       "rows": [dict(asdict(r), name=r.name, group=group_of(r)) for r in rows]},
+                       "rows": [dict(asdict(r), name=r.name, groups=groups_of(r, device.type))
+                                for r in rows]},
                       file, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as file:

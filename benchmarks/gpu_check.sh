@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check, in one call of the device machine (one H200, no network): build for sm_90 with
 # every core, run the CUDA tests, then the CUDA benchmark against cuDNN (fp32 with TF32 off and
-# on, bf16 and fp16). Everything it produces lands under $OUT (logs, JSON, markdown), which the
-# session then copies to benchmarks/results/ with the GPU named.
+# on, bf16 and fp16; forward and forward+backward of the DeepBench shapes). Everything lands
+# under $OUT, which the session copies to benchmarks/results/ with the GPU named.
 #
 #   run: bash benchmarks/gpu_check.sh        (OUT defaults to benchmarks/out here)
+#
+# A session has 15 minutes of device time, machine start and a rerun included, so the stages
+# share a deadline (GPU_CHECK_BUDGET_S, default 360 s; give the call ~450 s) and each gets a
+# time limit from what is left; whatever ran is summarised at the end, in the last lines the
+# call returns. A rerun on the still-warm machine rebuilds incrementally. $OUT keeps at most 8
+# files (the device tool's limit): this script writes 7. Estimates for an H200, never measured
+# yet: build ~1.5 min, tests ~1.5 min (20 s for the same tests on a 2-core CPU), benchmarks
+# ~1 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
@@ -12,28 +20,54 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" LSTM_EXT_CUDA=1
 export MAX_JOBS="$(nproc)"
 PYTHON="${PYTHON:-python3}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-360}"
 
-{ nvidia-smi; "$PYTHON" -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; } \
-  > "$OUT/machine.txt" 2>&1
+# Seconds for a stage: its cap, or what is left of the budget after keeping `reserve` seconds
+# for the stages after it, whichever is smaller (at least 10).
+limit() {
+  local cap=$1 reserve=$2
+  local left=$((BUDGET_S - SECONDS - reserve))
+  ((left < cap)) && cap=$left
+  ((cap < 10)) && cap=10
+  echo "$cap"
+}
 
-# In place, against the machine's own torch (no network, so no build isolation).
-if ! "$PYTHON" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+{
+  nvidia-smi
+  "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch",
+    torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version(),
+    torch.cuda.get_device_name())'
+  nvcc --version | tail -n 2
+  # In place, against the machine's own torch (no network, so no build isolation).
+  echo "build: $(date -u +%T)"
+  timeout "$(limit 180 170)" "$PYTHON" setup.py build_ext --inplace
+} > "$OUT/build.log" 2>&1
+build_status=$?
+echo "build: exit $build_status after ${SECONDS} s"
+if [ $build_status -ne 0 ]; then
   tail -n 40 "$OUT/build.log"
   exit 1
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-"$PYTHON" -m pytest python_tests/test_cuda.py -v -rs > "$OUT/pytest_cuda.log" 2>&1
+timeout "$(limit 180 90)" "$PYTHON" -m pytest python_tests/test_cuda.py -v -rs \
+  --durations=15 -p no:cacheprovider > "$OUT/pytest_cuda.log" 2>&1
 cuda_status=$?
-tail -n 5 "$OUT/pytest_cuda.log"
+echo "tests: exit $cuda_status after ${SECONDS} s"
 
 bench() {
-  local name=$1
-  shift
-  timeout 240 "$PYTHON" benchmarks/bench_lstm.py --device cuda --repeats 5 "$@" \
-    --json "$OUT/$name.json" --markdown "$OUT/$name.md" > "$OUT/$name.log" 2>&1
-  tail -n 6 "$OUT/$name.log"
+  local name=$1 cap=$2 reserve=$3
+  shift 3
+  echo "== $name" >> "$OUT/bench.log"
+  timeout "$(limit "$cap" "$reserve")" "$PYTHON" benchmarks/bench_lstm.py --device cuda \
+    --repeats 7 "$@" --json "$OUT/$name.json" --markdown "$OUT/$name.md" >> "$OUT/bench.log" 2>&1
+  echo "$name: exit $? after ${SECONDS} s"
 }
-bench cuda_tf32_off --suite gpu-fp32 --suite gpu-half
-bench cuda_tf32_on --suite gpu-fp32 --tf32
+bench cuda_tf32_off 90 40 --suite gpu-fp32 --suite gpu-half
+bench cuda_tf32_on 60 0 --suite gpu-fp32 --tf32
+
+echo
+grep -E '^(FAILED|ERROR)' "$OUT/pytest_cuda.log" | head -n 20
+tail -n 1 "$OUT/pytest_cuda.log"
+grep -E '^(==|gpu )' "$OUT/bench.log"
 exit $cuda_status
