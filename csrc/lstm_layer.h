@@ -22,6 +22,7 @@
 // lstm_ext::step_elementwise (free when no profiler runs).
 #pragma once
 
+#include "gemm_plan.h"
 #include "lstm_common.h"
 
 #include <ATen/ATen.h>
@@ -71,6 +72,10 @@ class StepProduct {
   virtual ~StepProduct() = default;
   virtual void run(const at::Tensor& in, at::Tensor& out, bool accumulate) = 0;
 };
+
+inline MatrixLayout layout_of(const at::Tensor& matrix) {
+  return {matrix.size(0), matrix.size(1), matrix.stride(0), matrix.stride(1)};
+}
 
 // Plain ATen GEMMs on the weight as given (any strides).
 class AtenStepProduct final : public StepProduct {

@@ -7,7 +7,8 @@ from torch import nn
 import lstm_ext
 from conftest import Case, compare, poisoned_allocations, rel_error, requires_cuda
 from test_module_parity import GRID, KINDS, make_pair
-from test_ops import OPS, VARIANTS, check_every_output_element_written, layer_args
+from test_ops import (OPS, VARIANTS, WEIGHT_LAYOUTS, check_every_output_element_written,
+                      check_weights_of_any_layout, layer_args)
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 # Every test here runs on this device. The tests' own logic was checked by running them with
@@ -124,6 +125,14 @@ def test_fp32_honours_allow_tf32(monkeypatch):
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_every_op_output_element_is_written(variant, dtype):
     check_every_output_element_written(variant, DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
+def test_layer_op_takes_weights_of_any_layout_on_gpu(layout, dtype, tolerance, monkeypatch):
+    """Sliced and transposed weights: at::mm takes them, copied once if cuBLAS cannot."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    check_weights_of_any_layout(layout, DEVICE, dtype, tolerance)
 
 
 @pytest.mark.parametrize("packed", [False, True])

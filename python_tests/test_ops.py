@@ -98,6 +98,58 @@ def test_every_output_element_is_written(variant, dtype):
     check_every_output_element_written(variant, "cpu", dtype)
 
 
+def relaid(matrix, layout):
+    """The same values as `matrix` in another memory layout."""
+    rows, cols = matrix.shape
+    def blank(*shape):
+        return torch.full(shape, float("nan"), dtype=matrix.dtype, device=matrix.device)
+
+    views = {
+        "contiguous": lambda: blank(rows, cols),
+        "padded rows": lambda: blank(rows, cols + 3)[:, :cols],
+        "column-major": lambda: blank(cols, rows).t(),
+        "padded column-major": lambda: blank(cols, rows + 3)[:, :rows].t(),
+        "every other column": lambda: blank(rows, 2 * cols)[:, ::2],
+    }
+    return views[layout]().copy_(matrix)
+
+
+WEIGHT_LAYOUTS = ["padded rows", "column-major", "padded column-major", "every other column"]
+
+
+def check_weights_of_any_layout(layout, device, dtype, tolerance):
+    """Forward and backward of the layer op with w_ih, w_hh and w_hr in `layout` match the
+    contiguous weights. B >= 4 and T > 1 reach the CPU's packed per-step GEMM."""
+    for proj in (0, 3):
+        args = layer_args(steps=5, batch=6, hidden=8, proj=proj, device=device, dtype=dtype,
+                          requires_grad=False)
+        relaid_args = list(args)
+        for index in (3, 4, 7):
+            if args[index] is not None:
+                relaid_args[index] = relaid(args[index], layout)
+        expected = OPS.lstm_layer_forward(*args)
+        actual = OPS.lstm_layer_forward(*relaid_args)
+        for name, a, b in zip(["output", "h_n", "c_n", "gates"], actual, expected):
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
+        output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = expected
+        grads = [torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n)]
+
+        def backward(call):
+            x, _, _, w_ih, w_hh, _, _, w_hr, batch_sizes, reverse, _ = call
+            return OPS.lstm_layer_backward(*grads, x, w_ih, w_hh, w_hr, batch_sizes, gates,
+                                           cell_prev, hidden_prev, hidden_raw, reverse, True,
+                                           True, True)
+
+        for a, b in zip(backward(relaid_args), backward(args)):
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
+def test_layer_op_takes_weights_of_any_layout(layout, dtype, tolerance):
+    check_weights_of_any_layout(layout, "cpu", dtype, tolerance)
+
+
 def cell_args(bias=True, training=True, requires_grad=True):
     def rand(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)

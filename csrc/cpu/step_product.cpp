@@ -23,35 +23,35 @@ void sgemm_compute(const char* transa, const char* transb, const int* m, const i
 namespace lstm_ext {
 namespace {
 
-// Row-major out (rows, N) = in (rows, K) @ W (K, N) is, column-major, out^T = W^T in^T: MKL's
-// "A" is W^T (N x K), packed once; "B" is in^T (K x rows, ld K); "C" is out^T (N x rows, ld N).
+// MKL's packed GEMM with the weight packed once per call; the column-major call comes from
+// gemm_plan.h, as cuBLAS's does.
 class PackedStepProduct final : public StepProduct {
  public:
   PackedStepProduct(const at::Tensor& weight, int64_t batch)
       : k_(static_cast<int>(weight.size(0))), n_(static_cast<int>(weight.size(1))) {
-    // W (K, N) with strides (N, 1) is W^T column-major with ld N ('N'); with strides (1, K) it
-    // is W column-major with ld K, so W^T needs 'T'.
-    const bool row_major = weight.stride(1) == 1 && weight.stride(0) == n_;
-    const at::Tensor source = row_major || weight.stride(0) == 1 ? weight : weight.contiguous();
-    const bool transposed = !row_major && source.stride(0) == 1;
-    const int ld = transposed ? k_ : n_;
+    const at::Tensor source = blas_ready(layout_of(weight)) ? weight : weight.contiguous();
+    const WeightOperand a = weight_operand(layout_of(source));
+    const int ld = static_cast<int>(a.ld);
     const int rows = static_cast<int>(std::max<int64_t>(1, batch));
     const size_t bytes = sgemm_pack_get_size("A", &n_, &rows, &k_);
     packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
                         weight.options());
     const float one = 1.0f;
-    sgemm_pack("A", transposed ? "T" : "N", &n_, &rows, &k_, &one,
+    sgemm_pack("A", a.transpose ? "T" : "N", &n_, &rows, &k_, &one,
                source.const_data_ptr<float>(), &ld, packed_.data_ptr<float>());
   }
 
   void run(const at::Tensor& in, at::Tensor& out, bool accumulate) override {
     const int rows = static_cast<int>(in.size(0));
     if (rows == 0) return;
-    TORCH_INTERNAL_ASSERT(in.stride(0) == k_ && in.stride(1) == 1 && out.stride(0) == n_ &&
-                          out.stride(1) == 1);
+    const MatrixLayout in_layout = layout_of(in), out_layout = layout_of(out);
+    TORCH_INTERNAL_ASSERT(row_major(in_layout) && row_major(out_layout) && in.size(1) == k_ &&
+                          out.size(1) == n_ && out.size(0) == rows);
+    const int ldb = static_cast<int>(in_layout.row_stride);
+    const int ldc = static_cast<int>(out_layout.row_stride);
     const float beta = accumulate ? 1.0f : 0.0f;
     sgemm_compute("P", "N", &n_, &rows, &k_, packed_.const_data_ptr<float>(), &n_,
-                  in.const_data_ptr<float>(), &k_, &beta, out.data_ptr<float>(), &n_);
+                  in.const_data_ptr<float>(), &ldb, &beta, out.data_ptr<float>(), &ldc);
   }
 
  private:
@@ -60,13 +60,15 @@ class PackedStepProduct final : public StepProduct {
 };
 
 // Checks the packed path against plain arithmetic on a small odd-sized product, in both weight
-// layouts, once per process.
+// layouts with and without padded leading dimensions, once per process.
 bool packed_gemm_works() {
   if (!sgemm_pack_get_size || !sgemm_pack || !sgemm_compute) return false;
   const at::Tensor w = at::randn({7, 5}, at::kFloat);
   const at::Tensor in = at::randn({3, 7}, at::kFloat);
   const at::Tensor expected = at::mm(in.to(at::kDouble), w.to(at::kDouble));
-  for (const at::Tensor& weight : {w, w.t().contiguous().t()}) {
+  const at::Tensor padded_rows = at::zeros({7, 9}, at::kFloat).narrow(1, 0, 5).copy_(w);
+  const at::Tensor padded_columns = at::zeros({5, 10}, at::kFloat).narrow(1, 0, 7).t().copy_(w);
+  for (const at::Tensor& weight : {w, w.t().contiguous().t(), padded_rows, padded_columns}) {
     at::Tensor out = at::zeros({3, 5}, at::kFloat);
     PackedStepProduct(weight, 3).run(in, out, false);
     PackedStepProduct(weight, 3).run(in, out, true);  // accumulates: 2x

@@ -1,6 +1,7 @@
 // CUDA implementation of the layer ops: the shared step loop (lstm_layer.h), whose GEMMs run
 // through ATen on cuBLAS and the caller's current stream, with the fused elementwise passes
-// below. The gate math is lstm_common.h's, the same the CPU uses.
+// below.
+// The gate math is lstm_common.h's, the same the CPU uses.
 #include "../lstm_layer.h"
 #include "launch_plan.h"
 #include "step_elements.h"
@@ -55,10 +56,12 @@ cuda::ElementwiseLaunch elementwise_launch(int64_t elements) {
 }
 
 struct CudaKernels {
-  // cuBLAS takes a row-major or column-major weight as it is. Any other strides (a sliced
-  // weight, say) would make at::mm copy it at every step, so that copy is made once here.
+  // at::mm on cuBLAS, which takes a row- or column-major weight as it is. Any other strides (a
+  // sliced weight, say) would make at::mm copy the weight at every step, so that copy is made
+  // once here. (ATen's own cuBLAS wrapper, at::cuda::blas::gemm, would skip at::mm's per-call
+  // overhead, but torch's wheels do not export it.)
   static std::unique_ptr<StepProduct> step_product(const at::Tensor& weight, int64_t, int64_t) {
-    const bool as_is = weight.is_contiguous() || weight.t().is_contiguous();
+    const bool as_is = blas_ready(layout_of(weight));
     return std::make_unique<AtenStepProduct>(as_is ? weight : weight.contiguous());
   }
 
