@@ -1,5 +1,7 @@
 """CUDA: the parity checks of the CPU suite, on the GPU (skipped without one)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -170,6 +172,25 @@ def test_cuda_graph_capture_and_replay():
     with torch.no_grad():
         expected, _ = module(fresh)
     torch.testing.assert_close(static_output, expected)
+
+
+def test_cuda_graph_capture_of_a_training_step():
+    """Forward and backward captured with make_graphed_callables and replayed on a fresh input
+    give eager's outputs and gradients."""
+    torch.manual_seed(3)
+    module = lstm_ext.LSTM(16, 32, 2).to(DEVICE)
+    eager = copy.deepcopy(module)
+    sample = torch.randn(10, 4, 16, device=DEVICE, requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(module, (sample,))
+    x = torch.randn(10, 4, 16, device=DEVICE)
+    results = []
+    for run, parameters in ((graphed, module.parameters), (eager, eager.parameters)):
+        leaf = x.clone().requires_grad_()
+        output, (h, c) = run(leaf)
+        (output.square().sum() + h.sum() + c.sum()).backward()
+        results.append([output, h, c, leaf.grad, *(p.grad for p in parameters())])
+    for graphed_result, eager_result in zip(*results):
+        torch.testing.assert_close(graphed_result, eager_result)
 
 
 def test_compile_on_gpu():
