@@ -36,7 +36,7 @@ limit() {
   nvidia-smi
   "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch",
     torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version(),
-    torch.cuda.get_device_name())'
+    torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible")'
   nvcc --version | tail -n 2
   # In place, against the machine's own torch (no network, so no build isolation).
   echo "build: $(date -u +%T)"
