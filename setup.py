@@ -1,5 +1,6 @@
 """Builds lstm_ext's op library: always the CPU kernels, and csrc/cuda when a CUDA toolkit and a
-CUDA build of torch are both present (LSTM_EXT_CUDA=0 turns that off, =1 makes it required)."""
+CUDA build of torch are both present (LSTM_EXT_CUDA=0 turns that off, =1 makes it required).
+LSTM_EXT_SANITIZE=address builds the CPU kernels under AddressSanitizer, for tests only."""
 
 import glob
 import os
@@ -73,12 +74,22 @@ def write_build_info(with_cuda):
     )
 
 
-with_cuda = want_cuda()
+# LSTM_EXT_SANITIZE=address: a CPU-only build under AddressSanitizer, so that every buffer the
+# shared step loop sizes (and the CUDA kernels index the same way) is checked on the CPU
+# (.ci/run runs the op and module tests against it).
+sanitize = os.environ.get("LSTM_EXT_SANITIZE", "")
+if sanitize not in ("", "address"):
+    sys.exit(f"LSTM_EXT_SANITIZE={sanitize!r}: only 'address' is supported")
+with_cuda = want_cuda() and not sanitize
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 # C++20 is named explicitly: torch releases before 2.13 default extensions to C++17, and the CPU
 # kernels use std::bit_cast. -fno-trapping-math lets the CPU elementwise loops vectorize (see
 # csrc/cpu/lstm_cpu.cpp).
 cxx_flags = ["-O3", "-std=c++20", "-fno-trapping-math"]
+extra_link_args = []
+if sanitize:
+    cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", *cxx_flags[1:]]
+    extra_link_args = ["-fsanitize=address"]
 extra_compile_args = {"cxx": cxx_flags}
 include_dirs = [str(ROOT / "csrc")]
 if with_cuda:
@@ -99,6 +110,7 @@ setup(
             sources,
             include_dirs=include_dirs,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
             py_limited_api=True,
         )
     ],
