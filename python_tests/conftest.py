@@ -2,6 +2,8 @@
 
 import contextlib
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,15 @@ from torch.nn.utils.rnn import PackedSequence, pack_sequence
 import lstm_ext  # noqa: F401  (loads the ops)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+def load_benchmark_script(name):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextlib.contextmanager

@@ -1,21 +1,15 @@
 """benchmarks/bench_lstm.py: the rows it times, the groups and targets of its summary, and its
 report (the CUDA side is checked on the CPU with a GPU machine description)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_lstm.py"
+from conftest import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lstm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("bench_lstm")
 
 
 def test_gpu_suites_time_forward_and_forward_backward_of_every_deepbench_shape(bench):

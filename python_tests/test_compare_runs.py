@@ -1,20 +1,15 @@
 """benchmarks/compare_runs.py: the table of two LM runs (speed ratio, time to a target loss)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_runs.py"
+from conftest import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def compare_runs():
-    spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("compare_runs")
 
 
 def write_run(folder, records):
