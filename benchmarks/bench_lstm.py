@@ -322,6 +322,8 @@ def summarize(rows, device_type):
     """Median ratio per group, next to the group's target where it has one."""
     groups = {}
     for row in rows:
+        if "error" in row.results:
+            continue
         for group in groups_of(row, device_type):
             groups.setdefault(group, []).append(row.results["ratio"])
     return [{"group": group, "rows": len(ratios), "median_ratio": statistics.median(ratios),
@@ -344,9 +346,8 @@ def table(rows, summary, machine, command):
         f"threads, Python {machine['python']}"
         + (f", CUDA {machine['cuda']}, cuDNN {machine['cudnn']}, TF32 "
            f"{'on' if machine['tf32'] else 'off'}" if machine.get("gpu") else "")
-        + f". ratio = torch time / ours (above 1: we are "
-        f"faster); GFLOP/s and % of roof are ours, against a large torch.mm in the row's dtype "
-        f"measured in the same run.",
+        + ". ratio = torch time / ours (above 1: we are faster); GFLOP/s and % of roof are "
+        "ours, against a large torch.mm in the row's dtype measured in the same run.",
         "",
         "| group | rows | median ratio | target | met |",
         "|---|---:|---:|---:|:---:|",
@@ -363,14 +364,38 @@ def table(rows, summary, machine, command):
         lines[-1] = lines[-1][:-len("---|")] + "---|---|"
     for row in rows:
         r = row.results
-        note = ""
+        note = r.get("error", "")
         if "bound_ms" in r:
             note = (f"weights {r['weight_bytes'] / 1e6:.1f} MB read at {r['read_gbps']:.0f} GB/s: "
                     f"floor {r['bound_ms']:.3f} ms, ours at {100 * r['bound_fraction']:.0f} % of it")
-        lines.append(f"| {row.name} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} | "
-                     f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % |"
-                     f"{split_text(r) or ''} {note} |")
+        lines.append(f"{row_line(row)}{split_text(r) or ''} {note} |")
     return "\n".join(lines) + "\n"
+
+
+def row_line(row):
+    """The timing columns of a row's table line (blank where the row failed)."""
+    r = row.results
+    if "error" in r:
+        return f"| {row.name} | | | | | |"
+    return (f"| {row.name} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} | "
+            f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % |")
+
+
+def run_rows(rows, measure_row, roof_of):
+    """Measures every row, printing each line as it lands. A row that fails (an unsupported
+    dtype in the baseline, out of memory, a kernel error) records its error and the run goes
+    on, so that one bad row does not cost the rows after it (a GPU run may be one call)."""
+    for row in rows:
+        try:
+            row.results = measure_row(row)
+            roof = roof_of(row)
+            row.results["roof_gflops"] = roof
+            row.results["roof_fraction"] = row.results["ours_gflops"] / roof
+        except RuntimeError as error:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            row.results = {"error": f"{type(error).__name__}: {first_line[:200]}"}
+        print(f"{row_line(row)}{split_text(row.results)} {row.results.get('error', '')}".rstrip(),
+              flush=True)
 
 
 def chart(rows, path, machine):
@@ -379,6 +404,7 @@ def chart(rows, path, machine):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [row for row in rows if "error" not in row.results]
     names = [row.name for row in rows]
     ratios = [row.results["ratio"] for row in rows]
     figure, axes = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.5))
@@ -429,18 +455,15 @@ def main():
     print("| row | ours ms | torch ms | ratio | GFLOP/s | % of GEMM roof |")
     print("|---|---:|---:|---:|---:|---:|")
     roofs = {}
-    for row in rows:
+
+    def roof_of(row):
         dtype = getattr(torch, row.dtype)
         if dtype not in roofs:
             roofs[dtype] = gemm_roof(dtype, device)
-        row.results = measure(row, device, repeats, warmup=1 if args.quick else 2,
-                              profile=args.profile)
-        row.results["roof_gflops"] = roofs[dtype]
-        row.results["roof_fraction"] = row.results["ours_gflops"] / roofs[dtype]
-        r = row.results
-        print(f"| {row.name} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} | "
-              f"{r['ours_gflops']:.1f} | {100 * r['roof_fraction']:.0f} % |{split_text(r)}",
-              flush=True)
+        return roofs[dtype]
+
+    run_rows(rows, lambda row: measure(row, device, repeats, warmup=1 if args.quick else 2,
+                                       profile=args.profile), roof_of)
     summary = summarize(rows, device.type)
     print()
     for entry in summary:

@@ -55,3 +55,26 @@ def test_gpu_report_names_the_software_and_tf32(bench):
     text = bench.table([row], bench.summarize([row], "cuda"), machine, "cmd")
     assert "NVIDIA H200" in text and "cuDNN 91900" in text and "TF32 on" in text
     assert "| gpu fwd+bwd float32 B<=16 | 1 | 2.00 | 1.0 | yes |" in text
+
+
+def test_a_failing_row_is_recorded_and_the_run_goes_on(bench, capsys):
+    rows = [bench.Row("training", 8, 2, 3), bench.Row("training", 8, 2, 3, dtype="bfloat16"),
+            bench.Row("forward", 8, 2, 3)]
+
+    def measure_row(row):
+        if row.dtype == "bfloat16":
+            raise RuntimeError("\"_thnn_fused_lstm_cell_cuda\" not implemented for 'BFloat16'\n"
+                               "more detail")
+        return {"ours_ms": 1.0, "torch_ms": 1.5, "ratio": 1.5, "ours_gflops": 2.0}
+
+    bench.run_rows(rows, measure_row, roof_of=lambda row: 4.0)
+    assert rows[1].results == {
+        "error": "RuntimeError: \"_thnn_fused_lstm_cell_cuda\" not implemented for 'BFloat16'"}
+    assert rows[2].results["roof_fraction"] == 0.5
+    printed = capsys.readouterr().out
+    assert "not implemented for 'BFloat16'" in printed and "forward H8 B2 T3" in printed
+    summary = {entry["group"]: entry for entry in bench.summarize(rows, "cuda")}
+    assert summary["gpu fwd+bwd float32"]["rows"] == 1 and "gpu fwd+bwd bfloat16" not in summary
+    machine = {"device": "cpu", "torch": "x", "threads": 1, "python": "3", "date": "d"}
+    assert "| training H8 B2 T3 bfloat16 | | | | | | RuntimeError" in bench.table(
+        rows, bench.summarize(rows, "cuda"), machine, "cmd")
