@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import importlib.util
+import random
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ from torch.nn.utils.rnn import PackedSequence, pack_sequence
 import lstm_ext  # noqa: F401  (loads the ops)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    """A tiny word corpus for the language-model driver (400 lines of 3 to 9 words)."""
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(400)]
+    path = tmp_path / "tiny.txt"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def load_benchmark_script(name):

@@ -1,5 +1,6 @@
 """CUDA: the parity checks of the CPU suite, on the GPU (skipped without one)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 from torch import nn
 
 import lstm_ext
+from lstm_ext.lm import train as lm_train
 from conftest import Case, compare, poisoned_allocations, rel_error, requires_cuda
 from test_module_parity import GRID, KINDS, make_pair
+from test_lm_train import metrics, tiny_config
 from test_ops import (OPS, VARIANTS, WEIGHT_LAYOUTS, check_every_output_element_written,
                       check_weights_of_any_layout, layer_args)
 
@@ -55,16 +58,16 @@ def test_fp64_on_gpu_matches_cpu_reference(layers, bidirectional, proj_size, bia
     torch.manual_seed(0)
     reference = nn.LSTM(5, 7, layers, bias=bias, bidirectional=bidirectional,
                         proj_size=proj_size, dtype=torch.float64)
-    ours = lstm_ext.LSTM.from_torch(reference).cuda()
+    ours = lstm_ext.LSTM.from_torch(reference).to(DEVICE)
     case = Case(reference, kind)
     expected = case.run(reference)
-    actual = case.to("cuda").run(ours)
+    actual = case.to(DEVICE).run(ours)
     compare({k: v.cpu() for k, v in actual.items()}, expected, 1e-10)
 
 
 def test_gradcheck_on_gpu():
-    module = lstm_ext.LSTM(3, 4, 2, bidirectional=True).double().cuda()
-    x = torch.randn(4, 2, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    module = lstm_ext.LSTM(3, 4, 2, bidirectional=True).double().to(DEVICE)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: module(x)[0], (x,))
 
 
@@ -86,19 +89,19 @@ def test_half_types_on_gpu_against_fp64(dtype):
     rounded values."""
     torch.manual_seed(1)
     reference = nn.LSTM(16, 32, 2, bidirectional=True, dtype=torch.float64)
-    low = lstm_ext.LSTM.from_torch(reference).to(device="cuda", dtype=dtype)
+    low = lstm_ext.LSTM.from_torch(reference).to(device=DEVICE, dtype=dtype)
     reference.load_state_dict({k: v.double().cpu() for k, v in low.state_dict().items()})
     case = Case(reference, "padded", steps=20, batch=6)
     case.leaves = [t.to(dtype).double() for t in case.leaves]
     case.state = [t.to(dtype).double() for t in case.state]
-    result = case.to("cuda").run(low, dtype=dtype)
+    result = case.to(DEVICE).run(low, dtype=dtype)
     compare({k: v.cpu() for k, v in result.items()}, case.run(reference), 2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_cuda_runs_in_the_requested_dtype(dtype):
-    module = lstm_ext.LSTM(16, 32).cuda()
-    x = torch.randn(5, 3, 16, device="cuda", requires_grad=True)
+    module = lstm_ext.LSTM(16, 32).to(DEVICE)
+    x = torch.randn(5, 3, 16, device=DEVICE, requires_grad=True)
     with torch.autocast("cuda", dtype=dtype):
         output, (h, c) = module(x)
     assert output.dtype == h.dtype == c.dtype == dtype
@@ -106,7 +109,19 @@ def test_autocast_cuda_runs_in_the_requested_dtype(dtype):
     assert x.grad.dtype == torch.float32 and module.weight_ih_l0.grad.dtype == torch.float32
 
 
-def test_fp32_honours_allow_tf32(monkeypatch):
+@contextlib.contextmanager
+def matmul_tf32(enabled):
+    """torch.backends.cuda.matmul.allow_tf32 set for a block. (pytest's monkeypatch cannot undo
+    this setting: it lives behind the module's __getattr__/__setattr__.)"""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_fp32_honours_allow_tf32():
     """TF32 off: fp32 accuracy. On: the matmuls really run in TF32 (10-bit mantissa), which
     shows as a much larger error, as nn.LSTM's own matmuls would."""
     torch.manual_seed(2)
@@ -116,8 +131,8 @@ def test_fp32_honours_allow_tf32(monkeypatch):
     expected = reference(x)[0]
     errors = {}
     for tf32 in (False, True):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-        errors[tf32] = rel_error(ours(x.float().cuda())[0].cpu(), expected)
+        with matmul_tf32(tf32):
+            errors[tf32] = rel_error(ours(x.float().cuda())[0].cpu(), expected)
     assert errors[False] <= 1e-5
     assert errors[True] <= 5e-3
     assert errors[True] > 4 * errors[False], f"TF32 setting ignored: errors {errors}"
@@ -131,10 +146,10 @@ def test_every_op_output_element_is_written(variant, dtype):
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
-def test_layer_op_takes_weights_of_any_layout_on_gpu(layout, dtype, tolerance, monkeypatch):
+def test_layer_op_takes_weights_of_any_layout_on_gpu(layout, dtype, tolerance):
     """Sliced and transposed weights: at::mm takes them, copied once if cuBLAS cannot."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    check_weights_of_any_layout(layout, DEVICE, dtype, tolerance)
+    with matmul_tf32(False):
+        check_weights_of_any_layout(layout, DEVICE, dtype, tolerance)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -194,16 +209,16 @@ def test_cuda_graph_capture_of_a_training_step():
 
 
 def test_compile_on_gpu():
-    module = lstm_ext.LSTM(16, 32, 2, dropout=0.2).cuda().eval()
+    module = lstm_ext.LSTM(16, 32, 2, dropout=0.2).to(DEVICE).eval()
     compiled = torch.compile(module, fullgraph=True)
-    x = torch.randn(10, 4, 16, device="cuda")
+    x = torch.randn(10, 4, 16, device=DEVICE)
     torch.testing.assert_close(compiled(x)[0], module(x)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_eval_mode_backward_and_double_backward_on_gpu():
     """cuDNN refuses both; ours gives them."""
-    module = lstm_ext.LSTM(3, 4, 2).double().cuda().eval()
-    x = torch.randn(4, 2, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    module = lstm_ext.LSTM(3, 4, 2).double().to(DEVICE).eval()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x: module(x)[0], (x,))
 
 
@@ -213,3 +228,22 @@ def test_second_gpu():
     reference = module.to_torch().cpu()
     x = torch.randn(5, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(module(x.to("cuda:1"))[0].cpu(), reference(x)[0])
+
+
+def test_language_model_driver_on_gpu(corpus_file, tmp_path):
+    """The lstm-ext driver trains on the GPU: in fp64 without dropout, ext and torch (cuDNN)
+    give the same losses step for step; under bf16 autocast ext trains to finite losses."""
+    runs = {}
+    for impl in ("ext", "torch"):
+        lm_train.train(tiny_config(corpus_file, tmp_path / impl, impl=impl, dropout=0.0,
+                                   precision="fp64", max_steps=12, eval_every=1, device=DEVICE))
+        runs[impl] = metrics(tmp_path / impl)
+    assert len(runs["ext"]) == 12
+    for ours, theirs in zip(runs["ext"], runs["torch"]):
+        for key in ("train_loss", "valid_loss"):
+            assert abs(ours[key] - theirs[key]) <= 1e-10 * abs(theirs[key]), (ours, theirs)
+    lm_train.train(tiny_config(corpus_file, tmp_path / "bf16", precision="bf16", max_steps=20,
+                               eval_every=10, device=DEVICE))
+    records = metrics(tmp_path / "bf16")
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["valid_loss"]))
+                                     for r in records)

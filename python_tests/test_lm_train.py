@@ -3,23 +3,12 @@ torch agree step for step, kill-and-resume equals uninterrupted, checkpoints are
 generate work from a checkpoint, bad arguments give clear errors."""
 
 import json
-import random
 
 import pytest
 import torch
 
 from lstm_ext.lm import cli, train as lm_train
 from lstm_ext.lm.train import TrainConfig
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(400)]
-    path = tmp_path / "tiny.txt"
-    path.write_text("\n".join(lines))
-    return path
 
 
 def tiny_config(corpus_file, out, **changes):
