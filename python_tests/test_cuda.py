@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -15,10 +16,11 @@ from test_lm_train import metrics, tiny_config
 from test_ops import (OPS, VARIANTS, WEIGHT_LAYOUTS, check_every_output_element_written,
                       check_weights_of_any_layout, layer_args)
 
-pytestmark = [pytest.mark.cuda, requires_cuda]
-# Every test here runs on this device. The tests' own logic was checked by running them with
-# "cpu" here (the GPU-only features aside) on a machine without a GPU.
-DEVICE = "cuda"
+# Every test here runs on this device. LSTM_EXT_TEST_DEVICE=cpu runs them on the CPU instead
+# (all but the CUDA-only features: streams, graphs, TF32, CUDA autocast), which .ci/run does so
+# that their own logic is checked on every run, GPU or not.
+DEVICE = os.environ.get("LSTM_EXT_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.cuda] + ([requires_cuda] if DEVICE == "cuda" else [])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -71,6 +73,7 @@ def test_gradcheck_on_gpu():
     assert torch.autograd.gradcheck(lambda x: module(x)[0], (x,))
 
 
+@requires_cuda
 def test_non_default_stream():
     module = lstm_ext.LSTM(16, 32, 2).cuda()
     x = torch.randn(10, 4, 16, device="cuda")
@@ -98,6 +101,7 @@ def test_half_types_on_gpu_against_fp64(dtype):
     compare({k: v.cpu() for k, v in result.items()}, case.run(reference), 2e-2)
 
 
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_cuda_runs_in_the_requested_dtype(dtype):
     module = lstm_ext.LSTM(16, 32).to(DEVICE)
@@ -121,6 +125,7 @@ def matmul_tf32(enabled):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@requires_cuda
 def test_fp32_honours_allow_tf32():
     """TF32 off: fp32 accuracy. On: the matmuls really run in TF32 (10-bit mantissa), which
     shows as a much larger error, as nn.LSTM's own matmuls would."""
@@ -169,6 +174,7 @@ def test_every_module_output_element_is_written(packed):
         assert not tensor.isnan().any()
 
 
+@requires_cuda
 def test_cuda_graph_capture_and_replay():
     module = lstm_ext.LSTM(16, 32, 2).cuda().eval()
     static_x = torch.randn(10, 4, 16, device="cuda")
@@ -189,6 +195,7 @@ def test_cuda_graph_capture_and_replay():
     torch.testing.assert_close(static_output, expected)
 
 
+@requires_cuda
 def test_cuda_graph_capture_of_a_training_step():
     """Forward and backward captured with make_graphed_callables and replayed on a fresh input
     give eager's outputs and gradients."""
