@@ -23,8 +23,8 @@ void sgemm_compute(const char* transa, const char* transb, const int* m, const i
 namespace lstm_ext {
 namespace {
 
-// MKL's packed GEMM with the weight packed once per call; the column-major call comes from
-// gemm_plan.h, as cuBLAS's does.
+// MKL's packed GEMM, the weight packed once per call; how MKL reads the weight (transpose,
+// leading dimension) comes from gemm_plan.h.
 class PackedStepProduct final : public StepProduct {
  public:
   PackedStepProduct(const at::Tensor& weight, int64_t batch)

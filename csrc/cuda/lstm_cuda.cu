@@ -1,7 +1,6 @@
 // CUDA implementation of the layer ops: the shared step loop (lstm_layer.h), whose GEMMs run
 // through ATen on cuBLAS and the caller's current stream, with the fused elementwise passes
-// below.
-// The gate math is lstm_common.h's, the same the CPU uses.
+// below. The gate math is lstm_common.h's, the same the CPU uses.
 #include "../lstm_layer.h"
 #include "launch_plan.h"
 #include "step_elements.h"
