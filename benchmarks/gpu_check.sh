@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, in one call of the device machine (one H200, no network): build for sm_90 with
 # every core, run the CUDA tests, then the CUDA benchmark against cuDNN (fp32 with TF32 off and
-# on, bf16 and fp16; forward and forward+backward of the DeepBench shapes). Everything lands
-# under $OUT, which the session copies to benchmarks/results/ with the GPU named.
+# on, bf16 and fp16; forward and forward+backward of the DeepBench shapes), then a few tests
+# under compute-sanitizer. Everything lands under $OUT, which the session copies to
+# benchmarks/results/ with the GPU named.
 #
 #   run: bash benchmarks/gpu_check.sh        (OUT defaults to benchmarks/out here)
 #
@@ -10,7 +11,7 @@
 # share a deadline (GPU_CHECK_BUDGET_S, default 360 s; give the call ~450 s) and each gets a
 # time limit from what is left; whatever ran is summarised at the end, in the last lines the
 # call returns. A rerun on the still-warm machine rebuilds incrementally. $OUT keeps at most 8
-# files (the device tool's limit): this script writes 7. Estimates for an H200, never measured
+# files (the device tool's limit): this script writes 8. Estimates for an H200, never measured
 # yet: build ~1.5 min, tests ~1.5 min (20 s for the same tests on a 2-core CPU), benchmarks
 # ~1 min.
 set -uo pipefail
@@ -65,6 +66,18 @@ bench() {
 }
 bench cuda_tf32_off 90 40 --suite gpu-fp32 --suite gpu-half
 bench cuda_tf32_on 60 0 --suite gpu-fp32 --tf32
+
+# Last, with what time is left: a few CUDA tests under compute-sanitizer's memcheck, which
+# reports any out-of-bounds or misaligned device access the results alone would not show.
+sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
+if [ -n "$sanitizer" ] && ((BUDGET_S - SECONDS > 30)); then
+  timeout "$(limit 90 0)" "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 \
+    "$PYTHON" -m pytest -q -x -p no:cacheprovider python_tests/test_cuda.py \
+    -k "float32 and (every_op_output or any_layout)" > "$OUT/memcheck.log" 2>&1
+  echo "memcheck: exit $? after ${SECONDS} s"
+else
+  echo "memcheck: skipped (compute-sanitizer ${sanitizer:-not found}, $((BUDGET_S - SECONDS)) s left)"
+fi
 
 echo
 grep -E '^(FAILED|ERROR)' "$OUT/pytest_cuda.log" | head -n 20

@@ -143,13 +143,15 @@ def test_fp32_honours_allow_tf32():
     assert errors[True] > 4 * errors[False], f"TF32 setting ignored: errors {errors}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_every_op_output_element_is_written(variant, dtype):
     check_every_output_element_written(variant, DEVICE, dtype)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)],
+                         ids=["float32", "float64"])
 @pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
 def test_layer_op_takes_weights_of_any_layout_on_gpu(layout, dtype, tolerance):
     """Sliced and transposed weights: at::mm takes them, copied once if cuBLAS cannot."""
