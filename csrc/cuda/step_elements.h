@@ -8,13 +8,18 @@
 
 namespace lstm_ext::cuda {
 
+// Where element `index` = (row r, unit j) of a (rows, H) block finds its input-gate column in
+// the matching (rows, 4H) gate block; gate k is kH further on.
+LSTM_HOST_DEVICE int64_t gate_offset(int64_t index, int64_t H) {
+  const int64_t r = index / H;
+  return r * kNumGates * H + (index - r * H);
+}
+
 template <typename scalar_t>
 LSTM_HOST_DEVICE void forward_step_element(const ForwardStep<scalar_t>& a, int64_t index) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.hidden;
-  const int64_t r = index / H;
-  const int64_t j = index - r * H;
-  scalar_t* gates = a.gates + r * kNumGates * H + j;
+  scalar_t* gates = a.gates + gate_offset(index, H);
   const acc_t c_prev = a.cell[index];
   const CellForward<ScalarMath, acc_t> cf(
       static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
@@ -38,10 +43,9 @@ template <typename scalar_t>
 LSTM_HOST_DEVICE void backward_step_element(const BackwardStep<scalar_t>& a, int64_t index) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.hidden;
-  const int64_t r = index / H;
-  const int64_t j = index - r * H;
-  const scalar_t* gates = a.gates + r * kNumGates * H + j;
-  scalar_t* grad_gates = a.grad_gates + r * kNumGates * H + j;
+  const int64_t offset = gate_offset(index, H);
+  const scalar_t* gates = a.gates + offset;
+  scalar_t* grad_gates = a.grad_gates + offset;
   acc_t dh = 0;
   if (a.grad_h) dh += static_cast<acc_t>(a.grad_h[index]);
   if (a.grad_h_extra) dh += static_cast<acc_t>(a.grad_h_extra[index]);
