@@ -84,12 +84,13 @@ with_cuda = want_cuda() and not sanitize
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 # C++20 is named explicitly: torch releases before 2.13 default extensions to C++17, and the CPU
 # kernels use std::bit_cast. -fno-trapping-math lets the CPU elementwise loops vectorize (see
-# csrc/cpu/lstm_cpu.cpp).
-cxx_flags = ["-O3", "-std=c++20", "-fno-trapping-math"]
-extra_link_args = []
+# csrc/cpu/lstm_cpu.cpp). OpenMP runs the CPU recurrence's parallel region; the library then
+# uses the libgomp torch itself loaded (same soname), so both share one thread pool.
+cxx_flags = ["-O3", "-std=c++20", "-fno-trapping-math", "-fopenmp"]
+extra_link_args = ["-fopenmp"]
 if sanitize:
     cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", *cxx_flags[1:]]
-    extra_link_args = ["-fsanitize=address"]
+    extra_link_args = ["-fsanitize=address", "-fopenmp"]
 extra_compile_args = {"cxx": cxx_flags}
 include_dirs = [str(ROOT / "csrc")]
 if with_cuda:

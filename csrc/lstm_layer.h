@@ -8,6 +8,8 @@
 //   template <typename scalar_t> static void backward_step(const BackwardStep<scalar_t>&);
 //   static std::unique_ptr<StepProduct> step_product(const at::Tensor& weight, int64_t steps,
 //                                                    int64_t batch);
+//   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
+//                            const std::optional<at::Tensor>& bias);   // x w^T + bias, (M, N)
 //
 // A StepProduct is the per-step GEMM with one weight used at every step; a device may prepare
 // the weight once per call (transpose, pack) to make the small per-step products faster.
@@ -63,6 +65,58 @@ struct BackwardStep {
   const scalar_t* grad_h_extra;  // (rows, H) second term added to grad_h, or null
   acc_t* grad_cell;            // (rows, H): dc' in, dc out
   scalar_t* grad_gates;        // (rows, 4H) out: gradients of the gate pre-activations
+};
+
+// A device may run the whole time loop of a layer-direction without projection as one kernel
+// (the CPU does); these are its arguments, and the Kernels policy's
+//   template <typename scalar_t> static bool forward_sequence(const SequenceForward<scalar_t>&);
+//   template <typename scalar_t> static bool backward_sequence(const SequenceBackward<scalar_t>&);
+// return false where the device has no such kernel, and the step loop below runs instead.
+// The whole forward recurrence of one layer-direction. gates holds the input projection with
+// both biases, (N, 4H); the W_hh h products are added here.
+template <typename scalar_t>
+struct SequenceForward {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t steps, batch, hidden;
+  const int64_t* step_size;    // (T,)
+  const int64_t* step_offset;  // (T,)
+  bool reverse;
+  scalar_t* gates;             // (N, 4H): pre-activations in; activations out if save_gates
+  acc_t* cell;                 // (B, H): c0 in, c_n out
+  scalar_t* hidden_state;      // (B, H): h0 in, h_n out
+  scalar_t* output;            // (N, H)
+  acc_t* cell_prev_saved;      // (N, H) c entering each step, or null
+  scalar_t* hidden_prev_saved;  // (N, H) h entering each step, or null
+  bool save_gates;
+  const scalar_t* w_hh;        // (4H, H) with the strides below
+  int64_t w_stride0, w_stride1;
+  // Workspace, allocated by the device kernel that runs this: the forward panels, and h in
+  // the math type: [h0, h of even steps, h of odd steps], each (B, H).
+  acc_t* panel;
+  acc_t* h_work;
+};
+
+// The whole backward recurrence of one layer-direction: gate gradients of every step and the
+// gradients of h0 and c0.
+template <typename scalar_t>
+struct SequenceBackward {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t steps, batch, hidden;
+  const int64_t* step_size;
+  const int64_t* step_offset;
+  bool reverse;
+  const scalar_t* gates;       // (N, 4H) activations saved by forward
+  const acc_t* cell_prev;      // (N, H)
+  const scalar_t* grad_output;  // (N, H), or null for zero
+  scalar_t* grad_hidden;       // (B, H): grad of h_n in, grad of h0 out
+  acc_t* grad_cell;            // (B, H): grad of c_n in, grad of c0 out
+  scalar_t* grad_gates;        // (N, 4H) out
+  const scalar_t* w_hh;        // (4H, H)
+  int64_t w_stride0, w_stride1;
+  // Workspace: the backward panels (null: read W_hh in place), and the gate gradients of the
+  // last two steps in the math type, 2 x (B, 4H).
+  acc_t* panel;
+  acc_t* grad_work;
 };
 
 // out (rows, N) = in (rows, K) @ weight (K, N), or out += ... with accumulate. `in` and `out` are
@@ -125,15 +179,13 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   const at::Tensor x = input.reshape({s.rows, s.input_size});
 
   // gates: (N, 4H) = x W_ih^T + b_ih + b_hh, then per step += h W_hh^T.
-  at::Tensor gates = at::empty({s.rows, kNumGates * H}, options);
-  if (b_ih.has_value() || b_hh.has_value()) {
-    const at::Tensor bias = b_ih.has_value() && b_hh.has_value() ? *b_ih + *b_hh
-                            : b_ih.has_value()                  ? *b_ih
-                                                                : *b_hh;
-    at::addmm_out(gates, bias, x, w_ih.t());
-  } else {
-    at::mm_out(gates, x, w_ih.t());
+  std::optional<at::Tensor> bias;
+  if (b_ih.has_value() && b_hh.has_value()) {
+    bias = *b_ih + *b_hh;
+  } else if (b_ih.has_value() || b_hh.has_value()) {
+    bias = b_ih.has_value() ? *b_ih : *b_hh;
   }
+  at::Tensor gates = Kernels::linear(x, w_ih, bias).contiguous();
 
   at::Tensor output = at::empty({s.rows, s.output_size}, options);
   at::Tensor h_state = h0.contiguous().clone();
@@ -144,12 +196,32 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   // Without training only the current step's h before projection is needed.
   at::Tensor hidden_raw =
       at::empty({s.has_projection ? (training ? s.rows : s.batch) : 0, H}, options);
-  const auto recurrent = Kernels::step_product(w_hh.t(), s.steps, s.batch);
-  const auto projection =
-      s.has_projection ? Kernels::step_product(w_hr->t(), s.steps, s.batch) : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if (!s.has_projection) {
+      SequenceForward<scalar_t> sequence{};
+      sequence.steps = s.steps;
+      sequence.batch = s.batch;
+      sequence.hidden = H;
+      sequence.step_size = s.step_size.data();
+      sequence.step_offset = s.step_offset.data();
+      sequence.reverse = reverse;
+      sequence.gates = gates.data_ptr<scalar_t>();
+      sequence.cell = c_state.data_ptr<acc_t>();
+      sequence.hidden_state = h_state.data_ptr<scalar_t>();
+      sequence.output = output.data_ptr<scalar_t>();
+      sequence.cell_prev_saved = training ? saved.cell_prev.data_ptr<acc_t>() : nullptr;
+      sequence.hidden_prev_saved = training ? saved.hidden_prev.data_ptr<scalar_t>() : nullptr;
+      sequence.save_gates = training;
+      sequence.w_hh = w_hh.const_data_ptr<scalar_t>();
+      sequence.w_stride0 = w_hh.stride(0);
+      sequence.w_stride1 = w_hh.stride(1);
+      if (Kernels::template forward_sequence<scalar_t>(sequence)) return;
+    }
+    const auto recurrent = Kernels::step_product(w_hh.t(), s.steps, s.batch);
+    const auto projection =
+        s.has_projection ? Kernels::step_product(w_hr->t(), s.steps, s.batch) : nullptr;
     for (int64_t k = 0; k < s.steps; ++k) {
       const int64_t t = reverse ? s.steps - 1 - k : k;
       const int64_t rows = s.step_size[t];
@@ -246,12 +318,31 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   // With a projection, dh of every step is kept for dW_hr, and dh W_hr feeds the cell.
   at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, options);
   at::Tensor grad_h_raw = at::empty({s.has_projection ? s.batch : 0, H}, options);
-  const auto recurrent = Kernels::step_product(w_hh, s.steps, s.batch);
-  const auto projection = s.has_projection ? Kernels::step_product(*w_hr, s.steps, s.batch)
-                                           : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if (!s.has_projection) {
+      SequenceBackward<scalar_t> sequence{};
+      sequence.steps = s.steps;
+      sequence.batch = s.batch;
+      sequence.hidden = H;
+      sequence.step_size = s.step_size.data();
+      sequence.step_offset = s.step_offset.data();
+      sequence.reverse = reverse;
+      sequence.gates = saved.gates.const_data_ptr<scalar_t>();
+      sequence.cell_prev = saved.cell_prev.const_data_ptr<acc_t>();
+      sequence.grad_output = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
+      sequence.grad_hidden = grad_h.data_ptr<scalar_t>();
+      sequence.grad_cell = grad_c.data_ptr<acc_t>();
+      sequence.grad_gates = grad_gates.data_ptr<scalar_t>();
+      sequence.w_hh = w_hh.const_data_ptr<scalar_t>();
+      sequence.w_stride0 = w_hh.stride(0);
+      sequence.w_stride1 = w_hh.stride(1);
+      if (Kernels::template backward_sequence<scalar_t>(sequence)) return;
+    }
+    const auto recurrent = Kernels::step_product(w_hh, s.steps, s.batch);
+    const auto projection =
+        s.has_projection ? Kernels::step_product(*w_hr, s.steps, s.batch) : nullptr;
     for (int64_t k = 0; k < s.steps; ++k) {
       const int64_t t = reverse ? k : s.steps - 1 - k;
       const int64_t rows = s.step_size[t];
@@ -294,13 +385,15 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   // Outputs of an op must not alias each other, so each gradient not asked for is its own
   // empty tensor.
   const auto none = [&] { return at::empty({0}, options); };
-  at::Tensor grad_input = input_grad ? at::mm(grad_gates, w_ih).view(input.sizes()) : none();
+  at::Tensor grad_input =
+      input_grad ? Kernels::linear(grad_gates, w_ih.t(), std::nullopt).view(input.sizes())
+                 : none();
   at::Tensor grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
   if (weight_grads) {
     const at::Tensor x = input.reshape({s.rows, s.input_size});
-    const at::Tensor grad_gates_t = grad_gates.t();
-    grad_w_ih = at::mm(grad_gates_t, x);
-    grad_w_hh = at::mm(grad_gates_t, saved.hidden_prev);
+    const at::Tensor grad_gates_t = grad_gates.t().contiguous();
+    grad_w_ih = Kernels::linear(grad_gates_t, x.t(), std::nullopt);
+    grad_w_hh = Kernels::linear(grad_gates_t, saved.hidden_prev.t(), std::nullopt);
     // Summed in the math type so bf16/fp16 bias gradients do not lose the small steps.
     grad_bias = has_bias ? at::sum(grad_gates, {0}, false, acc_options.dtype().toScalarType())
                                .to(input.scalar_type())

@@ -3,6 +3,7 @@
 // The layer ops cover a whole sequence for one layer and one direction; the Python module
 // composes layers, directions and dropout. Their device kernels live in cpu/ and cuda/; their
 // fake (shape) functions and autograd formulas are registered from lstm_ext/ops.py.
+#include "cpu/isa.h"
 #include "cpu/step_product.h"
 #include "lstm_common.h"
 
@@ -11,6 +12,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 namespace lstm_ext {
@@ -151,6 +153,9 @@ TORCH_LIBRARY(lstm_ext, m) {
 TORCH_LIBRARY_FRAGMENT(lstm_ext, m) {
   // Whether the CPU per-step GEMMs use MKL's packed weights (see cpu/step_product.h).
   m.def("cpu_packed_gemm_enabled() -> bool", &packed_gemm_enabled);
+  // The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline" (see
+  // cpu/isa.h; LSTM_EXT_CPU_ISA picks a lower one).
+  m.def("cpu_isa() -> str", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {

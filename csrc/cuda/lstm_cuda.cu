@@ -64,6 +64,21 @@ struct CudaKernels {
     return std::make_unique<AtenStepProduct>(as_is ? weight : weight.contiguous());
   }
 
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
+                           const std::optional<at::Tensor>& bias) {
+    return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  }
+
+  // No whole-sequence kernel on CUDA yet: the step loop runs.
+  template <typename scalar_t>
+  static bool forward_sequence(const SequenceForward<scalar_t>&) {
+    return false;
+  }
+  template <typename scalar_t>
+  static bool backward_sequence(const SequenceBackward<scalar_t>&) {
+    return false;
+  }
+
   template <typename scalar_t>
   static void forward_step(const ForwardStep<scalar_t>& a) {
     const auto launch = elementwise_launch(a.rows * a.hidden);

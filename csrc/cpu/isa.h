@@ -1,0 +1,52 @@
+// Which x86-64 instruction set the CPU kernels run with, and how a kernel is compiled once per
+// instruction set from one source.
+//
+// A kernel is a function template written with GCC vector types (vec.h); a wrapper per
+// instruction set carries a `target` attribute and `flatten`, so the template and everything it
+// calls are inlined into the wrapper and compiled for that instruction set, and nothing compiled
+// for AVX-512 is ever shared with code that runs on a lesser CPU. The best set the CPU supports
+// is picked once; LSTM_EXT_CPU_ISA=avx512|avx2|baseline picks a lower one (CI runs the tests
+// with each, so that no variant rots on an AVX-512 machine).
+#pragma once
+
+namespace lstm_ext {
+namespace cpu {
+
+enum class Isa { baseline = 0, avx2 = 1, avx512 = 2 };
+
+// The instruction set in use: the best this CPU supports, or LSTM_EXT_CPU_ISA if set. Throws
+// (c10::Error, a RuntimeError in Python) for an unknown name or a set this CPU lacks.
+Isa active_isa();
+const char* isa_name(Isa isa);
+
+}  // namespace cpu
+}  // namespace lstm_ext
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LSTM_EXT_X86_VARIANTS 1
+#define LSTM_EXT_TARGET_AVX512 __attribute__((target("arch=x86-64-v4"), flatten))
+#define LSTM_EXT_TARGET_AVX2 __attribute__((target("arch=x86-64-v3"), flatten))
+#else
+#define LSTM_EXT_X86_VARIANTS 0
+#endif
+#define LSTM_EXT_TARGET_BASELINE __attribute__((flatten))
+
+// Defines `void name params` that runs `name##_impl args` compiled for the active instruction
+// set (one copy per set; name##_impl is inlined into each).
+#if LSTM_EXT_X86_VARIANTS
+#define LSTM_EXT_ISA_VARIANTS(name, params, args)                                \
+  LSTM_EXT_TARGET_AVX512 void name##_avx512 params { name##_impl args; }         \
+  LSTM_EXT_TARGET_AVX2 void name##_avx2 params { name##_impl args; }             \
+  LSTM_EXT_TARGET_BASELINE void name##_baseline params { name##_impl args; }     \
+  void name params {                                                            \
+    switch (::lstm_ext::cpu::active_isa()) {                                    \
+      case ::lstm_ext::cpu::Isa::avx512: return name##_avx512 args;             \
+      case ::lstm_ext::cpu::Isa::avx2: return name##_avx2 args;                 \
+      default: return name##_baseline args;                                     \
+    }                                                                           \
+  }
+#else
+#define LSTM_EXT_ISA_VARIANTS(name, params, args)                                \
+  LSTM_EXT_TARGET_BASELINE void name##_baseline params { name##_impl args; }     \
+  void name params { name##_baseline args; }
+#endif

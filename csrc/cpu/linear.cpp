@@ -1,0 +1,48 @@
+#include "linear.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace lstm_ext {
+namespace {
+
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, c10::string_view,
+                                   c10::List<std::optional<at::Scalar>>,
+                                   std::optional<c10::string_view>);
+
+// torch's oneDNN linear, or null where this torch lacks it or it is turned off.
+const c10::TypedOperatorHandle<LinearPointwise>* onednn_linear() {
+  static const auto handle = []() -> std::optional<c10::TypedOperatorHandle<LinearPointwise>> {
+    const char* setting = std::getenv("LSTM_EXT_ONEDNN_LINEAR");
+    if (setting && std::strcmp(setting, "0") == 0) return std::nullopt;
+    const auto op = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
+      return std::nullopt;
+    }
+    return op->typed<LinearPointwise>();
+  }();
+  return handle.has_value() ? &*handle : nullptr;
+}
+
+}  // namespace
+
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
+                      const std::optional<at::Tensor>& bias) {
+  const auto* onednn = x.scalar_type() == at::kFloat && x.numel() > 0 && w.numel() > 0
+                           ? onednn_linear()
+                           : nullptr;
+  if (onednn != nullptr) {
+    return onednn->call(x.contiguous(), w.contiguous(),
+                        bias.has_value() ? std::optional<at::Tensor>(bias->contiguous())
+                                         : std::nullopt,
+                        "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  if (bias.has_value()) return at::addmm(*bias, x, w.t());
+  return at::mm(x, w.t());
+}
+
+}  // namespace lstm_ext

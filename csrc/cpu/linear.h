@@ -1,0 +1,17 @@
+// The CPU's whole-sequence products (input projection, dx, dW): x @ w^T + bias.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace lstm_ext {
+
+// x (M, K) @ w (N, K)^T [+ bias (N,)], as a new contiguous (M, N) tensor. fp32 goes through
+// the oneDNN that torch ships (mkldnn::_linear_pointwise), which runs at the CPU's own vector
+// width on any vendor's x86 CPU (the MKL behind at::mm ran at about half of it on AMD); other
+// dtypes, empty products, a torch without oneDNN, or LSTM_EXT_ONEDNN_LINEAR=0 use at::addmm.
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
+                      const std::optional<at::Tensor>& bias);
+
+}  // namespace lstm_ext

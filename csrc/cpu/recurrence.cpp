@@ -1,0 +1,180 @@
+// The fused recurrence (recurrence.h) compiled once per instruction set, the choice of
+// instruction set (isa.h), and the parallel region that runs it.
+#include "recurrence.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace lstm_ext {
+namespace cpu {
+namespace {
+
+Isa best_supported_isa() {
+#if LSTM_EXT_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return Isa::avx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return Isa::avx2;
+#endif
+  return Isa::baseline;
+}
+
+Isa choose_isa() {
+  const Isa best = best_supported_isa();
+  const char* setting = std::getenv("LSTM_EXT_CPU_ISA");
+  if (setting == nullptr || *setting == '\0') return best;
+  const std::string name(setting);
+  Isa wanted;
+  if (name == "avx512") {
+    wanted = Isa::avx512;
+  } else if (name == "avx2") {
+    wanted = Isa::avx2;
+  } else if (name == "baseline") {
+    wanted = Isa::baseline;
+  } else {
+    TORCH_CHECK(false, "LSTM_EXT_CPU_ISA=", name,
+                " is not an instruction set lstm_ext knows; use avx512, avx2 or baseline, or "
+                "leave it unset for the best this CPU supports");
+  }
+  TORCH_CHECK(wanted <= best, "LSTM_EXT_CPU_ISA=", name, " asks for instructions this CPU lacks; "
+              "it supports up to ", isa_name(best));
+  return wanted;
+}
+
+// One wrapper per instruction set and pass; flatten compiles the whole template for it.
+#if LSTM_EXT_X86_VARIANTS
+template <typename scalar_t>
+LSTM_EXT_TARGET_AVX512 void forward_avx512(const SequenceForward<scalar_t>& a, int t, int n) {
+  forward_thread<Isa::avx512>(a, t, n);
+}
+template <typename scalar_t>
+LSTM_EXT_TARGET_AVX2 void forward_avx2(const SequenceForward<scalar_t>& a, int t, int n) {
+  forward_thread<Isa::avx2>(a, t, n);
+}
+template <typename scalar_t>
+LSTM_EXT_TARGET_AVX512 void backward_avx512(const SequenceBackward<scalar_t>& a, int t, int n) {
+  backward_thread<Isa::avx512>(a, t, n);
+}
+template <typename scalar_t>
+LSTM_EXT_TARGET_AVX2 void backward_avx2(const SequenceBackward<scalar_t>& a, int t, int n) {
+  backward_thread<Isa::avx2>(a, t, n);
+}
+#endif
+template <typename scalar_t>
+LSTM_EXT_TARGET_BASELINE void forward_baseline(const SequenceForward<scalar_t>& a, int t, int n) {
+  forward_thread<Isa::baseline>(a, t, n);
+}
+template <typename scalar_t>
+LSTM_EXT_TARGET_BASELINE void backward_baseline(const SequenceBackward<scalar_t>& a, int t,
+                                                int n) {
+  backward_thread<Isa::baseline>(a, t, n);
+}
+
+// Lanes of one vector of acc_t for an instruction set (the block sizes follow from it).
+template <typename acc_t>
+int64_t lanes(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return Tiling<Isa::avx512, acc_t>::V;
+    case Isa::avx2: return Tiling<Isa::avx2, acc_t>::V;
+    default: return Tiling<Isa::baseline, acc_t>::V;
+  }
+}
+
+// Threads for `blocks` blocks of work: torch's setting, at most one per block, and one inside
+// an enclosing parallel region.
+int threads_for(int64_t blocks) {
+  if (at::in_parallel_region()) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+}
+
+template <typename Args, typename Fn>
+void run_parallel(const Args& a, Fn fn, int threads) {
+  if (threads == 1) {
+    fn(a, 0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  fn(a, omp_get_thread_num(), omp_get_num_threads());
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+Isa active_isa() {
+  static const Isa isa = choose_isa();
+  return isa;
+}
+
+bool recurrence_enabled() {
+  const char* setting = std::getenv("LSTM_EXT_CPU_RECURRENCE");
+  return !(setting && std::strcmp(setting, "0") == 0);
+}
+
+template <typename scalar_t>
+void run_forward(SequenceForward<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Isa isa = active_isa();
+  const int64_t V = lanes<acc_t>(isa);
+  const int64_t blocks = ceil_div(a.hidden, V);
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor panel = at::empty({blocks * a.hidden * 4 * V}, options);
+  const at::Tensor h_work = at::empty({3 * a.batch * a.hidden}, options);
+  a.panel = panel.data_ptr<acc_t>();
+  a.h_work = h_work.data_ptr<acc_t>();
+  const int threads = threads_for(blocks);
+  switch (isa) {
+#if LSTM_EXT_X86_VARIANTS
+    case Isa::avx512: return run_parallel(a, forward_avx512<scalar_t>, threads);
+    case Isa::avx2: return run_parallel(a, forward_avx2<scalar_t>, threads);
+#endif
+    default: return run_parallel(a, forward_baseline<scalar_t>, threads);
+  }
+}
+
+template <typename scalar_t>
+void run_backward(SequenceBackward<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Isa isa = active_isa();
+  const int64_t U = 4 * lanes<acc_t>(isa);
+  const int64_t blocks = ceil_div(a.hidden, U);
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  // W_hh serves as its own panel where its rows are contiguous, whole blocks long and in the
+  // math type; otherwise each thread copies its columns once.
+  const bool in_place = std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
+                        a.hidden % U == 0;
+  const at::Tensor panel = at::empty({in_place ? 0 : blocks * 4 * a.hidden * U}, options);
+  const at::Tensor grad_work = at::empty({2 * a.batch * 4 * a.hidden}, options);
+  a.panel = in_place ? nullptr : panel.data_ptr<acc_t>();
+  a.grad_work = grad_work.data_ptr<acc_t>();
+  const int threads = threads_for(blocks);
+  switch (isa) {
+#if LSTM_EXT_X86_VARIANTS
+    case Isa::avx512: return run_parallel(a, backward_avx512<scalar_t>, threads);
+    case Isa::avx2: return run_parallel(a, backward_avx2<scalar_t>, threads);
+#endif
+    default: return run_parallel(a, backward_baseline<scalar_t>, threads);
+  }
+}
+
+#define LSTM_EXT_INSTANTIATE(scalar_t)                               \
+  template void run_forward<scalar_t>(SequenceForward<scalar_t>);   \
+  template void run_backward<scalar_t>(SequenceBackward<scalar_t>);
+LSTM_EXT_INSTANTIATE(float)
+LSTM_EXT_INSTANTIATE(double)
+LSTM_EXT_INSTANTIATE(c10::BFloat16)
+LSTM_EXT_INSTANTIATE(c10::Half)
+#undef LSTM_EXT_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace lstm_ext

@@ -1,0 +1,343 @@
+// The fused CPU recurrence: the whole time loop of one layer-direction (no projection) in one
+// parallel region, forward and backward.
+//
+// Threads split the hidden units, and each thread owns all four gates of its units, so the cell
+// update runs right after the thread's own gate products, with no separate elementwise pass
+// and one barrier per step. Weights are read in a panel layout prepared once per call by the
+// thread that uses them (so each thread's slice stays in its own cache across steps):
+//
+//   forward:  per block of V units, a (H, 4V) panel: row k holds W_hh[g*H + j, k] for the
+//             block's units j, gate by gate, so that a tile of rows of h times the panel
+//             gives the block's four gate pre-activations (V = lanes of one vector);
+//   backward: per block of 4V units, a (4H, 4V) panel: row kk holds W_hh[kk, j], so that a tile
+//             of gate-gradient rows times the panel gives the block's dh. Where W_hh's rows are
+//             contiguous, a multiple of 4V long and already in the math type, the panel is
+//             W_hh itself (row stride H) and nothing is copied.
+//
+// The micro-kernel multiplies up to R rows by a panel with R x 4 vector accumulators kept in
+// registers (one broadcast and four fused multiply-adds per row and k). Everything here is a
+// template inlined into the per-instruction-set wrappers of recurrence.cpp (see isa.h).
+//
+// Sequences follow lstm_common.h's LayerShape: step t owns rows [offset[t], offset[t] + size[t])
+// and sizes never grow with t. The h entering a step is read in the math type from a
+// double-buffered copy of the previous step's h (rounded to the storage type first, so that
+// bf16/fp16 follow the same values as their stored outputs), or from h0 for a sequence's first
+// step.
+#pragma once
+
+#include "../lstm_layer.h"
+#include "cell_math.h"
+#include "isa.h"
+#include "vec.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+namespace lstm_ext {
+namespace cpu {
+
+// Lanes per vector and rows per micro-kernel tile for each instruction set and math type: R
+// rows need 4R accumulators plus the four panel vectors in registers (32 zmm with AVX-512, 16
+// ymm/xmm otherwise; with AVX2 some panel vectors are read from L1 as operands).
+template <Isa isa, typename acc_t>
+struct Tiling {
+  static constexpr int kVectorBytes = isa == Isa::avx512 ? 64 : isa == Isa::avx2 ? 32 : 16;
+  static constexpr int V = kVectorBytes / static_cast<int>(sizeof(acc_t));
+  static constexpr int R = isa == Isa::avx512 ? 6 : 3;
+};
+
+// Units per forward block and per backward block.
+template <Isa isa, typename acc_t>
+constexpr int64_t forward_block() {
+  return Tiling<isa, acc_t>::V;
+}
+template <Isa isa, typename acc_t>
+constexpr int64_t backward_block() {
+  return 4 * Tiling<isa, acc_t>::V;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The blocks [begin, end) a thread owns of `blocks`.
+struct Share {
+  int64_t begin, end;
+};
+inline Share share_of(int64_t blocks, int thread, int threads) {
+  return {blocks * thread / threads, blocks * (thread + 1) / threads};
+}
+
+// out[r][c] = sum_k in[r][k] * panel[k * ld + c] for r < N rows and c < 4V columns.
+template <typename acc_t, int V, int N>
+inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, int64_t ld,
+                         acc_t* out) {
+  using vec = typename Vec<acc_t, V>::type;
+  vec acc[N][4];
+  for (int r = 0; r < N; ++r) {
+    for (int g = 0; g < 4; ++g) acc[r][g] = vec{};
+  }
+  const acc_t* rows[N];
+  for (int r = 0; r < N; ++r) rows[r] = in[r];
+  for (int64_t k = 0; k < K; ++k) {
+    const vec* w = reinterpret_cast<const vec*>(panel + k * ld);
+    const vec w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+#pragma GCC unroll 8
+    for (int r = 0; r < N; ++r) {
+      const acc_t x = rows[r][k];
+      acc[r][0] += w0 * x;
+      acc[r][1] += w1 * x;
+      acc[r][2] += w2 * x;
+      acc[r][3] += w3 * x;
+    }
+  }
+  vec* o = reinterpret_cast<vec*>(out);
+  for (int r = 0; r < N; ++r) {
+    for (int g = 0; g < 4; ++g) o[r * 4 + g] = acc[r][g];
+  }
+}
+
+// tile_product for n <= R rows, n known only at run time.
+template <typename acc_t, int V, int R>
+inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t* panel,
+                           int64_t ld, acc_t* out) {
+  if constexpr (R > 1) {
+    if (n < R) return tile_product_n<acc_t, V, R - 1>(n, K, in, panel, ld, out);
+  }
+  tile_product<acc_t, V, R>(K, in, panel, ld, out);
+}
+
+template <typename to_t, typename from_t>
+inline to_t cast(from_t value) {
+  return static_cast<to_t>(value);
+}
+
+// The value a math-type number takes once stored in scalar_t and read back.
+template <typename scalar_t, typename acc_t>
+inline acc_t stored(acc_t value) {
+  return static_cast<acc_t>(static_cast<scalar_t>(value));
+}
+
+template <Isa isa, typename scalar_t>
+void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Tiling<isa, acc_t>::V;
+  constexpr int R = Tiling<isa, acc_t>::R;
+  const int64_t H = a.hidden, B = a.batch;
+  const int64_t blocks = ceil_div(H, V);
+  const Share mine = share_of(blocks, thread, threads);
+
+  // This thread's panels and its columns of h0 in the math type.
+  // Row by row of W_hh, so that reads stream; the panel being written stays in cache.
+  for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+    acc_t* panel = a.panel + jb * H * 4 * V;
+    for (int g = 0; g < 4; ++g) {
+      for (int v = 0; v < V; ++v) {
+        const int64_t j = jb * V + v;
+        acc_t* column = panel + g * V + v;
+        if (j >= H) {
+          for (int64_t k = 0; k < H; ++k) column[k * 4 * V] = acc_t(0);
+          continue;
+        }
+        const scalar_t* w = a.w_hh + (g * H + j) * a.w_stride0;
+        for (int64_t k = 0; k < H; ++k) column[k * 4 * V] = cast<acc_t>(w[k * a.w_stride1]);
+      }
+    }
+  }
+  const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
+  acc_t* h0 = a.h_work;
+  for (int64_t r = 0; r < B; ++r) {
+    for (int64_t j = unit_begin; j < unit_end; ++j) h0[r * H + j] = cast<acc_t>(a.hidden_state[r * H + j]);
+  }
+#pragma omp barrier
+
+  const int64_t G = 4 * H;
+  int64_t processed = 0, prev_rows = 0;
+  for (int64_t k = 0; k < a.steps; ++k) {
+    const int64_t t = a.reverse ? a.steps - 1 - k : k;
+    const int64_t rows = a.step_size[t], offset = a.step_offset[t];
+    if (rows == 0) continue;
+    const acc_t* h_prev = a.h_work + (1 + ((processed + 1) & 1)) * B * H;
+    acc_t* h_next = a.h_work + (1 + (processed & 1)) * B * H;
+    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+      const acc_t* panel = a.panel + jb * H * 4 * V;
+      const int64_t j0 = jb * V, n_units = std::min<int64_t>(V, H - j0);
+      for (int64_t r0 = 0; r0 < rows; r0 += R) {
+        const int n = static_cast<int>(std::min<int64_t>(R, rows - r0));
+        const acc_t* in[R] = {};
+        for (int i = 0; i < n; ++i) {
+          const int64_t r = r0 + i;
+          in[i] = (r < prev_rows ? h_prev : h0) + r * H;
+        }
+        alignas(64) acc_t products[R * 4 * V];
+        tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products);
+        for (int i = 0; i < n; ++i) {
+          const int64_t r = r0 + i, row = offset + r;
+          const acc_t* p = products + i * 4 * V;
+          scalar_t* gate_row = a.gates + row * G;
+          alignas(64) acc_t z[4 * V];
+          alignas(64) acc_t h[V];
+          for (int g = 0; g < 4; ++g) {
+            for (int64_t v = 0; v < n_units; ++v) {
+              z[g * V + v] = p[g * V + v] + cast<acc_t>(gate_row[g * H + j0 + v]);
+            }
+          }
+          acc_t* c = a.cell + r * H + j0;
+          if (a.cell_prev_saved) std::memcpy(a.cell_prev_saved + row * H + j0, c, n_units * sizeof(acc_t));
+          forward_cells<acc_t>(n_units, V, z, c, h);
+          if (a.save_gates) {
+            for (int g = 0; g < 4; ++g) {
+              for (int64_t v = 0; v < n_units; ++v) gate_row[g * H + j0 + v] = cast<scalar_t>(z[g * V + v]);
+            }
+          }
+          scalar_t* y = a.output + row * H + j0;
+          acc_t* h_out = h_next + r * H + j0;
+          for (int64_t v = 0; v < n_units; ++v) {
+            y[v] = cast<scalar_t>(h[v]);
+            h_out[v] = stored<scalar_t>(h[v]);
+          }
+          if (a.hidden_prev_saved) {
+            scalar_t* saved = a.hidden_prev_saved + row * H + j0;
+            for (int64_t v = 0; v < n_units; ++v) saved[v] = cast<scalar_t>(in[i][j0 + v]);
+          }
+        }
+      }
+    }
+    prev_rows = rows;
+    ++processed;
+#pragma omp barrier
+  }
+
+  // h_n: each sequence's h after its last step. Forward, the sequences of step t that step
+  // t + 1 lacks end at t; reversed, every sequence ends at t = 0.
+  for (int64_t t = a.reverse ? 0 : a.steps - 1; t >= 0; --t) {
+    const int64_t first = a.reverse || t + 1 == a.steps ? 0 : a.step_size[t + 1];
+    for (int64_t r = first; r < a.step_size[t]; ++r) {
+      const scalar_t* y = a.output + (a.step_offset[t] + r) * H;
+      for (int64_t j = unit_begin; j < unit_end; ++j) a.hidden_state[r * H + j] = y[j];
+    }
+    if (a.reverse) break;
+  }
+}
+
+// W_hh read in place as a backward panel (only where it is already in the math type).
+template <typename acc_t, typename scalar_t>
+inline const acc_t* in_place_weight(const scalar_t* w) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return w;
+  } else {
+    return nullptr;
+  }
+}
+
+template <Isa isa, typename scalar_t>
+void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int threads) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Tiling<isa, acc_t>::V;
+  constexpr int R = Tiling<isa, acc_t>::R;
+  constexpr int64_t U = 4 * V;  // units per block
+  const int64_t H = a.hidden, B = a.batch, G = 4 * H;
+  const int64_t blocks = ceil_div(H, U);
+  const Share mine = share_of(blocks, thread, threads);
+
+  if (a.panel) {
+    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+      acc_t* panel = a.panel + jb * G * U;
+      for (int64_t kk = 0; kk < G; ++kk) {
+        for (int64_t u = 0; u < U; ++u) {
+          const int64_t j = jb * U + u;
+          panel[kk * U + u] =
+              j < H ? cast<acc_t>(a.w_hh[kk * a.w_stride0 + j * a.w_stride1]) : acc_t(0);
+        }
+      }
+    }
+  }
+#pragma omp barrier
+
+  // Step k (in backward order) first finishes the product of the previous step's gate
+  // gradients with W_hh, dh carried into this step; rows of the previous step that this step
+  // does not have are sequences whose first step that was, and get their grad of h0. One more
+  // pass after the last step does the same for the rows of the last one.
+  int64_t processed = 0, prev_rows = 0;
+  for (int64_t k = 0; k <= a.steps; ++k) {
+    int64_t rows = 0, offset = 0;
+    if (k < a.steps) {
+      const int64_t t = a.reverse ? k : a.steps - 1 - k;
+      rows = a.step_size[t];
+      offset = a.step_offset[t];
+      if (rows == 0) continue;
+    }
+    const acc_t* grad_prev = a.grad_work + ((processed + 1) & 1) * B * G;
+    acc_t* grad_next = a.grad_work + (processed & 1) * B * G;
+    const int64_t span = std::max(rows, prev_rows);
+    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+      const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
+      const acc_t* panel = a.panel ? a.panel + jb * G * U : in_place_weight<acc_t>(a.w_hh) + u0;
+      const int64_t ld = a.panel ? U : a.w_stride0;
+      for (int64_t r0 = 0; r0 < span; r0 += R) {
+        const int n = static_cast<int>(std::min<int64_t>(R, span - r0));
+        const int n_carried = static_cast<int>(std::clamp<int64_t>(prev_rows - r0, 0, n));
+        alignas(64) acc_t carried[R * U];
+        if (n_carried > 0) {
+          const acc_t* in[R] = {};
+          for (int i = 0; i < n_carried; ++i) in[i] = grad_prev + (r0 + i) * G;
+          tile_product_n<acc_t, V, R>(n_carried, G, in, panel, ld, carried);
+        }
+        for (int i = 0; i < n; ++i) {
+          const int64_t r = r0 + i;
+          const acc_t* p = carried + i * U;
+          scalar_t* grad_h = a.grad_hidden + r * H + u0;
+          if (r >= rows) {  // this sequence's first step is behind us: p is its grad of h0
+            for (int64_t u = 0; u < n_units; ++u) grad_h[u] = cast<scalar_t>(p[u]);
+            continue;
+          }
+          const int64_t row = offset + r;
+          alignas(64) acc_t dh[U];
+          for (int64_t u = 0; u < n_units; ++u) {
+            const acc_t from_output =
+                a.grad_output ? cast<acc_t>(a.grad_output[row * H + u0 + u]) : acc_t(0);
+            const acc_t from_next = r < prev_rows ? p[u] : cast<acc_t>(grad_h[u]);
+            dh[u] = from_output + from_next;
+          }
+          alignas(64) acc_t z[4 * U];
+          alignas(64) acc_t dz[4 * U];
+          const scalar_t* gate_row = a.gates + row * G;
+          for (int g = 0; g < 4; ++g) {
+            for (int64_t u = 0; u < n_units; ++u) z[g * U + u] = cast<acc_t>(gate_row[g * H + u0 + u]);
+          }
+          backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh,
+                                a.grad_cell + r * H + u0, dz);
+          scalar_t* grad_row = a.grad_gates + row * G;
+          acc_t* work_row = grad_next + r * G;
+          for (int g = 0; g < 4; ++g) {
+            for (int64_t u = 0; u < n_units; ++u) {
+              const scalar_t value = cast<scalar_t>(dz[g * U + u]);
+              grad_row[g * H + u0 + u] = value;
+              work_row[g * H + u0 + u] = cast<acc_t>(value);
+            }
+          }
+        }
+      }
+    }
+    prev_rows = rows;
+    ++processed;
+#pragma omp barrier
+  }
+}
+
+// The whole recurrence, in a parallel region of torch's thread count (recurrence.cpp); the
+// workspace fields of the arguments are filled there.
+template <typename scalar_t>
+void run_forward(SequenceForward<scalar_t> a);
+template <typename scalar_t>
+void run_backward(SequenceBackward<scalar_t> a);
+
+// False when LSTM_EXT_CPU_RECURRENCE=0, which sends the CPU through the step-by-step path
+// (per-step GEMM plus elementwise pass) instead, for comparison.
+bool recurrence_enabled();
+
+}  // namespace cpu
+}  // namespace lstm_ext

@@ -1,0 +1,158 @@
+"""The CPU kernels themselves: each instruction-set variant (forced with LSTM_EXT_CPU_ISA)
+against an fp64 nn.LSTM, the fused recurrence against the step-by-step path, and the parallel
+recurrence with every thread count giving the same bits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lstm_ext
+from conftest import Case, rel_error
+
+OPS = torch.ops.lstm_ext
+ISAS = ["avx512", "avx2", "baseline"]
+
+# Shapes that reach every edge of the recurrence's blocking: H = 1, H not a multiple of any
+# vector width, H a multiple of the backward block (W_hh read in place), rows more than one
+# micro-kernel tile, packed sequences of unequal length, both directions.
+CONFIGS = [
+    dict(input_size=3, hidden_size=1, num_layers=1, bidirectional=False),
+    dict(input_size=5, hidden_size=17, num_layers=2, bidirectional=True),
+    dict(input_size=7, hidden_size=64, num_layers=1, bidirectional=True),
+    dict(input_size=9, hidden_size=130, num_layers=1, bidirectional=False),
+]
+KINDS = [("padded", 13), ("packed_unsorted", 11)]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+VARIANT_SCRIPT = r"""
+import json, sys
+import torch
+from torch import nn
+import lstm_ext
+sys.path.insert(0, sys.argv[1])
+from conftest import Case, rel_error
+from test_cpu_kernels import CONFIGS, KINDS
+
+try:
+    isa = torch.ops.lstm_ext.cpu_isa()
+except RuntimeError as error:
+    print(json.dumps({"error": str(error)}))
+    sys.exit(0)
+torch.manual_seed(0)
+errors = {}
+for index, config in enumerate(CONFIGS):
+    for kind, batch in KINDS:
+        reference = nn.LSTM(**config, dtype=torch.float64)
+        case = Case(reference, kind, steps=6, batch=batch)
+        expected = case.run(reference)
+        for dtype in (torch.float64, torch.float32):
+            ours = lstm_ext.LSTM.from_torch(reference).to(dtype)
+            actual = case.run(ours, dtype)
+            worst = max(rel_error(actual[k], expected[k]) for k in expected)
+            errors[f"{index} {kind} {dtype}"] = worst
+print(json.dumps({"isa": isa, "errors": errors}))
+"""
+
+
+def run_variant(isa, extra_env=None):
+    env = dict(os.environ, LSTM_EXT_CPU_ISA=isa, **(extra_env or {}))
+    completed = subprocess.run(
+        [sys.executable, "-c", VARIANT_SCRIPT, os.path.dirname(__file__)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_reported_isa_is_a_known_one():
+    forced = os.environ.get("LSTM_EXT_CPU_ISA")
+    assert OPS.cpu_isa() == (forced or OPS.cpu_isa())
+    assert OPS.cpu_isa() in ISAS
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_isa_variant_matches_fp64_nn_lstm(isa):
+    result = run_variant(isa)
+    if "error" in result:
+        assert "lacks" in result["error"], result["error"]
+        pytest.skip(f"this CPU cannot run {isa}: {result['error']}")
+    assert result["isa"] == isa
+    for name, error in result["errors"].items():
+        dtype = torch.float64 if "float64" in name else torch.float32
+        assert error <= TOLERANCE[dtype], (isa, name, error)
+
+
+def test_unknown_isa_name_is_refused_with_the_choices():
+    result = run_variant("sse9")
+    assert "avx512, avx2 or baseline" in result["error"]
+
+
+def test_fused_recurrence_matches_the_step_loop():
+    """LSTM_EXT_CPU_RECURRENCE=0 runs the old per-step GEMM path; both against fp64."""
+    fused = run_variant(OPS.cpu_isa())
+    stepwise = run_variant(OPS.cpu_isa(), {"LSTM_EXT_CPU_RECURRENCE": "0"})
+    assert fused["errors"].keys() == stepwise["errors"].keys()
+    for name in fused["errors"]:
+        dtype = torch.float64 if "float64" in name else torch.float32
+        assert fused["errors"][name] <= TOLERANCE[dtype]
+        assert stepwise["errors"][name] <= TOLERANCE[dtype]
+
+
+def layer_call(dtype, hidden=130, batch=37, steps=6, input_size=11, reverse=False):
+    generator = torch.Generator().manual_seed(7)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+    lengths[0] = steps
+    batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(steps)])
+    rows = int(batch_sizes.sum())
+    return [rand(rows, input_size), rand(batch, hidden), rand(batch, hidden),
+            rand(4 * hidden, input_size) / 3, rand(4 * hidden, hidden) / 10, rand(4 * hidden),
+            rand(4 * hidden), None, batch_sizes, reverse, True]
+
+
+def forward_and_backward(args):
+    forward = OPS.lstm_layer_forward(*args)
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = forward
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = args
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype)
+             for t in (output, h_n, c_n)]
+    backward = OPS.lstm_layer_backward(*grads, x, w_ih, w_hh, w_hr, batch_sizes, gates,
+                                       cell_prev, hidden_prev, hidden_raw, reverse, True, True,
+                                       True)
+    return forward[:6] + backward[:6]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_thread_count_gives_the_same_bits(dtype, reverse):
+    """The recurrence splits the hidden units over threads; each unit is computed by one
+    thread with the same code whatever the split, so the recurrence's outputs (h, c, the saved
+    gates and the gate gradients) are bit-identical for 1, 2, 3 and 5 threads, and near fp64."""
+    args = layer_call(dtype, reverse=reverse)
+    previous = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            results[threads] = forward_and_backward(args)
+    finally:
+        torch.set_num_threads(previous)
+    # output, h_n, c_n, gates, cell_prev, hidden_prev; grad_input, grad_h0, grad_c0 (dW and dx
+    # come from whole-sequence GEMMs whose own blocking may follow the thread count).
+    exact = list(range(6)) + [7, 8]
+    for threads in (2, 3, 5):
+        for index in exact:
+            assert torch.equal(results[threads][index], results[1][index]), (threads, index)
+    reference = forward_and_backward([a.double() if isinstance(a, torch.Tensor) and
+                                      a.is_floating_point() else a for a in args])
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for index in exact + [6, 9, 10]:
+        assert rel_error(results[1][index], reference[index]) <= tolerance, index
