@@ -111,6 +111,8 @@ struct SequenceBackward {
   scalar_t* grad_hidden;       // (B, H): grad of h_n in, grad of h0 out
   acc_t* grad_cell;            // (B, H): grad of c_n in, grad of c0 out
   scalar_t* grad_gates;        // (N, 4H) out
+  scalar_t* grad_gates_t;      // (4H, N) out, the same transposed, or null
+  int64_t rows;                // N
   const scalar_t* w_hh;        // (4H, H)
   int64_t w_stride0, w_stride1;
   // Workspace: the backward panels (null: read W_hh in place), and the gate gradients of the
@@ -315,6 +317,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   at::Tensor grad_c = grad_c_n.to(acc_options, /*non_blocking=*/false, /*copy=*/true).contiguous();
 
   at::Tensor grad_gates = at::empty({s.rows, kNumGates * H}, options);
+  // The same transposed, where the device's recurrence writes it (the weight gradients
+  // contract over N, which BLAS-style "linear" products want innermost).
+  at::Tensor grad_gates_t;
   // With a projection, dh of every step is kept for dW_hr, and dh W_hr feeds the cell.
   at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, options);
   at::Tensor grad_h_raw = at::empty({s.has_projection ? s.batch : 0, H}, options);
@@ -335,10 +340,16 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.grad_hidden = grad_h.data_ptr<scalar_t>();
       sequence.grad_cell = grad_c.data_ptr<acc_t>();
       sequence.grad_gates = grad_gates.data_ptr<scalar_t>();
+      if (weight_grads) {
+        grad_gates_t = at::empty({kNumGates * H, s.rows}, options);
+        sequence.grad_gates_t = grad_gates_t.data_ptr<scalar_t>();
+      }
+      sequence.rows = s.rows;
       sequence.w_hh = w_hh.const_data_ptr<scalar_t>();
       sequence.w_stride0 = w_hh.stride(0);
       sequence.w_stride1 = w_hh.stride(1);
       if (Kernels::template backward_sequence<scalar_t>(sequence)) return;
+      grad_gates_t = at::Tensor();  // not written: the step loop below runs instead
     }
     const auto recurrent = Kernels::step_product(w_hh, s.steps, s.batch);
     const auto projection =
@@ -391,11 +402,11 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   at::Tensor grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
   if (weight_grads) {
     const at::Tensor x = input.reshape({s.rows, s.input_size});
-    const at::Tensor grad_gates_t = grad_gates.t().contiguous();
-    grad_w_ih = Kernels::linear(grad_gates_t, x.t(), std::nullopt);
-    grad_w_hh = Kernels::linear(grad_gates_t, saved.hidden_prev.t(), std::nullopt);
+    const at::Tensor gates_t = grad_gates_t.defined() ? grad_gates_t : grad_gates.t();
+    grad_w_ih = Kernels::linear(gates_t, x.t(), std::nullopt);
+    grad_w_hh = Kernels::linear(gates_t, saved.hidden_prev.t(), std::nullopt);
     // Summed in the math type so bf16/fp16 bias gradients do not lose the small steps.
-    grad_bias = has_bias ? at::sum(grad_gates, {0}, false, acc_options.dtype().toScalarType())
+    grad_bias = has_bias ? at::sum(gates_t, {1}, false, acc_options.dtype().toScalarType())
                                .to(input.scalar_type())
                          : none();
     grad_w_hr = s.has_projection ? at::mm(grad_h_all.t(), saved.hidden_raw) : none();

@@ -107,6 +107,7 @@ struct CpuKernels {
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>& a) {
     if (!cpu::recurrence_enabled()) return false;
+    RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
     cpu::run_forward(a);
     return true;
   }
@@ -114,6 +115,7 @@ struct CpuKernels {
   template <typename scalar_t>
   static bool backward_sequence(const SequenceBackward<scalar_t>& a) {
     if (!cpu::recurrence_enabled()) return false;
+    RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
     cpu::run_backward(a);
     return true;
   }

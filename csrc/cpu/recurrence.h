@@ -63,6 +63,14 @@ constexpr int64_t backward_block() {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Rows split into the fewest tiles of at most R rows, all of nearly equal size (32 rows in
+// tiles of 6 would leave a 2-row tile running at a third of the speed of the others).
+struct Tiles {
+  int64_t rows, count;
+  Tiles(int64_t rows_, int64_t R) : rows(rows_), count((rows_ + R - 1) / R) {}
+  int64_t begin(int64_t i) const { return rows * i / count; }
+};
+
 // The blocks [begin, end) a thread owns of `blocks`.
 struct Share {
   int64_t begin, end;
@@ -165,8 +173,10 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const acc_t* panel = a.panel + jb * H * 4 * V;
       const int64_t j0 = jb * V, n_units = std::min<int64_t>(V, H - j0);
-      for (int64_t r0 = 0; r0 < rows; r0 += R) {
-        const int n = static_cast<int>(std::min<int64_t>(R, rows - r0));
+      const Tiles tiles(rows, R);
+      for (int64_t tile = 0; tile < tiles.count; ++tile) {
+        const int64_t r0 = tiles.begin(tile);
+        const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
         const acc_t* in[R] = {};
         for (int i = 0; i < n; ++i) {
           const int64_t r = r0 + i;
@@ -277,10 +287,13 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
       const acc_t* panel = a.panel ? a.panel + jb * G * U : in_place_weight<acc_t>(a.w_hh) + u0;
       const int64_t ld = a.panel ? U : a.w_stride0;
-      for (int64_t r0 = 0; r0 < span; r0 += R) {
-        const int n = static_cast<int>(std::min<int64_t>(R, span - r0));
+      const Tiles tiles(span, R);
+      for (int64_t tile = 0; tile < tiles.count; ++tile) {
+        const int64_t r0 = tiles.begin(tile);
+        const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
         const int n_carried = static_cast<int>(std::clamp<int64_t>(prev_rows - r0, 0, n));
         alignas(64) acc_t carried[R * U];
+        alignas(64) acc_t tile_grads[R * 4 * U];
         if (n_carried > 0) {
           const acc_t* in[R] = {};
           for (int i = 0; i < n_carried; ++i) in[i] = grad_prev + (r0 + i) * G;
@@ -303,7 +316,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             dh[u] = from_output + from_next;
           }
           alignas(64) acc_t z[4 * U];
-          alignas(64) acc_t dz[4 * U];
+          acc_t* dz = tile_grads + i * 4 * U;
           const scalar_t* gate_row = a.gates + row * G;
           for (int g = 0; g < 4; ++g) {
             for (int64_t u = 0; u < n_units; ++u) z[g * U + u] = cast<acc_t>(gate_row[g * H + u0 + u]);
@@ -317,6 +330,19 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
               const scalar_t value = cast<scalar_t>(dz[g * U + u]);
               grad_row[g * H + u0 + u] = value;
               work_row[g * H + u0 + u] = cast<acc_t>(value);
+            }
+          }
+        }
+        // The same gradients transposed, (4H, N), for the weight gradients: the tile's rows
+        // are consecutive there.
+        const int64_t n_active = std::clamp<int64_t>(rows - r0, 0, n);
+        if (a.grad_gates_t && n_active > 0) {
+          for (int g = 0; g < 4; ++g) {
+            for (int64_t u = 0; u < n_units; ++u) {
+              scalar_t* column = a.grad_gates_t + (g * H + u0 + u) * a.rows + offset + r0;
+              for (int64_t i = 0; i < n_active; ++i) {
+                column[i] = cast<scalar_t>(tile_grads[i * 4 * U + g * U + u]);
+              }
             }
           }
         }
