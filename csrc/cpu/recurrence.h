@@ -182,6 +182,12 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           const int64_t r = r0 + i;
           in[i] = (r < prev_rows ? h_prev : h0) + r * H;
         }
+        // The tile's pre-activations were written by the input projection long before and
+        // come from memory: ask for them now, so they arrive while the products run.
+        for (int i = 0; i < n; ++i) {
+          const scalar_t* gate_row = a.gates + (offset + r0 + i) * G + j0;
+          for (int g = 0; g < 4; ++g) __builtin_prefetch(gate_row + g * H, 1);
+        }
         alignas(64) acc_t products[R * 4 * V];
         tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products);
         for (int i = 0; i < n; ++i) {
@@ -294,6 +300,24 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
         const int n_carried = static_cast<int>(std::clamp<int64_t>(prev_rows - r0, 0, n));
         alignas(64) acc_t carried[R * U];
         alignas(64) acc_t tile_grads[R * 4 * U];
+        // What the cell gradients read (saved gates, c, the output's gradient) comes from
+        // memory: ask for it before the products.
+        for (int64_t r = r0; r < std::min(r0 + n, rows); ++r) {
+          const int64_t row = offset + r;
+          for (int g = 0; g < 4; ++g) {
+            for (int64_t u = 0; u < n_units; u += 64 / sizeof(scalar_t)) {
+              __builtin_prefetch(a.gates + row * G + g * H + u0 + u);
+            }
+          }
+          for (int64_t u = 0; u < n_units; u += 64 / sizeof(acc_t)) {
+            __builtin_prefetch(a.cell_prev + row * H + u0 + u);
+          }
+          if (a.grad_output) {
+            for (int64_t u = 0; u < n_units; u += 64 / sizeof(scalar_t)) {
+              __builtin_prefetch(a.grad_output + row * H + u0 + u);
+            }
+          }
+        }
         if (n_carried > 0) {
           const acc_t* in[R] = {};
           for (int i = 0; i < n_carried; ++i) in[i] = grad_prev + (r0 + i) * G;
