@@ -1,5 +1,7 @@
 #include "linear.h"
 
+#include "recurrence.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -32,6 +34,9 @@ const c10::TypedOperatorHandle<LinearPointwise>* onednn_linear() {
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias) {
+  // A few rows (a decode step) are bound by reading w once, which dot products on w in place
+  // do; oneDNN would reorder w first.
+  if (auto small = cpu::small_linear(x, w, bias)) return *small;
   const auto* onednn = x.scalar_type() == at::kFloat && x.numel() > 0 && w.numel() > 0
                            ? onednn_linear()
                            : nullptr;

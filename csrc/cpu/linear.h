@@ -7,7 +7,8 @@
 
 namespace lstm_ext {
 
-// x (M, K) @ w (N, K)^T [+ bias (N,)], as a new contiguous (M, N) tensor. fp32 goes through
+// x (M, K) @ w (N, K)^T [+ bias (N,)], as a new contiguous (M, N) tensor. A few rows of fp32 or
+// fp64 are dot products on w in place (cpu::small_linear); otherwise fp32 goes through
 // the oneDNN that torch ships (mkldnn::_linear_pointwise), which runs at the CPU's own vector
 // width on any vendor's x86 CPU (the MKL behind at::mm ran at about half of it on AMD); other
 // dtypes, empty products, a torch without oneDNN, or LSTM_EXT_ONEDNN_LINEAR=0 use at::addmm.

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <optional>
 #include <cstring>
 #include <string>
 
@@ -74,6 +75,62 @@ LSTM_EXT_TARGET_BASELINE void backward_baseline(const SequenceBackward<scalar_t>
   backward_thread<Isa::baseline>(a, t, n);
 }
 
+// out (M, N) = x (M, K) w (N, K)^T [+ bias] for M <= kDirectRows, on output columns
+// [begin, end): dot products over w's rows in place, four at a time.
+template <typename acc_t>
+struct SmallLinear {
+  int64_t M, N, K;
+  const acc_t* x;
+  int64_t x_stride;
+  const acc_t* w;
+  int64_t w_stride;
+  const acc_t* bias;
+  acc_t* out;
+};
+
+template <Isa isa, typename acc_t>
+inline void small_linear_columns(const SmallLinear<acc_t>& a, int64_t begin, int64_t end) {
+  constexpr int V = Tiling<isa, acc_t>::V;
+  const acc_t* rows[kDirectRows] = {};
+  for (int64_t i = 0; i < a.M; ++i) rows[i] = a.x + i * a.x_stride;
+  const int m = static_cast<int>(a.M);
+  for (int64_t n = begin; n < end; n += 4) {
+    acc_t dots[4 * kDirectRows];
+    if (n + 4 <= a.N) {
+      dot_rows_n<acc_t, V, kDirectRows>(m, a.K, a.w + n * a.w_stride, a.w_stride, rows, dots);
+    } else {
+      for (int64_t g = 0; g < 4; ++g) {
+        for (int64_t i = 0; i < a.M; ++i) {
+          acc_t sum = 0;
+          for (int64_t k = 0; n + g < a.N && k < a.K; ++k) sum += a.w[(n + g) * a.w_stride + k] * rows[i][k];
+          dots[g * m + i] = sum;
+        }
+      }
+    }
+    for (int64_t g = 0; g < 4 && n + g < a.N; ++g) {
+      for (int64_t i = 0; i < a.M; ++i) {
+        a.out[i * a.N + n + g] = dots[g * m + i] + (a.bias ? a.bias[n + g] : acc_t(0));
+      }
+    }
+  }
+}
+
+#if LSTM_EXT_X86_VARIANTS
+template <typename acc_t>
+LSTM_EXT_TARGET_AVX512 void small_linear_avx512(const SmallLinear<acc_t>& a, int64_t b, int64_t e) {
+  small_linear_columns<Isa::avx512>(a, b, e);
+}
+template <typename acc_t>
+LSTM_EXT_TARGET_AVX2 void small_linear_avx2(const SmallLinear<acc_t>& a, int64_t b, int64_t e) {
+  small_linear_columns<Isa::avx2>(a, b, e);
+}
+#endif
+template <typename acc_t>
+LSTM_EXT_TARGET_BASELINE void small_linear_baseline(const SmallLinear<acc_t>& a, int64_t b,
+                                                    int64_t e) {
+  small_linear_columns<Isa::baseline>(a, b, e);
+}
+
 // Lanes of one vector of acc_t for an instruction set (the block sizes follow from it).
 template <typename acc_t>
 int64_t lanes(Isa isa) {
@@ -128,9 +185,12 @@ void run_forward(SequenceForward<scalar_t> a) {
   const int64_t V = lanes<acc_t>(isa);
   const int64_t blocks = ceil_div(a.hidden, V);
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor panel = at::empty({blocks * a.hidden * 4 * V}, options);
+  // Small batches read W_hh in place where its rows are contiguous and in the math type.
+  const bool direct = std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
+                      a.batch <= kDirectRows;
+  const at::Tensor panel = at::empty({direct ? 0 : blocks * a.hidden * 4 * V}, options);
   const at::Tensor h_work = at::empty({3 * a.batch * a.hidden}, options);
-  a.panel = panel.data_ptr<acc_t>();
+  a.panel = direct ? nullptr : panel.data_ptr<acc_t>();
   a.h_work = h_work.data_ptr<acc_t>();
   const int threads = threads_for(blocks);
   switch (isa) {
@@ -165,6 +225,35 @@ void run_backward(SequenceBackward<scalar_t> a) {
 #endif
     default: return run_parallel(a, backward_baseline<scalar_t>, threads);
   }
+}
+
+std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
+                                       const std::optional<at::Tensor>& bias) {
+  const bool math_type = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  if (!math_type || x.dim() != 2 || x.size(0) > kDirectRows || w.stride(1) != 1 ||
+      x.stride(1) != 1 || (bias.has_value() && !bias->is_contiguous())) {
+    return std::nullopt;
+  }
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_linear", [&] {
+    const SmallLinear<scalar_t> a{x.size(0), w.size(0), x.size(1),
+                                  x.const_data_ptr<scalar_t>(), x.stride(0),
+                                  w.const_data_ptr<scalar_t>(), w.stride(0),
+                                  bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
+                                  out.data_ptr<scalar_t>()};
+    auto columns = small_linear_baseline<scalar_t>;
+#if LSTM_EXT_X86_VARIANTS
+    if (active_isa() == Isa::avx512) columns = small_linear_avx512<scalar_t>;
+    if (active_isa() == Isa::avx2) columns = small_linear_avx2<scalar_t>;
+#endif
+    // Tasks of whole groups of four columns, each worth a few thousand multiply-adds.
+    const int64_t groups = ceil_div(a.N, 4);
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.K * a.M));
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+      columns(a, 4 * begin, std::min(a.N, 4 * end));
+    });
+  });
+  return out;
 }
 
 #define LSTM_EXT_INSTANTIATE(scalar_t)                               \

@@ -27,6 +27,7 @@
 
 #include "../lstm_layer.h"
 #include "cell_math.h"
+#include "dot.h"
 #include "isa.h"
 #include "vec.h"
 
@@ -37,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
+#include <optional>
 
 namespace lstm_ext {
 namespace cpu {
@@ -129,6 +131,19 @@ inline acc_t stored(acc_t value) {
   return static_cast<acc_t>(static_cast<scalar_t>(value));
 }
 
+// W_hh read in place (only where it is already in the math type).
+template <typename acc_t, typename scalar_t>
+inline const acc_t* in_place_weight(const scalar_t* w) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return w;
+  } else {
+    return nullptr;
+  }
+}
+
+// Batches of at most this many rows skip the forward panels (see dot.h).
+constexpr int kDirectRows = 4;
+
 template <Isa isa, typename scalar_t>
 void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -138,9 +153,14 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   const int64_t blocks = ceil_div(H, V);
   const Share mine = share_of(blocks, thread, threads);
 
+  // Without a panel the weights are read in place by dot products (small batches).
+  const bool direct = a.panel == nullptr;
+  constexpr int RT = std::max(R, kDirectRows);  // rows per tile, either way
+  const int64_t tile_rows = direct ? kDirectRows : R;
+
   // This thread's panels and its columns of h0 in the math type.
   // Row by row of W_hh, so that reads stream; the panel being written stays in cache.
-  for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+  for (int64_t jb = mine.begin; jb < mine.end && !direct; ++jb) {
     acc_t* panel = a.panel + jb * H * 4 * V;
     for (int g = 0; g < 4; ++g) {
       for (int v = 0; v < V; ++v) {
@@ -171,13 +191,13 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     const acc_t* h_prev = a.h_work + (1 + ((processed + 1) & 1)) * B * H;
     acc_t* h_next = a.h_work + (1 + (processed & 1)) * B * H;
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
-      const acc_t* panel = a.panel + jb * H * 4 * V;
+      const acc_t* panel = direct ? nullptr : a.panel + jb * H * 4 * V;
       const int64_t j0 = jb * V, n_units = std::min<int64_t>(V, H - j0);
-      const Tiles tiles(rows, R);
+      const Tiles tiles(rows, tile_rows);
       for (int64_t tile = 0; tile < tiles.count; ++tile) {
         const int64_t r0 = tiles.begin(tile);
         const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
-        const acc_t* in[R] = {};
+        const acc_t* in[RT] = {};
         for (int i = 0; i < n; ++i) {
           const int64_t r = r0 + i;
           in[i] = (r < prev_rows ? h_prev : h0) + r * H;
@@ -188,8 +208,21 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           const scalar_t* gate_row = a.gates + (offset + r0 + i) * G + j0;
           for (int g = 0; g < 4; ++g) __builtin_prefetch(gate_row + g * H, 1);
         }
-        alignas(64) acc_t products[R * 4 * V];
-        tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products);
+        alignas(64) acc_t products[RT * 4 * V];
+        if (direct) {
+          // Unit j's four gate rows of W_hh are H rows apart.
+          const acc_t* w = in_place_weight<acc_t>(a.w_hh);
+          for (int64_t v = 0; v < n_units; ++v) {
+            acc_t dots[4 * kDirectRows];
+            dot_rows_n<acc_t, V, kDirectRows>(n, H, w + (j0 + v) * a.w_stride0,
+                                              H * a.w_stride0, in, dots);
+            for (int i = 0; i < n; ++i) {
+              for (int g = 0; g < 4; ++g) products[i * 4 * V + g * V + v] = dots[g * n + i];
+            }
+          }
+        } else {
+          tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products);
+        }
         for (int i = 0; i < n; ++i) {
           const int64_t r = r0 + i, row = offset + r;
           const acc_t* p = products + i * 4 * V;
@@ -236,16 +269,6 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
       for (int64_t j = unit_begin; j < unit_end; ++j) a.hidden_state[r * H + j] = y[j];
     }
     if (a.reverse) break;
-  }
-}
-
-// W_hh read in place as a backward panel (only where it is already in the math type).
-template <typename acc_t, typename scalar_t>
-inline const acc_t* in_place_weight(const scalar_t* w) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return w;
-  } else {
-    return nullptr;
   }
 }
 
@@ -384,6 +407,12 @@ template <typename scalar_t>
 void run_forward(SequenceForward<scalar_t> a);
 template <typename scalar_t>
 void run_backward(SequenceBackward<scalar_t> a);
+
+// x (M, K) @ w (N, K)^T [+ bias] for at most kDirectRows rows of fp32/fp64 with w's rows
+// contiguous, by dot products on w in place (a decode step's input projection); nullopt for
+// anything else.
+std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
+                                       const std::optional<at::Tensor>& bias);
 
 // False when LSTM_EXT_CPU_RECURRENCE=0, which sends the CPU through the step-by-step path
 // (per-step GEMM plus elementwise pass) instead, for comparison.
