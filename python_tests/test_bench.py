@@ -78,3 +78,70 @@ def test_a_failing_row_is_recorded_and_the_run_goes_on(bench, capsys):
     machine = {"device": "cpu", "torch": "x", "threads": 1, "python": "3", "date": "d"}
     assert "| training H8 B2 T3 bfloat16 | | | | | | RuntimeError" in bench.table(
         rows, bench.summarize(rows, "cuda"), machine, "cmd")
+
+
+CPUINFO_ZEN5 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+"""
+
+CPUINFO_SAPPHIRE = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: avx2 fma avx512f avx512_bf16 avx512_fp16 amx_tile amx_bf16
+"""
+
+
+def test_cpu_is_named_by_vendor_model_microarchitecture_and_flags(bench):
+    amd = bench.cpu_details(CPUINFO_ZEN5)
+    assert (amd["vendor"], amd["family"], amd["model"], amd["microarchitecture"]) == (
+        "AuthenticAMD", 26, 2, "zen5")
+    assert amd["isa_flags"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+    intel = bench.cpu_details(CPUINFO_SAPPHIRE)
+    assert intel["microarchitecture"] == "sapphire-rapids" and "amx_bf16" in intel["isa_flags"]
+    # Results are kept per CPU, under a file name made from these.
+    assert bench.result_name(amd) == "cpu-amd-epyc-zen5"
+    assert bench.result_name(intel) == "cpu-intel-xeon-platinum-8480+-sapphire-rapids".replace(
+        "+", "-")
+    unknown = bench.cpu_details("vendor_id : Other\ncpu family : 3\nmodel : 9\n")
+    assert unknown["microarchitecture"] == "family3-model9"
+
+
+def test_weight_read_floor_counts_w_hh_per_step_and_w_ih_once(bench):
+    """H = 4, one layer, no bias: W_ih and W_hh are 16 x 4 fp32 (256 bytes each). T = 10
+    steps of B = 2 read W_hh ten times and W_ih once; a decode step reads everything once."""
+    module = torch.nn.LSTM(4, 4, bias=False)
+    row = bench.Row("inference", 4, 2, 10)
+    assert bench.bytes_read(row, module, rows_of_data=20) == (256 + 10 * 256, 512)
+    decode = bench.Row("decode", 4, 1, 1)
+    assert bench.bytes_read(decode, module, rows_of_data=1) == (512, 512)
+    projected = torch.nn.LSTM(4, 4, proj_size=2, bias=False)  # W_hh 16x2, W_hr 2x4
+    assert bench.bytes_read(row, projected, rows_of_data=20) == (256 + 10 * (128 + 32), 416)
+
+
+def test_flops_and_limit_columns_are_the_hand_computed_ones(bench):
+    # One layer, H = 3, I = 5: 2 * N * 4H * (I + H) = 2 * 7 * 12 * 8 forward, 3x for training.
+    row = bench.Row("training", 3, 7, 1, input_size=5)
+    assert bench.flops(row, rows_of_data=7) == 3 * 2 * 7 * 12 * 8
+    projected = bench.Row("inference", 4, 1, 1, input_size=2, proj_size=3, layers=2)
+    # layer 0: 2*1*16*(2+3) + 2*1*4*3; layer 1 takes the projected 3 as input.
+    assert bench.flops(projected, rows_of_data=1) == (160 + 24) + (2 * 16 * (3 + 3) + 24)
+    assert bench.limit_text({"roof_fraction": 0.5}) == "50 % of roof"
+    assert bench.limit_text({"roof_fraction": 0.5, "bound_fraction": 0.25}) == "25 % of floor"
+
+
+def test_roof_is_the_better_of_torch_mm_and_onednn(bench, monkeypatch):
+    if bench.onednn_product(torch.ones(2, 2), torch.ones(2, 2)) is None:
+        pytest.skip("this torch has no oneDNN linear")
+    times = iter([4.0, 1.0])  # torch.mm is timed first, then oneDNN
+    monkeypatch.setattr(bench, "best_time", lambda run, device, repeats: next(times))
+    roof = bench.gemm_roof(torch.float32, torch.device("cpu"), size=8, repeats=1)
+    assert roof == pytest.approx(2 * 8**3 / 1.0 / 1e9)
