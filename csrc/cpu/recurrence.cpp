@@ -233,8 +233,8 @@ void run_backward(SequenceBackward<scalar_t> a) {
 std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
                                        const std::optional<at::Tensor>& bias) {
   const bool math_type = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  if (!math_type || x.dim() != 2 || x.size(0) > kDirectRows || w.stride(1) != 1 ||
-      x.stride(1) != 1 || (bias.has_value() && !bias->is_contiguous())) {
+  if (!math_type || x.dim() != 2 || x.size(0) == 0 || x.size(0) > kDirectRows ||
+      w.stride(1) != 1 || x.stride(1) != 1 || (bias.has_value() && !bias->is_contiguous())) {
     return std::nullopt;
   }
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
