@@ -217,10 +217,12 @@ void run_backward(SequenceBackward<scalar_t> a) {
   const bool in_place = std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
                         a.hidden % U == 0;
   const at::Tensor panel = at::empty({in_place ? 0 : blocks * 4 * a.hidden * U}, options);
+  const int threads = threads_for(blocks);
   const at::Tensor grad_work = at::empty({2 * a.batch * 4 * a.hidden}, options);
+  const at::Tensor carry_work = at::empty({threads * a.batch * U}, options);
   a.panel = in_place ? nullptr : panel.data_ptr<acc_t>();
   a.grad_work = grad_work.data_ptr<acc_t>();
-  const int threads = threads_for(blocks);
+  a.carry_work = carry_work.data_ptr<acc_t>();
   switch (isa) {
 #if LSTM_EXT_X86_VARIANTS
     case Isa::avx512: return run_parallel(a, backward_avx512<scalar_t>, threads);

@@ -81,14 +81,17 @@ inline Share share_of(int64_t blocks, int thread, int threads) {
   return {blocks * thread / threads, blocks * (thread + 1) / threads};
 }
 
-// out[r][c] = sum_k in[r][k] * panel[k * ld + c] for r < N rows and c < 4V columns.
+// out[r][c] = sum_k in[r][k] * panel[k * ld + c] for r < N rows and c < 4V columns (out's rows
+// 4V apart); with accumulate, out += the same.
 template <typename acc_t, int V, int N>
 inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, int64_t ld,
-                         acc_t* out) {
+                         acc_t* out, bool accumulate = false) {
   using vec = typename Vec<acc_t, V>::type;
   vec acc[N][4];
   for (int r = 0; r < N; ++r) {
-    for (int g = 0; g < 4; ++g) acc[r][g] = vec{};
+    for (int g = 0; g < 4; ++g) {
+      acc[r][g] = accumulate ? reinterpret_cast<const vec*>(out)[r * 4 + g] : vec{};
+    }
   }
   const acc_t* rows[N];
   for (int r = 0; r < N; ++r) rows[r] = in[r];
@@ -113,11 +116,11 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
 // tile_product for n <= R rows, n known only at run time.
 template <typename acc_t, int V, int R>
 inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t* panel,
-                           int64_t ld, acc_t* out) {
+                           int64_t ld, acc_t* out, bool accumulate = false) {
   if constexpr (R > 1) {
-    if (n < R) return tile_product_n<acc_t, V, R - 1>(n, K, in, panel, ld, out);
+    if (n < R) return tile_product_n<acc_t, V, R - 1>(n, K, in, panel, ld, out, accumulate);
   }
-  tile_product<acc_t, V, R>(K, in, panel, ld, out);
+  tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate);
 }
 
 template <typename to_t, typename from_t>
@@ -272,6 +275,10 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   }
 }
 
+// Rows of the backward's 4H-long sums per chunk: a chunk of a block's panel is 128 KB.
+template <typename acc_t, int64_t U>
+constexpr int64_t kBackwardChunk = (128 << 10) / (U * static_cast<int64_t>(sizeof(acc_t)));
+
 template <Isa isa, typename scalar_t>
 void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int threads) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -316,16 +323,31 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
       const acc_t* panel = a.panel ? a.panel + jb * G * U : in_place_weight<acc_t>(a.w_hh) + u0;
       const int64_t ld = a.panel ? U : a.w_stride0;
+      // dh carried into this step, for rows [0, prev_rows), in chunks of the 4H-long sum, so
+      // that a chunk of the panel and of the rows' gradients stay in L2 across all the tiles.
+      acc_t* carried = a.carry_work + thread * B * U;
+      const Tiles carried_tiles(prev_rows, R);
+      for (int64_t k0 = 0; k0 < G; k0 += kBackwardChunk<acc_t, U>) {
+        const int64_t kn = std::min<int64_t>(kBackwardChunk<acc_t, U>, G - k0);
+        for (int64_t tile = 0; tile < carried_tiles.count; ++tile) {
+          const int64_t r0 = carried_tiles.begin(tile);
+          const int n = static_cast<int>(carried_tiles.begin(tile + 1) - r0);
+          const acc_t* in[R] = {};
+          for (int i = 0; i < n; ++i) in[i] = grad_prev + (r0 + i) * G + k0;
+          tile_product_n<acc_t, V, R>(n, kn, in, panel + k0 * ld, ld, carried + r0 * U,
+                                      /*accumulate=*/k0 > 0);
+        }
+      }
       const Tiles tiles(span, R);
       for (int64_t tile = 0; tile < tiles.count; ++tile) {
         const int64_t r0 = tiles.begin(tile);
         const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
-        const int n_carried = static_cast<int>(std::clamp<int64_t>(prev_rows - r0, 0, n));
-        alignas(64) acc_t carried[R * U];
         alignas(64) acc_t tile_grads[R * 4 * U];
-        // What the cell gradients read (saved gates, c, the output's gradient) comes from
-        // memory: ask for it before the products.
-        for (int64_t r = r0; r < std::min(r0 + n, rows); ++r) {
+        // What the cell gradients of the next tile read (saved gates, c, the output's
+        // gradient) comes from memory: ask for it while this one is computed.
+        const int64_t next = tiles.begin(tile + 1);
+        const int64_t next_end = tiles.begin(std::min(tile + 2, tiles.count));
+        for (int64_t r = next; r < std::min(next_end, rows); ++r) {
           const int64_t row = offset + r;
           for (int g = 0; g < 4; ++g) {
             for (int64_t u = 0; u < n_units; u += 64 / sizeof(scalar_t)) {
@@ -341,14 +363,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             }
           }
         }
-        if (n_carried > 0) {
-          const acc_t* in[R] = {};
-          for (int i = 0; i < n_carried; ++i) in[i] = grad_prev + (r0 + i) * G;
-          tile_product_n<acc_t, V, R>(n_carried, G, in, panel, ld, carried);
-        }
         for (int i = 0; i < n; ++i) {
           const int64_t r = r0 + i;
-          const acc_t* p = carried + i * U;
+          const acc_t* p = carried + r * U;
           scalar_t* grad_h = a.grad_hidden + r * H + u0;
           if (r >= rows) {  // this sequence's first step is behind us: p is its grad of h0
             for (int64_t u = 0; u < n_units; ++u) grad_h[u] = cast<scalar_t>(p[u]);
