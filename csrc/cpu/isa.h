@@ -5,14 +5,16 @@
 // instruction set carries a `target` attribute and `flatten`, so the template and everything it
 // calls are inlined into the wrapper and compiled for that instruction set, and nothing compiled
 // for AVX-512 is ever shared with code that runs on a lesser CPU. The best set the CPU supports
-// is picked once; LSTM_EXT_CPU_ISA=avx512|avx2|baseline picks a lower one (CI runs the tests
-// with each, so that no variant rots on an AVX-512 machine).
+// is picked once; LSTM_EXT_CPU_ISA=avx512_bf16|avx512|avx2|baseline picks a lower one (CI runs
+// the tests with each, so that no variant rots on an AVX-512 machine). avx512_bf16 is AVX-512
+// plus the bf16 dot products (Zen 4 and later, Cooper Lake and Sapphire Rapids and later): bf16
+// recurrences multiply bf16 pairs there; everything else runs as under avx512.
 #pragma once
 
 namespace lstm_ext {
 namespace cpu {
 
-enum class Isa { baseline = 0, avx2 = 1, avx512 = 2 };
+enum class Isa { baseline = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
 
 // The instruction set in use: the best this CPU supports, or LSTM_EXT_CPU_ISA if set. Throws
 // (c10::Error, a RuntimeError in Python) for an unknown name or a set this CPU lacks.
@@ -25,6 +27,8 @@ const char* isa_name(Isa isa);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LSTM_EXT_X86_VARIANTS 1
 #define LSTM_EXT_TARGET_AVX512 __attribute__((target("arch=x86-64-v4"), flatten))
+#define LSTM_EXT_TARGET_AVX512_BF16 \
+  __attribute__((target("arch=x86-64-v4,avx512bf16"), flatten))
 #define LSTM_EXT_TARGET_AVX2 __attribute__((target("arch=x86-64-v3"), flatten))
 #else
 #define LSTM_EXT_X86_VARIANTS 0
@@ -40,6 +44,7 @@ const char* isa_name(Isa isa);
   LSTM_EXT_TARGET_BASELINE void name##_baseline params { name##_impl args; }     \
   void name params {                                                            \
     switch (::lstm_ext::cpu::active_isa()) {                                    \
+      case ::lstm_ext::cpu::Isa::avx512_bf16:                                   \
       case ::lstm_ext::cpu::Isa::avx512: return name##_avx512 args;             \
       case ::lstm_ext::cpu::Isa::avx2: return name##_avx2 args;                 \
       default: return name##_baseline args;                                     \

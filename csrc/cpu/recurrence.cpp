@@ -18,7 +18,9 @@ namespace {
 Isa best_supported_isa() {
 #if LSTM_EXT_X86_VARIANTS
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return Isa::avx512;
+  if (__builtin_cpu_supports("x86-64-v4")) {
+    return __builtin_cpu_supports("avx512bf16") ? Isa::avx512_bf16 : Isa::avx512;
+  }
   if (__builtin_cpu_supports("x86-64-v3")) return Isa::avx2;
 #endif
   return Isa::baseline;
@@ -30,7 +32,9 @@ Isa choose_isa() {
   if (setting == nullptr || *setting == '\0') return best;
   const std::string name(setting);
   Isa wanted;
-  if (name == "avx512") {
+  if (name == "avx512_bf16") {
+    wanted = Isa::avx512_bf16;
+  } else if (name == "avx512") {
     wanted = Isa::avx512;
   } else if (name == "avx2") {
     wanted = Isa::avx2;
@@ -38,7 +42,8 @@ Isa choose_isa() {
     wanted = Isa::baseline;
   } else {
     TORCH_CHECK(false, "LSTM_EXT_CPU_ISA=", name,
-                " is not an instruction set lstm_ext knows; use avx512, avx2 or baseline, or "
+                " is not an instruction set lstm_ext knows; use avx512_bf16, avx512, avx2 or "
+                "baseline, or "
                 "leave it unset for the best this CPU supports");
   }
   TORCH_CHECK(wanted <= best, "LSTM_EXT_CPU_ISA=", name, " asks for instructions this CPU lacks; "
@@ -48,6 +53,16 @@ Isa choose_isa() {
 
 // One wrapper per instruction set and pass; flatten compiles the whole template for it.
 #if LSTM_EXT_X86_VARIANTS
+template <typename scalar_t>
+LSTM_EXT_TARGET_AVX512_BF16 void forward_avx512_bf16(const SequenceForward<scalar_t>& a, int t,
+                                                     int n) {
+  forward_thread<Isa::avx512_bf16>(a, t, n);
+}
+template <typename scalar_t>
+LSTM_EXT_TARGET_AVX512_BF16 void backward_avx512_bf16(const SequenceBackward<scalar_t>& a, int t,
+                                                      int n) {
+  backward_thread<Isa::avx512_bf16>(a, t, n);
+}
 template <typename scalar_t>
 LSTM_EXT_TARGET_AVX512 void forward_avx512(const SequenceForward<scalar_t>& a, int t, int n) {
   forward_thread<Isa::avx512>(a, t, n);
@@ -135,6 +150,7 @@ LSTM_EXT_TARGET_BASELINE void small_linear_baseline(const SmallLinear<acc_t>& a,
 template <typename acc_t>
 int64_t lanes(Isa isa) {
   switch (isa) {
+    case Isa::avx512_bf16:
     case Isa::avx512: return Tiling<Isa::avx512, acc_t>::V;
     case Isa::avx2: return Tiling<Isa::avx2, acc_t>::V;
     default: return Tiling<Isa::baseline, acc_t>::V;
@@ -162,6 +178,7 @@ void run_parallel(const Args& a, Fn fn, int threads) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "baseline";
@@ -198,6 +215,7 @@ void run_forward(SequenceForward<scalar_t> a) {
   const int threads = threads_for(blocks);
   switch (isa) {
 #if LSTM_EXT_X86_VARIANTS
+    case Isa::avx512_bf16: return run_parallel(a, forward_avx512_bf16<scalar_t>, threads);
     case Isa::avx512: return run_parallel(a, forward_avx512<scalar_t>, threads);
     case Isa::avx2: return run_parallel(a, forward_avx2<scalar_t>, threads);
 #endif
@@ -225,6 +243,7 @@ void run_backward(SequenceBackward<scalar_t> a) {
   a.carry_work = carry_work.data_ptr<acc_t>();
   switch (isa) {
 #if LSTM_EXT_X86_VARIANTS
+    case Isa::avx512_bf16: return run_parallel(a, backward_avx512_bf16<scalar_t>, threads);
     case Isa::avx512: return run_parallel(a, backward_avx512<scalar_t>, threads);
     case Isa::avx2: return run_parallel(a, backward_avx2<scalar_t>, threads);
 #endif
@@ -248,7 +267,7 @@ std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
                                   out.data_ptr<scalar_t>()};
     auto columns = small_linear_baseline<scalar_t>;
 #if LSTM_EXT_X86_VARIANTS
-    if (active_isa() == Isa::avx512) columns = small_linear_avx512<scalar_t>;
+    if (active_isa() >= Isa::avx512) columns = small_linear_avx512<scalar_t>;
     if (active_isa() == Isa::avx2) columns = small_linear_avx2<scalar_t>;
 #endif
     // Tasks of whole groups of four columns, each worth a few thousand multiply-adds.

@@ -26,6 +26,7 @@
 #pragma once
 
 #include "../lstm_layer.h"
+#include "bf16_pairs.h"
 #include "cell_math.h"
 #include "dot.h"
 #include "isa.h"
@@ -48,9 +49,9 @@ namespace cpu {
 // ymm/xmm otherwise; with AVX2 some panel vectors are read from L1 as operands).
 template <Isa isa, typename acc_t>
 struct Tiling {
-  static constexpr int kVectorBytes = isa == Isa::avx512 ? 64 : isa == Isa::avx2 ? 32 : 16;
+  static constexpr int kVectorBytes = isa >= Isa::avx512 ? 64 : isa == Isa::avx2 ? 32 : 16;
   static constexpr int V = kVectorBytes / static_cast<int>(sizeof(acc_t));
-  static constexpr int R = isa == Isa::avx512 ? 6 : 3;
+  static constexpr int R = isa >= Isa::avx512 ? 6 : 3;
 };
 
 // Units per forward block and per backward block.
@@ -161,9 +162,31 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   constexpr int RT = std::max(R, kDirectRows);  // rows per tile, either way
   const int64_t tile_rows = direct ? kDirectRows : R;
 
+  // bf16 under avx512_bf16 multiplies bf16 pairs (bf16_pairs.h): panels of pairs of k, and
+  // the bf16 h itself (the previous step's output rows, or h0) as the rows. An odd H, whose
+  // last pair would run past a row, takes the fp32 panels.
+  constexpr bool kPairKernel = isa == Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
+  const bool pairs = kPairKernel && !direct && H % 2 == 0;
+  uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
+  if constexpr (kPairKernel) {
+    for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
+      uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
+      for (int g = 0; g < 4; ++g) {
+        for (int v = 0; v < V; ++v) {
+          const int64_t j = jb * V + v;
+          const scalar_t* w = a.w_hh + (g * H + j) * a.w_stride0;
+          for (int64_t p = 0; p < H / 2; ++p) {
+            panel[p * 4 * V + g * V + v] =
+                j < H ? bf16_pair(w[2 * p * a.w_stride1], w[(2 * p + 1) * a.w_stride1]) : 0;
+          }
+        }
+      }
+    }
+  }
+
   // This thread's panels and its columns of h0 in the math type.
   // Row by row of W_hh, so that reads stream; the panel being written stays in cache.
-  for (int64_t jb = mine.begin; jb < mine.end && !direct; ++jb) {
+  for (int64_t jb = mine.begin; jb < mine.end && !direct && !pairs; ++jb) {
     acc_t* panel = a.panel + jb * H * 4 * V;
     for (int g = 0; g < 4; ++g) {
       for (int v = 0; v < V; ++v) {
@@ -186,7 +209,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 #pragma omp barrier
 
   const int64_t G = 4 * H;
-  int64_t processed = 0, prev_rows = 0;
+  int64_t processed = 0, prev_rows = 0, prev_offset = 0;
   for (int64_t k = 0; k < a.steps; ++k) {
     const int64_t t = a.reverse ? a.steps - 1 - k : k;
     const int64_t rows = a.step_size[t], offset = a.step_offset[t];
@@ -222,6 +245,17 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
             for (int i = 0; i < n; ++i) {
               for (int g = 0; g < 4; ++g) products[i * 4 * V + g * V + v] = dots[g * n + i];
             }
+          }
+        } else if (pairs) {
+          if constexpr (kPairKernel) {
+            const scalar_t* in_pairs[R] = {};
+            for (int i = 0; i < n; ++i) {
+              const int64_t r = r0 + i;
+              in_pairs[i] = r < prev_rows ? a.output + (prev_offset + r) * H
+                                          : a.hidden_state + r * H;
+            }
+            pair_tile_product_n<R>(n, H / 2, in_pairs, pair_panels + jb * (H / 2) * 4 * V,
+                                   4 * V, products, false);
           }
         } else {
           tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products);
@@ -259,6 +293,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
       }
     }
     prev_rows = rows;
+    prev_offset = offset;
     ++processed;
 #pragma omp barrier
   }
@@ -289,7 +324,25 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   const int64_t blocks = ceil_div(H, U);
   const Share mine = share_of(blocks, thread, threads);
 
-  if (a.panel) {
+  // bf16 under avx512_bf16 multiplies bf16 pairs (bf16_pairs.h): panels of pairs of rows of
+  // W_hh, and the previous step's bf16 gate gradients themselves as the rows.
+  constexpr bool kPairKernel = isa == Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
+  const bool pairs = kPairKernel && a.panel != nullptr;
+  uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
+  if constexpr (kPairKernel) {
+    for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
+      uint32_t* panel = pair_panels + jb * (G / 2) * U;
+      for (int64_t p = 0; p < G / 2; ++p) {
+        const scalar_t* w0 = a.w_hh + 2 * p * a.w_stride0;
+        const scalar_t* w1 = w0 + a.w_stride0;
+        for (int64_t u = 0; u < U; ++u) {
+          const int64_t j = jb * U + u;
+          panel[p * U + u] = j < H ? bf16_pair(w0[j * a.w_stride1], w1[j * a.w_stride1]) : 0;
+        }
+      }
+    }
+  }
+  if (a.panel && !pairs) {
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       acc_t* panel = a.panel + jb * G * U;
       for (int64_t kk = 0; kk < G; ++kk) {
@@ -307,7 +360,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   // gradients with W_hh, dh carried into this step; rows of the previous step that this step
   // does not have are sequences whose first step that was, and get their grad of h0. One more
   // pass after the last step does the same for the rows of the last one.
-  int64_t processed = 0, prev_rows = 0;
+  int64_t processed = 0, prev_rows = 0, prev_offset = 0;
   for (int64_t k = 0; k <= a.steps; ++k) {
     int64_t rows = 0, offset = 0;
     if (k < a.steps) {
@@ -332,6 +385,15 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
         for (int64_t tile = 0; tile < carried_tiles.count; ++tile) {
           const int64_t r0 = carried_tiles.begin(tile);
           const int n = static_cast<int>(carried_tiles.begin(tile + 1) - r0);
+          if constexpr (kPairKernel) {
+            if (pairs) {
+              const scalar_t* in[R] = {};
+              for (int i = 0; i < n; ++i) in[i] = a.grad_gates + (prev_offset + r0 + i) * G + k0;
+              pair_tile_product_n<R>(n, kn / 2, in, pair_panels + jb * (G / 2) * U + k0 / 2 * U,
+                                     U, carried + r0 * U, /*accumulate=*/k0 > 0);
+              continue;
+            }
+          }
           const acc_t* in[R] = {};
           for (int i = 0; i < n; ++i) in[i] = grad_prev + (r0 + i) * G + k0;
           tile_product_n<acc_t, V, R>(n, kn, in, panel + k0 * ld, ld, carried + r0 * U,
@@ -413,6 +475,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       }
     }
     prev_rows = rows;
+    prev_offset = offset;
     ++processed;
 #pragma omp barrier
   }

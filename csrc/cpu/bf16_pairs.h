@@ -1,0 +1,77 @@
+// bf16 products on the CPU's bf16 dot-product instruction (vdpbf16ps: 16 fp32 lanes, each
+// adding the products of one pair of bf16 numbers), for bf16 recurrences under avx512_bf16.
+// Weights are packed in pairs of consecutive k (the VNNI layout); the rows they multiply are the
+// bf16 tensors themselves, read a pair at a time.
+#pragma once
+
+#include "isa.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if LSTM_EXT_X86_VARIANTS
+#include <immintrin.h>
+#endif
+
+namespace lstm_ext {
+namespace cpu {
+
+// Two bf16 numbers as one 32-bit lane, the first in the low half (vdpbf16ps' order).
+inline uint32_t bf16_pair(c10::BFloat16 first, c10::BFloat16 second) {
+  return static_cast<uint32_t>(first.x) | (static_cast<uint32_t>(second.x) << 16);
+}
+
+#if LSTM_EXT_X86_VARIANTS
+// out[r][c] = sum_k in[r][k] * W[k][c] for r < N rows and 64 columns c (out's rows 64 apart),
+// k over 2 * pairs values; with accumulate, out += the same. Panel row p holds, for each c,
+// (W[2p][c], W[2p+1][c]); ld is the distance between panel rows in pairs.
+template <int N>
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_product(
+    int64_t pairs, const c10::BFloat16* const* in, const uint32_t* panel, int64_t ld, float* out,
+    bool accumulate) {
+  __m512 acc[N][4];
+  for (int r = 0; r < N; ++r) {
+    for (int g = 0; g < 4; ++g) {
+      acc[r][g] = accumulate ? _mm512_loadu_ps(out + (r * 4 + g) * 16) : _mm512_setzero_ps();
+    }
+  }
+  const c10::BFloat16* rows[N];
+  for (int r = 0; r < N; ++r) rows[r] = in[r];
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint32_t* w = panel + p * ld;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 16);
+    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 32);
+    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < N; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, rows[r] + 2 * p, sizeof(pair));
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], x, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, w3);
+    }
+  }
+  for (int r = 0; r < N; ++r) {
+    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(out + (r * 4 + g) * 16, acc[r][g]);
+  }
+}
+
+// pair_tile_product for n <= R rows, n known only at run time.
+template <int R>
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_product_n(
+    int n, int64_t pairs, const c10::BFloat16* const* in, const uint32_t* panel, int64_t ld,
+    float* out, bool accumulate) {
+  if constexpr (R > 1) {
+    if (n < R) return pair_tile_product_n<R - 1>(n, pairs, in, panel, ld, out, accumulate);
+  }
+  pair_tile_product<R>(pairs, in, panel, ld, out, accumulate);
+}
+#endif
+
+}  // namespace cpu
+}  // namespace lstm_ext
