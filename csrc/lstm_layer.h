@@ -10,6 +10,8 @@
 //                                                    int64_t batch);
 //   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
 //                            const std::optional<at::Tensor>& bias);   // x w^T + bias, (M, N)
+//   static at::Tensor gate_gradients(bool transposed, at::IntArrayRef sizes,
+//                                    const at::TensorOptions& options);  // backward's scratch
 //
 // A StepProduct is the per-step GEMM with one weight used at every step; a device may prepare
 // the weight once per call (transpose, pack) to make the small per-step products faster.
@@ -121,6 +123,7 @@ struct SequenceBackward {
   acc_t* panel;
   acc_t* grad_work;
   acc_t* carry_work;
+  scalar_t* transpose_work;  // per thread, (4 * block, B): a step's gradients, transposed
 };
 
 // out (rows, N) = in (rows, K) @ weight (K, N), or out += ... with accumulate. `in` and `out` are
@@ -318,7 +321,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   at::Tensor grad_h = grad_h_n.contiguous().clone();
   at::Tensor grad_c = grad_c_n.to(acc_options, /*non_blocking=*/false, /*copy=*/true).contiguous();
 
-  at::Tensor grad_gates = at::empty({s.rows, kNumGates * H}, options);
+  at::Tensor grad_gates = Kernels::gate_gradients(false, {s.rows, kNumGates * H}, options);
   // The same transposed, where the device's recurrence writes it (the weight gradients
   // contract over N, which BLAS-style "linear" products want innermost).
   at::Tensor grad_gates_t;
@@ -343,7 +346,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.grad_cell = grad_c.data_ptr<acc_t>();
       sequence.grad_gates = grad_gates.data_ptr<scalar_t>();
       if (weight_grads) {
-        grad_gates_t = at::empty({kNumGates * H, s.rows}, options);
+        grad_gates_t = Kernels::gate_gradients(true, {kNumGates * H, s.rows}, options);
         sequence.grad_gates_t = grad_gates_t.data_ptr<scalar_t>();
       }
       sequence.rows = s.rows;

@@ -1,6 +1,7 @@
 #include "linear.h"
 
 #include "recurrence.h"
+#include "workspace.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -41,7 +42,13 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                            ? onednn_linear()
                            : nullptr;
   if (onednn != nullptr) {
-    return onednn->call(x.contiguous(), w.contiguous(),
+    // Operands in another layout (the weight gradients' transposed ones) are copied into kept
+    // memory, not fresh pages.
+    const auto contiguous = [](const at::Tensor& t, cpu::Workspace slot) {
+      return t.is_contiguous() ? t : cpu::workspace(slot, t.sizes(), t.options()).copy_(t);
+    };
+    return onednn->call(contiguous(x, cpu::Workspace::operand_x),
+                        contiguous(w, cpu::Workspace::operand_w),
                         bias.has_value() ? std::optional<at::Tensor>(bias->contiguous())
                                          : std::nullopt,
                         "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);

@@ -12,6 +12,7 @@
 #include "linear.h"
 #include "recurrence.h"
 #include "step_product.h"
+#include "workspace.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -102,6 +103,13 @@ struct CpuKernels {
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
                            const std::optional<at::Tensor>& bias) {
     return cpu_linear(x, w, bias);
+  }
+
+  // The backward's gate gradients never leave the call: kept memory (see workspace.h).
+  static at::Tensor gate_gradients(bool transposed, at::IntArrayRef sizes,
+                                   const at::TensorOptions& options) {
+    return cpu::workspace(transposed ? cpu::Workspace::grad_gates_t : cpu::Workspace::grad_gates,
+                          sizes, options);
   }
 
   template <typename scalar_t>

@@ -238,9 +238,13 @@ void run_backward(SequenceBackward<scalar_t> a) {
   const int threads = threads_for(blocks);
   const at::Tensor grad_work = at::empty({2 * a.batch * 4 * a.hidden}, options);
   const at::Tensor carry_work = at::empty({threads * a.batch * U}, options);
+  const at::Tensor transpose_work = at::empty(
+      {a.grad_gates_t ? threads * 4 * U * a.batch : 0},
+      options.dtype(c10::CppTypeToScalarType<scalar_t>::value));
   a.panel = in_place ? nullptr : panel.data_ptr<acc_t>();
   a.grad_work = grad_work.data_ptr<acc_t>();
   a.carry_work = carry_work.data_ptr<acc_t>();
+  a.transpose_work = transpose_work.data_ptr<scalar_t>();
   switch (isa) {
 #if LSTM_EXT_X86_VARIANTS
     case Isa::avx512_bf16: return run_parallel(a, backward_avx512_bf16<scalar_t>, threads);

@@ -379,6 +379,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       // dh carried into this step, for rows [0, prev_rows), in chunks of the 4H-long sum, so
       // that a chunk of the panel and of the rows' gradients stay in L2 across all the tiles.
       acc_t* carried = a.carry_work + thread * B * U;
+      scalar_t* staged = a.transpose_work + thread * 4 * U * B;
       const Tiles carried_tiles(prev_rows, R);
       for (int64_t k0 = 0; k0 < G; k0 += kBackwardChunk<acc_t, U>) {
         const int64_t kn = std::min<int64_t>(kBackwardChunk<acc_t, U>, G - k0);
@@ -459,17 +460,22 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             }
           }
         }
-        // The same gradients transposed, (4H, N), for the weight gradients: the tile's rows
-        // are consecutive there.
+        // The same gradients transposed, staged so that each (gate, unit) row of the
+        // transposed (4H, N) copy gets this step's rows in one contiguous run below.
         const int64_t n_active = std::clamp<int64_t>(rows - r0, 0, n);
-        if (a.grad_gates_t && n_active > 0) {
-          for (int g = 0; g < 4; ++g) {
-            for (int64_t u = 0; u < n_units; ++u) {
-              scalar_t* column = a.grad_gates_t + (g * H + u0 + u) * a.rows + offset + r0;
-              for (int64_t i = 0; i < n_active; ++i) {
-                column[i] = cast<scalar_t>(tile_grads[i * 4 * U + g * U + u]);
-              }
+        if (a.grad_gates_t) {
+          for (int64_t c = 0; c < 4 * U; ++c) {
+            for (int64_t i = 0; i < n_active; ++i) {
+              staged[c * B + r0 + i] = cast<scalar_t>(tile_grads[i * 4 * U + c]);
             }
+          }
+        }
+      }
+      if (a.grad_gates_t && rows > 0) {
+        for (int g = 0; g < 4; ++g) {
+          for (int64_t u = 0; u < n_units; ++u) {
+            std::memcpy(a.grad_gates_t + (g * H + u0 + u) * a.rows + offset,
+                        staged + (g * U + u) * B, rows * sizeof(scalar_t));
           }
         }
       }

@@ -69,6 +69,10 @@ struct CudaKernels {
     return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
   }
 
+  static at::Tensor gate_gradients(bool, at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);  // the caching allocator keeps memory already
+  }
+
   // No whole-sequence kernel on CUDA yet: the step loop runs.
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>&) {

@@ -1,0 +1,25 @@
+// Scratch tensors kept across calls on one thread, for the large temporaries of a call (the
+// backward's gate gradients, operands copied into the layout a product wants). A fresh
+// allocation of that size comes as fresh pages, which the OS zeroes on first touch (about
+// 0.25 ms per MB on the development VMs, 10-15 % of a training step at LM sizes); a kept one
+// does not. Each slot holds at most kMaxWorkspaceBytes; larger requests are plain allocations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace lstm_ext {
+namespace cpu {
+
+enum class Workspace { grad_gates, grad_gates_t, operand_x, operand_w, count };
+
+constexpr int64_t kMaxWorkspaceBytes = int64_t{1} << 30;
+
+// A contiguous tensor of these sizes and options in the slot's memory: uninitialized, only
+// valid until the slot is asked for again on this thread (a slot still in use, or too small,
+// is replaced).
+at::Tensor workspace(Workspace slot, at::IntArrayRef sizes, const at::TensorOptions& options);
+
+}  // namespace cpu
+}  // namespace lstm_ext
