@@ -173,3 +173,16 @@ def test_every_thread_count_gives_the_same_bits(dtype, reverse, batch):
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     for index in exact + [6, 9, 10]:
         assert rel_error(results[1][index], reference[index]) <= tolerance, index
+
+
+def test_results_do_not_share_the_kept_scratch_memory():
+    """The backward keeps its large temporaries across calls (csrc/cpu/workspace.h); nothing it
+    returns may live there, or the next call would overwrite the previous call's gradients."""
+    first_args = layer_call(torch.float32)
+    first = forward_and_backward(first_args)
+    kept = [t.clone() for t in first]
+    second_args = layer_call(torch.float32, batch=29, hidden=130)
+    second_args[0] = second_args[0] * 3  # other data, same sizes as far as they can be
+    forward_and_backward(second_args)
+    for index, (now, before) in enumerate(zip(first, kept)):
+        assert torch.equal(now, before), index
