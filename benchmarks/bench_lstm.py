@@ -361,9 +361,11 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp1
              "amx_bf16")
 # Microarchitectures by (vendor, family, model), for result names where a VM hides the model.
 MICROARCHITECTURES = {
-    ("AuthenticAMD", 25, range(0x00, 0x10)): "zen3", ("AuthenticAMD", 25, range(0x10, 0x100)): "zen4",
+    ("AuthenticAMD", 25, range(0x00, 0x10)): "zen3",
+    ("AuthenticAMD", 25, range(0x10, 0x100)): "zen4",
     ("AuthenticAMD", 26, range(0x00, 0x100)): "zen5",
-    ("GenuineIntel", 6, range(85, 86)): "skylake-sp", ("GenuineIntel", 6, range(106, 107)): "icelake-sp",
+    ("GenuineIntel", 6, range(85, 86)): "skylake-sp",
+    ("GenuineIntel", 6, range(106, 107)): "icelake-sp",
     ("GenuineIntel", 6, range(143, 144)): "sapphire-rapids",
     ("GenuineIntel", 6, range(207, 208)): "emerald-rapids",
     ("GenuineIntel", 6, range(173, 174)): "granite-rapids",

@@ -79,9 +79,11 @@ def dtype_of(name):
 
 def run_variant(isa, extra_env=None):
     env = dict(os.environ, LSTM_EXT_CPU_ISA=isa, **(extra_env or {}))
-    completed = subprocess.run(
-        [sys.executable, "-c", VARIANT_SCRIPT, os.path.dirname(__file__)],
-        env=env, capture_output=True, text=True, timeout=600)
+    # Run from the tests' folder, so that `import lstm_ext` finds the installed package (as the
+    # suite does), not a source folder without the compiled library.
+    here = os.path.dirname(os.path.abspath(__file__))
+    completed = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, here], env=env, cwd=here,
+                               capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 

@@ -2,6 +2,8 @@
 // instruction set (isa.h), and the parallel region that runs it.
 #include "recurrence.h"
 
+#include "workspace.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -117,7 +119,9 @@ inline void small_linear_columns(const SmallLinear<acc_t>& a, int64_t begin, int
       for (int64_t g = 0; g < 4; ++g) {
         for (int64_t i = 0; i < a.M; ++i) {
           acc_t sum = 0;
-          for (int64_t k = 0; n + g < a.N && k < a.K; ++k) sum += a.w[(n + g) * a.w_stride + k] * rows[i][k];
+          for (int64_t k = 0; n + g < a.N && k < a.K; ++k) {
+            sum += a.w[(n + g) * a.w_stride + k] * rows[i][k];
+          }
           dots[g * m + i] = sum;
         }
       }
@@ -208,8 +212,10 @@ void run_forward(SequenceForward<scalar_t> a) {
   constexpr int64_t kPackingPaysFromSteps = 50;
   const bool direct = std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
                       (a.batch == 1 || (a.batch <= kDirectRows && a.steps < kPackingPaysFromSteps));
-  const at::Tensor panel = at::empty({direct ? 0 : blocks * a.hidden * 4 * V}, options);
-  const at::Tensor h_work = at::empty({3 * a.batch * a.hidden}, options);
+  const at::Tensor panel =
+      workspace(Workspace::panel, {direct ? 0 : blocks * a.hidden * 4 * V}, options);
+  const at::Tensor h_work =
+      workspace(Workspace::recurrent_state, {3 * a.batch * a.hidden}, options);
   a.panel = direct ? nullptr : panel.data_ptr<acc_t>();
   a.h_work = h_work.data_ptr<acc_t>();
   const int threads = threads_for(blocks);
@@ -234,13 +240,15 @@ void run_backward(SequenceBackward<scalar_t> a) {
   // math type; otherwise each thread copies its columns once.
   const bool in_place = std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
                         a.hidden % U == 0;
-  const at::Tensor panel = at::empty({in_place ? 0 : blocks * 4 * a.hidden * U}, options);
+  const at::Tensor panel =
+      workspace(Workspace::panel, {in_place ? 0 : blocks * 4 * a.hidden * U}, options);
   const int threads = threads_for(blocks);
-  const at::Tensor grad_work = at::empty({2 * a.batch * 4 * a.hidden}, options);
-  const at::Tensor carry_work = at::empty({threads * a.batch * U}, options);
-  const at::Tensor transpose_work = at::empty(
-      {a.grad_gates_t ? threads * 4 * U * a.batch : 0},
-      options.dtype(c10::CppTypeToScalarType<scalar_t>::value));
+  const at::Tensor grad_work =
+      workspace(Workspace::recurrent_state, {2 * a.batch * 4 * a.hidden}, options);
+  const at::Tensor carry_work = workspace(Workspace::carried, {threads * a.batch * U}, options);
+  const at::Tensor transpose_work =
+      workspace(Workspace::staged, {a.grad_gates_t ? threads * 4 * U * a.batch : 0},
+                options.dtype(c10::CppTypeToScalarType<scalar_t>::value));
   a.panel = in_place ? nullptr : panel.data_ptr<acc_t>();
   a.grad_work = grad_work.data_ptr<acc_t>();
   a.carry_work = carry_work.data_ptr<acc_t>();

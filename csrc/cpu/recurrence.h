@@ -204,7 +204,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
   acc_t* h0 = a.h_work;
   for (int64_t r = 0; r < B; ++r) {
-    for (int64_t j = unit_begin; j < unit_end; ++j) h0[r * H + j] = cast<acc_t>(a.hidden_state[r * H + j]);
+    for (int64_t j = unit_begin; j < unit_end; ++j) {
+      h0[r * H + j] = cast<acc_t>(a.hidden_state[r * H + j]);
+    }
   }
 #pragma omp barrier
 
@@ -272,11 +274,15 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
             }
           }
           acc_t* c = a.cell + r * H + j0;
-          if (a.cell_prev_saved) std::memcpy(a.cell_prev_saved + row * H + j0, c, n_units * sizeof(acc_t));
+          if (a.cell_prev_saved) {
+            std::memcpy(a.cell_prev_saved + row * H + j0, c, n_units * sizeof(acc_t));
+          }
           forward_cells<acc_t>(n_units, V, z, c, h);
           if (a.save_gates) {
             for (int g = 0; g < 4; ++g) {
-              for (int64_t v = 0; v < n_units; ++v) gate_row[g * H + j0 + v] = cast<scalar_t>(z[g * V + v]);
+              for (int64_t v = 0; v < n_units; ++v) {
+                gate_row[g * H + j0 + v] = cast<scalar_t>(z[g * V + v]);
+              }
             }
           }
           scalar_t* y = a.output + row * H + j0;
@@ -446,7 +452,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           acc_t* dz = tile_grads + i * 4 * U;
           const scalar_t* gate_row = a.gates + row * G;
           for (int g = 0; g < 4; ++g) {
-            for (int64_t u = 0; u < n_units; ++u) z[g * U + u] = cast<acc_t>(gate_row[g * H + u0 + u]);
+            for (int64_t u = 0; u < n_units; ++u) {
+              z[g * U + u] = cast<acc_t>(gate_row[g * H + u0 + u]);
+            }
           }
           backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh,
                                 a.grad_cell + r * H + u0, dz);

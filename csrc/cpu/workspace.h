@@ -1,5 +1,6 @@
 // Scratch tensors kept across calls on one thread, for the large temporaries of a call (the
-// backward's gate gradients, operands copied into the layout a product wants). A fresh
+// backward's gate gradients, operands copied into the layout a product wants, the recurrence's
+// weight panels and state). A fresh
 // allocation of that size comes as fresh pages, which the OS zeroes on first touch (about
 // 0.25 ms per MB on the development VMs, 10-15 % of a training step at LM sizes); a kept one
 // does not. Each slot holds at most kMaxWorkspaceBytes; larger requests are plain allocations.
@@ -12,7 +13,11 @@
 namespace lstm_ext {
 namespace cpu {
 
-enum class Workspace { grad_gates, grad_gates_t, operand_x, operand_w, count };
+enum class Workspace {
+  grad_gates, grad_gates_t, operand_x, operand_w,  // the layer's backward and its products
+  panel, recurrent_state, carried, staged,         // the recurrence's (recurrence.cpp)
+  count
+};
 
 constexpr int64_t kMaxWorkspaceBytes = int64_t{1} << 30;
 
