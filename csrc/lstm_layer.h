@@ -117,9 +117,10 @@ struct SequenceBackward {
   int64_t rows;                // N
   const scalar_t* w_hh;        // (4H, H)
   int64_t w_stride0, w_stride1;
-  // Workspace: the backward panels (null: read W_hh in place), the gate gradients of the
-  // last two steps in the math type, 2 x (B, 4H), and per thread the dh carried into a step
-  // for one block of units.
+  // Workspace: the backward panels of blocks [in_place_blocks, blocks) (the first ones read
+  // W_hh in place), the gate gradients of the last two steps in the math type, 2 x (B, 4H),
+  // and per thread the dh carried into a step for one block of units.
+  int64_t in_place_blocks;
   acc_t* panel;
   acc_t* grad_work;
   acc_t* carry_work;

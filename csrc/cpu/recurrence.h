@@ -11,8 +11,8 @@
 //             gives the block's four gate pre-activations (V = lanes of one vector);
 //   backward: per block of 4V units, a (4H, 4V) panel: row kk holds W_hh[kk, j], so that a tile
 //             of gate-gradient rows times the panel gives the block's dh. Where W_hh's rows are
-//             contiguous, a multiple of 4V long and already in the math type, the panel is
-//             W_hh itself (row stride H) and nothing is copied.
+//             contiguous and already in the math type, the panel of every whole block is W_hh
+//             itself (row stride H), and only a partial last block is copied.
 //
 // The micro-kernel multiplies up to R rows by a panel with R x 4 vector accumulators kept in
 // registers (one broadcast and four fused multiply-adds per row and k). Everything here is a
@@ -333,7 +333,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   // bf16 under avx512_bf16 multiplies bf16 pairs (bf16_pairs.h): panels of pairs of rows of
   // W_hh, and the previous step's bf16 gate gradients themselves as the rows.
   constexpr bool kPairKernel = isa == Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
-  const bool pairs = kPairKernel && a.panel != nullptr;
+  const bool pairs = kPairKernel;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
   if constexpr (kPairKernel) {
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
@@ -348,9 +348,14 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       }
     }
   }
-  if (a.panel && !pairs) {
-    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
-      acc_t* panel = a.panel + jb * G * U;
+  // Blocks [0, in_place_blocks) read W_hh itself; the others (a partial last block, or all
+  // where W_hh is not in the math type with contiguous rows) are packed here.
+  const auto packed_panel = [&](int64_t jb) {
+    return a.panel + (jb - a.in_place_blocks) * G * U;
+  };
+  if (!pairs) {
+    for (int64_t jb = std::max(mine.begin, a.in_place_blocks); jb < mine.end; ++jb) {
+      acc_t* panel = packed_panel(jb);
       for (int64_t kk = 0; kk < G; ++kk) {
         for (int64_t u = 0; u < U; ++u) {
           const int64_t j = jb * U + u;
@@ -380,8 +385,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     const int64_t span = std::max(rows, prev_rows);
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
-      const acc_t* panel = a.panel ? a.panel + jb * G * U : in_place_weight<acc_t>(a.w_hh) + u0;
-      const int64_t ld = a.panel ? U : a.w_stride0;
+      const bool in_place = jb < a.in_place_blocks;
+      const acc_t* panel = in_place ? in_place_weight<acc_t>(a.w_hh) + u0 : packed_panel(jb);
+      const int64_t ld = in_place ? a.w_stride0 : U;
       // dh carried into this step, for rows [0, prev_rows), in chunks of the 4H-long sum, so
       // that a chunk of the panel and of the rows' gradients stay in L2 across all the tiles.
       acc_t* carried = a.carry_work + thread * B * U;
