@@ -74,15 +74,23 @@ struct BackwardStep {
 //   template <typename scalar_t> static bool forward_sequence(const SequenceForward<scalar_t>&);
 //   template <typename scalar_t> static bool backward_sequence(const SequenceBackward<scalar_t>&);
 // return false where the device has no such kernel, and the step loop below runs instead.
-// The whole forward recurrence of one layer-direction. gates holds the input projection with
-// both biases, (N, 4H); the W_hh h products are added here.
-template <typename scalar_t>
-struct SequenceForward {
-  using acc_t = at::opmath_type<scalar_t>;
+// The steps of one layer-direction (see LayerShape), as the whole-sequence kernels read them.
+struct SequenceLayout {
   int64_t steps, batch, hidden;
   const int64_t* step_size;    // (T,)
   const int64_t* step_offset;  // (T,)
   bool reverse;
+};
+
+inline SequenceLayout sequence_layout(const LayerShape& s, bool reverse) {
+  return {s.steps, s.batch, s.hidden_size, s.step_size.data(), s.step_offset.data(), reverse};
+}
+
+// The whole forward recurrence of one layer-direction. gates holds the input projection with
+// both biases, (N, 4H); the W_hh h products are added here.
+template <typename scalar_t>
+struct SequenceForward : SequenceLayout {
+  using acc_t = at::opmath_type<scalar_t>;
   scalar_t* gates;             // (N, 4H): pre-activations in; activations out if save_gates
   acc_t* cell;                 // (B, H): c0 in, c_n out
   scalar_t* hidden_state;      // (B, H): h0 in, h_n out
@@ -101,12 +109,8 @@ struct SequenceForward {
 // The whole backward recurrence of one layer-direction: gate gradients of every step and the
 // gradients of h0 and c0.
 template <typename scalar_t>
-struct SequenceBackward {
+struct SequenceBackward : SequenceLayout {
   using acc_t = at::opmath_type<scalar_t>;
-  int64_t steps, batch, hidden;
-  const int64_t* step_size;
-  const int64_t* step_offset;
-  bool reverse;
   const scalar_t* gates;       // (N, 4H) activations saved by forward
   const acc_t* cell_prev;      // (N, H)
   const scalar_t* grad_output;  // (N, H), or null for zero
@@ -209,12 +213,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
     using acc_t = at::opmath_type<scalar_t>;
     if (!s.has_projection) {
       SequenceForward<scalar_t> sequence{};
-      sequence.steps = s.steps;
-      sequence.batch = s.batch;
-      sequence.hidden = H;
-      sequence.step_size = s.step_size.data();
-      sequence.step_offset = s.step_offset.data();
-      sequence.reverse = reverse;
+      static_cast<SequenceLayout&>(sequence) = sequence_layout(s, reverse);
       sequence.gates = gates.data_ptr<scalar_t>();
       sequence.cell = c_state.data_ptr<acc_t>();
       sequence.hidden_state = h_state.data_ptr<scalar_t>();
@@ -334,12 +333,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
     using acc_t = at::opmath_type<scalar_t>;
     if (!s.has_projection) {
       SequenceBackward<scalar_t> sequence{};
-      sequence.steps = s.steps;
-      sequence.batch = s.batch;
-      sequence.hidden = H;
-      sequence.step_size = s.step_size.data();
-      sequence.step_offset = s.step_offset.data();
-      sequence.reverse = reverse;
+      static_cast<SequenceLayout&>(sequence) = sequence_layout(s, reverse);
       sequence.gates = saved.gates.const_data_ptr<scalar_t>();
       sequence.cell_prev = saved.cell_prev.const_data_ptr<acc_t>();
       sequence.grad_output = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;

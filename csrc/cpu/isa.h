@@ -35,23 +35,42 @@ const char* isa_name(Isa isa);
 #endif
 #define LSTM_EXT_TARGET_BASELINE __attribute__((flatten))
 
-// Defines `void name params` that runs `name##_impl args` compiled for the active instruction
-// set (one copy per set; name##_impl is inlined into each).
+// Defines, for a kernel template `kernel<Isa, T>`, one wrapper per instruction set,
+// `template <typename T> void name_<isa> params` calling `kernel<isa, T> args`, and
+// `name<T>(isa)`, the wrapper for an instruction set, as a function pointer.
 #if LSTM_EXT_X86_VARIANTS
-#define LSTM_EXT_ISA_VARIANTS(name, params, args)                                \
-  LSTM_EXT_TARGET_AVX512 void name##_avx512 params { name##_impl args; }         \
-  LSTM_EXT_TARGET_AVX2 void name##_avx2 params { name##_impl args; }             \
-  LSTM_EXT_TARGET_BASELINE void name##_baseline params { name##_impl args; }     \
-  void name params {                                                            \
-    switch (::lstm_ext::cpu::active_isa()) {                                    \
-      case ::lstm_ext::cpu::Isa::avx512_bf16:                                   \
-      case ::lstm_ext::cpu::Isa::avx512: return name##_avx512 args;             \
-      case ::lstm_ext::cpu::Isa::avx2: return name##_avx2 args;                 \
-      default: return name##_baseline args;                                     \
-    }                                                                           \
+#define LSTM_EXT_KERNEL_VARIANTS(name, kernel, params, args)                                     \
+  template <typename T>                                                                         \
+  LSTM_EXT_TARGET_AVX512_BF16 void name##_avx512_bf16 params {                                  \
+    kernel<::lstm_ext::cpu::Isa::avx512_bf16, T> args;                                          \
+  }                                                                                             \
+  template <typename T>                                                                         \
+  LSTM_EXT_TARGET_AVX512 void name##_avx512 params {                                            \
+    kernel<::lstm_ext::cpu::Isa::avx512, T> args;                                               \
+  }                                                                                             \
+  template <typename T>                                                                         \
+  LSTM_EXT_TARGET_AVX2 void name##_avx2 params { kernel<::lstm_ext::cpu::Isa::avx2, T> args; }  \
+  template <typename T>                                                                         \
+  LSTM_EXT_TARGET_BASELINE void name##_baseline params {                                        \
+    kernel<::lstm_ext::cpu::Isa::baseline, T> args;                                             \
+  }                                                                                             \
+  template <typename T>                                                                         \
+  auto name(::lstm_ext::cpu::Isa isa) {                                                         \
+    switch (isa) {                                                                              \
+      case ::lstm_ext::cpu::Isa::avx512_bf16: return &name##_avx512_bf16<T>;                    \
+      case ::lstm_ext::cpu::Isa::avx512: return &name##_avx512<T>;                              \
+      case ::lstm_ext::cpu::Isa::avx2: return &name##_avx2<T>;                                  \
+      default: return &name##_baseline<T>;                                                      \
+    }                                                                                           \
   }
 #else
-#define LSTM_EXT_ISA_VARIANTS(name, params, args)                                \
-  LSTM_EXT_TARGET_BASELINE void name##_baseline params { name##_impl args; }     \
-  void name params { name##_baseline args; }
+#define LSTM_EXT_KERNEL_VARIANTS(name, kernel, params, args)                                     \
+  template <typename T>                                                                         \
+  LSTM_EXT_TARGET_BASELINE void name##_baseline params {                                        \
+    kernel<::lstm_ext::cpu::Isa::baseline, T> args;                                             \
+  }                                                                                             \
+  template <typename T>                                                                         \
+  auto name(::lstm_ext::cpu::Isa) {                                                             \
+    return &name##_baseline<T>;                                                                 \
+  }
 #endif

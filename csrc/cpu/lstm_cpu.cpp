@@ -26,26 +26,28 @@
 namespace lstm_ext {
 namespace {
 
-template <typename acc_t>
-void forward_row_impl(int64_t H, acc_t* gates, acc_t* cell, acc_t* hidden) {
+template <cpu::Isa, typename acc_t>
+void forward_row_kernel(int64_t H, acc_t* gates, acc_t* cell, acc_t* hidden) {
   cpu::forward_cells<acc_t>(H, H, gates, cell, hidden);
 }
 
-template <typename acc_t>
-void backward_row_impl(int64_t H, const acc_t* gates, const acc_t* cell_prev,
-                       const acc_t* grad_h, acc_t* grad_cell, acc_t* grad_gates) {
+template <cpu::Isa, typename acc_t>
+void backward_row_kernel(int64_t H, const acc_t* gates, const acc_t* cell_prev,
+                         const acc_t* grad_h, acc_t* grad_cell, acc_t* grad_gates) {
   cpu::backward_cells<acc_t>(H, H, gates, cell_prev, grad_h, grad_cell, grad_gates);
 }
 
 // bf16 <-> fp32 on the raw bits, branch-free so the loops vectorize (c10::BFloat16's own
 // conversion is correct but scalar). fp32 -> bf16 rounds to nearest even and keeps NaN a NaN.
-inline void bf16_to_f32_impl(const uint16_t* from, float* to, int64_t count) {
+template <cpu::Isa, typename>
+void bf16_to_f32_kernel(const uint16_t* from, float* to, int64_t count) {
   for (int64_t j = 0; j < count; ++j) {
     to[j] = std::bit_cast<float>(static_cast<uint32_t>(from[j]) << 16);
   }
 }
 
-inline void f32_to_bf16_impl(const float* from, uint16_t* to, int64_t count) {
+template <cpu::Isa, typename>
+void f32_to_bf16_kernel(const float* from, uint16_t* to, int64_t count) {
   for (int64_t j = 0; j < count; ++j) {
     const uint32_t bits = std::bit_cast<uint32_t>(from[j]);
     const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
@@ -53,22 +55,28 @@ inline void f32_to_bf16_impl(const float* from, uint16_t* to, int64_t count) {
   }
 }
 
-LSTM_EXT_ISA_VARIANTS(forward_row, (int64_t H, float* gates, float* cell, float* hidden),
-                      (H, gates, cell, hidden))
-LSTM_EXT_ISA_VARIANTS(forward_row, (int64_t H, double* gates, double* cell, double* hidden),
-                      (H, gates, cell, hidden))
-LSTM_EXT_ISA_VARIANTS(backward_row,
-                      (int64_t H, const float* gates, const float* cell_prev,
-                       const float* grad_h, float* grad_cell, float* grad_gates),
-                      (H, gates, cell_prev, grad_h, grad_cell, grad_gates))
-LSTM_EXT_ISA_VARIANTS(backward_row,
-                      (int64_t H, const double* gates, const double* cell_prev,
-                       const double* grad_h, double* grad_cell, double* grad_gates),
-                      (H, gates, cell_prev, grad_h, grad_cell, grad_gates))
-LSTM_EXT_ISA_VARIANTS(bf16_to_f32, (const uint16_t* from, float* to, int64_t count),
-                      (from, to, count))
-LSTM_EXT_ISA_VARIANTS(f32_to_bf16, (const float* from, uint16_t* to, int64_t count),
-                      (from, to, count))
+LSTM_EXT_KERNEL_VARIANTS(forward_row_variant, forward_row_kernel,
+                         (int64_t H, T* gates, T* cell, T* hidden), (H, gates, cell, hidden))
+LSTM_EXT_KERNEL_VARIANTS(backward_row_variant, backward_row_kernel,
+                         (int64_t H, const T* gates, const T* cell_prev, const T* grad_h,
+                          T* grad_cell, T* grad_gates),
+                         (H, gates, cell_prev, grad_h, grad_cell, grad_gates))
+LSTM_EXT_KERNEL_VARIANTS(bf16_to_f32_variant, bf16_to_f32_kernel,
+                         (const uint16_t* from, float* to, int64_t count), (from, to, count))
+LSTM_EXT_KERNEL_VARIANTS(f32_to_bf16_variant, f32_to_bf16_kernel,
+                         (const float* from, uint16_t* to, int64_t count), (from, to, count))
+
+template <typename acc_t>
+void forward_row(int64_t H, acc_t* gates, acc_t* cell, acc_t* hidden) {
+  forward_row_variant<acc_t>(cpu::active_isa())(H, gates, cell, hidden);
+}
+
+template <typename acc_t>
+void backward_row(int64_t H, const acc_t* gates, const acc_t* cell_prev, const acc_t* grad_h,
+                  acc_t* grad_cell, acc_t* grad_gates) {
+  backward_row_variant<acc_t>(cpu::active_isa())(H, gates, cell_prev, grad_h, grad_cell,
+                                                 grad_gates);
+}
 
 template <typename to_t, typename from_t>
 inline void convert(const from_t* from, to_t* to, int64_t count) {
@@ -77,12 +85,13 @@ inline void convert(const from_t* from, to_t* to, int64_t count) {
 
 template <>
 inline void convert(const c10::BFloat16* from, float* to, int64_t count) {
-  bf16_to_f32(reinterpret_cast<const uint16_t*>(from), to, count);
+  bf16_to_f32_variant<float>(cpu::active_isa())(reinterpret_cast<const uint16_t*>(from), to,
+                                                 count);
 }
 
 template <>
 inline void convert(const float* from, c10::BFloat16* to, int64_t count) {
-  f32_to_bf16(from, reinterpret_cast<uint16_t*>(to), count);
+  f32_to_bf16_variant<float>(cpu::active_isa())(from, reinterpret_cast<uint16_t*>(to), count);
 }
 
 // Per-thread scratch in the math type, grown once and reused across steps and calls.

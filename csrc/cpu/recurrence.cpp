@@ -54,43 +54,12 @@ Isa choose_isa() {
 }
 
 // One wrapper per instruction set and pass; flatten compiles the whole template for it.
-#if LSTM_EXT_X86_VARIANTS
-template <typename scalar_t>
-LSTM_EXT_TARGET_AVX512_BF16 void forward_avx512_bf16(const SequenceForward<scalar_t>& a, int t,
-                                                     int n) {
-  forward_thread<Isa::avx512_bf16>(a, t, n);
-}
-template <typename scalar_t>
-LSTM_EXT_TARGET_AVX512_BF16 void backward_avx512_bf16(const SequenceBackward<scalar_t>& a, int t,
-                                                      int n) {
-  backward_thread<Isa::avx512_bf16>(a, t, n);
-}
-template <typename scalar_t>
-LSTM_EXT_TARGET_AVX512 void forward_avx512(const SequenceForward<scalar_t>& a, int t, int n) {
-  forward_thread<Isa::avx512>(a, t, n);
-}
-template <typename scalar_t>
-LSTM_EXT_TARGET_AVX2 void forward_avx2(const SequenceForward<scalar_t>& a, int t, int n) {
-  forward_thread<Isa::avx2>(a, t, n);
-}
-template <typename scalar_t>
-LSTM_EXT_TARGET_AVX512 void backward_avx512(const SequenceBackward<scalar_t>& a, int t, int n) {
-  backward_thread<Isa::avx512>(a, t, n);
-}
-template <typename scalar_t>
-LSTM_EXT_TARGET_AVX2 void backward_avx2(const SequenceBackward<scalar_t>& a, int t, int n) {
-  backward_thread<Isa::avx2>(a, t, n);
-}
-#endif
-template <typename scalar_t>
-LSTM_EXT_TARGET_BASELINE void forward_baseline(const SequenceForward<scalar_t>& a, int t, int n) {
-  forward_thread<Isa::baseline>(a, t, n);
-}
-template <typename scalar_t>
-LSTM_EXT_TARGET_BASELINE void backward_baseline(const SequenceBackward<scalar_t>& a, int t,
-                                                int n) {
-  backward_thread<Isa::baseline>(a, t, n);
-}
+LSTM_EXT_KERNEL_VARIANTS(forward_kernel, forward_thread,
+                         (const SequenceForward<T>& a, int thread, int threads),
+                         (a, thread, threads))
+LSTM_EXT_KERNEL_VARIANTS(backward_kernel, backward_thread,
+                         (const SequenceBackward<T>& a, int thread, int threads),
+                         (a, thread, threads))
 
 // out (M, N) = x (M, K) w (N, K)^T [+ bias] for M <= kDirectRows, on output columns
 // [begin, end): dot products over w's rows in place, four at a time.
@@ -134,21 +103,8 @@ inline void small_linear_columns(const SmallLinear<acc_t>& a, int64_t begin, int
   }
 }
 
-#if LSTM_EXT_X86_VARIANTS
-template <typename acc_t>
-LSTM_EXT_TARGET_AVX512 void small_linear_avx512(const SmallLinear<acc_t>& a, int64_t b, int64_t e) {
-  small_linear_columns<Isa::avx512>(a, b, e);
-}
-template <typename acc_t>
-LSTM_EXT_TARGET_AVX2 void small_linear_avx2(const SmallLinear<acc_t>& a, int64_t b, int64_t e) {
-  small_linear_columns<Isa::avx2>(a, b, e);
-}
-#endif
-template <typename acc_t>
-LSTM_EXT_TARGET_BASELINE void small_linear_baseline(const SmallLinear<acc_t>& a, int64_t b,
-                                                    int64_t e) {
-  small_linear_columns<Isa::baseline>(a, b, e);
-}
+LSTM_EXT_KERNEL_VARIANTS(small_linear_kernel, small_linear_columns,
+                         (const SmallLinear<T>& a, int64_t begin, int64_t end), (a, begin, end))
 
 // Lanes of one vector of acc_t for an instruction set (the block sizes follow from it).
 template <typename acc_t>
@@ -218,15 +174,7 @@ void run_forward(SequenceForward<scalar_t> a) {
       workspace(Workspace::recurrent_state, {3 * a.batch * a.hidden}, options);
   a.panel = direct ? nullptr : panel.data_ptr<acc_t>();
   a.h_work = h_work.data_ptr<acc_t>();
-  const int threads = threads_for(blocks);
-  switch (isa) {
-#if LSTM_EXT_X86_VARIANTS
-    case Isa::avx512_bf16: return run_parallel(a, forward_avx512_bf16<scalar_t>, threads);
-    case Isa::avx512: return run_parallel(a, forward_avx512<scalar_t>, threads);
-    case Isa::avx2: return run_parallel(a, forward_avx2<scalar_t>, threads);
-#endif
-    default: return run_parallel(a, forward_baseline<scalar_t>, threads);
-  }
+  run_parallel(a, forward_kernel<scalar_t>(isa), threads_for(blocks));
 }
 
 template <typename scalar_t>
@@ -253,14 +201,7 @@ void run_backward(SequenceBackward<scalar_t> a) {
   a.grad_work = grad_work.data_ptr<acc_t>();
   a.carry_work = carry_work.data_ptr<acc_t>();
   a.transpose_work = transpose_work.data_ptr<scalar_t>();
-  switch (isa) {
-#if LSTM_EXT_X86_VARIANTS
-    case Isa::avx512_bf16: return run_parallel(a, backward_avx512_bf16<scalar_t>, threads);
-    case Isa::avx512: return run_parallel(a, backward_avx512<scalar_t>, threads);
-    case Isa::avx2: return run_parallel(a, backward_avx2<scalar_t>, threads);
-#endif
-    default: return run_parallel(a, backward_baseline<scalar_t>, threads);
-  }
+  run_parallel(a, backward_kernel<scalar_t>(isa), threads);
 }
 
 std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
@@ -277,11 +218,7 @@ std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
                                   w.const_data_ptr<scalar_t>(), w.stride(0),
                                   bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
                                   out.data_ptr<scalar_t>()};
-    auto columns = small_linear_baseline<scalar_t>;
-#if LSTM_EXT_X86_VARIANTS
-    if (active_isa() >= Isa::avx512) columns = small_linear_avx512<scalar_t>;
-    if (active_isa() == Isa::avx2) columns = small_linear_avx2<scalar_t>;
-#endif
+    const auto columns = small_linear_kernel<scalar_t>(active_isa());
     // Tasks of whole groups of four columns, each worth a few thousand multiply-adds.
     const int64_t groups = ceil_div(a.N, 4);
     const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.K * a.M));
