@@ -15,8 +15,12 @@
 //             itself (row stride H), and only a partial last block is copied.
 //
 // The micro-kernel multiplies up to R rows by a panel with R x 4 vector accumulators kept in
-// registers (one broadcast and four fused multiply-adds per row and k). Everything here is a
-// template inlined into the per-instruction-set wrappers of recurrence.cpp (see isa.h).
+// registers (one broadcast and four fused multiply-adds per row and k). Two other forms: a
+// batch of one row (or up to four over a short sequence) skips the forward panels and reads
+// W_hh's rows in place by dot products (dot.h), since packing would cost as much as the steps;
+// bf16 under avx512_bf16 packs k in pairs and multiplies with the bf16 dot-product instruction
+// (bf16_pairs.h). Everything here is a template inlined into the per-instruction-set wrappers
+// of recurrence.cpp (see isa.h).
 //
 // Sequences follow lstm_common.h's LayerShape: step t owns rows [offset[t], offset[t] + size[t])
 // and sizes never grow with t. The h entering a step is read in the math type from a
