@@ -188,3 +188,24 @@ def test_results_do_not_share_the_kept_scratch_memory():
     forward_and_backward(second_args)
     for index, (now, before) in enumerate(zip(first, kept)):
         assert torch.equal(now, before), index
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"H{c['hidden_size']}")
+@pytest.mark.parametrize("kind,batch", KINDS)
+def test_inference_without_grad_matches_fp64_nn_lstm(config, kind, batch):
+    """Under no_grad the recurrence saves nothing for backward (its own branch, and for small
+    batches the dot-product form); its outputs and final states against fp64 nn.LSTM."""
+    torch.manual_seed(1)
+    reference = nn.LSTM(**config, dtype=torch.float64).eval()
+    case = Case(reference, kind, steps=6, batch=batch)
+    with torch.no_grad():
+        input, state, _ = case.inputs()
+        expected, (h_ref, c_ref) = reference(input, tuple(state))
+        for dtype in (torch.float64, torch.float32):
+            ours = lstm_ext.LSTM.from_torch(reference).to(dtype).eval()
+            input, state, _ = case.inputs(dtype)
+            output, (h_n, c_n) = ours(input, tuple(state))
+            for actual, wanted in ((output, expected), (h_n, h_ref), (c_n, c_ref)):
+                actual = actual.data if hasattr(actual, "batch_sizes") else actual
+                wanted = wanted.data if hasattr(wanted, "batch_sizes") else wanted
+                assert rel_error(actual, wanted) <= TOLERANCE[dtype], (dtype, kind)
