@@ -98,6 +98,27 @@ def test_checkpoints_survive_a_crash_mid_write_and_corruption_is_reported(corpus
     assert lm_train.load_checkpoint(out)["position"]["step"] == 10
 
 
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that, loaded with pickle's defaults, would call os.mkdir(marker)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": lm_train.CHECKPOINT_FORMAT, "model": _RunsCodeWhenUnpickled(marker)},
+               path)
+    with pytest.raises(ValueError, match="could run code"):
+        lm_train.load_checkpoint(path)
+    assert not marker.exists()
+
+
 def test_eval_and_generate_from_a_checkpoint(corpus_file, tmp_path, capsys):
     out = tmp_path / "run"
     lm_train.train(tiny_config(corpus_file, out, max_steps=20))

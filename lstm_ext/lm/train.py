@@ -180,11 +180,15 @@ def load_checkpoint(path):
         path = path / "best.pt"
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such checkpoint")
+    # weights_only: a checkpoint holds tensors and plain Python values only, and unpickling
+    # anything else (a class, a function to call) is refused instead of run.
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"--checkpoint {path} is corrupted or truncated ({error}); use another "
-                         f"checkpoint (last.pt or best.pt of the run)") from error
+        raise ValueError(f"--checkpoint {path} is corrupted or truncated, or holds objects "
+                         f"other than tensors and plain values, refused because loading them "
+                         f"could run code ({error}); use another checkpoint (last.pt or best.pt "
+                         f"of the run)") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"--checkpoint {path} is not an lstm_ext language-model checkpoint")
     return payload
