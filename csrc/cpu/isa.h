@@ -38,39 +38,31 @@ const char* isa_name(Isa isa);
 // Defines, for a kernel template `kernel<Isa, T>`, one wrapper per instruction set,
 // `template <typename T> void name_<isa> params` calling `kernel<isa, T> args`, and
 // `name<T>(isa)`, the wrapper for an instruction set, as a function pointer.
+#define LSTM_EXT_KERNEL_WRAPPER(name, isa, target, kernel, params, args) \
+  template <typename T>                                                  \
+  target void name##_##isa params {                                      \
+    kernel<::lstm_ext::cpu::Isa::isa, T> args;                           \
+  }
 #if LSTM_EXT_X86_VARIANTS
-#define LSTM_EXT_KERNEL_VARIANTS(name, kernel, params, args)                                     \
-  template <typename T>                                                                         \
-  LSTM_EXT_TARGET_AVX512_BF16 void name##_avx512_bf16 params {                                  \
-    kernel<::lstm_ext::cpu::Isa::avx512_bf16, T> args;                                          \
-  }                                                                                             \
-  template <typename T>                                                                         \
-  LSTM_EXT_TARGET_AVX512 void name##_avx512 params {                                            \
-    kernel<::lstm_ext::cpu::Isa::avx512, T> args;                                               \
-  }                                                                                             \
-  template <typename T>                                                                         \
-  LSTM_EXT_TARGET_AVX2 void name##_avx2 params { kernel<::lstm_ext::cpu::Isa::avx2, T> args; }  \
-  template <typename T>                                                                         \
-  LSTM_EXT_TARGET_BASELINE void name##_baseline params {                                        \
-    kernel<::lstm_ext::cpu::Isa::baseline, T> args;                                             \
-  }                                                                                             \
-  template <typename T>                                                                         \
-  auto name(::lstm_ext::cpu::Isa isa) {                                                         \
-    switch (isa) {                                                                              \
-      case ::lstm_ext::cpu::Isa::avx512_bf16: return &name##_avx512_bf16<T>;                    \
-      case ::lstm_ext::cpu::Isa::avx512: return &name##_avx512<T>;                              \
-      case ::lstm_ext::cpu::Isa::avx2: return &name##_avx2<T>;                                  \
-      default: return &name##_baseline<T>;                                                      \
-    }                                                                                           \
+#define LSTM_EXT_KERNEL_VARIANTS(name, kernel, params, args)                                  \
+  LSTM_EXT_KERNEL_WRAPPER(name, avx512_bf16, LSTM_EXT_TARGET_AVX512_BF16, kernel, params, args) \
+  LSTM_EXT_KERNEL_WRAPPER(name, avx512, LSTM_EXT_TARGET_AVX512, kernel, params, args)           \
+  LSTM_EXT_KERNEL_WRAPPER(name, avx2, LSTM_EXT_TARGET_AVX2, kernel, params, args)               \
+  LSTM_EXT_KERNEL_WRAPPER(name, baseline, LSTM_EXT_TARGET_BASELINE, kernel, params, args)       \
+  template <typename T>                                                                      \
+  auto name(::lstm_ext::cpu::Isa isa) {                                                      \
+    switch (isa) {                                                                           \
+      case ::lstm_ext::cpu::Isa::avx512_bf16: return &name##_avx512_bf16<T>;                 \
+      case ::lstm_ext::cpu::Isa::avx512: return &name##_avx512<T>;                           \
+      case ::lstm_ext::cpu::Isa::avx2: return &name##_avx2<T>;                               \
+      default: return &name##_baseline<T>;                                                   \
+    }                                                                                        \
   }
 #else
-#define LSTM_EXT_KERNEL_VARIANTS(name, kernel, params, args)                                     \
-  template <typename T>                                                                         \
-  LSTM_EXT_TARGET_BASELINE void name##_baseline params {                                        \
-    kernel<::lstm_ext::cpu::Isa::baseline, T> args;                                             \
-  }                                                                                             \
-  template <typename T>                                                                         \
-  auto name(::lstm_ext::cpu::Isa) {                                                             \
-    return &name##_baseline<T>;                                                                 \
+#define LSTM_EXT_KERNEL_VARIANTS(name, kernel, params, args)                            \
+  LSTM_EXT_KERNEL_WRAPPER(name, baseline, LSTM_EXT_TARGET_BASELINE, kernel, params, args) \
+  template <typename T>                                                                \
+  auto name(::lstm_ext::cpu::Isa) {                                                    \
+    return &name##_baseline<T>;                                                        \
   }
 #endif
