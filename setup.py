@@ -3,8 +3,8 @@ CUDA build of torch are both present (LSTM_EXT_CUDA=0 turns that off, =1 makes i
 LSTM_EXT_SANITIZE=address builds the CPU kernels under AddressSanitizer, for tests only."""
 
 import glob
+import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,24 +13,16 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 
 
-def find_cuda_home():
-    """The toolkit root. torch guesses it from the nvcc on PATH, which lands on the wrong folder
-    when nvcc is reached through a link or wrapper script (/usr/local/bin/nvcc), so each
-    candidate must hold both nvcc and the CUDA runtime headers."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "bin" / "nvcc").exists() and (
-            Path(candidate) / "include" / "cuda_runtime.h"
-        ).exists():
-            return str(Path(candidate).resolve())
-    return None
+def load_toolchain():
+    # lstm_ext/_toolchain.py by path: the package itself cannot be imported before it is built.
+    spec = importlib.util.spec_from_file_location("_toolchain", ROOT / "lstm_ext" / "_toolchain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-cuda_home = find_cuda_home()
+toolchain = load_toolchain()
+cuda_home = toolchain.find_cuda_home()
 if cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME once, at import.
     os.environ["CUDA_HOME"] = cuda_home
@@ -50,15 +42,6 @@ def want_cuda():
             f"torch.version.cuda={torch.version.cuda}, CUDA toolkit={cuda_home}"
         )
     return available
-
-
-def nvidia_wheel_includes():
-    """ATen's CUDA headers include cuBLAS/cuSPARSE headers; with a pip-installed CUDA torch
-    these ship in the nvidia-* wheels rather than in the toolkit."""
-    found = []
-    for site in map(Path, sys.path):
-        found += sorted(str(p) for p in site.glob("nvidia/*/include") if p.is_dir())
-    return found
 
 
 def write_build_info(with_cuda):
@@ -96,7 +79,10 @@ include_dirs = [str(ROOT / "csrc")]
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    include_dirs += nvidia_wheel_includes()
+    # The toolkit's headers first; the wheels' only for what the toolkit lacks, after it.
+    include_dirs += toolchain.cuda_include_dirs(cuda_home)
+    print(f"lstm_ext build: CUDA_HOME {cuda_home}; include folders {include_dirs[1:]}",
+          file=sys.stderr)
     extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
     extension_type = CUDAExtension
 else:

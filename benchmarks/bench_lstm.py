@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -259,6 +260,21 @@ def read_bandwidth(nbytes, device, repeats=20):
     return nbytes / statistics.median(times[2:]) / 1e9
 
 
+# The op that shows which kernel nn.LSTM ran; without any of them it ran ATen's own cell loop.
+BASELINE_KERNELS = {"aten::_cudnn_rnn": "cuDNN", "aten::miopen_rnn": "MIOpen",
+                    "aten::mkldnn_rnn_layer": "oneDNN"}
+
+
+def baseline_kernel(run):
+    """Which kernel one call of the baseline's `run` went through, so that a row where nn.LSTM
+    left cuDNN/oneDNN for ATen's slower native loop (an unsupported dtype or layout) cannot
+    pass for a win against the vendor kernel."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    names = {event.name for event in profile.events()}
+    return next((label for op, label in BASELINE_KERNELS.items() if op in names), "native ATen")
+
+
 GEMM_EVENTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "lstm_ext::step_gemm",
                "mkldnn::_linear_pointwise"}
 
@@ -326,6 +342,7 @@ def measure(row, device, repeats, warmup, profile=False):
         "ratio": torch_s / ours_s,
         "ours_gflops": flops(row, rows_of_data) / ours_s / 1e9,
     }
+    result["baseline_kernel"] = baseline_kernel(runs["torch"])
     if profile:
         result["profile"] = profile_split(runs["ours"])
     if row.mode == "decode" or row.batch <= SMALL_BATCH:
@@ -486,10 +503,13 @@ def table(rows, summary, machine, command):
         lines[-1] = lines[-1][:-len("---|")] + "---|---|"
     for row in rows:
         r = row.results
-        note = r.get("error", "")
+        notes = [r["error"]] if "error" in r else []
+        if "baseline_kernel" in r:
+            notes.append(f"torch ran {r['baseline_kernel']}")
         if "bound_ms" in r:
-            note = (f"weights {r['weight_bytes'] / 1e6:.1f} MB read at {r['read_gbps']:.0f} GB/s: "
-                    f"floor {r['bound_ms']:.3f} ms")
+            notes.append(f"weights {r['weight_bytes'] / 1e6:.1f} MB read at "
+                         f"{r['read_gbps']:.0f} GB/s: floor {r['bound_ms']:.3f} ms")
+        note = "; ".join(notes)
         if "profile" in r:
             note = "; ".join([note] * bool(note) + r["profile"]["libraries"])
         lines.append(f"{row_line(row)}{split_text(r) or ''} {note} |")
@@ -525,11 +545,13 @@ def row_line(row):
             f"{r['ours_gflops']:.1f} | {limit_text(r)} |")
 
 
-def run_rows(rows, measure_row, roof_of):
-    """Measures every row, printing each line as it lands. A row that fails (an unsupported
-    dtype in the baseline, out of memory, a kernel error) records its error and the run goes
-    on, so that one bad row does not cost the rows after it (a GPU run may be one call)."""
-    for row in rows:
+def run_rows(rows, measure_row, roof_of, after_row=lambda done: None):
+    """Measures every row, printing each line as it lands and handing the rows done so far to
+    `after_row` (which writes the reports, so that a run stopped by a time limit keeps what it
+    measured). A row that fails (an unsupported dtype in the baseline, out of memory, a kernel
+    error) records its error and the run goes on, so that one bad row does not cost the rows
+    after it (a GPU run may be one call)."""
+    for index, row in enumerate(rows):
         try:
             row.results = measure_row(row)
             roof = roof_of(row)
@@ -538,8 +560,68 @@ def run_rows(rows, measure_row, roof_of):
         except RuntimeError as error:
             first_line = (str(error).strip().splitlines() or [""])[0]
             row.results = {"error": f"{type(error).__name__}: {first_line[:200]}"}
+        after_row(rows[:index + 1])
         print(f"{row_line(row)}{split_text(row.results)} {row.results.get('error', '')}".rstrip(),
               flush=True)
+
+
+def baseline_counts(rows):
+    """How many measured rows ran against each baseline kernel."""
+    counts = {}
+    for row in rows:
+        if "baseline_kernel" in row.results:
+            kernel = row.results["baseline_kernel"]
+            counts[kernel] = counts.get(kernel, 0) + 1
+    return counts
+
+
+def write_atomically(path, text):
+    """Replaces `path` in one step, so that a run killed mid-write leaves the previous report."""
+    temporary = f"{path}.partial"
+    with open(temporary, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def load_report(path):
+    """A saved JSON report: its rows (as Rows, with their results) and everything else."""
+    with open(path) as file:
+        report = json.load(file)
+    names = {f.name for f in dataclasses.fields(Row)}
+    rows = [Row(**{key: value for key, value in entry.items() if key in names})
+            for entry in report["rows"]]
+    return rows, report
+
+
+def describe(rows, report):
+    """One line on a saved run: rows measured, rows failed, the baseline kernels, the groups."""
+    device_type = "cuda" if report["machine"].get("gpu") else "cpu"
+    errors = [row for row in rows if "error" in row.results]
+    kernels = ", ".join(f"{kernel} {count}" for kernel, count in baseline_counts(rows).items())
+    groups = "; ".join(f"{entry['group']} {entry['median_ratio']:.2f}"
+                       for entry in summarize(rows, device_type))
+    planned = report.get("rows_planned", len(rows))
+    return (f"{len(rows)} of {planned} rows" + (f", {len(errors)} failed" if errors else "")
+            + (f"; torch ran {kernels}" if kernels else "") + (f"; median ratios: {groups}"
+                                                                 if groups else ""))
+
+
+def write_reports(rows, planned, args, machine, command, roofs, device_type):
+    """The JSON and markdown reports of the rows measured so far (`planned` in all)."""
+    summary = summarize(rows, device_type)
+    if args.json:
+        write_atomically(args.json, json.dumps({
+            "machine": machine, "command": command, "complete": len(rows) == planned,
+            "rows_planned": planned,
+            "roofs_gflops": {str(k): v for k, v in roofs.items()},
+            "summary": summary, "baseline_kernels": baseline_counts(rows),
+            "rows": [dict(asdict(r), name=r.name, groups=groups_of(r, device_type))
+                     for r in rows]}, indent=2))
+    if args.markdown:
+        text = table(rows, summary, machine, command)
+        if len(rows) < planned:
+            text += f"\nIncomplete: {len(rows)} of {planned} rows measured.\n"
+        write_atomically(args.markdown, text)
 
 
 def chart(rows, path, machine):
@@ -583,7 +665,22 @@ def main():
     parser.add_argument("--save", action="store_true",
                         help="write JSON, markdown and chart to benchmarks/results/ under this "
                              "machine's name (cpu-<vendor>-<model>-<microarchitecture>.*)")
+    parser.add_argument("--report", metavar="JSON",
+                        help="measure nothing: describe the run saved in this JSON in one line, "
+                             "and write its --markdown/--png if asked")
     args = parser.parse_args()
+
+    if args.report:
+        rows, report = load_report(args.report)
+        print(describe(rows, report))
+        if args.markdown:
+            device_type = "cuda" if report["machine"].get("gpu") else "cpu"
+            with open(args.markdown, "w") as file:
+                file.write(table(rows, summarize(rows, device_type), report["machine"],
+                                 report["command"]))
+        if args.png:
+            chart(rows, args.png, report["machine"])
+        return
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -611,31 +708,24 @@ def main():
             roofs[dtype] = gemm_roof(dtype, device)
         return roofs[dtype]
 
-    run_rows(rows, lambda row: measure(row, device, repeats, warmup=1 if args.quick else 2,
-                                       profile=args.profile), roof_of)
-    summary = summarize(rows, device.type)
-    print()
-    for entry in summary:
-        target = f" (target {entry['target']:.1f})" if entry["target"] else ""
-        print(f"{entry['group']}: median ratio {entry['median_ratio']:.2f} over "
-              f"{entry['rows']} rows{target}")
     if args.save:
         stem = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             result_name(machine) if not machine["gpu"] else "gpu")
         args.json, args.markdown, args.png = (args.json or stem + ".json",
                                               args.markdown or stem + ".md",
                                               args.png or stem + ".png")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"machine": machine, "command": command,
-                       "roofs_gflops": {str(k): v for k, v in roofs.items()},
-                       "summary": summary,
-                       "rows": [dict(asdict(r), name=r.name, groups=groups_of(r, device.type))
-                                for r in rows]},
-                      file, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as file:
-            file.write(table(rows, summary, machine, command))
+    run_rows(rows, lambda row: measure(row, device, repeats, warmup=1 if args.quick else 2,
+                                       profile=args.profile), roof_of,
+             lambda done: write_reports(done, len(rows), args, machine, command, roofs,
+                                        device.type))
+    summary = summarize(rows, device.type)
+    print()
+    for entry in summary:
+        target = f" (target {entry['target']:.1f})" if entry["target"] else ""
+        print(f"{entry['group']}: median ratio {entry['median_ratio']:.2f} over "
+              f"{entry['rows']} rows{target}")
+    print("baseline kernels: " + ", ".join(f"{kernel} {count} rows" for kernel, count in
+                                           baseline_counts(rows).items()))
     if args.png:
         chart(rows, args.png, machine)
 

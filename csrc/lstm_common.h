@@ -14,6 +14,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -246,6 +248,19 @@ inline void check_saved(const char* op, const LayerShape& s, const at::Tensor& i
               ": cell_prev must have the math dtype ", at::toOpMathType(input.scalar_type()),
               ", got ", saved.cell_prev.scalar_type());
   check_same_dtype_and_device(op, input, saved.hidden_prev, "hidden_prev");
+}
+
+// The test-only _test_overrun op writes one byte past the end of its target: only when asked
+// for by name, and only where the target owns exactly its storage, so that the byte past its
+// end is past the end of the allocation too.
+inline void check_overrun_target(const at::Tensor& target) {
+  const char* asked = std::getenv("LSTM_EXT_TEST_OVERRUN");
+  TORCH_CHECK(asked != nullptr && std::strcmp(asked, "1") == 0,
+              "_test_overrun writes past the end of its argument, to check that a memory "
+              "checker reports it; it runs only with LSTM_EXT_TEST_OVERRUN=1");
+  TORCH_CHECK(target.is_contiguous() && target.storage_offset() == 0 &&
+                  target.storage().nbytes() == target.nbytes() && target.nbytes() > 0,
+              "_test_overrun: the target must be a non-empty tensor that owns its whole storage");
 }
 
 }  // namespace lstm_ext

@@ -12,6 +12,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import lstm_ext  # noqa: F401  (loads the ops)
 
+# A kernel fault that breaks the CUDA context fails its own test only (see cuda_faults.py).
+pytest_plugins = ["cuda_faults"]
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 

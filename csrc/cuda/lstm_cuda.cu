@@ -49,6 +49,8 @@ __global__ void backward_step_kernel(BackwardStep<scalar_t> a) {
   }
 }
 
+__global__ void overrun_kernel(unsigned char* past_end) { *past_end = 1; }
+
 cuda::ElementwiseLaunch elementwise_launch(int64_t elements) {
   return cuda::plan_elementwise(elements,
                                 at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
@@ -107,6 +109,12 @@ struct CudaKernels {
 TORCH_LIBRARY_IMPL(lstm_ext, CUDA, m) {
   m.impl("lstm_layer_forward", &layer_forward<CudaKernels>);
   m.impl("lstm_layer_backward", &layer_backward<CudaKernels>);
+  m.impl("_test_overrun", [](const at::Tensor& target) {
+    check_overrun_target(target);
+    overrun_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(
+        static_cast<unsigned char*>(target.data_ptr()) + target.nbytes());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace lstm_ext
