@@ -247,7 +247,11 @@ inline void check_saved(const char* op, const LayerShape& s, const at::Tensor& i
   TORCH_CHECK(saved.cell_prev.scalar_type() == at::toOpMathType(input.scalar_type()), op,
               ": cell_prev must have the math dtype ", at::toOpMathType(input.scalar_type()),
               ", got ", saved.cell_prev.scalar_type());
+  TORCH_CHECK(saved.cell_prev.device() == input.device(), op, ": cell_prev is on ",
+              saved.cell_prev.device(), " but input is on ", input.device(),
+              "; move them to one device");
   check_same_dtype_and_device(op, input, saved.hidden_prev, "hidden_prev");
+  if (s.has_projection) check_same_dtype_and_device(op, input, saved.hidden_raw, "hidden_raw");
 }
 
 // The test-only _test_overrun op writes one byte past the end of its target: only when asked

@@ -298,7 +298,10 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
                               const at::Tensor& hidden_prev, const at::Tensor& hidden_raw,
                               bool reverse, bool has_bias, bool input_grad, bool weight_grads) {
   constexpr const char* op = "lstm_layer_backward";
-  const SavedForBackward saved{gates, cell_prev, hidden_prev, hidden_raw};
+  // The kernels read the saved tensors through raw row pointers, so any other layout (a caller,
+  // or a compiled graph, may pass one) is made contiguous first: a no-op for what forward saved.
+  const SavedForBackward saved{gates.contiguous(), cell_prev.contiguous(), hidden_prev,
+                               hidden_raw.contiguous()};
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   check_saved(op, s, input, saved);
   c10::OptionalDeviceGuard device_guard(input.device());

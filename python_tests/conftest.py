@@ -3,19 +3,61 @@
 import contextlib
 import copy
 import importlib.util
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import lstm_ext  # noqa: F401  (loads the ops)
+
+# Property tests: "ci" (the default) draws a fixed sequence of examples, so every CI run checks
+# the same cases in bounded time; HYPOTHESIS_PROFILE=long searches 50 times as many, at random.
+settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None,
+                          print_blob=True)
+settings.register_profile("long", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # A kernel fault that breaks the CUDA context fails its own test only (see cuda_faults.py).
 pytest_plugins = ["cuda_faults"]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+# Memory layouts a caller can hand a tensor in (see relayout).
+LAYOUTS = ["contiguous", "transposed", "stepped", "offset", "expanded"]
+
+
+def relayout(tensor, layout):
+    """The same values (for "expanded": the first row repeated, see `values_for`) in another
+    memory layout."""
+    if layout == "contiguous" or tensor.dim() == 0:
+        return tensor
+    if layout == "transposed" and tensor.dim() >= 2:
+        return tensor.transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "stepped":
+        wide = torch.full((*tensor.shape[:-1], 2 * tensor.shape[-1]), float("nan"),
+                          dtype=tensor.dtype)
+        wide[..., ::2] = tensor
+        return wide[..., ::2]
+    if layout == "offset":
+        storage = torch.full((tensor.numel() + 3,), float("nan"), dtype=tensor.dtype)
+        storage[3:] = tensor.reshape(-1)
+        return storage[3:].view(tensor.shape)
+    if layout == "expanded" and tensor.shape[0] > 0:
+        return tensor[:1].expand(tensor.shape)
+    return tensor
+
+
+def values_for(tensor, layout):
+    """The values the contiguous reference call gets for an argument passed in `layout`."""
+    if layout == "expanded" and tensor.dim() > 0 and tensor.shape[0] > 0:
+        return tensor[:1].expand(tensor.shape).contiguous()
+    return tensor
+
 
 
 @pytest.fixture
