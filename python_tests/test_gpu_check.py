@@ -73,9 +73,12 @@ def test_the_summary_names_failed_tests_and_how_to_rerun_them(tmp_path):
     result, out, _ = run_script(
         tmp_path, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STAGES="smoke,tests,bench",
         GPU_CHECK_TESTS=f"{tests} -p cuda_faults -p no:cacheprovider",
-        PYTHONPATH=os.pathsep.join([str(ROOT / "python_tests"), os.environ.get("PYTHONPATH", "")]))
+        # (no empty entry: that would put the current folder, the sources, on the path)
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "python_tests"),
+                                                 os.environ.get("PYTHONPATH")])))
     assert result.returncode == 1, result.stdout + result.stderr
     text = (out / "summary.txt").read_text()
+    assert "smoke: ok" in text, (out / "smoke.log").read_text()
     assert re.search(r"^smoke: ok \(smoke: ok in .* on the CPU\)$", text, re.M)
     assert re.search(r"^tests: FAILED \(exit 2: 2 failed, 1 passed in", text, re.M), text
     assert re.search(r"^  FAILED \S*test_planted.py::test_wrong", text, re.M)

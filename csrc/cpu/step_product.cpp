@@ -63,8 +63,10 @@ class PackedStepProduct final : public StepProduct {
 // layouts with and without padded leading dimensions, once per process.
 bool packed_gemm_works() {
   if (!sgemm_pack_get_size || !sgemm_pack || !sgemm_compute) return false;
-  const at::Tensor w = at::randn({7, 5}, at::kFloat);
-  const at::Tensor in = at::randn({3, 7}, at::kFloat);
+  // Fixed values, not at::randn: a draw here would advance the user's global generator the
+  // first time a process takes this path, and a resumed run would no longer replay exactly.
+  const at::Tensor w = at::arange(35, at::kFloat).reshape({7, 5}).mul(0.37).sin();
+  const at::Tensor in = at::arange(21, at::kFloat).reshape({3, 7}).mul(0.61).cos();
   const at::Tensor expected = at::mm(in.to(at::kDouble), w.to(at::kDouble));
   const at::Tensor padded_rows = at::zeros({7, 9}, at::kFloat).narrow(1, 0, 5).copy_(w);
   const at::Tensor padded_columns = at::zeros({5, 10}, at::kFloat).narrow(1, 0, 7).t().copy_(w);

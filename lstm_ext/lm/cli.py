@@ -11,9 +11,16 @@ from .train import (PRECISIONS, TrainConfig, config_from_dict, evaluate, generat
                     load_checkpoint, model_from_checkpoint, quality, train)
 
 
-def _add_train_arguments(parser):
+def _add_train_arguments(parser, given_only=False):
+    """The train command's options; with `given_only`, none has a default, so that parsing
+    shows which ones the command line gave (what a --resume may change)."""
     defaults = TrainConfig()
-    add = parser.add_argument
+
+    def add(*names, **options):
+        if given_only:
+            options["default"] = argparse.SUPPRESS
+        parser.add_argument(*names, **options)
+
     add("--data", default=None, help="a text file (split 90/5/5) or a folder with train/valid/"
         "test files (ptb.train.txt, train.txt, wiki.train.tokens); default: the Python standard "
         "library's own source")
@@ -39,7 +46,9 @@ def _add_train_arguments(parser):
     add("--epochs", type=int, default=defaults.epochs,
         help="passes over the training split (0: as many as --max-steps needs, else 1)")
     add("--max-steps", type=int, default=defaults.max_steps,
-        help="training steps (0: no limit); the cosine schedule ends here")
+        help="training steps (0: no limit); the cosine schedule ends here. With --resume, a "
+        "larger value trains the run on: the warm-up + cosine schedule is recomputed over the "
+        "new total, so the rate rises to where a run planned that long would be now")
     add("--time-budget", type=float, default=defaults.time_budget,
         help="minutes of training before a last evaluation and stop (0: no limit); a cap, the "
         "schedule still follows --max-steps / --epochs")
@@ -50,7 +59,10 @@ def _add_train_arguments(parser):
     add("--out", default=defaults.out, help="folder for checkpoints, metrics.jsonl and loss.png")
     add("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
     add("--resume", default=None, metavar="DIR",
-        help="continue the run in this folder (its own settings; other flags are ignored)")
+        help="continue the run in this folder from its last checkpoint, with its own settings; "
+        "only --max-steps, --epochs, --time-budget, --eval-every and --no-progress may be "
+        "given to change them (larger --max-steps/--epochs train a finished run on), any other "
+        "setting that differs is refused")
     add("--no-progress", dest="progress", action="store_false")
 
 
@@ -80,10 +92,10 @@ def _add_classify_arguments(parser):
     add("--no-progress", dest="progress", action="store_false")
 
 
-def build_parser():
+def build_parser(given_only=False):
     parser = argparse.ArgumentParser(prog="lstm-ext", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
-    _add_train_arguments(commands.add_parser("train", help="train a language model"))
+    _add_train_arguments(commands.add_parser("train", help="train a language model"), given_only)
     evaluation = commands.add_parser("eval", help="loss and perplexity/bpc of a checkpoint")
     evaluation.add_argument("--checkpoint", required=True, help="a .pt file or a run folder")
     evaluation.add_argument("--split", choices=lm_data.SPLITS, default="test")
@@ -111,7 +123,11 @@ def main(argv=None):
     try:
         if args.command == "train":
             config = config_from_dict(vars(args))
-            record = train(config, resume=args.resume)
+            changes = None
+            if args.resume:
+                given = vars(build_parser(given_only=True).parse_args(argv))
+                changes = {k: v for k, v in given.items() if k not in ("command", "resume")}
+            record = train(config, resume=args.resume, changes=changes)
             if os.environ.get("RANK", "0") == "0":  # one summary per torchrun job
                 print(json.dumps(record))
         elif args.command == "eval":

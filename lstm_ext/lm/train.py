@@ -79,6 +79,25 @@ class Distributed:
         length = ids.numel() // self.world_size
         return ids[self.rank * length:(self.rank + 1) * length]
 
+    def gather(self, value):
+        """Every rank's `value` (plain Python values and CPU tensors), in rank order, on every
+        rank; a one-element list outside torchrun."""
+        if not self.active:
+            return [value]
+        values = [None] * self.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    def any(self, flag, device):
+        """Whether `flag` holds on any rank: decisions that end the loop (the time budget) must
+        be the same everywhere, or the ranks that go on wait forever in the gradient
+        all-reduce."""
+        if not self.active:
+            return bool(flag)
+        value = torch.tensor([int(bool(flag))], device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
     def close(self, finished):
         if self.active and torch.distributed.is_initialized():
             if finished:  # after a failure the other ranks may never reach a barrier
@@ -231,7 +250,16 @@ class Run:
         self.elapsed = 0.0
         self.history = []
 
-    def checkpoint(self):
+    def rank_state(self):
+        """What differs between ranks and must come back per rank on resume: the generators
+        (each rank draws its own dropout masks) and the LSTM state carried across windows of
+        its own shard."""
+        return {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                 else [])},
+                "state": None if self.state is None else [s.cpu() for s in self.state]}
+
+    def checkpoint(self, ranks):
         return {
             "format": CHECKPOINT_FORMAT,
             "config": asdict(self.config),
@@ -239,27 +267,36 @@ class Run:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "world_size": self.distributed.world_size,
+            "ranks": ranks,
             "position": {"step": self.step, "epoch": self.epoch, "window": self.window},
-            "state": None if self.state is None else [s.cpu() for s in self.state],
             "best_loss": self.best_loss,
             "elapsed": self.elapsed,
             "history": self.history,
         }
 
     def restore(self, payload):
+        # Checkpoints from before per-rank state hold one rank's "rng" and "state" at the top.
+        ranks = payload.get("ranks") or [{"rng": payload["rng"], "state": payload["state"]}]
+        saved_world = payload.get("world_size", len(ranks))
+        if saved_world != self.distributed.world_size:
+            raise ValueError(
+                f"--resume: the run was trained by {saved_world} process(es) and this job has "
+                f"{self.distributed.world_size}; resume it with the same number (torchrun "
+                f"--nproc-per-node {saved_world}), since each rank's data shard, generator "
+                f"and carried state belong to that layout")
+        mine = ranks[self.distributed.rank]
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        random.setstate(payload["rng"]["python"])
-        if payload["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        torch.set_rng_state(mine["rng"]["torch"])
+        random.setstate(mine["rng"]["python"])
+        if mine["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
         position = payload["position"]
         self.step, self.epoch, self.window = position["step"], position["epoch"], position["window"]
-        self.state = None if payload["state"] is None else tuple(
-            s.to(self.config.device) for s in payload["state"])
+        self.state = None if mine["state"] is None else tuple(
+            s.to(self.config.device) for s in mine["state"])
         self.best_loss, self.elapsed = payload["best_loss"], payload["elapsed"]
         self.history = payload["history"]
 
@@ -276,14 +313,20 @@ class Run:
             self.scheduler.step(valid_loss)
         improved = valid_loss < self.best_loss
         self.best_loss = min(self.best_loss, valid_loss)
+        ranks = self.distributed.gather(self.rank_state())  # a collective: every rank calls it
         if self.distributed.is_main:
             with open(self.out / "metrics.jsonl", "a") as file:
                 file.write(json.dumps(record) + "\n")
-            payload = self.checkpoint()
+            payload = self.checkpoint(ranks)
             save_atomically(payload, self.out / "last.pt")
             if improved:
                 save_atomically(payload, self.out / "best.pt")
         return record
+
+    def has_work(self):
+        """Whether a step is left: within the planned steps and epochs and the time budget."""
+        in_time = not self.config.time_budget or self.elapsed < 60 * self.config.time_budget
+        return self.epoch < self.epochs and self.step < self.total_steps and in_time
 
     def train(self):
         config = self.config
@@ -322,7 +365,8 @@ class Run:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}")
-                out_of_time = config.time_budget and self.elapsed >= 60 * config.time_budget
+                out_of_time = bool(config.time_budget) and self.distributed.any(
+                    self.elapsed >= 60 * config.time_budget, config.device)
                 if self.step % config.eval_every == 0 or out_of_time:
                     record = self.evaluate_and_save(sum(losses) / len(losses), rate)
                     losses = []
@@ -360,12 +404,38 @@ def plot_losses(history, path):
     plt.close(figure)
 
 
-def train(config, resume=None):
-    """Trains (or resumes from a run folder) and returns the last metrics record."""
+# What a resumed run may change: how long it trains, how often it reports. Everything else
+# (model, data, batching, optimiser, seed) defines the run, and a different value would train
+# a different one from the middle on.
+CHANGEABLE_ON_RESUME = ("max_steps", "epochs", "time_budget", "eval_every", "progress")
+
+
+def resumed_config(payload, resume, changes):
+    """The saved run's settings with the `changes` a resume may make; any other setting given
+    with a different value is refused, naming it."""
+    saved = payload["config"]
+    changes = {"out": str(resume), **(changes or {})}
+    fixed = sorted(name for name, value in changes.items()
+                   if name not in CHANGEABLE_ON_RESUME and name in saved
+                   and value != saved[name] and not (name == "out" and Path(value) == Path(
+                       resume)))
+    if fixed:
+        given = ", ".join(f"--{name.replace('_', '-')} {changes[name]!r} (the run has "
+                          f"{saved[name]!r})" for name in fixed)
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in CHANGEABLE_ON_RESUME)
+        raise ValueError(f"--resume {resume}: {given} cannot change on resume, since the run "
+                         f"would not be the same one; only {allowed} can. Drop the flag, or "
+                         f"start a new run with --out")
+    return config_from_dict({**saved, **{k: v for k, v in changes.items()
+                                         if k in CHANGEABLE_ON_RESUME}, "out": str(resume)})
+
+
+def train(config, resume=None, changes=None):
+    """Trains (or resumes from a run folder, with the `changes` CHANGEABLE_ON_RESUME allows)
+    and returns the last metrics record."""
     if resume:
         payload = load_checkpoint(Path(resume) / "last.pt")
-        config = config_from_dict({**payload["config"], "out": str(resume),
-                                "progress": config.progress})
+        config = resumed_config(payload, resume, changes)
     check_config(config)
     corpus = lm_data.load_corpus(config.data, config.level, config.clean)
     distributed = Distributed(config)
@@ -374,6 +444,11 @@ def train(config, resume=None):
         run = Run(config, corpus, distributed)
         if resume:
             run.restore(payload)
+            if not run.has_work():
+                raise ValueError(
+                    f"--resume {resume}: the run already finished, at step {run.step} "
+                    f"(epoch {run.epoch}); to train it longer, pass a larger --max-steps or "
+                    f"--epochs (or --time-budget, if its budget ended it)")
         record = run.train()
         finished = True
         return record
