@@ -72,6 +72,38 @@ def test_pickle_deepcopy_and_torch_save(config):
     torch.testing.assert_close(pickle.loads(pickle.dumps(cell))(x[0])[0], cell(x[0])[0])
 
 
+def test_a_whole_saved_model_loads_with_weights_only_where_nn_lstm_would(tmp_path):
+    """torch.save(model) then torch.load(path) with the default weights_only=True, as
+    pytorch/examples' word_language_model does with nn.LSTM allow-listed: with ours swapped in,
+    the same allow-list (minus the LSTM classes, which `import lstm_ext` registers) suffices,
+    and nothing else is needed to unpickle them."""
+    torch.manual_seed(0)
+    models = {}
+    for name, lstm, cell in (("torch", nn.LSTM, nn.LSTMCell),
+                             ("ours", lstm_ext.LSTM, lstm_ext.LSTMCell)):
+        torch.manual_seed(0)
+        models[name] = nn.ModuleDict({"lstm": lstm(4, 6, num_layers=2, proj_size=3),
+                                      "cell": cell(4, 5), "head": nn.Linear(3, 2)}).eval()
+        torch.save(models[name], tmp_path / f"{name}.pt")
+    containers = [nn.ModuleDict, nn.Linear]
+    needed = {name: set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / f"{name}.pt"))
+              for name in models}
+    assert needed["ours"] == needed["torch"] - {"torch.nn.modules.rnn.LSTM",
+                                                "torch.nn.modules.rnn.LSTMCell"}
+    x = torch.randn(3, 2, 4)
+    with torch.serialization.safe_globals([*containers, nn.LSTM, nn.LSTMCell]):
+        reference = torch.load(tmp_path / "torch.pt")
+    with torch.serialization.safe_globals(containers):
+        loaded = torch.load(tmp_path / "ours.pt")
+    assert type(loaded["lstm"]) is lstm_ext.LSTM and type(loaded["cell"]) is lstm_ext.LSTMCell
+    torch.testing.assert_close(loaded["lstm"](x), reference["lstm"](x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loaded["cell"](x[0]), reference["cell"](x[0]), rtol=1e-6,
+                               atol=1e-6)
+    # Registering ours opens nothing else: a file that needs another global is still refused.
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        torch.load(tmp_path / "ours.pt")
+
+
 def test_to_dtype_and_double():
     module = lstm_ext.LSTM(4, 6, 2)
     x = torch.randn(3, 2, 4, dtype=torch.float64)
