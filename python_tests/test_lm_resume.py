@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lstm_ext.lm import train as lm_train
+from lstm_ext.lm.checkpoint import load_checkpoint
 
 # A projection sends the layer through the step loop (and its per-step GEMM set-up), dropout
 # makes every step draw from the generator: any draw the library made on its own, or any state
@@ -92,7 +92,7 @@ def test_a_run_killed_and_resumed_in_new_processes_logs_what_the_whole_run_logs(
     logged = log.read_text()
     time.sleep(0.5)
     assert log.read_text() == logged
-    stopped_at = lm_train.load_checkpoint(killed / "last.pt")["position"]["step"]
+    stopped_at = load_checkpoint(killed / "last.pt")["position"]["step"]
     assert 50 <= stopped_at < STEPS
 
     result = subprocess.run(command(corpus_file, killed, ranks, "--resume", str(killed)),
@@ -105,7 +105,7 @@ def test_a_run_killed_and_resumed_in_new_processes_logs_what_the_whole_run_logs(
     uninterrupted = {record["step"]: record for record in records(whole)}
     assert resumed == uninterrupted
     assert sorted(uninterrupted) == list(range(25, STEPS + 1, 25))
-    final = {name: lm_train.load_checkpoint(out / "last.pt")["model"] for name, out in
+    final = {name: load_checkpoint(out / "last.pt")["model"] for name, out in
              (("whole", whole), ("resumed", killed))}
     for name, tensor in final["whole"].items():
         assert torch.equal(tensor, final["resumed"][name]), name
@@ -125,7 +125,7 @@ def test_resume_with_a_larger_max_steps_trains_a_finished_run_on(corpus_file, tm
     printed = capsys.readouterr().out
     assert json.loads(printed)["step"] == 75 and "null" not in printed
     assert [r["step"] for r in records(out)] == [25, 50, 75]
-    payload = lm_train.load_checkpoint(out / "last.pt")
+    payload = load_checkpoint(out / "last.pt")
     assert payload["config"]["max_steps"] == 75 and payload["position"]["step"] == 75
 
 
@@ -149,7 +149,7 @@ def test_resume_refuses_a_setting_that_would_make_another_run(corpus_file, tmp_p
     error = capsys.readouterr().err
     assert "--hidden 32 (the run has 16)" in error and "--lr 0.1" in error
     assert "cannot change on resume" in error
-    assert lm_train.load_checkpoint(out / "last.pt")["position"]["step"] == 25  # untouched
+    assert load_checkpoint(out / "last.pt")["position"]["step"] == 25  # untouched
     # The same value as the run's own is no change, and is accepted.
     assert train_cli(corpus_file, out, "--resume", str(out), "--max-steps", "50",
                      "--hidden", "16") == 0

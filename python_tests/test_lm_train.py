@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from lstm_ext.lm import cli, train as lm_train
-from lstm_ext.lm.train import TrainConfig
+from lstm_ext.lm import checkpoint as lm_checkpoint, cli, data as lm_data, train as lm_train
+from lstm_ext.lm.config import TrainConfig
+from lstm_ext.lm.distributed import Distributed
+from lstm_ext.lm.generate import generate
 
 
 def tiny_config(corpus_file, out, **changes):
@@ -27,7 +29,7 @@ def test_training_lowers_validation_loss(corpus_file, tmp_path):
     lm_train.train(tiny_config(corpus_file, tmp_path / "run", epochs=5, max_steps=150,
                                eval_every=50, lr=2e-2))
     records = metrics(tmp_path / "run")
-    vocabulary = len(lm_train.load_checkpoint(tmp_path / "run")["vocabulary"]["itos"])
+    vocabulary = len(lm_checkpoint.load_checkpoint(tmp_path / "run")["vocabulary"]["itos"])
     assert [r["step"] for r in records] == [50, 100, 150]
     # uniform guessing costs ln(vocabulary) nats; training must do clearly better, and improve
     assert records[-1]["valid_loss"] < torch.log(torch.tensor(float(vocabulary))) - 0.7
@@ -85,17 +87,17 @@ def test_checkpoints_survive_a_crash_mid_write_and_corruption_is_reported(corpus
         file.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lm_train.torch, "save", crash_mid_write)
+    monkeypatch.setattr(lm_checkpoint.torch, "save", crash_mid_write)
     with pytest.raises(OSError):
-        lm_train.save_atomically({"x": 1}, out / "last.pt")
+        lm_checkpoint.save_atomically({"x": 1}, out / "last.pt")
     assert (out / "last.pt").read_bytes() == good
     assert not [p for p in out.iterdir() if p.name.startswith(".last.pt.")]
     monkeypatch.undo()
 
     (out / "broken.pt").write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="corrupted or truncated"):
-        lm_train.load_checkpoint(out / "broken.pt")
-    assert lm_train.load_checkpoint(out)["position"]["step"] == 10
+        lm_checkpoint.load_checkpoint(out / "broken.pt")
+    assert lm_checkpoint.load_checkpoint(out)["position"]["step"] == 10
 
 
 class _RunsCodeWhenUnpickled:
@@ -112,10 +114,10 @@ class _RunsCodeWhenUnpickled:
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
-    torch.save({"format": lm_train.CHECKPOINT_FORMAT, "model": _RunsCodeWhenUnpickled(marker)},
+    torch.save({"format": lm_checkpoint.CHECKPOINT_FORMAT, "model": _RunsCodeWhenUnpickled(marker)},
                path)
     with pytest.raises(ValueError, match="could run code"):
-        lm_train.load_checkpoint(path)
+        lm_checkpoint.load_checkpoint(path)
     assert not marker.exists()
 
 
@@ -183,23 +185,23 @@ def test_two_process_torchrun(corpus_file, tmp_path):
     assert [r["step"] for r in records] == [3, 6]
     assert all(r["world_size"] == 2 for r in records)
     assert result.stdout.count('"world_size": 2') == 1  # one summary line, from rank 0
-    assert lm_train.load_checkpoint(out)["position"]["step"] == 6
+    assert lm_checkpoint.load_checkpoint(out)["position"]["step"] == 6
 
 
 def test_word_level_generation(corpus_file, tmp_path):
     out = tmp_path / "words"
     lm_train.train(tiny_config(corpus_file, out, level="word", max_steps=5, eval_every=5,
                                bptt=4, batch_size=4))
-    model, vocabulary, config = lm_train.model_from_checkpoint(lm_train.load_checkpoint(out))
-    text = "".join(lm_train.generate(model, vocabulary, "word", "the cat", 25, seed=0))
+    model, vocabulary, config = lm_checkpoint.model_from_checkpoint(lm_checkpoint.load_checkpoint(out))
+    text = "".join(generate(model, vocabulary, "word", "the cat", 25, seed=0))
     words = text.split()
     assert words and set(words) <= set(vocabulary.itos) - {"<unk>", "<eos>"}
 
 
 def test_max_steps_alone_runs_past_the_first_epoch(corpus_file, tmp_path):
     out = tmp_path / "run"
-    windows_per_epoch = lm_train.Run(tiny_config(corpus_file, out), lm_train.lm_data.load_corpus(
-        str(corpus_file), "char", True), lm_train.Distributed(TrainConfig())).windows_per_epoch
+    windows_per_epoch = lm_train.Run(tiny_config(corpus_file, out), lm_data.load_corpus(
+        str(corpus_file), "char", True), Distributed(TrainConfig())).windows_per_epoch
     steps = windows_per_epoch + 5
     lm_train.train(tiny_config(corpus_file, out, max_steps=steps, eval_every=steps))
     assert [(r["step"], r["epoch"]) for r in metrics(out)] == [(steps, 1)]

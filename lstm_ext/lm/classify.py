@@ -195,7 +195,7 @@ def classify(config):
     if bar is not None:
         bar.close()
     if out is not None:
-        from .train import save_atomically
+        from .checkpoint import save_atomically
 
         save_atomically({"format": CHECKPOINT_FORMAT, "config": asdict(config),
                          "model": model.state_dict(), "record": record}, out / "model.pt")

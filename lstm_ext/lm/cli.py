@@ -6,9 +6,11 @@ import os
 import sys
 
 from . import data as lm_data
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .classify import ClassifyConfig, classify
-from .train import (PRECISIONS, TrainConfig, config_from_dict, evaluate, generate,
-                    load_checkpoint, model_from_checkpoint, quality, train)
+from .config import PRECISIONS, TrainConfig, config_from_dict
+from .generate import generate
+from .train import evaluate, quality, train
 
 
 def _add_train_arguments(parser, given_only=False):

@@ -60,3 +60,10 @@ def sample_next(logits, temperature=1.0, top_k=0, generator=None):
         logits = logits.masked_fill(logits < threshold, float("-inf"))
     probabilities = torch.softmax(logits, dim=-1)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+def build_model(config, vocabulary_size):
+    torch.manual_seed(config.seed)
+    model = LanguageModel(vocabulary_size, config.emb, config.hidden, config.layers,
+                          config.dropout, config.proj_size, config.tied, config.impl)
+    return model.to(torch.float64) if config.precision == "fp64" else model

@@ -1,134 +1,24 @@
-"""Training, evaluation and generation for the language model, with checkpoints that survive a
-crash mid-write and runs that resume exactly where they stopped."""
+"""Training and evaluation of the language model: the optimiser and schedule, the training
+loop with its checkpoints, and runs that resume exactly where they stopped."""
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import data as lm_data
-from .checks import check_device, check_positive
-from .model import LanguageModel, detach_state, sample_next
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomically
+from .config import check_config, resumed_config
+from .distributed import Distributed
+from .model import build_model, detach_state
 
-CHECKPOINT_FORMAT = "lstm_ext.lm/1"
-# bf16 runs under autocast with fp32 weights; fp64 (weights and math) is for exact comparisons.
-PRECISIONS = ("fp32", "bf16", "fp64")
-
-
-@dataclass
-class TrainConfig:
-    data: str = None
-    level: str = "char"
-    clean: bool = True
-    impl: str = "ext"
-    layers: int = 2
-    hidden: int = 512
-    emb: int = 64
-    dropout: float = 0.1
-    proj_size: int = 0
-    tied: bool = False
-    bptt: int = 128
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 4e-3
-    weight_decay: float = 0.01
-    warmup: int = 20
-    clip: float = 1.0
-    epochs: int = 0             # 0: as many as --max-steps needs, else 1
-    max_steps: int = 0          # 0: no limit
-    time_budget: float = 0.0    # minutes; 0: no limit
-    precision: str = "fp32"
-    device: str = "cpu"
-    seed: int = 1234
-    out: str = "runs/lm"
-    eval_every: int = 50
-    eval_batch_size: int = 16
-    progress: bool = True
-
-
-class Distributed:
-    """The process's place in a torchrun job (WORLD_SIZE > 1): gloo on the CPU, nccl on CUDA.
-    Each rank trains on its own shard of the training stream; rank 0 alone writes checkpoints
-    and logs."""
-
-    def __init__(self, config):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.active = self.world_size > 1
-        if self.active and not torch.distributed.is_initialized():
-            cuda = str(config.device).startswith("cuda")
-            if cuda:
-                config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-                torch.cuda.set_device(config.device)
-            torch.distributed.init_process_group("nccl" if cuda else "gloo")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def shard(self, ids):
-        """This rank's equal-length slice of the token stream (equal, so every rank runs the
-        same number of steps and the gradient all-reduces pair up)."""
-        length = ids.numel() // self.world_size
-        return ids[self.rank * length:(self.rank + 1) * length]
-
-    def gather(self, value):
-        """Every rank's `value` (plain Python values and CPU tensors), in rank order, on every
-        rank; a one-element list outside torchrun."""
-        if not self.active:
-            return [value]
-        values = [None] * self.world_size
-        torch.distributed.all_gather_object(values, value)
-        return values
-
-    def any(self, flag, device):
-        """Whether `flag` holds on any rank: decisions that end the loop (the time budget) must
-        be the same everywhere, or the ranks that go on wait forever in the gradient
-        all-reduce."""
-        if not self.active:
-            return bool(flag)
-        value = torch.tensor([int(bool(flag))], device=device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        return bool(value.item())
-
-    def close(self, finished):
-        if self.active and torch.distributed.is_initialized():
-            if finished:  # after a failure the other ranks may never reach a barrier
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-
-def config_from_dict(values):
-    """A TrainConfig from a dict with possibly more keys (argparse's namespace, a checkpoint)."""
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
-
-
-def check_config(config):
-    if config.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"--optimizer must be sgd or adamw, got {config.optimizer!r}")
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {PRECISIONS}, got {config.precision!r}")
-    check_device(config.device)
-    check_positive(config, ("layers", "hidden", "emb", "bptt", "batch_size", "eval_every"))
-    for name in ("epochs", "max_steps", "time_budget"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative")
-
-
-def build_model(config, vocabulary_size):
-    torch.manual_seed(config.seed)
-    model = LanguageModel(vocabulary_size, config.emb, config.hidden, config.layers,
-                          config.dropout, config.proj_size, config.tied, config.impl)
-    return model.to(torch.float64) if config.precision == "fp64" else model
-
+# Steps between updates of the progress bar's loss (each reads a value from the device).
+PROGRESS_EVERY = 10
 
 def build_optimizer(config, model, total_steps):
     if config.optimizer == "sgd":
@@ -159,67 +49,22 @@ def evaluate(model, ids, config, batch_size=None):
     """Mean cross-entropy (nats per token) over a split, state carried across windows."""
     model.eval()
     columns = lm_data.batchify(ids, batch_size or config.eval_batch_size).to(config.device)
-    state, total, count = None, 0.0, 0
+    # Summed on the device in fp64 (the same sum as adding Python floats), read once at the end:
+    # a .item() per window would wait for the device every window.
+    state, total, count = None, torch.zeros((), dtype=torch.float64, device=config.device), 0
     for inputs, targets in lm_data.bptt_windows(columns, config.bptt):
         with autocast(config):
             logits, state = model(inputs, state)
         total += nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
-        ).item()
+        ).double()
         count += targets.numel()
-    return total / count
+    return total.item() / count
 
 
 def quality(loss, level):
     """Perplexity for words, bits per character for characters."""
     return {"valid_bpc": loss / math.log(2)} if level == "char" else {"valid_ppl": math.exp(loss)}
-
-
-def save_atomically(payload, path):
-    """Write to a temporary file in the same folder, flush it to disk, then rename over the
-    target: a crash at any point leaves the previous file whole."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path):
-    """A checkpoint file, or a run folder (its best checkpoint). Refuses anything that is not a
-    whole lstm_ext checkpoint with a message that says so."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no such checkpoint")
-    # weights_only: a checkpoint holds tensors and plain Python values only, and unpickling
-    # anything else (a class, a function to call) is refused instead of run.
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"--checkpoint {path} is corrupted or truncated, or holds objects "
-                         f"other than tensors and plain values, refused because loading them "
-                         f"could run code ({error}); use another checkpoint (last.pt or best.pt "
-                         f"of the run)") from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--checkpoint {path} is not an lstm_ext language-model checkpoint")
-    return payload
-
-
-def model_from_checkpoint(payload, device="cpu"):
-    config = config_from_dict(payload["config"])
-    config.device = device
-    vocabulary = lm_data.Vocabulary.from_state_dict(payload["vocabulary"])
-    model = build_model(config, len(vocabulary))
-    model.load_state_dict(payload["model"])
-    return model.to(device).eval(), vocabulary, config
 
 
 class Run:
@@ -338,7 +183,9 @@ class Run:
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         criterion = nn.CrossEntropyLoss()
         self.model.train()
-        losses, tokens, started = [], 0, time.perf_counter()
+        # The window's losses are summed on the device (fp64: the same sum as adding Python
+        # floats) and read only where they are logged, so a step never waits for the device.
+        loss_sum, losses, tokens, started = 0.0, 0, 0, time.perf_counter()
         base_elapsed = self.elapsed
         record = None
         while self.epoch < self.epochs and self.step < self.total_steps:
@@ -358,24 +205,26 @@ class Run:
                 self.state = detach_state(state)
                 self.step += 1
                 self.window += 1
-                losses.append(loss.item())
+                loss_sum = loss_sum + loss.detach().double()
+                losses += 1
                 tokens += targets.numel()
                 self.elapsed = base_elapsed + time.perf_counter() - started
                 rate = tokens / max(1e-9, time.perf_counter() - started)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}")
+                    if self.step % PROGRESS_EVERY == 0:
+                        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
                 out_of_time = bool(config.time_budget) and self.distributed.any(
                     self.elapsed >= 60 * config.time_budget, config.device)
                 if self.step % config.eval_every == 0 or out_of_time:
-                    record = self.evaluate_and_save(sum(losses) / len(losses), rate)
-                    losses = []
+                    record = self.evaluate_and_save(float(loss_sum) / losses, rate)
+                    loss_sum, losses = 0.0, 0
                 if out_of_time:
                     self.total_steps = self.step
             if self.window >= len(windows):
                 self.epoch, self.window, self.state = self.epoch + 1, 0, None
         if losses:
-            record = self.evaluate_and_save(sum(losses) / len(losses),
+            record = self.evaluate_and_save(float(loss_sum) / losses,
                                             tokens / max(1e-9, time.perf_counter() - started))
         if bar is not None:
             bar.close()
@@ -404,32 +253,6 @@ def plot_losses(history, path):
     plt.close(figure)
 
 
-# What a resumed run may change: how long it trains, how often it reports. Everything else
-# (model, data, batching, optimiser, seed) defines the run, and a different value would train
-# a different one from the middle on.
-CHANGEABLE_ON_RESUME = ("max_steps", "epochs", "time_budget", "eval_every", "progress")
-
-
-def resumed_config(payload, resume, changes):
-    """The saved run's settings with the `changes` a resume may make; any other setting given
-    with a different value is refused, naming it."""
-    saved = payload["config"]
-    changes = {"out": str(resume), **(changes or {})}
-    fixed = sorted(name for name, value in changes.items()
-                   if name not in CHANGEABLE_ON_RESUME and name in saved
-                   and value != saved[name] and not (name == "out" and Path(value) == Path(
-                       resume)))
-    if fixed:
-        given = ", ".join(f"--{name.replace('_', '-')} {changes[name]!r} (the run has "
-                          f"{saved[name]!r})" for name in fixed)
-        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in CHANGEABLE_ON_RESUME)
-        raise ValueError(f"--resume {resume}: {given} cannot change on resume, since the run "
-                         f"would not be the same one; only {allowed} can. Drop the flag, or "
-                         f"start a new run with --out")
-    return config_from_dict({**saved, **{k: v for k, v in changes.items()
-                                         if k in CHANGEABLE_ON_RESUME}, "out": str(resume)})
-
-
 def train(config, resume=None, changes=None):
     """Trains (or resumes from a run folder, with the `changes` CHANGEABLE_ON_RESUME allows)
     and returns the last metrics record."""
@@ -456,24 +279,3 @@ def train(config, resume=None, changes=None):
         distributed.close(finished)
 
 
-@torch.no_grad()
-def generate(model, vocabulary, level, prompt, tokens, temperature=1.0, top_k=0, seed=None,
-             device="cpu"):
-    """Yields the text of each generated token, carrying the LSTM state one step at a time."""
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    prompt_tokens = lm_data.tokenize(prompt, level) if prompt else []
-    ids = vocabulary.encode(prompt_tokens or [lm_data.EOS if level == "word" else "\n"])
-    logits, state = model(ids.to(device).view(-1, 1))
-    unknown = vocabulary.stoi[lm_data.UNK]
-    for _ in range(tokens):
-        # The unknown token stands for what training never saw: never emit it.
-        logits[-1, :, unknown] = float("-inf")
-        next_id = sample_next(logits[-1], temperature, top_k, generator)
-        token = vocabulary.itos[int(next_id)]
-        if level == "char":
-            yield token
-        else:
-            yield "\n" if token == lm_data.EOS else " " + token
-        logits, state = model(next_id.view(1, 1), state)
