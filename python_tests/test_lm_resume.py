@@ -195,3 +195,17 @@ def test_ranks_agree_when_the_time_budget_ends_the_run(corpus_file, tmp_path):
     # rank 0's own clock said so.
     assert 0 < last["step"] < 100000
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == last["step"]
+
+
+def test_a_checkpoint_from_before_per_rank_state_still_resumes(corpus_file, tmp_path, capsys):
+    """Checkpoints written before the per-rank layout hold one 'rng' and 'state' at the top
+    (and no world size): they resume as the one-process runs they came from."""
+    out = tmp_path / "run"
+    assert train_cli(corpus_file, out, "--max-steps", "25") == 0
+    payload = load_checkpoint(out / "last.pt")
+    rank = payload.pop("ranks")[0]
+    del payload["world_size"]
+    torch.save({**payload, "rng": rank["rng"], "state": rank["state"]}, out / "last.pt")
+    capsys.readouterr()
+    assert train_cli(corpus_file, out, "--resume", str(out), "--max-steps", "50") == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 50
