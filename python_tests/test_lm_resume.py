@@ -92,8 +92,10 @@ def test_a_run_killed_and_resumed_in_new_processes_logs_what_the_whole_run_logs(
     logged = log.read_text()
     time.sleep(0.5)
     assert log.read_text() == logged
+    # The second record is logged just before its checkpoint is written: a kill between the
+    # two leaves the first checkpoint.
     stopped_at = load_checkpoint(killed / "last.pt")["position"]["step"]
-    assert 50 <= stopped_at < STEPS
+    assert 25 <= stopped_at < STEPS
 
     result = subprocess.run(command(corpus_file, killed, ranks, "--resume", str(killed)),
                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
