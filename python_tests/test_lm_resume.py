@@ -211,3 +211,21 @@ def test_a_checkpoint_from_before_per_rank_state_still_resumes(corpus_file, tmp_
     capsys.readouterr()
     assert train_cli(corpus_file, out, "--resume", str(out), "--max-steps", "50") == 0
     assert json.loads(capsys.readouterr().out)["step"] == 50
+
+
+def test_resume_reads_the_data_with_the_runs_vocabulary_and_refuses_changed_data(
+        corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(corpus_file, out, "--max-steps", "25") == 0
+    original = corpus_file.read_text()
+    # Changed data: a character the run never saw, in every split.
+    corpus_file.write_text(original.replace("cat", "c@t"))
+    capsys.readouterr()
+    assert train_cli(corpus_file, out, "--resume", str(out), "--max-steps", "50") == 2
+    error = capsys.readouterr().err
+    assert "is not what the run was trained on" in error and "start a new run" in error
+    # The same data again resumes, and the vocabulary is the run's own.
+    corpus_file.write_text(original)
+    assert train_cli(corpus_file, out, "--resume", str(out), "--max-steps", "50") == 0
+    assert (load_checkpoint(out / "last.pt")["vocabulary"]
+            == load_checkpoint(out / "best.pt")["vocabulary"])

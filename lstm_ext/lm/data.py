@@ -1,6 +1,7 @@
 """Corpora for language modelling: reading, cleaning, tokenising (characters or words), the
 train/valid/test split, and batches for truncated backpropagation through time."""
 
+import hashlib
 import sysconfig
 import unicodedata
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ class Corpus:
     valid: torch.Tensor
     test: torch.Tensor
     source: str          # where the text came from, for logs and checkpoints
+
+
+def fingerprint(corpus):
+    """A digest of the encoded splits: a resumed run checks that it reads the data it was
+    trained on (a changed file, or the default corpus of another Python version, would shift
+    every window the checkpoint's position points at)."""
+    digest = hashlib.sha256()
+    for ids in (corpus.train, corpus.valid, corpus.test):
+        digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def clean(text):

@@ -44,6 +44,12 @@ def autocast(config):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
+def for_loss(logits):
+    """Logits in the loss's dtype: at least fp32 (bf16 logits under autocast are widened), and
+    fp64 left as it is, so that an fp64 run is fp64 throughout."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 @torch.no_grad()
 def evaluate(model, ids, config, batch_size=None):
     """Mean cross-entropy (nats per token) over a split, state carried across windows."""
@@ -56,7 +62,7 @@ def evaluate(model, ids, config, batch_size=None):
         with autocast(config):
             logits, state = model(inputs, state)
         total += nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+            for_loss(logits).reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
         ).double()
         count += targets.numel()
     return total.item() / count
@@ -74,6 +80,7 @@ class Run:
         self.config, self.corpus, self.distributed = config, corpus, distributed
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.corpus_fingerprint = lm_data.fingerprint(corpus)
         train_ids = distributed.shard(corpus.train)
         self.columns = lm_data.batchify(train_ids, config.batch_size).to(config.device)
         self.windows_per_epoch = math.ceil((self.columns.size(0) - 1) / config.bptt)
@@ -109,6 +116,7 @@ class Run:
             "format": CHECKPOINT_FORMAT,
             "config": asdict(self.config),
             "vocabulary": self.corpus.vocabulary.state_dict(),
+            "corpus": self.corpus_fingerprint,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -193,7 +201,7 @@ class Run:
                 inputs, targets = windows[self.window]
                 with autocast(config):
                     logits, state = self.trained(inputs, self.state)
-                    loss = criterion(logits.float().reshape(-1, logits.size(-1)),
+                    loss = criterion(for_loss(logits).reshape(-1, logits.size(-1)),
                                      targets.reshape(-1))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -260,7 +268,15 @@ def train(config, resume=None, changes=None):
         payload = load_checkpoint(Path(resume) / "last.pt")
         config = resumed_config(payload, resume, changes)
     check_config(config)
-    corpus = lm_data.load_corpus(config.data, config.level, config.clean)
+    # A resumed run reads its data with the vocabulary it was trained with, and must find the
+    # same data.
+    vocabulary = lm_data.Vocabulary.from_state_dict(payload["vocabulary"]) if resume else None
+    corpus = lm_data.load_corpus(config.data, config.level, config.clean, vocabulary)
+    if resume and payload.get("corpus") not in (None, lm_data.fingerprint(corpus)):
+        raise ValueError(
+            f"--resume {resume}: the data ({corpus.source}) is not what the run was trained "
+            f"on (it changed, or the default corpus differs in this Python version); resume "
+            f"with the run's own data, or start a new run")
     distributed = Distributed(config)
     finished = False
     try:
