@@ -1,7 +1,8 @@
 // Runs the CUDA kernels' per-thread code (csrc/cuda/step_elements.h) on the CPU, one call per
 // (row, hidden unit) in a shuffled order as independent GPU threads may run, and checks:
 // forward against an fp64 reference for fp32/fp64/fp16/bf16 storage, with and without the
-// optional outputs (saved gates; copies of c, of h' and of h as it entered); backward in fp64
+// optional outputs in each way the step loop calls it (saved gates; the copy of c, the
+// recurrent state and the copy of h as it entered, per call mode); backward in fp64
 // against central finite differences of that forward, and the other dtypes against the fp64
 // instantiation; optional gradient inputs absent or present; nothing written outside the
 // step's rows (guard cells around every buffer).
@@ -87,10 +88,24 @@ struct ForwardResult {
   std::vector<double> activations, cell, cell_prev_saved, hidden, hidden_state, hidden_prev_saved;
 };
 
+// The optional outputs as the step loop (lstm_layer.h) sets them in each of the ways it runs:
+// training saves a copy of c; without a projection h is also the recurrent state, and training
+// then saves h as it entered.
+struct CallMode {
+  const char* name;
+  bool cell_copy, hidden_state, hidden_copy;
+};
+constexpr CallMode kCallModes[] = {
+    {"training", true, true, true},
+    {"eval", false, true, false},
+    {"training with projection", true, false, false},
+    {"eval with projection", false, false, false},
+};
+
 // Runs forward_step_element for every index (shuffled). Inputs are rounded to scalar_t (gates)
 // and acc_t (cell) first; `rounded` receives those rounded inputs for the reference.
 template <typename scalar_t>
-ForwardResult<scalar_t> run_forward(const StepInputs& in, bool save_gates, bool copies,
+ForwardResult<scalar_t> run_forward(const StepInputs& in, bool save_gates, const CallMode& mode,
                                     StepInputs* rounded = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = in.rows * in.hidden;
@@ -112,10 +127,10 @@ ForwardResult<scalar_t> run_forward(const StepInputs& in, bool save_gates, bool 
                              in.hidden,
                              gates.data(),
                              cell.data(),
-                             copies ? cell_prev_saved.data() : nullptr,
+                             mode.cell_copy ? cell_prev_saved.data() : nullptr,
                              hidden.data(),
-                             copies ? hidden_state.data() : nullptr,
-                             copies ? hidden_prev_saved.data() : nullptr,
+                             mode.hidden_state ? hidden_state.data() : nullptr,
+                             mode.hidden_copy ? hidden_prev_saved.data() : nullptr,
                              save_gates};
   for (int64_t index : shuffled(n)) forward_step_element(step, index);
   gates.check_guards("gates");
@@ -139,11 +154,12 @@ ForwardResult<scalar_t> run_forward(const StepInputs& in, bool save_gates, bool 
 template <typename scalar_t>
 void check_forward(double tolerance, const char* dtype) {
   for (const bool save_gates : {true, false}) {
-    for (const bool copies : {true, false}) {
+    for (const CallMode& mode : kCallModes) {
       const StepInputs drawn(3, 7);
       StepInputs in = drawn;
-      const auto out = run_forward<scalar_t>(drawn, save_gates, copies, &in);
+      const auto out = run_forward<scalar_t>(drawn, save_gates, mode, &in);
       const int64_t H = in.hidden;
+      const double hidden_sentinel = static_cast<double>(static_cast<scalar_t>(kSentinel));
       for (int64_t r = 0; r < in.rows; ++r) {
         for (int64_t j = 0; j < H; ++j) {
           const int64_t index = r * H + j;
@@ -160,19 +176,15 @@ void check_forward(double tolerance, const char* dtype) {
                            "saved activation", index);
             }
           }
-          if (copies) {
-            expect_close(out.cell_prev_saved[index], in.c_prev[index], 0.0, "saved cell", index);
-            expect_close(out.hidden_state[index], out.hidden[index], 0.0, "hidden copy", index);
-            expect_close(out.hidden_prev_saved[index], in.h_prev[index], 0.0, "saved hidden",
-                         index);
-          } else {
-            expect_close(out.cell_prev_saved[index], kSentinel, 0.0, "no cell copy", index);
-            expect_close(out.hidden_prev_saved[index],
-                         static_cast<double>(static_cast<scalar_t>(kSentinel)), 0.0,
-                         "no hidden copy", index);
-            expect_close(out.hidden_state[index], in.h_prev[index], 0.0, "state untouched",
-                         index);
-          }
+          expect_close(out.cell_prev_saved[index], mode.cell_copy ? in.c_prev[index] : kSentinel,
+                       0.0, mode.name, index);
+          // The recurrent state becomes h' where the kernel has it, and is left alone where not.
+          expect_close(out.hidden_state[index],
+                       mode.hidden_state ? out.hidden[index] : in.h_prev[index], 0.0, mode.name,
+                       index);
+          expect_close(out.hidden_prev_saved[index],
+                       mode.hidden_copy ? in.h_prev[index] : hidden_sentinel, 0.0, mode.name,
+                       index);
         }
       }
     }
@@ -211,7 +223,7 @@ void run_backward(const StepInputs& in, const std::vector<double>& activations,
 
 double loss(const StepInputs& in, const std::vector<double>& w_h,
             const std::vector<double>& w_c) {
-  const auto out = run_forward<double>(in, false, false);
+  const auto out = run_forward<double>(in, false, kCallModes[3]);
   double total = 0.0;
   for (size_t i = 0; i < w_h.size(); ++i) total += w_h[i] * out.hidden[i] + w_c[i] * out.cell[i];
   return total;
@@ -224,7 +236,7 @@ void check_backward() {
   std::vector<double> w_h(n), w_c(n);
   for (double& x : w_h) x = normal(rng);
   for (double& x : w_c) x = normal(rng);
-  const auto forward = run_forward<double>(in, true, false);
+  const auto forward = run_forward<double>(in, true, kCallModes[0]);
 
   for (int parts = 0; parts < 3; ++parts) {
     std::vector<double> grad_pre, grad_c_prev;
