@@ -70,7 +70,10 @@ LayerForwardResult layer_forward_autocast(
                                  training);
 }
 
-template <c10::DeviceType device_type>
+// LSTMCell under torch.autocast follows ATen's lists for aten::lstm_cell, as nn.LSTMCell
+// does: on CUDA it runs in the autocast dtype; on the CPU, where lstm_cell is not on the list,
+// in its inputs' own dtype. Either way the layer op it calls must not be autocast again.
+template <c10::DeviceType device_type, bool lower_precision>
 CellForwardResult cell_forward_autocast(const at::Tensor& input, const at::Tensor& hx,
                                         const at::Tensor& cx, const at::Tensor& w_ih,
                                         const at::Tensor& w_hh,
@@ -80,7 +83,11 @@ CellForwardResult cell_forward_autocast(const at::Tensor& input, const at::Tenso
       at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
   const auto cast = [&](const auto& tensor) {
-    return at::autocast::cached_cast(dtype, tensor, device_type);
+    if constexpr (lower_precision) {
+      return at::autocast::cached_cast(dtype, tensor, device_type);
+    } else {
+      return tensor;
+    }
   };
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_cell_forward", "")
@@ -173,12 +180,12 @@ TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
 
 TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {
   m.impl("lstm_layer_forward", &layer_forward_autocast<c10::DeviceType::CPU>);
-  m.impl("lstm_cell_forward", &cell_forward_autocast<c10::DeviceType::CPU>);
+  m.impl("lstm_cell_forward", &cell_forward_autocast<c10::DeviceType::CPU, false>);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
   m.impl("lstm_layer_forward", &layer_forward_autocast<c10::DeviceType::CUDA>);
-  m.impl("lstm_cell_forward", &cell_forward_autocast<c10::DeviceType::CUDA>);
+  m.impl("lstm_cell_forward", &cell_forward_autocast<c10::DeviceType::CUDA, true>);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CompositeExplicitAutograd, m) {

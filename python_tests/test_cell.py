@@ -55,6 +55,25 @@ def test_cell_fp32_and_bf16_against_fp64():
                 tolerance)
 
 
+def test_cell_under_cpu_autocast_runs_like_nn_lstmcell():
+    """aten::lstm_cell is not on CPU autocast's lists, so nn.LSTMCell under CPU autocast
+    returns fp32 (only the products inside it run in bf16): ours returns fp32 too, computed in
+    fp32 throughout, the same values as without autocast (an LSTM layer, whose aten::lstm is on
+    the list, runs in bf16 there; see test_module_parity)."""
+    torch.manual_seed(3)
+    reference = nn.LSTMCell(8, 16)
+    ours = lstm_ext.LSTMCell.from_torch(reference)
+    x, state = torch.randn(4, 8), (torch.randn(4, 16), torch.randn(4, 16))
+    expected = run(ours, x, state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = run(reference, x, state)
+        result = run(ours, x, state)
+    assert result["h"].dtype == theirs["h"].dtype == torch.float32
+    for key, value in expected.items():
+        assert torch.equal(result[key], value), key
+    compare(result, theirs, 2 * 2**-8)  # nn.LSTMCell's bf16 products: within 2u of ours
+
+
 def test_cell_loop_equals_lstm_layer():
     """Stepping LSTMCell over a sequence gives the LSTM layer's output."""
     torch.manual_seed(6)

@@ -113,6 +113,20 @@ def test_autocast_cuda_runs_in_the_requested_dtype(dtype):
     assert x.grad.dtype == torch.float32 and module.weight_ih_l0.grad.dtype == torch.float32
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lstmcell_under_cuda_autocast_runs_in_the_requested_dtype_like_nn_lstmcell(dtype):
+    """aten::lstm_cell is on CUDA autocast's list: nn.LSTMCell returns the autocast dtype there,
+    and so does ours (on the CPU both stay fp32, test_cell.py)."""
+    reference = nn.LSTMCell(16, 32).to(DEVICE)
+    ours = lstm_ext.LSTMCell.from_torch(reference)
+    x = torch.randn(3, 16, device=DEVICE)
+    with torch.autocast("cuda", dtype=dtype):
+        theirs, mine = reference(x), ours(x)
+    assert [t.dtype for t in mine] == [t.dtype for t in theirs] == [dtype, dtype]
+    torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
+
+
 @contextlib.contextmanager
 def matmul_tf32(enabled):
     """torch.backends.cuda.matmul.allow_tf32 set for a block. (pytest's monkeypatch cannot undo

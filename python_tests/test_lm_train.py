@@ -209,3 +209,42 @@ def test_max_steps_alone_runs_past_the_first_epoch(corpus_file, tmp_path):
     lm_train.train(tiny_config(corpus_file, tmp_path / "epochs", max_steps=0, epochs=2,
                                eval_every=10_000))
     assert metrics(tmp_path / "epochs")[-1]["step"] == 2 * windows_per_epoch
+
+
+def test_sgd_divides_the_rate_by_4_whenever_validation_stops_improving(corpus_file, tmp_path,
+                                                                        monkeypatch):
+    """--optimizer sgd: the plateau schedule sees each evaluation's loss; here validation
+    improves, then worsens twice, so the rate ends at lr / 16."""
+    losses = iter([3.0, 2.5, 2.6, 2.7])
+    monkeypatch.setattr(lm_train, "evaluate", lambda *args, **kwargs: next(losses))
+    config = tiny_config(corpus_file, tmp_path / "sgd", optimizer="sgd", lr=0.5, max_steps=8,
+                         eval_every=2)
+    lm_train.train(config)
+    payload = lm_checkpoint.load_checkpoint(tmp_path / "sgd" / "last.pt")
+    assert [group["lr"] for group in payload["optimizer"]["param_groups"]] == [0.5 / 16]
+    assert [r["valid_loss"] for r in metrics(tmp_path / "sgd")] == [3.0, 2.5, 2.6, 2.7]
+
+
+def test_the_time_budget_ends_training_with_a_last_evaluation(corpus_file, tmp_path):
+    # 0.6 s of a run that would take about 10 s without the budget.
+    config = tiny_config(corpus_file, tmp_path / "budget", max_steps=3000, eval_every=1000,
+                         time_budget=0.01)
+    record = lm_train.train(config)
+    assert 0 < record["step"] < 3000
+    assert 0.6 <= record["elapsed_s"] < 5
+    assert metrics(tmp_path / "budget")[-1]["step"] == record["step"]
+    assert lm_checkpoint.load_checkpoint(tmp_path / "budget" / "last.pt")["position"][
+        "step"] == record["step"]
+
+
+def test_tied_weights_with_a_projection_train(corpus_file, tmp_path):
+    """--tied needs the LSTM's output (its projection) as wide as the embedding: the decoder
+    then is the embedding, through training and a checkpoint, and the loss goes down."""
+    out = tmp_path / "tied"
+    lm_train.train(tiny_config(corpus_file, out, tied=True, proj_size=12, emb=12, max_steps=60,
+                               eval_every=20, lr=2e-2))
+    records = metrics(out)
+    assert records[-1]["valid_loss"] < records[0]["valid_loss"]
+    model, _, _ = lm_checkpoint.model_from_checkpoint(lm_checkpoint.load_checkpoint(out))
+    assert model.decoder.weight is model.embedding.weight
+    assert model.lstm.weight_hr_l0.shape == (12, 24)

@@ -147,6 +147,22 @@ def test_autocast_cpu_bf16_like_nn_lstm():
     compare(ours_result, exact, 3e-2)
 
 
+@pytest.mark.parametrize("module_type", [lstm_ext.LSTM, lstm_ext.LSTMCell])
+def test_autocast_leaves_fp64_alone_like_nn_lstm(module_type):
+    """Autocast casts fp32 only: an fp64 module with fp64 input runs in fp64, bit for bit as
+    without autocast, as nn.LSTM and nn.LSTMCell do."""
+    torch.manual_seed(2)
+    module = module_type(8, 16).double()
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    x = x if module_type is lstm_ext.LSTM else x[0]
+    expected = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = module(x)
+    flat = lambda out: [out[0], *out[1]] if module_type is lstm_ext.LSTM else list(out)  # noqa: E731
+    for got, want in zip(flat(result), flat(expected)):
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
 def test_default_state_is_zero():
     reference, ours = make_pair(2, True, False, True, 0)
     x = torch.randn(4, 3, 5, dtype=torch.float64)
