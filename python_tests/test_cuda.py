@@ -74,16 +74,82 @@ def test_gradcheck_on_gpu():
 
 
 @requires_cuda
-def test_non_default_stream():
+def test_every_kernel_runs_on_the_callers_stream():
+    """The default stream is kept busy (a sleep kernel of about a second) and the side stream
+    never waits for it. Forward and backward on the side stream must be complete once the side
+    stream is: a kernel of ours queued on the default stream would not have run yet, and its
+    output would still hold the NaN every fresh allocation is poisoned with."""
     module = lstm_ext.LSTM(16, 32, 2).cuda()
-    x = torch.randn(10, 4, 16, device="cuda")
+    x = torch.randn(10, 4, 16, device="cuda", requires_grad=True)
     expected = module(x)[0]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        output = module(x)[0]
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.testing.assert_close(output, expected)
+    expected_grad = torch.autograd.grad(expected.square().sum(), x)[0]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with poisoned_allocations("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # on the default stream
+        with torch.cuda.stream(side):
+            output = module(x)[0]
+            grad = torch.autograd.grad(output.square().sum(), x)[0]
+            results = [t.to("cpu", non_blocking=True) for t in (output, grad)]
+        side.synchronize()
+        torch.testing.assert_close(results[0], expected.cpu())
+        torch.testing.assert_close(results[1], expected_grad.cpu())
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["tf32 off", "tf32 on"])
+def test_fp32_outputs_and_gradients_against_fp64(tf32):
+    """fp32 on the device against fp64 nn.LSTM, packed, bidirectional, with a projection:
+    outputs and every gradient. TF32 (10-bit mantissa products) gets its own bound."""
+    if tf32 and DEVICE != "cuda":
+        pytest.skip("TF32 is a CUDA setting")
+    reference64, _ = make_pair(2, True, False, True, 8, hidden_size=32, input_size=16)
+    ours = lstm_ext.LSTM.from_torch(reference64).float().to(DEVICE)
+    case = Case(reference64, "packed_unsorted", steps=20, batch=6)
+    exact = case.run(reference64)
+    with matmul_tf32(tf32) if DEVICE == "cuda" else contextlib.nullcontext():
+        result = case.to(DEVICE).run(ours, dtype=torch.float32)
+    compare({k: v.cpu() for k, v in result.items()}, exact, 1e-2 if tf32 else 1e-4)
+
+
+def test_lstmcell_on_the_device_matches_nn_lstmcell_fp64():
+    torch.manual_seed(7)
+    reference = nn.LSTMCell(8, 16, dtype=torch.float64)
+    ours = lstm_ext.LSTMCell.from_torch(reference).to(DEVICE)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    state = (torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64))
+    results = []
+    for module, device in ((reference, "cpu"), (ours, DEVICE)):
+        leaves = [t.to(device).requires_grad_() for t in (x, *state)]
+        h, c = module(leaves[0], tuple(leaves[1:]))
+        (h.sin().sum() + c.cos().sum()).backward()
+        results.append([h, c, *(t.grad for t in leaves),
+                        *(p.grad for p in module.parameters())])
+        module.zero_grad(set_to_none=True)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-12)
+
+
+@requires_cuda
+@pytest.mark.parametrize("module_type", ["LSTM", "LSTMCell"])
+def test_tensors_on_different_devices_are_refused_like_nn(module_type):
+    torch.manual_seed(0)
+    reference = getattr(nn, module_type)(4, 6).cuda()
+    ours = getattr(lstm_ext, module_type).from_torch(reference)
+    shape = (3, 2, 4) if module_type == "LSTM" else (2, 4)
+    state_shape = (1, 2, 6) if module_type == "LSTM" else (2, 6)
+    calls = {
+        "input on the CPU": lambda m: m(torch.randn(*shape)),
+        "state on the CPU": lambda m: m(torch.randn(*shape, device="cuda"),
+                                        (torch.randn(*state_shape), torch.randn(*state_shape))),
+    }
+    for name, call in calls.items():
+        with pytest.raises(Exception) as theirs:
+            call(reference)
+        with pytest.raises(Exception) as mine:
+            call(ours)
+        assert type(mine.value) is type(theirs.value), (name, mine.value, theirs.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -106,9 +172,14 @@ def test_half_types_on_gpu_against_fp64(dtype):
 def test_autocast_cuda_runs_in_the_requested_dtype(dtype):
     module = lstm_ext.LSTM(16, 32).to(DEVICE)
     x = torch.randn(5, 3, 16, device=DEVICE, requires_grad=True)
+    reference = module.to_torch()
     with torch.autocast("cuda", dtype=dtype):
         output, (h, c) = module(x)
-    assert output.dtype == h.dtype == c.dtype == dtype
+        expected, (expected_h, expected_c) = reference(x)
+    assert output.dtype == h.dtype == c.dtype == dtype == expected.dtype
+    # Both in the autocast dtype: within a few of its roundings of each other.
+    for got, want in ((output, expected), (h, expected_h), (c, expected_c)):
+        assert rel_error(got, want) <= 2e-2
     output.float().sum().backward()
     assert x.grad.dtype == torch.float32 and module.weight_ih_l0.grad.dtype == torch.float32
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import lstm_ext
 
@@ -118,16 +118,18 @@ def test_constructor_warning_matches_nn_lstm():
     assert "num_layers greater than 1" in str(ours[0].message)
 
 
-def test_unsorted_lengths_refused_when_enforce_sorted():
-    with pytest.raises(RuntimeError, match="enforce_sorted"):
-        pack_padded_sequence(torch.randn(3, 2, 4), [2, 3], enforce_sorted=True)
-    with pytest.raises(RuntimeError, match="enforce_sorted"):
-        pack_sequence([torch.randn(2, 4), torch.randn(3, 4)], enforce_sorted=True)
-
-
-def test_zero_length_in_packed_batch_refused():
-    with pytest.raises(RuntimeError, match="greater than 0"):
-        pack_padded_sequence(torch.randn(3, 2, 4), [3, 0])
+@pytest.mark.parametrize("batch_sizes,rows,message", [
+    ([2, 3], 5, "positive and non-increasing"),
+    ([2, 0], 2, "positive and non-increasing"),
+    ([2, 1], 4, "packed input has 4 rows but batch_sizes sum to 3"),
+], ids=["growing", "zero", "rows"])
+def test_a_malformed_packed_sequence_is_refused_with_what_is_wrong(batch_sizes, rows, message):
+    """torch's pack_* functions never make these, but a PackedSequence can be built by hand:
+    we refuse each with a RuntimeError saying what is wrong (nn.LSTM fails on the first with a
+    shape error and runs the other two on whatever memory they describe)."""
+    sequence = PackedSequence(torch.randn(rows, 4), torch.tensor(batch_sizes))
+    with pytest.raises(RuntimeError, match=message):
+        lstm_ext.LSTM(4, 5)(sequence)
 
 
 CELL_CALLS = {

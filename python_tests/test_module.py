@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lstm_ext
+from conftest import rel_error
 from lstm_ext import nn as lstm_nn
 
 CONFIGS = [
@@ -113,6 +114,11 @@ def test_to_dtype_and_double():
     torch.testing.assert_close(output, reference(x)[0], rtol=1e-12, atol=1e-12)
     output, (h, c) = module.to(torch.bfloat16)(x.bfloat16())
     assert output.dtype == h.dtype == c.dtype == torch.bfloat16
+    # ...and computes what fp64 does on the same rounded values, to bf16's own accuracy.
+    reference.load_state_dict({k: v.double() for k, v in module.state_dict().items()})
+    expected, (expected_h, expected_c) = reference(x.bfloat16().double())
+    for got, want in ((output, expected), (h, expected_h), (c, expected_c)):
+        assert rel_error(got, want) <= 2 * 2**-8
 
 
 def test_gradients_in_eval_mode():
