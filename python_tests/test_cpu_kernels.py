@@ -209,3 +209,35 @@ def test_inference_without_grad_matches_fp64_nn_lstm(config, kind, batch):
                 actual = actual.data if hasattr(actual, "batch_sizes") else actual
                 wanted = wanted.data if hasattr(wanted, "batch_sizes") else wanted
                 assert rel_error(actual, wanted) <= TOLERANCE[dtype], (dtype, kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count(dtype):
+    """With a projection the step loop runs, and its elementwise passes split each step's rows
+    into tasks of 16384 / H rows (csrc/cpu/lstm_cpu.cpp): at H 256 that is 64 rows, so a batch
+    of 200 makes 4 tasks per step, run by 1, 2, 3 or 5 threads. Every row is one task's own,
+    so the answers must be bit-identical, and near fp64."""
+    args = layer_call(dtype, hidden=256, batch=200, steps=5, input_size=16)
+    generator = torch.Generator().manual_seed(11)
+    args[1] = torch.randn(200, 64, generator=generator, dtype=torch.float64).to(dtype)
+    args[4] = (torch.randn(4 * 256, 64, generator=generator, dtype=torch.float64) / 8).to(dtype)
+    args[7] = (torch.randn(64, 256, generator=generator, dtype=torch.float64) / 16).to(dtype)
+    previous = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            results[threads] = forward_and_backward(args)
+    finally:
+        torch.set_num_threads(previous)
+    # The per-step outputs and state gradients (the weight gradients' GEMMs may block by
+    # thread count).
+    exact = list(range(6)) + [7, 8]
+    for threads in (2, 3, 5):
+        for index in exact:
+            assert torch.equal(results[threads][index], results[1][index]), (threads, index)
+    reference = forward_and_backward([a.double() if isinstance(a, torch.Tensor) and
+                                      a.is_floating_point() else a for a in args])
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for index in exact + [6, 9, 10]:
+        assert rel_error(results[1][index], reference[index]) <= tolerance, index
