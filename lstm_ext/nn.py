@@ -17,6 +17,12 @@ _ZERO_LENGTH = "Expected sequence length to be larger than 0 in RNN"
 
 
 def _needs_saved_state(tensors):
+    """Whether the ops must keep what backward needs. Under torch.jit.trace always: the flag
+    becomes a constant of the traced graph, which must not depend on whether a call records
+    gradients (trace checks its graph again without them), and a traced module must be able
+    to train."""
+    if torch.jit.is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -36,6 +42,15 @@ def _check_state_dtype_and_device(input, states, names):
             )
 
 
+def _refuse_script(module):
+    raise RuntimeError(
+        f"torch.jit.script cannot compile lstm_ext.{type(module).__name__}: its forward calls "
+        f"lstm_ext's own ops from Python that TorchScript does not parse (and TorchScript is "
+        f"deprecated upstream). Use torch.jit.trace(model, example_inputs), torch.export.export"
+        f" (also for AOTInductor) or torch.compile instead; or script a copy made with "
+        f"module.to_torch(), which is a torch.nn.{type(module).__name__}.")
+
+
 def _check_device(input, weight):
     if input.device != weight.device:
         raise RuntimeError(
@@ -53,6 +68,9 @@ class LSTM(nn.RNNBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+
+    # torch.jit.script calls this on every module it meets before compiling it.
+    __prepare_scriptable__ = _refuse_script
 
     # nn.LSTM's own argument checks and state permutation, so errors match it word for word.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -166,6 +184,8 @@ class LSTMCell(nn.RNNCellBase):
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    __prepare_scriptable__ = _refuse_script
 
     @classmethod
     def from_torch(cls, module: nn.LSTMCell) -> "LSTMCell":
