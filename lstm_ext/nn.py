@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import ops
+from . import _onnx, ops
 
 _ZERO_LENGTH = "Expected sequence length to be larger than 0 in RNN"
 
@@ -156,11 +156,26 @@ class LSTM(nn.RNNBase):
         num_directions = 2 if self.bidirectional else 1
         per_direction = len(weights) // (self.num_layers * num_directions)
         training = _needs_saved_state([data, h0, c0, *weights])
+        exporting = torch.onnx.is_in_onnx_export()
+        if exporting:
+            _onnx.check_exportable(self, batch_sizes is not None)
         h_n, c_n = [], []
         layer_input = data
         for layer in range(self.num_layers):
             if layer > 0 and self.training and self.dropout > 0:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
+            if exporting:
+                first = layer * num_directions
+                directions = []
+                for index in range(first, first + num_directions):
+                    w = weights[index * per_direction:(index + 1) * per_direction]
+                    directions.append((w[0], w[1], *((w[2], w[3]) if self.bias else (None, None))))
+                layer_input, h, c = _onnx.lstm_layer(
+                    layer_input, h0[first:first + num_directions],
+                    c0[first:first + num_directions], directions, self.hidden_size, self.bias)
+                h_n += list(h)
+                c_n += list(c)
+                continue
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
@@ -216,10 +231,17 @@ class LSTMCell(nn.RNNCellBase):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check_forward_args(input, hx)
-        h, c = ops.cell_forward(
-            input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            _needs_saved_state([input, *hx, *self.parameters()]),
-        )
+        if torch.onnx.is_in_onnx_export():  # one step of an ONNX LSTM node
+            _, h, c = _onnx.lstm_layer(
+                input.unsqueeze(0), hx[0].unsqueeze(0), hx[1].unsqueeze(0),
+                [(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)],
+                self.hidden_size, self.bias)
+            h, c = h[0], c[0]
+        else:
+            h, c = ops.cell_forward(
+                input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                _needs_saved_state([input, *hx, *self.parameters()]),
+            )
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

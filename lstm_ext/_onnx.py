@@ -1,0 +1,58 @@
+"""What lstm_ext.LSTM becomes under torch.onnx.export(..., dynamo=True): one standard ONNX
+`LSTM` node per layer (both directions in one node), so that onnxruntime and every other ONNX
+backend run it with their own LSTM kernels and no custom op.
+
+ONNX's LSTM orders the gates i, o, f, c where PyTorch has i, f, g, o, keeps the input and
+recurrent biases as one [Wb, Rb] row, stacks the directions first, and returns Y as
+(T, directions, B, H); the weights are rearranged here, in the exported graph, so the model's
+parameters stay PyTorch's.
+"""
+
+import torch
+
+# The ONNX LSTM operator's version whose definition this follows (unchanged since opset 14).
+LSTM_OPSET = 14
+
+
+def _onnx_gate_order(tensor):
+    """Rows of PyTorch's gate order (i, f, g, o) in ONNX's (i, o, f, c)."""
+    i, f, g, o = tensor.chunk(4, 0)
+    return torch.cat([i, o, f, g], 0)
+
+
+def lstm_layer(layer_input, h0, c0, directions, hidden_size, has_bias):
+    """One layer, every direction, as an ONNX LSTM node.
+
+    layer_input: (T, B, I); h0, c0: (directions, B, H); `directions`: per direction its
+    (w_ih, w_hh, b_ih, b_hh) (biases None without bias). Returns the layer's output
+    (T, B, directions * H) and its final h and c (directions, B, H)."""
+    steps, batch = layer_input.shape[0], layer_input.shape[1]
+    count = len(directions)
+    w = torch.stack([_onnx_gate_order(d[0]) for d in directions])
+    r = torch.stack([_onnx_gate_order(d[1]) for d in directions])
+    b = (torch.stack([torch.cat([_onnx_gate_order(d[2]), _onnx_gate_order(d[3])])
+                      for d in directions]) if has_bias else None)
+    y, y_h, y_c = torch.onnx.ops.symbolic_multi_out(
+        "::LSTM",
+        [layer_input, w, r, b, None, h0, c0],
+        {"hidden_size": hidden_size, "direction": "bidirectional" if count == 2 else "forward"},
+        dtypes=(layer_input.dtype,) * 3,
+        shapes=[(steps, count, batch, hidden_size), (count, batch, hidden_size),
+                (count, batch, hidden_size)],
+        version=LSTM_OPSET,
+    )
+    output = y.transpose(1, 2).reshape(steps, batch, count * hidden_size)
+    return output, y_h, y_c
+
+
+def check_exportable(module, packed):
+    if packed:
+        raise NotImplementedError(
+            "torch.onnx.export of lstm_ext.LSTM with a PackedSequence input is not supported "
+            "yet: export a model that takes the padded batch (and applies lengths after the "
+            "LSTM), or use torch.export / AOTInductor, which support packed input")
+    if module.proj_size > 0:
+        raise NotImplementedError(
+            "torch.onnx.export of lstm_ext.LSTM with proj_size > 0 is not supported yet (the "
+            "ONNX LSTM operator has no projection); use torch.export / AOTInductor, or "
+            "proj_size=0")
