@@ -264,3 +264,38 @@ def test_tied_weights_with_a_projection_train(corpus_file, tmp_path):
     model, _, _ = lm_checkpoint.model_from_checkpoint(lm_checkpoint.load_checkpoint(out))
     assert model.decoder.weight is model.embedding.weight
     assert model.lstm.weight_hr_l0.shape == (12, 24)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "aoti"])
+def test_export_writes_a_model_that_generates_like_the_checkpoint(corpus_file, tmp_path,
+                                                                  capsys, fmt):
+    """lstm-ext export, then the exported file run on a prompt and on one more token with the
+    state carried, against the checkpoint's model in PyTorch."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+        ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    out = tmp_path / "run"
+    lm_train.train(tiny_config(corpus_file, out, max_steps=10))
+    target = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
+    capsys.readouterr()
+    assert cli.main(["export", "--checkpoint", str(out), "--format", fmt,
+                     "--out", str(target)]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == fmt
+    model, _, _ = lm_checkpoint.model_from_checkpoint(lm_checkpoint.load_checkpoint(out))
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        run = lambda *args: [torch.from_numpy(a) for a in  # noqa: E731
+                             session.run(None, dict(zip(names, (t.numpy() for t in args))))]
+    else:
+        run = torch._inductor.aoti_load_package(str(target))
+    prompt = torch.randint(0, 10, (5, 3))
+    state = (torch.zeros(2, 3, 24), torch.zeros(2, 3, 24))
+    logits, h, c = run(prompt, *state)
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = model(prompt, state)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        next_token = expected[-1].argmax(-1, keepdim=True).t()  # (1, batch)
+        logits, _, _ = run(next_token, h, c)
+        torch.testing.assert_close(logits, model(next_token, (expected_h, expected_c))[0],
+                                   rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""`lstm-ext train | eval | generate | classify` (also `python -m lstm_ext ...`)."""
+"""`lstm-ext train | eval | generate | export | classify` (also `python -m lstm_ext ...`)."""
 
 import argparse
 import json
@@ -9,6 +9,7 @@ from . import data as lm_data
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .classify import ClassifyConfig, classify
 from .config import PRECISIONS, TrainConfig, config_from_dict
+from .export import FORMATS, export
 from .generate import generate
 from .train import evaluate, quality, train
 
@@ -112,6 +113,13 @@ def build_parser(given_only=False):
     generation.add_argument("--top-k", type=int, default=0)
     generation.add_argument("--seed", type=int, default=None)
     generation.add_argument("--device", default="cpu")
+    exporting = commands.add_parser(
+        "export", help="write a trained model as ONNX or as an AOTInductor package")
+    exporting.add_argument("--checkpoint", required=True, help="a .pt file or a run folder")
+    exporting.add_argument("--format", choices=FORMATS, required=True,
+                           help="onnx: an ONNX model (needs pip install .[onnx]); aoti: a "
+                                "torch.export program compiled by AOTInductor (.pt2)")
+    exporting.add_argument("--out", required=True, help="the file to write")
     _add_classify_arguments(commands.add_parser(
         "classify", help="stacked-LSTM sequence classifier on the temporal-order problem"))
     return parser
@@ -150,6 +158,8 @@ def main(argv=None):
                 sys.stdout.write(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+        elif args.command == "export":
+            print(json.dumps(export(args.checkpoint, args.format, args.out)))
         elif args.command == "classify":
             print(json.dumps(classify(ClassifyConfig(**{
                 key: value for key, value in vars(args).items() if key != "command"}))))
