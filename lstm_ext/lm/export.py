@@ -30,9 +30,19 @@ def example_inputs(model, steps=8, batch=2):
             torch.zeros(lstm.num_layers, batch, lstm.hidden_size, dtype=dtype))
 
 
+def write_vocabulary(path, vocabulary, lstm):
+    """What a server needs beside the model: a first line "layers state_size hidden_size" (the
+    shapes of h0 and c0), then one token per line, id order, as the hex of its UTF-8 bytes (so
+    that a newline or any other character is one plain line); examples/serve_cpp reads it."""
+    lines = [f"{lstm.num_layers} {lstm.proj_size or lstm.hidden_size} {lstm.hidden_size}"]
+    lines += [token.encode("utf-8").hex() for token in vocabulary.itos]
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+
+
 def export(checkpoint, fmt, out):
-    """Writes the checkpoint's model to `out` as ONNX or as an AOTInductor package; returns a
-    description of the file's inputs and outputs."""
+    """Writes the checkpoint's model to `out` as ONNX or as an AOTInductor package, and its
+    vocabulary to `out`.vocab; returns a description of the files, inputs and outputs."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     model, vocabulary, config = model_from_checkpoint(load_checkpoint(checkpoint))
@@ -48,7 +58,9 @@ def export(checkpoint, fmt, out):
         else:
             program = torch.export.export(step_model, inputs, dynamic_shapes=dynamic)
             torch._inductor.aoti_compile_and_package(program, package_path=str(out))
-    return {"format": fmt, "out": str(out), "vocabulary": len(vocabulary), "level": config.level,
+    write_vocabulary(f"{out}.vocab", vocabulary, model.lstm)
+    return {"format": fmt, "out": str(out), "vocabulary_file": f"{out}.vocab",
+            "vocabulary": len(vocabulary), "level": config.level,
             "inputs": {"tokens": "(steps, batch) int64", "h0": list(inputs[1].shape[::2]),
                        "c0": list(inputs[2].shape[::2])},
             "outputs": ["logits (steps, batch, vocabulary)", "h_n", "c_n"]}
