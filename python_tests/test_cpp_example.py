@@ -28,12 +28,16 @@ def test_the_cpp_server_generates_what_python_generates(corpus_file, tmp_path):
     lm_train.train(tiny_config(corpus_file, run, max_steps=60, eval_every=30, lr=2e-2))
     package = tmp_path / "lm.pt2"
     lstm_ext = [sys.executable, "-m", "lstm_ext"]
+    # cwd: away from the source folder, which `python -m` would import instead of the
+    # installed package.
     subprocess.run([*lstm_ext, "export", "--checkpoint", str(run), "--format", "aoti",
-                    "--out", str(package)], check=True, capture_output=True, timeout=600)
+                    "--out", str(package)], check=True, capture_output=True, timeout=600,
+                   cwd=tmp_path)
     for prompt in ("the cat ", "ñ dog"):  # the second has a character training never saw
         python = subprocess.run([*lstm_ext, "generate", "--checkpoint", str(run), "--prompt",
                                  prompt, "--tokens", "60", "--temperature", "0"],
-                                capture_output=True, text=True, timeout=300, check=True)
+                                capture_output=True, text=True, timeout=300, check=True,
+                                cwd=tmp_path)
         cpp = subprocess.run([PROGRAM, str(package), f"{package}.vocab", prompt, "60"],
                              capture_output=True, text=True, timeout=300)
         assert cpp.returncode == 0, cpp.stderr[-2000:]
