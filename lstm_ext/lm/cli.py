@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from . import data as lm_data
 from .checkpoint import load_checkpoint, model_from_checkpoint
@@ -47,9 +48,11 @@ def _add_train_arguments(parser, given_only=False):
     add("--warmup", type=int, default=defaults.warmup, help="AdamW warm-up steps")
     add("--clip", type=float, default=defaults.clip, help="gradient-norm clip (0: off)")
     add("--epochs", type=int, default=defaults.epochs,
-        help="passes over the training split (0: as many as --max-steps needs, else 1)")
+        help="passes over the training split (0: as many as --max-steps needs, else 1); "
+        "with --max-steps too, whichever ends first (--max-steps 0 for whole epochs only)")
     add("--max-steps", type=int, default=defaults.max_steps,
-        help="training steps (0: no limit); the cosine schedule ends here. With --resume, a "
+        help="training steps (default 1000, the main job; 0: no limit); the cosine schedule "
+        "ends here. With --resume, a "
         "larger value trains the run on: the warm-up + cosine schedule is recomputed over the "
         "new total, so the rate rises to where a run planned that long would be now")
     add("--time-budget", type=float, default=defaults.time_budget,
@@ -139,7 +142,8 @@ def main(argv=None):
                 changes = {k: v for k, v in given.items() if k not in ("command", "resume")}
             record = train(config, resume=args.resume, changes=changes)
             if os.environ.get("RANK", "0") == "0":  # one summary per torchrun job
-                print(json.dumps(record))
+                out = args.resume or config.out
+                print(json.dumps({**record, "checkpoint": str(Path(out) / "best.pt")}))
         elif args.command == "eval":
             payload = load_checkpoint(args.checkpoint)
             model, vocabulary, config = model_from_checkpoint(payload, args.device)

@@ -12,12 +12,15 @@ PRECISIONS = ("fp32", "bf16", "fp64")
 
 @dataclass
 class TrainConfig:
+    # The defaults are the README's main job: a 2 x 256 character model trained for 1000 steps
+    # (about 5 passes over the default corpus, 3 minutes on 2 cores), which reaches about 2.2
+    # bits/char and samples Python-like text; at 2 x 512 the same time buys only one pass.
     data: str = None
     level: str = "char"
     clean: bool = True
     impl: str = "ext"
     layers: int = 2
-    hidden: int = 512
+    hidden: int = 256
     emb: int = 64
     dropout: float = 0.1
     proj_size: int = 0
@@ -30,13 +33,13 @@ class TrainConfig:
     warmup: int = 20
     clip: float = 1.0
     epochs: int = 0             # 0: as many as --max-steps needs, else 1
-    max_steps: int = 0          # 0: no limit
+    max_steps: int = 1000       # 0: no limit
     time_budget: float = 0.0    # minutes; 0: no limit
     precision: str = "fp32"
     device: str = "cpu"
     seed: int = 1234
     out: str = "runs/lm"
-    eval_every: int = 50
+    eval_every: int = 250
     eval_batch_size: int = 16
     progress: bool = True
 
