@@ -7,7 +7,7 @@ from ._library import load_library as _load_library
 _load_library()
 
 from . import ops  # noqa: E402  (registers fake and autograd rules on the loaded ops)
-from .nn import LSTM, LSTMCell  # noqa: E402
+from .nn import LSTM, LSTMCell, initialize_gates  # noqa: E402
 
 # A whole model saved with torch.save loads with torch.load's default weights_only=True once
 # its classes are allow-listed; ours are, as soon as lstm_ext is imported, so that a program
@@ -15,5 +15,5 @@ from .nn import LSTM, LSTMCell  # noqa: E402
 # no other global (tested).
 _torch.serialization.add_safe_globals([LSTM, LSTMCell])
 
-__all__ = ["LSTM", "LSTMCell", "ops"]
+__all__ = ["LSTM", "LSTMCell", "initialize_gates", "ops"]
 __version__ = "0.1.0"

@@ -60,14 +60,93 @@ def _check_device(input, weight):
         )
 
 
-class LSTM(nn.RNNBase):
+GATE_INITS = ("default", "chrono")
+
+
+def _check_gate_init(bias, forget_bias, init, chrono_max_len):
+    if init not in GATE_INITS:
+        raise ValueError(f"init must be one of {GATE_INITS}, got {init!r}")
+    if init == "chrono" and not (isinstance(chrono_max_len, int) and chrono_max_len >= 2):
+        raise ValueError(f"init='chrono' needs chrono_max_len, the longest dependency in steps "
+                         f"(an int of at least 2), got {chrono_max_len!r}")
+    if init != "chrono" and chrono_max_len is not None:
+        raise ValueError("chrono_max_len is used by init='chrono' only")
+    if not bias and (forget_bias != 0 or init != "default"):
+        raise ValueError("forget_bias and init='chrono' set gate biases: they need bias=True")
+
+
+@torch.no_grad()
+def initialize_gates(module, forget_bias=0.0, init="default", chrono_max_len=None):
+    """Forget-gate initialisations for any LSTM or LSTMCell (lstm_ext's or torch.nn's), applied
+    to its biases after the default initialisation; the other weights stay as drawn.
+
+    - ``forget_bias=b`` adds b to the forget gate's input bias b_if, so that
+      f = σ(W_if x + b_if + W_hf h + b_hf) starts near σ(b): the cells keep their content from
+      the first step (Gers, Schmidhuber & Cummins 2000; Keras's ``unit_forget_bias`` is b = 1).
+    - ``init="chrono"`` (Tallec & Ollivier 2018, "Can recurrent neural networks warp time?"):
+      b_f = log(u), u ~ U(1, T_max − 1) per unit, and b_i = −b_f, with T_max =
+      ``chrono_max_len`` the longest dependency expected; the recurrent biases b_hf and b_hi
+      are zeroed so that these are the gates' whole biases. ``forget_bias`` is added after.
+    """
+    _check_gate_init(module.bias, forget_bias, init, chrono_max_len)
+    hidden = module.hidden_size
+    for name, bias in module.named_parameters():
+        if not name.startswith("bias_"):
+            continue
+        input_gate, forget_gate = bias[:hidden], bias[hidden:2 * hidden]
+        if init == "chrono":
+            if name.startswith("bias_ih"):
+                u = torch.empty(hidden, dtype=torch.float64).uniform_(1, chrono_max_len - 1)
+                forget_gate.copy_(u.log())
+                input_gate.copy_(-u.log())
+            else:
+                input_gate.zero_()
+                forget_gate.zero_()
+        if forget_bias and name.startswith("bias_ih"):
+            forget_gate.add_(forget_bias)
+
+
+class _GateInit:
+    """The gate initialisation options of LSTM and LSTMCell (off by default, so that a module
+    built without them draws exactly nn.LSTM's initial weights)."""
+
+    forget_bias = 0.0
+    init = "default"
+    chrono_max_len = None
+
+    def _set_gate_init(self, forget_bias, init, chrono_max_len):
+        _check_gate_init(self.bias, forget_bias, init, chrono_max_len)
+        if (forget_bias, init, chrono_max_len) != (0.0, "default", None):
+            self.forget_bias, self.init, self.chrono_max_len = forget_bias, init, chrono_max_len
+            initialize_gates(self, forget_bias, init, chrono_max_len)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if (self.forget_bias, self.init) != (0.0, "default"):
+            initialize_gates(self, self.forget_bias, self.init, self.chrono_max_len)
+
+    def _gate_init_repr(self):
+        parts = [f"forget_bias={self.forget_bias}"] * bool(self.forget_bias)
+        if self.init != "default":
+            parts.append(f"init={self.init!r}, chrono_max_len={self.chrono_max_len}")
+        return "".join(", " + part for part in parts)
+
+
+class LSTM(_GateInit, nn.RNNBase):
     """Applies a multi-layer LSTM to an input sequence, exactly like :class:`torch.nn.LSTM`
     (same constructor, parameters, inputs, outputs and errors) but through lstm_ext's fused
     kernels. Beyond nn.LSTM: it compiles with ``torch.compile(fullgraph=True)`` (inter-layer
-    dropout included), gives gradients in eval mode and supports double backward."""
+    dropout included), gives gradients in eval mode and supports double backward.
 
-    def __init__(self, *args, **kwargs):
+    Keyword-only extras, off by default: ``forget_bias`` and ``init="chrono"`` (with
+    ``chrono_max_len``), the forget-gate initialisations of :func:`initialize_gates`."""
+
+    def __init__(self, *args, forget_bias=0.0, init="default", chrono_max_len=None, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+        self._set_gate_init(forget_bias, init, chrono_max_len)
+
+    def extra_repr(self):
+        return super().extra_repr() + self._gate_init_repr()
 
     # torch.jit.script calls this on every module it meets before compiling it.
     __prepare_scriptable__ = _refuse_script
@@ -193,12 +272,18 @@ class LSTM(nn.RNNBase):
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
-class LSTMCell(nn.RNNCellBase):
+class LSTMCell(_GateInit, nn.RNNCellBase):
     """One LSTM step, exactly like :class:`torch.nn.LSTMCell` but through lstm_ext's fused
-    kernels (gradients in eval mode and double backward included)."""
+    kernels (gradients in eval mode and double backward included); the same keyword-only gate
+    initialisations as :class:`LSTM`."""
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
+                 forget_bias=0.0, init="default", chrono_max_len=None):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        self._set_gate_init(forget_bias, init, chrono_max_len)
+
+    def extra_repr(self):
+        return super().extra_repr() + self._gate_init_repr()
 
     __prepare_scriptable__ = _refuse_script
 

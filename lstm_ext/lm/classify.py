@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .checks import check_device, check_positive
+from ..nn import initialize_gates
 from .model import IMPLEMENTATIONS
 
 CHECKPOINT_FORMAT = "lstm_ext.classify/1"
@@ -105,10 +106,7 @@ class SequenceClassifier(nn.Module):
         self.lstm = IMPLEMENTATIONS[impl](features, hidden, layers, batch_first=True)
         # A positive forget-gate bias lets the cells keep their content from the start of
         # training (Gers et al. 2000), which is what this task needs (see ClassifyConfig).
-        with torch.no_grad():
-            for name, bias in self.lstm.named_parameters():
-                if name.startswith("bias_ih"):
-                    bias[hidden:2 * hidden].add_(forget_bias)
+        initialize_gates(self.lstm, forget_bias=forget_bias)
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, sequences):

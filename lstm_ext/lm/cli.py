@@ -39,6 +39,9 @@ def _add_train_arguments(parser, given_only=False):
     add("--dropout", type=float, default=defaults.dropout)
     add("--proj-size", type=int, default=defaults.proj_size)
     add("--tied", action="store_true", help="share embedding and decoder weights")
+    add("--forget-bias", type=float, default=defaults.forget_bias,
+        help="added to the LSTM's forget-gate biases at initialisation (lstm_ext."
+        "initialize_gates; 1 is Keras's unit_forget_bias), for either --impl")
     add("--bptt", type=int, default=defaults.bptt, help="steps per truncated-BPTT window")
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,

@@ -25,6 +25,7 @@ class TrainConfig:
     dropout: float = 0.1
     proj_size: int = 0
     tied: bool = False
+    forget_bias: float = 0.0    # added to the forget gates' bias at initialisation
     bptt: int = 128
     batch_size: int = 64
     optimizer: str = "adamw"

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..nn import LSTM
+from ..nn import LSTM, initialize_gates
 
 IMPLEMENTATIONS = {"ext": LSTM, "torch": nn.LSTM}
 
@@ -15,7 +15,7 @@ class LanguageModel(nn.Module):
     the LSTM's output size (proj_size, else hidden) to equal the embedding size."""
 
     def __init__(self, vocab_size, embedding_size=64, hidden_size=512, layers=2, dropout=0.0,
-                 proj_size=0, tied=False, impl="ext"):
+                 proj_size=0, tied=False, impl="ext", forget_bias=0.0):
         super().__init__()
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"--impl must be one of {sorted(IMPLEMENTATIONS)}, got {impl!r}")
@@ -31,6 +31,8 @@ class LanguageModel(nn.Module):
             embedding_size, hidden_size, layers, dropout=dropout if layers > 1 else 0.0,
             proj_size=proj_size,
         )
+        # The same initialisation for either implementation (the function takes nn.LSTM too).
+        initialize_gates(self.lstm, forget_bias=forget_bias)
         self.decoder = nn.Linear(output_size, vocab_size)
         if tied:
             self.decoder.weight = self.embedding.weight
@@ -65,5 +67,6 @@ def sample_next(logits, temperature=1.0, top_k=0, generator=None):
 def build_model(config, vocabulary_size):
     torch.manual_seed(config.seed)
     model = LanguageModel(vocabulary_size, config.emb, config.hidden, config.layers,
-                          config.dropout, config.proj_size, config.tied, config.impl)
+                          config.dropout, config.proj_size, config.tied, config.impl,
+                          config.forget_bias)
     return model.to(torch.float64) if config.precision == "fp64" else model
