@@ -163,7 +163,7 @@ TORCH_LIBRARY_FRAGMENT(lstm_ext, m) {
   // The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline" (see
   // cpu/isa.h; LSTM_EXT_CPU_ISA picks a lower one).
   m.def("cpu_isa() -> str", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
-  // Test-only: writes one element past the end of `target`'s memory, so that a memory checker
+  // Test-only: writes one byte past the end of `target`'s memory, so that a memory checker
   // (AddressSanitizer on the CPU, compute-sanitizer on CUDA) can be shown to report an overrun
   // before its clean verdict is trusted. Refused unless LSTM_EXT_TEST_OVERRUN=1.
   m.def("_test_overrun(Tensor(a!) target) -> ()");
