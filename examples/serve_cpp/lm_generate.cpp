@@ -4,7 +4,10 @@
 // likely character each step, never the unknown token), so its text equals
 // `lstm-ext generate --temperature 0` for the same checkpoint.
 //
-//   lm_generate MODEL.pt2 MODEL.pt2.vocab "PROMPT" TOKENS
+//   lm_generate MODEL.pt2 MODEL.pt2.vocab "PROMPT" TOKENS [--scores]
+//
+// --scores also writes each chosen character's logit to stderr, one per line (what a test
+// compares with Python's, since a logit shows a lost state where greedy text may not).
 //
 // The op library (lstm_ext_ops) is linked in: the package calls lstm_ext's ops, which must be
 // registered in the process before it runs.
@@ -71,8 +74,10 @@ std::vector<std::string> characters(const std::string& text) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: %s MODEL.pt2 MODEL.pt2.vocab PROMPT TOKENS\n", argv[0]);
+  const bool scores = argc == 6 && std::string(argv[5]) == "--scores";
+  if (argc != 5 && !scores) {
+    std::fprintf(stderr, "usage: %s MODEL.pt2 MODEL.pt2.vocab PROMPT TOKENS [--scores]\n",
+                 argv[0]);
     return 2;
   }
   try {
@@ -98,6 +103,7 @@ int main(int argc, char** argv) {
       at::Tensor last = outputs[0][-1][0].clone();  // logits of the last step
       last[kUnknown] = -std::numeric_limits<float>::infinity();
       const int64_t next = last.argmax().item<int64_t>();
+      if (scores) std::fprintf(stderr, "%.9g\n", last[next].item<double>());
       std::cout << vocabulary.tokens.at(next);
       outputs = loader.run({at::full({1, 1}, next, at::kLong), outputs[1], outputs[2]});
     }
