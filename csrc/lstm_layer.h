@@ -87,11 +87,19 @@ inline SequenceLayout sequence_layout(const LayerShape& s, bool reverse) {
 }
 
 // The whole forward recurrence of one layer-direction. gates holds the input projection with
-// both biases, (N, 4H); the W_hh h products are added here.
+// both biases, (N, 4H); the W_hh h products are added here. Or, for one step in inference (a
+// decode step), gates is null and the kernel multiplies x by W_ih itself (see
+// fused_input): the step then makes no (N, 4H) tensor and needs no separate product.
 template <typename scalar_t>
 struct SequenceForward : SequenceLayout {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* gates;             // (N, 4H): pre-activations in; activations out if save_gates
+  const scalar_t* input;       // with gates null: x (N, I), rows input_stride apart
+  int64_t input_size, input_stride;
+  const scalar_t* w_ih;        // with gates null: (4H, I), rows w_ih_stride apart
+  int64_t w_ih_stride;
+  const scalar_t* b_ih;        // with gates null: the biases (4H,), or null
+  const scalar_t* b_hh;
   acc_t* cell;                 // (B, H): c0 in, c_n out
   scalar_t* hidden_state;      // (B, H): h0 in, h_n out
   scalar_t* output;            // (N, H)
@@ -191,13 +199,22 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   const at::Tensor x = input.reshape({s.rows, s.input_size});
 
   // gates: (N, 4H) = x W_ih^T + b_ih + b_hh, then per step += h W_hh^T.
-  std::optional<at::Tensor> bias;
-  if (b_ih.has_value() && b_hh.has_value()) {
-    bias = *b_ih + *b_hh;
-  } else if (b_ih.has_value() || b_hh.has_value()) {
-    bias = b_ih.has_value() ? *b_ih : *b_hh;
-  }
-  at::Tensor gates = Kernels::linear(x, w_ih, bias).contiguous();
+  const auto input_projection = [&] {
+    std::optional<at::Tensor> bias;
+    if (b_ih.has_value() && b_hh.has_value()) {
+      bias = *b_ih + *b_hh;
+    } else if (b_ih.has_value() || b_hh.has_value()) {
+      bias = b_ih.has_value() ? *b_ih : *b_hh;
+    }
+    return Kernels::linear(x, w_ih, bias).contiguous();
+  };
+  // A decode step (one step, inference) is offered to the sequence kernel with the input
+  // projection left to it; where that kernel declines, the projection is made here after all.
+  const bool offer_fused_input =
+      s.steps == 1 && !training && !s.has_projection && x.stride(1) == 1 &&
+      w_ih.stride(1) == 1 && (!b_ih.has_value() || b_ih->is_contiguous()) &&
+      (!b_hh.has_value() || b_hh->is_contiguous());
+  at::Tensor gates = offer_fused_input ? at::Tensor() : input_projection();
 
   at::Tensor output = at::empty({s.rows, s.output_size}, options);
   at::Tensor h_state = h0.contiguous().clone();
@@ -214,7 +231,6 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
     if (!s.has_projection) {
       SequenceForward<scalar_t> sequence{};
       static_cast<SequenceLayout&>(sequence) = sequence_layout(s, reverse);
-      sequence.gates = gates.data_ptr<scalar_t>();
       sequence.cell = c_state.data_ptr<acc_t>();
       sequence.hidden_state = h_state.data_ptr<scalar_t>();
       sequence.output = output.data_ptr<scalar_t>();
@@ -224,6 +240,19 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       sequence.w_hh = w_hh.const_data_ptr<scalar_t>();
       sequence.w_stride0 = w_hh.stride(0);
       sequence.w_stride1 = w_hh.stride(1);
+      if (offer_fused_input) {
+        sequence.input = x.const_data_ptr<scalar_t>();
+        sequence.input_size = s.input_size;
+        sequence.input_stride = x.stride(0);
+        sequence.w_ih = w_ih.const_data_ptr<scalar_t>();
+        sequence.w_ih_stride = w_ih.stride(0);
+        sequence.b_ih = b_ih.has_value() ? b_ih->const_data_ptr<scalar_t>() : nullptr;
+        sequence.b_hh = b_hh.has_value() ? b_hh->const_data_ptr<scalar_t>() : nullptr;
+        if (Kernels::template forward_sequence<scalar_t>(sequence)) return;
+        gates = input_projection();
+      }
+      sequence.gates = gates.data_ptr<scalar_t>();
+      sequence.input = nullptr;
       if (Kernels::template forward_sequence<scalar_t>(sequence)) return;
     }
     const auto recurrent = Kernels::step_product(w_hh.t(), s.steps, s.batch);
@@ -408,10 +437,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
     const at::Tensor gates_t = grad_gates_t.defined() ? grad_gates_t : grad_gates.t();
     grad_w_ih = Kernels::linear(gates_t, x.t(), std::nullopt);
     grad_w_hh = Kernels::linear(gates_t, saved.hidden_prev.t(), std::nullopt);
-    // Summed in the math type so bf16/fp16 bias gradients do not lose the small steps.
-    grad_bias = has_bias ? at::sum(gates_t, {1}, false, acc_options.dtype().toScalarType())
-                               .to(input.scalar_type())
-                         : none();
+    // ATen's sums of bf16/fp16 accumulate in fp32 (on the CPU and CUDA alike), so the small
+    // steps are kept without an fp32 copy of the (4H, N) gradients.
+    grad_bias = has_bias ? at::sum(gates_t, {1}) : none();
     grad_w_hr = s.has_projection ? at::mm(grad_h_all.t(), saved.hidden_raw) : none();
   } else {
     grad_w_ih = none();

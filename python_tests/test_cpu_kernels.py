@@ -229,3 +229,70 @@ def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count
     args[4] = (torch.randn(4 * 256, 64, generator=generator, dtype=torch.float64) / 8).to(dtype)
     args[7] = (torch.randn(64, 256, generator=generator, dtype=torch.float64) / 16).to(dtype)
     check_same_bits_on_any_thread_count(args, dtype)
+
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5])
+@pytest.mark.parametrize("hidden", [20, 64])
+def test_decode_steps_match_fp64_nn_lstm(hidden, batch, bias):
+    """One step at a time in inference with the state carried (generation): up to 4 rows the
+    recurrence multiplies x by W_ih itself in the same pass as W_hh (no separate input
+    projection), from 5 rows the projection comes first. Both against fp64 nn.LSTM, over steps
+    whose inputs are slices of one larger tensor (rows not contiguous with each other)."""
+    generator = torch.Generator().manual_seed(5)
+    reference = nn.LSTM(7, hidden, 2, bias=bias, dtype=torch.float64).eval()
+    inputs = torch.randn(6, batch, 9, generator=generator, dtype=torch.float64)[..., 1:8]
+    state = tuple(torch.randn(2, batch, hidden, generator=generator, dtype=torch.float64)
+                  for _ in range(2))
+    with torch.no_grad():
+        for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            ours = lstm_ext.LSTM.from_torch(reference).to(dtype).eval()
+            expected_state, actual_state = state, tuple(s.to(dtype) for s in state)
+            for t in range(inputs.shape[0]):
+                x = inputs[t:t + 1]
+                expected, expected_state = reference(x, expected_state)
+                actual, actual_state = ours(x.to(dtype), actual_state)
+                for a, e in ((actual, expected), *zip(actual_state, expected_state)):
+                    assert rel_error(a, e) <= tolerance, (dtype, t)
+
+
+@pytest.mark.parametrize("layout", ["padded rows", "column-major"])
+def test_decode_step_takes_weights_and_inputs_of_any_layout(layout):
+    """A decode step through the layer op with W_ih and W_hh in another layout (W_hh's rows
+    not contiguous: the recurrence declines the fused input projection and the projection is
+    made first) and x with strided columns, against contiguous arguments."""
+    from test_ops import relaid
+
+    args = layer_call(torch.float64, hidden=21, batch=3, steps=1, input_size=5)
+    args[8], args[10] = None, False
+    args[0] = args[0].view(1, 3, 5)
+    expected = OPS.lstm_layer_forward(*args)
+    relaid_args = list(args)
+    relaid_args[3] = relaid(args[3], layout)
+    relaid_args[4] = relaid(args[4], layout)
+    x_strided = torch.full((1, 3, 10), float("nan"), dtype=torch.float64)[..., ::2]
+    relaid_args[0] = x_strided.copy_(args[0])
+    actual = OPS.lstm_layer_forward(*relaid_args)
+    for name, a, e in zip(["output", "h_n", "c_n"], actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_bias_gradient_is_summed_in_fp32(dtype):
+    """The bias gradient sums the gate gradients of all N rows; summed in bf16/fp16 it would
+    stop growing once the sum dwarfs each term (at N = 4000, a bf16 sum of ones stalls at
+    256). Against fp64 nn.LSTM on the same rounded values."""
+    torch.manual_seed(2)
+    reference = nn.LSTM(6, 16, dtype=torch.float64)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_(parameter.to(dtype))
+    x = torch.randn(200, 20, 6, dtype=torch.float64).to(dtype)
+    ours = lstm_ext.LSTM.from_torch(reference).to(dtype)
+    # An output gradient of the same sign everywhere makes the bias gradients large sums.
+    ours(x)[0].float().sum().backward()
+    reference(x.double())[0].sum().backward()
+    for name in ("bias_ih_l0", "bias_hh_l0"):
+        actual, expected = getattr(ours, name).grad, getattr(reference, name).grad
+        assert rel_error(actual, expected) <= 2e-2, (name, rel_error(actual, expected))

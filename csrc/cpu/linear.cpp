@@ -1,5 +1,6 @@
 #include "linear.h"
 
+#include "isa.h"
 #include "recurrence.h"
 #include "workspace.h"
 
@@ -31,6 +32,13 @@ const c10::TypedOperatorHandle<LinearPointwise>* onednn_linear() {
   return handle.has_value() ? &*handle : nullptr;
 }
 
+// Whether oneDNN takes products of this dtype: fp32 everywhere, bf16 where the CPU multiplies
+// bf16 natively (on an AVX-512 CPU without it oneDNN emulates bf16, and at::addmm is no slower).
+bool onednn_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat ||
+         (dtype == at::kBFloat16 && cpu::active_isa() >= cpu::Isa::avx512_bf16);
+}
+
 }  // namespace
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
@@ -38,9 +46,14 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
   // A few rows (a decode step) are bound by reading w once, which dot products on w in place
   // do; oneDNN would reorder w first.
   if (auto small = cpu::small_linear(x, w, bias)) return *small;
-  const auto* onednn = x.scalar_type() == at::kFloat && x.numel() > 0 && w.numel() > 0
-                           ? onednn_linear()
-                           : nullptr;
+  // bf16 operands in another layout (the backward's transposed ones) stay with at::mm, whose
+  // oneDNN matmul reads them in place; copying them would cost more than the product gains.
+  const bool bf16_in_place = x.scalar_type() == at::kBFloat16 &&
+                             !(x.is_contiguous() && w.is_contiguous());
+  const auto* onednn =
+      onednn_dtype(x.scalar_type()) && !bf16_in_place && x.numel() > 0 && w.numel() > 0
+          ? onednn_linear()
+          : nullptr;
   if (onednn != nullptr) {
     // Operands in another layout (the weight gradients' transposed ones) are copied into kept
     // memory, not fresh pages.

@@ -8,9 +8,10 @@
 namespace lstm_ext {
 
 // x (M, K) @ w (N, K)^T [+ bias (N,)], as a new contiguous (M, N) tensor. A few rows of fp32 or
-// fp64 are dot products on w in place (cpu::small_linear); otherwise fp32 goes through
-// the oneDNN that torch ships (mkldnn::_linear_pointwise), which runs at the CPU's own vector
-// width on any vendor's x86 CPU (the MKL behind at::mm ran at about half of it on AMD); other
+// fp64 are dot products on w in place (cpu::small_linear); otherwise fp32, and bf16 on a CPU
+// with bf16 dot products, go through the oneDNN that torch ships (mkldnn::_linear_pointwise),
+// which runs at the CPU's own vector width on any vendor's x86 CPU (the MKL behind at::mm ran at
+// about half of it on AMD, and at::addmm first copies the broadcast bias into its output); other
 // dtypes, empty products, a torch without oneDNN, or LSTM_EXT_ONEDNN_LINEAR=0 use at::addmm.
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias);

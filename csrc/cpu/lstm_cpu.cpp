@@ -8,6 +8,7 @@
 // for AVX-512, AVX2 and baseline x86-64 (isa.h). The build passes -fno-trapping-math, without
 // which GCC keeps the selects as branches and the loops stay scalar; it changes no result.
 #include "../lstm_layer.h"
+#include "convert.h"
 #include "isa.h"
 #include "linear.h"
 #include "recurrence.h"
@@ -37,22 +38,15 @@ void backward_row_kernel(int64_t H, const acc_t* gates, const acc_t* cell_prev,
   cpu::backward_cells<acc_t>(H, H, gates, cell_prev, grad_h, grad_cell, grad_gates);
 }
 
-// bf16 <-> fp32 on the raw bits, branch-free so the loops vectorize (c10::BFloat16's own
-// conversion is correct but scalar). fp32 -> bf16 rounds to nearest even and keeps NaN a NaN.
+// bf16 <-> fp32 on the raw bits, so the loops vectorize (convert.h).
 template <cpu::Isa, typename>
 void bf16_to_f32_kernel(const uint16_t* from, float* to, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) {
-    to[j] = std::bit_cast<float>(static_cast<uint32_t>(from[j]) << 16);
-  }
+  for (int64_t j = 0; j < count; ++j) to[j] = cpu::bf16_value(from[j]);
 }
 
 template <cpu::Isa, typename>
 void f32_to_bf16_kernel(const float* from, uint16_t* to, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) {
-    const uint32_t bits = std::bit_cast<uint32_t>(from[j]);
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    to[j] = static_cast<uint16_t>(from[j] != from[j] ? 0x7FC0u : rounded);
-  }
+  for (int64_t j = 0; j < count; ++j) to[j] = cpu::bf16_bits(from[j]);
 }
 
 LSTM_EXT_KERNEL_VARIANTS(forward_row_variant, forward_row_kernel,
@@ -125,8 +119,7 @@ struct CpuKernels {
   static bool forward_sequence(const SequenceForward<scalar_t>& a) {
     if (!cpu::recurrence_enabled()) return false;
     RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
-    cpu::run_forward(a);
-    return true;
+    return cpu::run_forward(a);
   }
 
   template <typename scalar_t>

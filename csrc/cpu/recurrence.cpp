@@ -156,7 +156,7 @@ bool recurrence_enabled() {
 }
 
 template <typename scalar_t>
-void run_forward(SequenceForward<scalar_t> a) {
+bool run_forward(SequenceForward<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Isa isa = active_isa();
   const int64_t V = lanes<acc_t>(isa);
@@ -168,6 +168,8 @@ void run_forward(SequenceForward<scalar_t> a) {
   constexpr int64_t kPackingPaysFromSteps = 50;
   const bool direct = std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
                       (a.batch == 1 || (a.batch <= kDirectRows && a.steps < kPackingPaysFromSteps));
+  // The input projection is fused only into the dot products of the direct form.
+  if (a.gates == nullptr && !direct) return false;
   const at::Tensor panel =
       workspace(Workspace::panel, {direct ? 0 : blocks * a.hidden * 4 * V}, options);
   const at::Tensor h_work =
@@ -175,6 +177,7 @@ void run_forward(SequenceForward<scalar_t> a) {
   a.panel = direct ? nullptr : panel.data_ptr<acc_t>();
   a.h_work = h_work.data_ptr<acc_t>();
   run_parallel(a, forward_kernel<scalar_t>(isa), threads_for(blocks));
+  return true;
 }
 
 template <typename scalar_t>
@@ -230,7 +233,7 @@ std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
 }
 
 #define LSTM_EXT_INSTANTIATE(scalar_t)                               \
-  template void run_forward<scalar_t>(SequenceForward<scalar_t>);   \
+  template bool run_forward<scalar_t>(SequenceForward<scalar_t>);   \
   template void run_backward<scalar_t>(SequenceBackward<scalar_t>);
 LSTM_EXT_INSTANTIATE(float)
 LSTM_EXT_INSTANTIATE(double)

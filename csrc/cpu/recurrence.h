@@ -32,6 +32,7 @@
 #include "../lstm_layer.h"
 #include "bf16_pairs.h"
 #include "cell_math.h"
+#include "convert.h"
 #include "dot.h"
 #include "isa.h"
 #include "vec.h"
@@ -128,17 +129,6 @@ inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t
   tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate);
 }
 
-template <typename to_t, typename from_t>
-inline to_t cast(from_t value) {
-  return static_cast<to_t>(value);
-}
-
-// The value a math-type number takes once stored in scalar_t and read back.
-template <typename scalar_t, typename acc_t>
-inline acc_t stored(acc_t value) {
-  return static_cast<acc_t>(static_cast<scalar_t>(value));
-}
-
 // W_hh read in place (only where it is already in the math type).
 template <typename acc_t, typename scalar_t>
 inline const acc_t* in_place_weight(const scalar_t* w) {
@@ -147,6 +137,13 @@ inline const acc_t* in_place_weight(const scalar_t* w) {
   } else {
     return nullptr;
   }
+}
+
+// With the input projection fused (gates null): b_ih + b_hh of one gate column.
+template <typename acc_t, typename scalar_t>
+inline acc_t fused_bias(const SequenceForward<scalar_t>& a, int64_t column) {
+  return (a.b_ih ? cast<acc_t>(a.b_ih[column]) : acc_t(0)) +
+         (a.b_hh ? cast<acc_t>(a.b_hh[column]) : acc_t(0));
 }
 
 // Batches of at most this many rows skip the forward panels (see dot.h).
@@ -236,7 +233,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         }
         // The tile's pre-activations were written by the input projection long before and
         // come from memory: ask for them now, so they arrive while the products run.
-        for (int i = 0; i < n; ++i) {
+        for (int i = 0; i < n && a.gates; ++i) {
           const scalar_t* gate_row = a.gates + (offset + r0 + i) * G + j0;
           for (int g = 0; g < 4; ++g) __builtin_prefetch(gate_row + g * H, 1);
         }
@@ -244,12 +241,24 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         if (direct) {
           // Unit j's four gate rows of W_hh are H rows apart.
           const acc_t* w = in_place_weight<acc_t>(a.w_hh);
+          // A decode step's input projection, fused: W_ih's rows are read the same way.
+          const acc_t* w_ih = a.gates ? nullptr : in_place_weight<acc_t>(a.w_ih);
+          const acc_t* x[RT] = {};
+          for (int i = 0; i < n && w_ih; ++i) {
+            x[i] = in_place_weight<acc_t>(a.input) + (offset + r0 + i) * a.input_stride;
+          }
           for (int64_t v = 0; v < n_units; ++v) {
-            acc_t dots[4 * kDirectRows];
+            acc_t dots[4 * kDirectRows], input_dots[4 * kDirectRows] = {};
             dot_rows_n<acc_t, V, kDirectRows>(n, H, w + (j0 + v) * a.w_stride0,
                                               H * a.w_stride0, in, dots);
+            if (w_ih) {
+              dot_rows_n<acc_t, V, kDirectRows>(n, a.input_size, w_ih + (j0 + v) * a.w_ih_stride,
+                                                H * a.w_ih_stride, x, input_dots);
+            }
             for (int i = 0; i < n; ++i) {
-              for (int g = 0; g < 4; ++g) products[i * 4 * V + g * V + v] = dots[g * n + i];
+              for (int g = 0; g < 4; ++g) {
+                products[i * 4 * V + g * V + v] = dots[g * n + i] + input_dots[g * n + i];
+              }
             }
           }
         } else if (pairs) {
@@ -269,13 +278,18 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         for (int i = 0; i < n; ++i) {
           const int64_t r = r0 + i, row = offset + r;
           const acc_t* p = products + i * 4 * V;
-          scalar_t* gate_row = a.gates + row * G;
+          scalar_t* gate_row = a.gates ? a.gates + row * G : nullptr;
           alignas(64) acc_t z[4 * V];
           alignas(64) acc_t h[V];
           for (int g = 0; g < 4; ++g) {
-            for (int64_t v = 0; v < n_units; ++v) {
-              z[g * V + v] = p[g * V + v] + cast<acc_t>(gate_row[g * H + j0 + v]);
+            if (a.gates) {
+              convert_n(gate_row + g * H + j0, z + g * V, n_units);
+            } else {
+              for (int64_t v = 0; v < n_units; ++v) {
+                z[g * V + v] = fused_bias<acc_t>(a, g * H + j0 + v);
+              }
             }
+            for (int64_t v = 0; v < n_units; ++v) z[g * V + v] += p[g * V + v];
           }
           acc_t* c = a.cell + r * H + j0;
           if (a.cell_prev_saved) {
@@ -283,21 +297,14 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           }
           forward_cells<acc_t>(n_units, V, z, c, h);
           if (a.save_gates) {
-            for (int g = 0; g < 4; ++g) {
-              for (int64_t v = 0; v < n_units; ++v) {
-                gate_row[g * H + j0 + v] = cast<scalar_t>(z[g * V + v]);
-              }
-            }
+            for (int g = 0; g < 4; ++g) convert_n(z + g * V, gate_row + g * H + j0, n_units);
           }
+          // h stored, and read back rounded for the next step's product.
           scalar_t* y = a.output + row * H + j0;
-          acc_t* h_out = h_next + r * H + j0;
-          for (int64_t v = 0; v < n_units; ++v) {
-            y[v] = cast<scalar_t>(h[v]);
-            h_out[v] = stored<scalar_t>(h[v]);
-          }
+          convert_n(h, y, n_units);
+          convert_n(y, h_next + r * H + j0, n_units);
           if (a.hidden_prev_saved) {
-            scalar_t* saved = a.hidden_prev_saved + row * H + j0;
-            for (int64_t v = 0; v < n_units; ++v) saved[v] = cast<scalar_t>(in[i][j0 + v]);
+            convert_n(in[i] + j0, a.hidden_prev_saved + row * H + j0, n_units);
           }
         }
       }
@@ -461,30 +468,27 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           alignas(64) acc_t z[4 * U];
           acc_t* dz = tile_grads + i * 4 * U;
           const scalar_t* gate_row = a.gates + row * G;
-          for (int g = 0; g < 4; ++g) {
-            for (int64_t u = 0; u < n_units; ++u) {
-              z[g * U + u] = cast<acc_t>(gate_row[g * H + u0 + u]);
-            }
-          }
+          for (int g = 0; g < 4; ++g) convert_n(gate_row + g * H + u0, z + g * U, n_units);
           backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh,
                                 a.grad_cell + r * H + u0, dz);
+          // Stored in the storage type, and read back rounded for the next step's product.
           scalar_t* grad_row = a.grad_gates + row * G;
           acc_t* work_row = grad_next + r * G;
           for (int g = 0; g < 4; ++g) {
-            for (int64_t u = 0; u < n_units; ++u) {
-              const scalar_t value = cast<scalar_t>(dz[g * U + u]);
-              grad_row[g * H + u0 + u] = value;
-              work_row[g * H + u0 + u] = cast<acc_t>(value);
-            }
+            convert_n(dz + g * U, grad_row + g * H + u0, n_units);
+            convert_n(grad_row + g * H + u0, work_row + g * H + u0, n_units);
           }
         }
         // The same gradients transposed, staged so that each (gate, unit) row of the
         // transposed (4H, N) copy gets this step's rows in one contiguous run below.
         const int64_t n_active = std::clamp<int64_t>(rows - r0, 0, n);
         if (a.grad_gates_t) {
-          for (int64_t c = 0; c < 4 * U; ++c) {
-            for (int64_t i = 0; i < n_active; ++i) {
-              staged[c * B + r0 + i] = cast<scalar_t>(tile_grads[i * 4 * U + c]);
+          for (int g = 0; g < 4; ++g) {
+            for (int64_t u = 0; u < n_units; ++u) {
+              for (int64_t i = 0; i < n_active; ++i) {
+                staged[(g * U + u) * B + r0 + i] =
+                    a.grad_gates[(offset + r0 + i) * G + g * H + u0 + u];
+              }
             }
           }
         }
@@ -506,9 +510,10 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
 }
 
 // The whole recurrence, in a parallel region of torch's thread count (recurrence.cpp); the
-// workspace fields of the arguments are filled there.
+// workspace fields of the arguments are filled there. run_forward declines (false) a step
+// whose input projection it was left (gates null) where W_hh is not read in place.
 template <typename scalar_t>
-void run_forward(SequenceForward<scalar_t> a);
+bool run_forward(SequenceForward<scalar_t> a);
 template <typename scalar_t>
 void run_backward(SequenceBackward<scalar_t> a);
 
