@@ -234,12 +234,13 @@ def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch", [1, 3, 4, 5])
-@pytest.mark.parametrize("hidden", [20, 64])
+@pytest.mark.parametrize("hidden", [20, 64, 256])
 def test_decode_steps_match_fp64_nn_lstm(hidden, batch, bias):
     """One step at a time in inference with the state carried (generation): up to 4 rows the
     recurrence multiplies x by W_ih itself in the same pass as W_hh (no separate input
     projection), from 5 rows the projection comes first. Both against fp64 nn.LSTM, over steps
-    whose inputs are slices of one larger tensor (rows not contiguous with each other)."""
+    whose inputs are slices of one larger tensor (rows not contiguous with each other). At H
+    256 (over 1 MB of weights) the step runs on two threads, below on one."""
     generator = torch.Generator().manual_seed(5)
     reference = nn.LSTM(7, hidden, 2, bias=bias, dtype=torch.float64).eval()
     inputs = torch.randn(6, batch, 9, generator=generator, dtype=torch.float64)[..., 1:8]
