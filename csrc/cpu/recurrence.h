@@ -168,17 +168,27 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   // last pair would run past a row, takes the fp32 panels.
   constexpr bool kPairKernel = isa == Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
   const bool pairs = kPairKernel && !direct && H % 2 == 0;
+  // Panel rows written per pass over a block's rows of W_hh when packing (see below).
+  constexpr int64_t kPackChunk = 16;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
   if constexpr (kPairKernel) {
+    // In chunks of kPackChunk pairs, as the fp32 panels below.
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
       uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
-      for (int g = 0; g < 4; ++g) {
-        for (int v = 0; v < V; ++v) {
-          const int64_t j = jb * V + v;
-          const scalar_t* w = a.w_hh + (g * H + j) * a.w_stride0;
-          for (int64_t p = 0; p < H / 2; ++p) {
-            panel[p * 4 * V + g * V + v] =
-                j < H ? bf16_pair(w[2 * p * a.w_stride1], w[(2 * p + 1) * a.w_stride1]) : 0;
+      for (int64_t p0 = 0; p0 < H / 2; p0 += kPackChunk) {
+        const int64_t pn = std::min(kPackChunk, H / 2 - p0);
+        for (int g = 0; g < 4; ++g) {
+          for (int v = 0; v < V; ++v) {
+            const int64_t j = jb * V + v;
+            uint32_t* column = panel + p0 * 4 * V + g * V + v;
+            if (j >= H) {
+              for (int64_t p = 0; p < pn; ++p) column[p * 4 * V] = 0;
+              continue;
+            }
+            const scalar_t* w = a.w_hh + (g * H + j) * a.w_stride0 + 2 * p0 * a.w_stride1;
+            for (int64_t p = 0; p < pn; ++p) {
+              column[p * 4 * V] = bf16_pair(w[2 * p * a.w_stride1], w[(2 * p + 1) * a.w_stride1]);
+            }
           }
         }
       }
@@ -186,9 +196,8 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   }
 
   // This thread's panels and its columns of h0 in the math type.
-  // In chunks of 16 values of k: each of the block's rows of W_hh is read 64 bytes at a time,
-  // and the 16 panel rows being written stay in L1 until they are whole.
-  constexpr int64_t kPackChunk = 16;
+  // In chunks of kPackChunk values of k: each of the block's rows of W_hh is read 64 bytes at a
+  // time, and the panel rows being written stay in L1 until they are whole.
   for (int64_t jb = mine.begin; jb < mine.end && !direct && !pairs; ++jb) {
     acc_t* panel = a.panel + jb * H * 4 * V;
     for (int64_t k0 = 0; k0 < H; k0 += kPackChunk) {
