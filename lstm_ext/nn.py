@@ -138,15 +138,34 @@ class LSTM(_GateInit, nn.RNNBase):
     kernels. Beyond nn.LSTM: it compiles with ``torch.compile(fullgraph=True)`` (inter-layer
     dropout included), gives gradients in eval mode and supports double backward.
 
-    Keyword-only extras, off by default: ``forget_bias`` and ``init="chrono"`` (with
-    ``chrono_max_len``), the forget-gate initialisations of :func:`initialize_gates`."""
+    Keyword-only extras, off by default:
 
-    def __init__(self, *args, forget_bias=0.0, init="default", chrono_max_len=None, **kwargs):
+    - ``forget_bias`` and ``init="chrono"`` (with ``chrono_max_len``), the forget-gate
+      initialisations of :func:`initialize_gates`.
+    - ``weight_drop=p``: DropConnect on the recurrent weights (Wan et al. 2013), as AWD-LSTM
+      regularises them (Merity, Keskar & Socher 2017). In training, every forward of every
+      layer and direction draws one mask ``M`` with entries 1 with probability 1 - p, else 0,
+      and runs with ``W_hh' = W_hh * M / (1 - p)`` at every step:
+      ``i, f, g, o = W_ih x_t + b_ih + W_hh' h_{t-1} + b_hh``; gradients reach ``W_hh``
+      through the mask. In eval mode ``W_hh`` is used as is (its expectation). The masks come
+      from torch's generator (``torch.manual_seed`` repeats them); ``W_hr`` and ``W_ih`` are
+      not dropped; the parameters and state_dict are nn.LSTM's."""
+
+    weight_drop = 0.0  # modules pickled before the option existed
+
+    def __init__(self, *args, forget_bias=0.0, init="default", chrono_max_len=None,
+                 weight_drop=0.0, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+        if isinstance(weight_drop, bool) or not isinstance(weight_drop, (int, float)) or not (
+                0 <= weight_drop <= 1):
+            raise ValueError(f"weight_drop is the probability of dropping each recurrent "
+                             f"weight, between 0 and 1, but got {weight_drop!r}")
+        self.weight_drop = float(weight_drop)
         self._set_gate_init(forget_bias, init, chrono_max_len)
 
     def extra_repr(self):
-        return super().extra_repr() + self._gate_init_repr()
+        drop = f", weight_drop={self.weight_drop}" if self.weight_drop else ""
+        return super().extra_repr() + self._gate_init_repr() + drop
 
     # torch.jit.script calls this on every module it meets before compiling it.
     __prepare_scriptable__ = _refuse_script
@@ -261,8 +280,12 @@ class LSTM(_GateInit, nn.RNNBase):
                 w = weights[index * per_direction:(index + 1) * per_direction]
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
                 w_hr = w[-1] if self.proj_size > 0 else None
+                w_hh = w[1]
+                if self.training and self.weight_drop > 0:
+                    # One DropConnect mask per forward, the same at every step.
+                    w_hh = F.dropout(w_hh, self.weight_drop, training=True)
                 output, h, c = ops.layer_forward(
-                    layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh, w_hr,
+                    layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
                     batch_sizes, direction == 1, training,
                 )
                 outputs.append(output)

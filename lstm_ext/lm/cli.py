@@ -42,6 +42,9 @@ def _add_train_arguments(parser, given_only=False):
     add("--forget-bias", type=float, default=defaults.forget_bias,
         help="added to the LSTM's forget-gate biases at initialisation (lstm_ext."
         "initialize_gates; 1 is Keras's unit_forget_bias), for either --impl")
+    add("--weight-drop", type=float, default=defaults.weight_drop,
+        help="DropConnect on the LSTM's recurrent weights, a fresh mask per forward, as in "
+        "AWD-LSTM (0.5 there); --impl ext only")
     add("--bptt", type=int, default=defaults.bptt, help="steps per truncated-BPTT window")
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,

@@ -26,6 +26,7 @@ class TrainConfig:
     proj_size: int = 0
     tied: bool = False
     forget_bias: float = 0.0    # added to the forget gates' bias at initialisation
+    weight_drop: float = 0.0    # DropConnect rate on the LSTM's recurrent weights (ext only)
     bptt: int = 128
     batch_size: int = 64
     optimizer: str = "adamw"

@@ -15,10 +15,14 @@ class LanguageModel(nn.Module):
     the LSTM's output size (proj_size, else hidden) to equal the embedding size."""
 
     def __init__(self, vocab_size, embedding_size=64, hidden_size=512, layers=2, dropout=0.0,
-                 proj_size=0, tied=False, impl="ext", forget_bias=0.0):
+                 proj_size=0, tied=False, impl="ext", forget_bias=0.0, weight_drop=0.0):
         super().__init__()
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"--impl must be one of {sorted(IMPLEMENTATIONS)}, got {impl!r}")
+        if weight_drop and impl != "ext":
+            raise ValueError(
+                "--weight-drop needs --impl ext: torch.nn.LSTM has no DropConnect on its "
+                "recurrent weights (the usual wrapper breaks on cuDNN's flattened weights)")
         output_size = proj_size or hidden_size
         if tied and output_size != embedding_size:
             raise ValueError(
@@ -27,9 +31,10 @@ class LanguageModel(nn.Module):
             )
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.dropout = nn.Dropout(dropout)
+        variants = {"weight_drop": weight_drop} if weight_drop else {}
         self.lstm = IMPLEMENTATIONS[impl](
             embedding_size, hidden_size, layers, dropout=dropout if layers > 1 else 0.0,
-            proj_size=proj_size,
+            proj_size=proj_size, **variants,
         )
         # The same initialisation for either implementation (the function takes nn.LSTM too).
         initialize_gates(self.lstm, forget_bias=forget_bias)
@@ -68,5 +73,5 @@ def build_model(config, vocabulary_size):
     torch.manual_seed(config.seed)
     model = LanguageModel(vocabulary_size, config.emb, config.hidden, config.layers,
                           config.dropout, config.proj_size, config.tied, config.impl,
-                          config.forget_bias)
+                          config.forget_bias, config.weight_drop)
     return model.to(torch.float64) if config.precision == "fp64" else model
