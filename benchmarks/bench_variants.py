@@ -1,0 +1,163 @@
+"""Each LSTM variant of lstm_ext (its keyword options beyond nn.LSTM) against plain
+lstm_ext.LSTM and against the pure-PyTorch cell loop with the same variant (what one writes
+without a fused kernel: lstm_ext.ops.reference_layer_forward, torch ops step by step),
+forward + backward, eager and under torch.compile, interleaved in one run.
+
+Targets (issue 13): the variant costs at most 1.3x plain lstm_ext.LSTM, and runs at least 10x
+faster than the eager cell loop, at H 256-512.
+
+    python benchmarks/bench_variants.py --quick --no-compile   # seconds
+    python benchmarks/bench_variants.py --save                 # benchmarks/results/variants-*.md
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import lstm_ext
+from lstm_ext import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_lstm  # noqa: E402  (the machine's description and the report helpers)
+
+# Each variant: the module's keyword options, and how the cell loop applies it to the weights
+# of one layer-direction for one forward (w_ih, w_hh, b_ih, b_hh) in training.
+VARIANTS = {
+    "weight_drop=0.3": ({"weight_drop": 0.3}, lambda w_ih, w_hh, b_ih, b_hh: (
+        w_ih, w_hh * ((torch.rand_like(w_hh) >= 0.3) / 0.7), b_ih, b_hh)),
+}
+SHAPES = [(256, 32, 50), (512, 32, 50)]           # (H, B, T), one layer, input size H
+QUICK_SHAPES = [(64, 8, 10)]
+TARGET_COST = 1.3      # variant time / plain time, at most
+TARGET_SPEEDUP = 10.0  # eager cell-loop time / variant time, at least
+
+
+def cell_loop(module, weights_for):
+    """The module's computation with torch ops step by step, the variant applied by
+    weights_for; one layer, one direction."""
+    def run(x):
+        batch = x.shape[1]
+        zeros = x.new_zeros(batch, module.hidden_size)
+        weights = weights_for(module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0,
+                              module.bias_hh_l0)
+        output, h, c = ops.reference_layer_forward(x, zeros, zeros, *weights)
+        return output, (h, c)
+    return run
+
+
+def step(model, x, parameters):
+    for parameter in parameters:
+        parameter.grad = None
+    output, (h, c) = model(x)
+    (output.sum() + h.sum()).backward()
+
+
+def measure(contenders, repeats, warmup):
+    """Median seconds of each contender (name -> zero-argument callable), interleaved."""
+    times = {name: [] for name in contenders}
+    for iteration in range(warmup + repeats):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            run()
+            if iteration >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure_variant(name, shape, compile_too, repeats, warmup):
+    options, weights_for = VARIANTS[name]
+    hidden, batch, steps = shape
+    torch.manual_seed(0)
+    plain = lstm_ext.LSTM(hidden, hidden)
+    variant = lstm_ext.LSTM(hidden, hidden, **options)
+    variant.load_state_dict(plain.state_dict())
+    loop = cell_loop(variant, weights_for)
+    x = torch.randn(steps, batch, hidden)
+    parameters = list(variant.parameters())
+    contenders = {
+        "plain": lambda: step(plain, x, plain.parameters()),
+        "variant": lambda: step(variant, x, parameters),
+        "loop": lambda: step(loop, x, parameters),
+    }
+    if compile_too:
+        compiled_variant = torch.compile(variant, fullgraph=True)
+        compiled_loop = torch.compile(loop)
+        contenders["variant compiled"] = lambda: step(compiled_variant, x, parameters)
+        contenders["loop compiled"] = lambda: step(compiled_loop, x, parameters)
+    seconds = measure(contenders, repeats, warmup)
+    result = {key.replace(" ", "_") + "_ms": value * 1e3 for key, value in seconds.items()}
+    result["cost"] = seconds["variant"] / seconds["plain"]
+    result["speedup"] = seconds["loop"] / seconds["variant"]
+    if compile_too:
+        result["compiled_speedup"] = seconds["loop compiled"] / seconds["variant compiled"]
+    result["met"] = result["cost"] <= TARGET_COST and result["speedup"] >= TARGET_SPEEDUP
+    return result
+
+
+def table(rows, machine, command):
+    lines = [f"# lstm_ext variants — {machine.get('device', 'cpu')}", "",
+             f"`{command}` on {machine['date']}: torch {machine['torch']}, "
+             f"{machine['threads']} threads. Forward + backward of one layer (input size H), "
+             f"medians, interleaved. cost = variant / plain lstm_ext.LSTM (target ≤ "
+             f"{TARGET_COST}); speedup = eager pure-PyTorch cell loop / variant (target ≥ "
+             f"{TARGET_SPEEDUP:g}); compiled speedup = both under torch.compile.",
+             bench_lstm.cpu_line(machine), "",
+             "| variant | H | B | T | plain ms | variant ms | loop ms | cost | speedup | "
+             "compiled speedup | met |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for row in rows:
+        r = row["results"]
+        compiled = f"{r['compiled_speedup']:.1f}" if "compiled_speedup" in r else ""
+        lines.append(
+            f"| {row['variant']} | {row['hidden']} | {row['batch']} | {row['steps']} | "
+            f"{r['plain_ms']:.2f} | {r['variant_ms']:.2f} | {r['loop_ms']:.2f} | "
+            f"{r['cost']:.2f} | {r['speedup']:.1f} | {compiled} | "
+            f"{'yes' if r['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small shape, seconds")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile columns (compiling the loop takes minutes)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    parser.add_argument("--save", action="store_true",
+                        help="write JSON and markdown to benchmarks/results/variants-<cpu>.*")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 10)
+    machine = bench_lstm.machine_details(torch.device("cpu"))
+    command = "python benchmarks/bench_variants.py " + " ".join(argv or sys.argv[1:])
+    rows = []
+    for name in VARIANTS:
+        for hidden, batch, steps in QUICK_SHAPES if args.quick else SHAPES:
+            results = measure_variant(name, (hidden, batch, steps), args.compile, repeats,
+                                      warmup=2)
+            rows.append({"variant": name, "hidden": hidden, "batch": batch, "steps": steps,
+                         "results": results})
+            print(f"{name} H{hidden} B{batch} T{steps}: cost {results['cost']:.2f}, speedup "
+                  f"{results['speedup']:.1f}", flush=True)
+    report = table(rows, machine, command.strip())
+    print(report)
+    paths = {"json": args.json, "markdown": args.markdown}
+    if args.save:
+        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            "variants-" + bench_lstm.result_name(machine))
+        paths = {"json": base + ".json", "markdown": base + ".md"}
+    if paths["json"]:
+        bench_lstm.write_atomically(paths["json"], json.dumps(
+            {"machine": machine, "command": command, "rows": rows}, indent=1))
+    if paths["markdown"]:
+        bench_lstm.write_atomically(paths["markdown"], report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
