@@ -1,6 +1,8 @@
 """What lstm_ext.LSTM becomes under torch.onnx.export(..., dynamo=True): one standard ONNX
 `LSTM` node per layer (both directions in one node), so that onnxruntime and every other ONNX
-backend run it with their own LSTM kernels and no custom op.
+backend run it with their own LSTM kernels and no custom op. A layer with a projection, which
+the ONNX operator lacks, becomes an ONNX `Scan` over time per direction (the cell in plain
+ONNX ops), so length and batch stay dynamic there too.
 
 ONNX's LSTM orders the gates i, o, f, c where PyTorch has i, f, g, o, keeps the input and
 recurrent biases as one [Wb, Rb] row, stacks the directions first, and returns Y as
@@ -9,6 +11,8 @@ parameters stay PyTorch's.
 """
 
 import torch
+
+from . import ops
 
 # The ONNX LSTM operator's version whose definition this follows (unchanged since opset 14).
 LSTM_OPSET = 14
@@ -45,14 +49,35 @@ def lstm_layer(layer_input, h0, c0, directions, hidden_size, has_bias):
     return output, y_h, y_c
 
 
+def lstm_layer_scan(layer_input, h0, c0, directions):
+    """One layer, each direction an ONNX Scan over time (for a projection).
+
+    layer_input: (T, B, I); h0: (directions, B, P), c0: (directions, B, H); `directions`:
+    per direction its (w_ih, w_hh, b_ih, b_hh, w_hr) (biases None without bias). Returns the
+    layer's output (T, B, directions * P) and its final h and c."""
+    from torch._higher_order_ops.scan import scan  # torch.scan's home, a prototype upstream
+
+    outputs, h_n, c_n = [], [], []
+    for index, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(directions):
+        gates_x = layer_input @ w_ih.t()
+        if b_ih is not None:
+            gates_x = gates_x + (b_ih + b_hh)
+
+        def step(carry, gates, w_hh=w_hh, w_hr=w_hr):
+            h, c = ops.cell_update(gates + carry[0] @ w_hh.t(), carry[1], w_hr)
+            return (h, c), h.clone()  # a scan output may not alias its carry
+
+        (h, c), output = scan(step, (h0[index], c0[index]), gates_x, reverse=index == 1)
+        outputs.append(output)
+        h_n.append(h)
+        c_n.append(c)
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+    return output, torch.stack(h_n), torch.stack(c_n)
+
+
 def check_exportable(module, packed):
     if packed:
         raise NotImplementedError(
             "torch.onnx.export of lstm_ext.LSTM with a PackedSequence input is not supported "
             "yet: export a model that takes the padded batch (and applies lengths after the "
             "LSTM), or use torch.export / AOTInductor, which support packed input")
-    if module.proj_size > 0:
-        raise NotImplementedError(
-            "torch.onnx.export of lstm_ext.LSTM with proj_size > 0 is not supported yet (the "
-            "ONNX LSTM operator has no projection); use torch.export / AOTInductor, or "
-            "proj_size=0")

@@ -276,10 +276,17 @@ class LSTM(_GateInit, nn.RNNBase):
                 directions = []
                 for index in range(first, first + num_directions):
                     w = weights[index * per_direction:(index + 1) * per_direction]
-                    directions.append((w[0], w[1], *((w[2], w[3]) if self.bias else (None, None))))
-                layer_input, h, c = _onnx.lstm_layer(
-                    layer_input, h0[first:first + num_directions],
-                    c0[first:first + num_directions], directions, self.hidden_size, self.bias)
+                    biases = (w[2], w[3]) if self.bias else (None, None)
+                    w_hr = (w[-1],) if self.proj_size > 0 else ()
+                    directions.append((w[0], w[1], *biases, *w_hr))
+                h0_layer = h0[first:first + num_directions]
+                c0_layer = c0[first:first + num_directions]
+                if self.proj_size > 0:
+                    layer_input, h, c = _onnx.lstm_layer_scan(
+                        layer_input, h0_layer, c0_layer, directions)
+                else:
+                    layer_input, h, c = _onnx.lstm_layer(
+                        layer_input, h0_layer, c0_layer, directions, self.hidden_size, self.bias)
                 h_n += list(h)
                 c_n += list(c)
                 continue

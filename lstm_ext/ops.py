@@ -107,6 +107,15 @@ def _cell_backward_fake(grad_h, grad_c, input, hx, w_ih, w_hh, gates, cell_prev,
 # Autograd
 
 
+def cell_update(gates, c, w_hr=None):
+    """One LSTM step in torch ops from the pre-activations (rows, 4H) in the gate order i, f,
+    g, o: returns (h, c'), h projected by w_hr where given."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return (h if w_hr is None else h @ w_hr.t()), c
+
+
 def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
                             batch_sizes=None, reverse=False):
     """The layer op written with plain differentiable torch ops, step by step. Too slow for
@@ -127,12 +136,8 @@ def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
     outputs = [None] * steps
     for t in reversed(range(steps)) if reverse else range(steps):
         n = sizes[t]
-        gates = gates_x[offsets[t]:offsets[t] + n] + h[:n] @ w_hh.t()
-        i, f, g, o = gates.chunk(4, dim=1)
-        c_new = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
-        if w_hr is not None:
-            h_new = h_new @ w_hr.t()
+        h_new, c_new = cell_update(gates_x[offsets[t]:offsets[t] + n] + h[:n] @ w_hh.t(),
+                                   c[:n], w_hr)
         outputs[t] = h_new
         h = torch.cat([h_new, h[n:]])
         c = torch.cat([c_new, c[n:]])

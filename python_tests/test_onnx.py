@@ -90,11 +90,34 @@ def test_lstmcell_exports_as_one_step_of_an_onnx_lstm(tmp_path):
         torch.testing.assert_close(torch.from_numpy(got), want.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_projection_fails_to_export_naming_our_op():
-    """No ONNX LSTM node takes a projection (nor is packed input translated yet, which
-    torch.export itself stops at): the export fails, and must not produce a model that
-    computes something else. Our own message, naming torch.export / AOTInductor, is raised in
-    the exporter's first attempt; its last one reports that lstm_ext's op has no translation."""
-    model = Wrapper(lstm_ext.LSTM(5, 8, proj_size=4).eval(), False)
-    with pytest.raises(Exception, match="lstm_ext.lstm_layer_forward"):
-        torch.onnx.export(model, (torch.randn(4, 2, 5),), dynamo=True, verbose=False)
+PROJECTION_GRID = list(itertools.product([1, 2], [True, False], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("layers,bidirectional,with_state,batch_first", PROJECTION_GRID)
+def test_a_projection_exports_as_onnx_scans_and_matches_eager(tmp_path, layers, bidirectional,
+                                                              with_state, batch_first):
+    """The ONNX LSTM operator has no projection: such a layer becomes one Scan over time per
+    direction, still with dynamic length and batch."""
+    torch.manual_seed(layers * 5 + bidirectional)
+    lstm = lstm_ext.LSTM(5, 8, layers, batch_first=batch_first, bidirectional=bidirectional,
+                         proj_size=3).eval()
+    model = Wrapper(lstm, with_state).eval()
+    directions = 2 if bidirectional else 1
+
+    def inputs(steps, batch):
+        x = torch.randn(batch, steps, 5) if batch_first else torch.randn(steps, batch, 5)
+        state = [torch.randn(layers * directions, batch, size) for size in (3, 8)]
+        return [x, *state] if with_state else [x]
+
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    x_dims = {0: batch, 1: steps} if batch_first else {0: steps, 1: batch}
+    dynamic = {"x": x_dims, **({"h0": {1: batch}, "c0": {1: batch}} if with_state else {})}
+    other = inputs(9, 4)
+    graph, outputs = run_onnx(model, inputs(6, 3), dynamic, tmp_path / "proj.onnx", other)
+    op_types = [node.op_type for node in graph.node]
+    assert op_types.count("Scan") == layers * directions and "LSTM" not in op_types
+    for got, want in zip(outputs, model(*other)):
+        want = want.detach()
+        assert got.shape == tuple(want.shape)
+        error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
+        assert error <= 1e-5, error
