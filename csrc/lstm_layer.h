@@ -100,6 +100,13 @@ struct SequenceForward : SequenceLayout {
   int64_t w_ih_stride;
   const scalar_t* b_ih;        // with gates null: the biases (4H,), or null
   const scalar_t* b_hh;
+  // int8 weights (the CPU's int8 LSTM, fp32 only, read in place by dot products): W_hh and,
+  // with gates null, W_ih as int8 rows (strides as above) with one fp32 scale per row; w_hh
+  // and w_ih then point nowhere. Null otherwise.
+  const int8_t* w_hh_int8;
+  const float* w_hh_scale;
+  const int8_t* w_ih_int8;
+  const float* w_ih_scale;
   acc_t* cell;                 // (B, H): c0 in, c_n out
   scalar_t* hidden_state;      // (B, H): h0 in, h_n out
   scalar_t* output;            // (N, H)

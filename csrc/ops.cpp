@@ -146,6 +146,13 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor grad_w_hr)");
   // One step of an LSTMCell: input (B, I), hx and cx (B, H). Returns h', c', then what
   // backward needs (empty unless training): gate activations (B, 4H) and cx in the math dtype.
+  // One layer, one direction, inference, with int8 weights (one fp32 scale per row: the
+  // weight is w * scale[:, None]) and fp32 input, state and gate math; CPU only (cpu/
+  // quantized.cpp). Returns output, h_n, c_n as lstm_layer_forward does.
+  m.def(
+      "lstm_int8_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_ih_scale, Tensor w_hh, Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, bool training) -> (Tensor h, Tensor c, Tensor gates, "

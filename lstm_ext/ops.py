@@ -55,6 +55,13 @@ def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
     return output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw
 
 
+@torch.library.register_fake("lstm_ext::lstm_int8_layer_forward")
+def _int8_layer_forward_fake(input, h0, c0, w_ih, w_ih_scale, w_hh, w_hh_scale, b_ih, b_hh,
+                             batch_sizes, reverse):
+    output = input.new_empty((*input.shape[:-1], w_hh.shape[1]))
+    return output, input.new_empty(h0.shape), input.new_empty(c0.shape)
+
+
 def _grad_like(input, tensor, wanted):
     """A gradient shaped like `tensor`, or the empty tensor the ops return when not asked."""
     return input.new_empty(tensor.shape if wanted else (0,))

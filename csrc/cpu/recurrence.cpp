@@ -156,6 +156,14 @@ bool recurrence_enabled() {
   return !(setting && std::strcmp(setting, "0") == 0);
 }
 
+bool direct_form(int64_t batch, int64_t steps) {
+  // One row always (a panel has nothing to gain there), up to kDirectRows rows when the
+  // sequence is too short to repay packing (measured on a Zen 5: at B = 4 packing wins from
+  // about 50 steps).
+  constexpr int64_t kPackingPaysFromSteps = 50;
+  return batch == 1 || (batch <= kDirectRows && steps < kPackingPaysFromSteps);
+}
+
 template <typename scalar_t>
 bool run_forward(SequenceForward<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -163,12 +171,10 @@ bool run_forward(SequenceForward<scalar_t> a) {
   const int64_t V = lanes<acc_t>(isa);
   const int64_t blocks = ceil_div(a.hidden, V);
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  // Small batches read W_hh in place where its rows are contiguous and in the math type: one
-  // row always (a panel has nothing to gain there), up to kDirectRows rows when the sequence is
-  // too short to repay packing (measured on a Zen 5: at B = 4 packing wins from about 50 steps).
-  constexpr int64_t kPackingPaysFromSteps = 50;
-  const bool direct = std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
-                      (a.batch == 1 || (a.batch <= kDirectRows && a.steps < kPackingPaysFromSteps));
+  const bool direct =
+      std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 && direct_form(a.batch, a.steps);
+  // int8 weights are read by the dot products of the direct form only.
+  if (a.w_hh_int8 != nullptr && !direct) return false;
   // The input projection is fused only into the dot products of the direct form.
   if (a.gates == nullptr && !direct) return false;
   const at::Tensor panel =
@@ -184,8 +190,8 @@ bool run_forward(SequenceForward<scalar_t> a) {
   constexpr int64_t kDecodeBytesPerThread = 512 << 10;
   int threads = threads_for(blocks);
   if (direct && a.steps == 1) {
-    const int64_t bytes =
-        4 * a.hidden * (a.hidden + (a.gates ? 0 : a.input_size)) * int64_t{sizeof(scalar_t)};
+    const int64_t bytes = 4 * a.hidden * (a.hidden + (a.gates ? 0 : a.input_size)) *
+                          (a.w_hh_int8 ? 1 : int64_t{sizeof(scalar_t)});
     threads = static_cast<int>(
         std::clamp<int64_t>(bytes / kDecodeBytesPerThread, 1, threads));
   }

@@ -149,6 +149,17 @@ inline acc_t fused_bias(const SequenceForward<scalar_t>& a, int64_t column) {
 // Batches of at most this many rows skip the forward panels (see dot.h).
 constexpr int kDirectRows = 4;
 
+// The four gate rows of unit j (H rows apart) of an int8 weight times n <= kDirectRows input
+// rows, each row's sum times its scale: out[g * n + i].
+template <int V>
+inline void int8_dot_rows(int n, int64_t K, const int8_t* w, const float* scale, int64_t j,
+                          int64_t stride, int64_t H, const float* const* x, float* out) {
+  dot_rows_n<float, V, kDirectRows, int8_t>(n, K, w + j * stride, H * stride, x, out);
+  for (int g = 0; g < 4; ++g) {
+    for (int i = 0; i < n; ++i) out[g * n + i] *= scale[g * H + j];
+  }
+}
+
 template <Isa isa, typename scalar_t>
 void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -256,14 +267,28 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           // A decode step's input projection, fused: W_ih's rows are read the same way.
           const acc_t* w_ih = a.gates ? nullptr : in_place_weight<acc_t>(a.w_ih);
           const acc_t* x[RT] = {};
-          for (int i = 0; i < n && w_ih; ++i) {
+          for (int i = 0; i < n && !a.gates; ++i) {
             x[i] = in_place_weight<acc_t>(a.input) + (offset + r0 + i) * a.input_stride;
           }
+          // int8 weights (fp32 only): the same dot products on int8 rows, times their scales.
+          const bool int8 = a.w_hh_int8 != nullptr;
           for (int64_t v = 0; v < n_units; ++v) {
             acc_t dots[4 * kDirectRows], input_dots[4 * kDirectRows] = {};
-            dot_rows_n<acc_t, V, kDirectRows>(n, H, w + (j0 + v) * a.w_stride0,
-                                              H * a.w_stride0, in, dots);
-            if (w_ih) {
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              if (int8) {
+                int8_dot_rows<V>(n, H, a.w_hh_int8, a.w_hh_scale, j0 + v, a.w_stride0, H, in,
+                                 dots);
+                if (!a.gates) {
+                  int8_dot_rows<V>(n, a.input_size, a.w_ih_int8, a.w_ih_scale, j0 + v,
+                                   a.w_ih_stride, H, x, input_dots);
+                }
+              }
+            }
+            if (!int8) {
+              dot_rows_n<acc_t, V, kDirectRows>(n, H, w + (j0 + v) * a.w_stride0,
+                                                H * a.w_stride0, in, dots);
+            }
+            if (w_ih && !int8) {
               dot_rows_n<acc_t, V, kDirectRows>(n, a.input_size, w_ih + (j0 + v) * a.w_ih_stride,
                                                 H * a.w_ih_stride, x, input_dots);
             }
@@ -520,6 +545,11 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
 #pragma omp barrier
   }
 }
+
+// Whether a forward of this batch and length reads W_hh in place by dot products (the direct
+// form: small batches, where its rows are contiguous and in the math type) instead of packing
+// panels.
+bool direct_form(int64_t batch, int64_t steps);
 
 // The whole recurrence, in a parallel region of torch's thread count (recurrence.cpp); the
 // workspace fields of the arguments are filled there. run_forward declines (false) a step

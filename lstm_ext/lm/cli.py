@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import data as lm_data
+from ..quantized import quantize_dynamic
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .classify import ClassifyConfig, classify
 from .config import PRECISIONS, TrainConfig, config_from_dict
@@ -104,6 +105,20 @@ def _add_classify_arguments(parser):
     add("--no-progress", dest="progress", action="store_false")
 
 
+INT8_HELP = ("run the LSTM with int8 weights (lstm_ext.quantize_dynamic: per-row scales, fp32 "
+             "math; CPU)")
+
+
+def _model(args, payload):
+    """The checkpoint's model, its LSTM converted to int8 weights when --int8 asks."""
+    if args.int8 and args.device != "cpu":
+        raise ValueError("--int8 runs on the CPU; drop --device or --int8")
+    model, vocabulary, config = model_from_checkpoint(payload, args.device)
+    if args.int8:
+        model = quantize_dynamic(model.float())
+    return model, vocabulary, config
+
+
 def build_parser(given_only=False):
     parser = argparse.ArgumentParser(prog="lstm-ext", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
@@ -114,6 +129,7 @@ def build_parser(given_only=False):
     evaluation.add_argument("--data", default=None,
                             help="evaluate on this corpus instead of the run's own")
     evaluation.add_argument("--device", default="cpu")
+    evaluation.add_argument("--int8", action="store_true", help=INT8_HELP)
     generation = commands.add_parser("generate", help="sample text from a checkpoint")
     generation.add_argument("--checkpoint", required=True, help="a .pt file or a run folder")
     generation.add_argument("--prompt", default="")
@@ -122,6 +138,7 @@ def build_parser(given_only=False):
     generation.add_argument("--top-k", type=int, default=0)
     generation.add_argument("--seed", type=int, default=None)
     generation.add_argument("--device", default="cpu")
+    generation.add_argument("--int8", action="store_true", help=INT8_HELP)
     exporting = commands.add_parser(
         "export", help="write a trained model as ONNX or as an AOTInductor package")
     exporting.add_argument("--checkpoint", required=True, help="a .pt file or a run folder")
@@ -152,7 +169,7 @@ def main(argv=None):
                 print(json.dumps({**record, "checkpoint": str(Path(out) / "best.pt")}))
         elif args.command == "eval":
             payload = load_checkpoint(args.checkpoint)
-            model, vocabulary, config = model_from_checkpoint(payload, args.device)
+            model, vocabulary, config = _model(args, payload)
             corpus = lm_data.load_corpus(args.data or config.data, config.level, config.clean,
                                          vocabulary)
             loss = evaluate(model, getattr(corpus, args.split), config)
@@ -161,7 +178,7 @@ def main(argv=None):
                               **{k.replace("valid_", ""): v for k, v in metric.items()}}))
         elif args.command == "generate":
             payload = load_checkpoint(args.checkpoint)
-            model, vocabulary, config = model_from_checkpoint(payload, args.device)
+            model, vocabulary, config = _model(args, payload)
             sys.stdout.write(args.prompt)
             for text in generate(model, vocabulary, config.level, args.prompt, args.tokens,
                                  args.temperature, args.top_k, args.seed, args.device):

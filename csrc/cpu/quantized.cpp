@@ -1,0 +1,126 @@
+// The int8 LSTM layer (lstm_int8_layer_forward): weights stored as int8 with one fp32 scale per
+// row, input, state and gate math in fp32. Batches the recurrence reads W_hh in place for (a
+// decode step, short small-batch sequences) run its dot products on the int8 rows, a quarter
+// of the bytes of fp32 weights; a decode step also multiplies x by int8 W_ih in the same pass.
+// Everything else runs the fp32 kernels on the dequantized weights.
+#include "../lstm_layer.h"
+#include "linear.h"
+#include "recurrence.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace lstm_ext {
+namespace {
+
+constexpr const char* kOp = "lstm_int8_layer_forward";
+
+void check_int8_weight(const at::Tensor& weight, const at::Tensor& scale, const char* name) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2, kOp, ": ", name,
+              " must be a 2-D int8 tensor, got ", weight.dim(), "-D ", weight.scalar_type());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
+                  scale.size(0) == weight.size(0),
+              kOp, ": the scale of ", name, " must be a float32 tensor of ", weight.size(0),
+              " values (one per row), got ", scale.scalar_type(), " of shape ", scale.sizes());
+  TORCH_CHECK(weight.device().is_cpu() && scale.device().is_cpu(), kOp,
+              ": int8 weights run on the CPU only, got ", name, " on ", weight.device());
+}
+
+at::Tensor dequantized(const at::Tensor& weight, const at::Tensor& scale) {
+  return weight.to(at::kFloat) * scale.unsqueeze(1);
+}
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                          const at::Tensor& w_ih, const at::Tensor& w_ih_scale,
+                          const at::Tensor& w_hh, const at::Tensor& w_hh_scale,
+                          const std::optional<at::Tensor>& b_ih,
+                          const std::optional<at::Tensor>& b_hh,
+                          const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  check_int8_weight(w_ih, w_ih_scale, "w_ih");
+  check_int8_weight(w_hh, w_hh_scale, "w_hh");
+  TORCH_CHECK(input.scalar_type() == at::kFloat, kOp, ": input must be float32, got ",
+              input.scalar_type());
+  // The fp32 checks, on stand-ins with the weights' shapes that take no memory.
+  const auto shaped_like = [&](const at::Tensor& w) {
+    return at::empty({1}, input.options()).expand(w.sizes());
+  };
+  const LayerShape s =
+      layer_shape(kOp, input, shaped_like(w_ih), shaped_like(w_hh), std::nullopt, batch_sizes);
+  check_state(kOp, s, input, h0, c0, "h0 (batch, hidden_size)", "c0 (batch, hidden_size)");
+  check_bias(kOp, s, input, b_ih, "b_ih (4*hidden)");
+  check_bias(kOp, s, input, b_hh, "b_hh (4*hidden)");
+
+  const int64_t H = s.hidden_size;
+  if (cpu::recurrence_enabled() && cpu::direct_form(s.batch, s.steps)) {
+    const at::Tensor x = input.reshape({s.rows, s.input_size}).contiguous();
+    const at::Tensor w_ih_rows = w_ih.contiguous(), w_hh_rows = w_hh.contiguous();
+    const at::Tensor ih_scale = w_ih_scale.contiguous(), hh_scale = w_hh_scale.contiguous();
+    const std::optional<at::Tensor> bias_ih =
+        b_ih.has_value() ? std::optional<at::Tensor>(b_ih->contiguous()) : std::nullopt;
+    const std::optional<at::Tensor> bias_hh =
+        b_hh.has_value() ? std::optional<at::Tensor>(b_hh->contiguous()) : std::nullopt;
+    at::Tensor output = at::empty({s.rows, H}, input.options());
+    at::Tensor h_state = h0.contiguous().clone();
+    at::Tensor c_state = c0.contiguous().clone();
+    at::Tensor gates;
+    SequenceForward<float> a{};
+    static_cast<SequenceLayout&>(a) = sequence_layout(s, reverse);
+    a.cell = c_state.data_ptr<float>();
+    a.hidden_state = h_state.data_ptr<float>();
+    a.output = output.data_ptr<float>();
+    a.w_stride0 = H;
+    a.w_stride1 = 1;
+    a.w_hh_int8 = w_hh_rows.const_data_ptr<int8_t>();
+    a.w_hh_scale = hh_scale.const_data_ptr<float>();
+    if (s.steps == 1) {  // a decode step: W_ih's products in the same pass
+      a.input = x.const_data_ptr<float>();
+      a.input_size = s.input_size;
+      a.input_stride = s.input_size;
+      a.w_ih_int8 = w_ih_rows.const_data_ptr<int8_t>();
+      a.w_ih_scale = ih_scale.const_data_ptr<float>();
+      a.w_ih_stride = s.input_size;
+      a.b_ih = bias_ih.has_value() ? bias_ih->const_data_ptr<float>() : nullptr;
+      a.b_hh = bias_hh.has_value() ? bias_hh->const_data_ptr<float>() : nullptr;
+    } else {
+      std::optional<at::Tensor> bias;
+      if (bias_ih.has_value() || bias_hh.has_value()) {
+        bias = bias_ih.has_value() && bias_hh.has_value() ? *bias_ih + *bias_hh
+                                                          : (bias_ih.has_value() ? *bias_ih
+                                                                                 : *bias_hh);
+      }
+      gates = cpu_linear(x, dequantized(w_ih_rows, ih_scale), bias).contiguous();
+      a.gates = gates.data_ptr<float>();
+    }
+    RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
+    TORCH_CHECK(cpu::run_forward(a), kOp, ": the recurrence declined a direct-form batch");
+    return {s.packed ? output : output.view({s.steps, s.batch, H}), h_state, c_state};
+  }
+  // Larger batches: the fp32 kernels on the dequantized weights (their panels are packed per
+  // call either way).
+  static const auto layer_forward_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm_layer_forward", "");
+  const auto outputs =
+      layer_forward_op
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, bool, bool)>()
+          .call(input, h0, c0, dequantized(w_ih, w_ih_scale), dequantized(w_hh, w_hh_scale),
+                b_ih, b_hh, std::nullopt, batch_sizes, reverse, /*training=*/false);
+  return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
+  m.impl("lstm_int8_layer_forward", &int8_layer_forward);
+}
+
+}  // namespace lstm_ext

@@ -1,0 +1,189 @@
+"""int8 weights for CPU serving: lstm_ext.quantize_dynamic(model) turns every LSTM of a model
+into a QuantizedLSTM, whose weights are int8 with one fp32 scale per output row (symmetric,
+per output channel) while the input, the state and the gate math stay fp32.
+
+Small-batch inference (a decode step, short sequences of a few rows) reads the weights once
+per step, so a quarter of the bytes is most of the time saved: there the CPU kernel multiplies
+the int8 rows in place. Larger batches run the fp32 kernels on the dequantized weights. The
+module is for inference: no gradients flow through it.
+"""
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from .nn import LSTM
+
+_INT8_MAX = 127
+
+
+def quantize_weight(weight):
+    """(int8 rows, fp32 scale per row) with weight ~= int8 * scale[:, None]: each row scaled so
+    that its largest magnitude maps to 127, rounded to nearest."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1) / _INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    values = torch.round(weight / scale[:, None]).clamp(-_INT8_MAX, _INT8_MAX)
+    return values.to(torch.int8), scale
+
+
+def dequantize_weight(values, scale):
+    return values.float() * scale[:, None]
+
+
+class QuantizedLSTM(LSTM):
+    """An LSTM with int8 weights for inference on the CPU (see the module docstring); built from
+    a float LSTM by :meth:`from_float` or :func:`quantize_dynamic`. Inputs, outputs, states and
+    their errors are those of the LSTM it came from. Its state_dict holds each weight as int8
+    beside ``<name>_scale``, and the biases in fp32."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proj_size > 0:
+            raise ValueError("QuantizedLSTM does not take proj_size yet: keep that LSTM in "
+                             "float (lstm_ext.quantize_dynamic leaves it as it is)")
+        for name in self._flat_weights_names:
+            value = self._parameters.pop(name).detach()
+            if name.startswith("weight"):
+                values, scale = quantize_weight(value)
+                self.register_buffer(name, values)
+                self.register_buffer(name + "_scale", scale)
+            else:
+                self.register_buffer(name, value.float())
+        self._init_flat_weights()
+
+    @classmethod
+    def from_float(cls, module, use_precomputed_fake_quant=False):
+        """The int8 version of a float32 lstm_ext.LSTM or nn.LSTM on the CPU (configuration,
+        train/eval mode; weights quantized per output row). The second argument is what
+        torch.ao.quantization passes; it changes nothing here."""
+        if not isinstance(module, (LSTM, nn.LSTM)) or isinstance(module, QuantizedLSTM):
+            raise TypeError(f"QuantizedLSTM.from_float takes an lstm_ext.LSTM or nn.LSTM, got "
+                            f"{type(module).__name__}")
+        weight = next(module.parameters())
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"int8 weights are for float32 LSTMs on the CPU; this one is "
+                             f"{weight.dtype} on {weight.device}: move it with "
+                             f".float().cpu() first")
+        new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
+                  module.batch_first, module.dropout, module.bidirectional,
+                  proj_size=module.proj_size)
+        with torch.no_grad():
+            for name in module._flat_weights_names:
+                value = getattr(module, name)
+                if name.startswith("weight"):
+                    values, scale = quantize_weight(value)
+                    getattr(new, name).copy_(values)
+                    getattr(new, name + "_scale").copy_(scale)
+                else:
+                    getattr(new, name).copy_(value)
+        return new.train(module.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._flat_weights_names:
+            value = state_dict.get(prefix + name)
+            if name.startswith("weight") and value is not None and value.dtype != torch.int8:
+                raise RuntimeError(
+                    f"{prefix}{name} is {value.dtype}, but a QuantizedLSTM holds int8 weights: "
+                    f"load the float state_dict into an lstm_ext.LSTM and convert it with "
+                    f"lstm_ext.quantize_dynamic")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def check_input(self, input, batch_sizes):
+        # nn.LSTM's checks, but the input must be float32 rather than the weights' dtype.
+        if input.dtype != torch.float32:
+            raise ValueError(f"QuantizedLSTM input dtype ({input.dtype}) must be torch.float32 "
+                             f"(its weights are int8, its math fp32): convert the input with "
+                             f"input.float()")
+        expected_input_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_input_dim:
+            raise RuntimeError(
+                f"input must have {expected_input_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.size(-1)}")
+
+    def _current_weights(self):
+        return [self._buffers[name] for name in self._flat_weights_names]
+
+    def extra_repr(self):
+        return super().extra_repr() + ", int8 weights"
+
+    def _run_layers(self, data, batch_sizes, weights, h0, c0):
+        if torch.onnx.is_in_onnx_export():
+            raise NotImplementedError("torch.onnx.export of a QuantizedLSTM is not supported: "
+                                      "export the float model")
+        num_directions = 2 if self.bidirectional else 1
+        per_direction = len(weights) // (self.num_layers * num_directions)
+        names = self._flat_weights_names
+        h_n, c_n = [], []
+        layer_input = data
+        # Inference only: the int8 op has no backward.
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                if layer > 0 and self.training and self.dropout > 0:
+                    layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
+                outputs = []
+                for direction in range(num_directions):
+                    index = layer * num_directions + direction
+                    first = index * per_direction
+                    w = weights[first:first + per_direction]
+                    b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+                    output, h, c = torch.ops.lstm_ext.lstm_int8_layer_forward(
+                        layer_input, h0[index], c0[index],
+                        w[0], self._buffers[names[first] + "_scale"],
+                        w[1], self._buffers[names[first + 1] + "_scale"],
+                        b_ih, b_hh, batch_sizes, direction == 1)
+                    outputs.append(output)
+                    h_n.append(h)
+                    c_n.append(c)
+                layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def quantize_dynamic(model, inplace=False):
+    """The model with each float32 CPU lstm_ext.LSTM or nn.LSTM (the model itself, or any
+    submodule) replaced by a :class:`QuantizedLSTM`; a copy unless ``inplace``. An LSTM that
+    cannot be converted (a projection, another dtype or device) stays as it is, with a warning
+    naming it and why."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if _convertible(model, "the model") is True:
+        return QuantizedLSTM.from_float(model)
+    for name, child in list(model.named_modules()):
+        for child_name, module in list(child.named_children()):
+            full_name = f"{name}.{child_name}" if name else child_name
+            if _convertible(module, full_name) is True:
+                setattr(child, child_name, QuantizedLSTM.from_float(module))
+    return model
+
+
+def _convertible(module, name):
+    if not isinstance(module, (LSTM, nn.LSTM)) or isinstance(module, QuantizedLSTM):
+        return False
+    weight = next(module.parameters())
+    reason = None
+    if module.proj_size > 0:
+        reason = "it has a projection (proj_size), which the int8 LSTM does not take yet"
+    elif weight.dtype != torch.float32 or weight.device.type != "cpu":
+        reason = f"its weights are {weight.dtype} on {weight.device}, not float32 on the CPU"
+    if reason:
+        warnings.warn(f"lstm_ext.quantize_dynamic left {name} in float: {reason}",
+                      stacklevel=3)
+        return False
+    return True
+
+
+def _register_with_torch_quantization():
+    """torch.ao.quantization.quantize_dynamic(model, {lstm_ext.LSTM}) converts lstm_ext.LSTM
+    to QuantizedLSTM, as it converts nn.LSTM to its own dynamic int8 LSTM."""
+    try:
+        from torch.ao.quantization import quantization_mappings
+    except ImportError:  # a torch without the (deprecated) eager-mode quantization
+        return
+    quantization_mappings.DEFAULT_DYNAMIC_QUANT_MODULE_MAPPINGS.setdefault(LSTM, QuantizedLSTM)
+
+
+_register_with_torch_quantization()

@@ -1,0 +1,208 @@
+"""int8 weights for CPU serving (lstm_ext.quantize_dynamic, QuantizedLSTM): the int8 layer
+against fp64 nn.LSTM run on the dequantized weights, in every input form and on both the
+in-place int8 path (a few rows) and the dequantized fp32 one (more rows); the quantization
+itself; the conversion of whole models, torch.ao.quantization's included; state_dicts; errors;
+and a trained language model's loss with int8 weights."""
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lstm_ext
+from conftest import Case, rel_error
+from lstm_ext.quantized import QuantizedLSTM, dequantize_weight, quantize_weight
+
+CONFIGS = [
+    dict(input_size=5, hidden_size=20, num_layers=2, bidirectional=True),
+    dict(input_size=7, hidden_size=33, num_layers=1, bias=False),
+    dict(input_size=4, hidden_size=64, num_layers=2, batch_first=True),
+]
+# Up to 4 rows over short sequences, and one row always, read the int8 rows in place; one step
+# also multiplies x by int8 W_ih in the same pass; 5 rows and more run on dequantized weights.
+SHAPES = [(1, 1), (3, 1), (4, 6), (1, 60), (5, 6), (13, 3)]
+
+
+def dequantized_reference(quantized):
+    """fp64 nn.LSTM holding exactly the weights the int8 module computes with."""
+    reference = nn.LSTM(quantized.input_size, quantized.hidden_size, quantized.num_layers,
+                        quantized.bias, quantized.batch_first,
+                        bidirectional=quantized.bidirectional, dtype=torch.float64)
+    state = {}
+    for name in quantized._flat_weights_names:
+        value = getattr(quantized, name)
+        if name.startswith("weight"):
+            value = dequantize_weight(value, getattr(quantized, name + "_scale"))
+        state[name] = value.double()
+    reference.load_state_dict(state)
+    return reference.eval()
+
+
+@pytest.mark.parametrize("batch,steps", SHAPES)
+@pytest.mark.parametrize("kind", ["padded", "packed_unsorted", "unbatched"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_int8_lstm_is_nn_lstm_on_the_dequantized_weights(config, kind, batch, steps):
+    if kind == "unbatched" and batch > 1:
+        pytest.skip("unbatched input is one sequence")
+    torch.manual_seed(batch * 100 + steps)
+    quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(**config).eval())
+    assert isinstance(quantized, QuantizedLSTM)
+    reference = dequantized_reference(quantized)
+    case = Case(reference, kind, steps=steps, batch=batch)
+    with torch.no_grad():
+        input, state, _ = case.inputs(torch.float32)
+        output, (h_n, c_n) = quantized(input, tuple(state))
+        input64, state64, _ = case.inputs(torch.float64)
+        expected, (h_ref, c_ref) = reference(input64, tuple(state64))
+    for actual, wanted in ((output, expected), (h_n, h_ref), (c_n, c_ref)):
+        actual = actual.data if hasattr(actual, "batch_sizes") else actual
+        wanted = wanted.data if hasattr(wanted, "batch_sizes") else wanted
+        assert actual.dtype == torch.float32
+        assert rel_error(actual, wanted) <= 1e-5
+
+
+def test_decode_steps_with_the_state_carried_equal_the_whole_sequence():
+    torch.manual_seed(0)
+    quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(8, 48, 2).eval())
+    x = torch.randn(12, 1, 8)
+    with torch.no_grad():
+        whole, (h, c) = quantized(x)
+        state, steps = None, []
+        for t in range(12):
+            output, state = quantized(x[t:t + 1], state)
+            steps.append(output)
+    torch.testing.assert_close(torch.cat(steps), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state[1], c, rtol=1e-5, atol=1e-6)
+
+
+def test_each_row_is_rounded_to_its_own_scale():
+    weight = torch.randn(40, 17) * torch.logspace(-3, 2, 40)[:, None]
+    weight[7] = 0
+    values, scale = quantize_weight(weight)
+    assert values.dtype == torch.int8 and scale.dtype == torch.float32
+    assert values.abs().max() <= 127 and (values.abs().amax(dim=1)[weight.abs().amax(1) > 0]
+                                          == 127).all()
+    error = (dequantize_weight(values, scale) - weight).abs()
+    assert (error <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert (dequantize_weight(values, scale)[7] == 0).all()
+
+
+def test_int8_stays_close_to_the_float_model():
+    torch.manual_seed(1)
+    model = lstm_ext.LSTM(16, 128, 2).eval()
+    x = torch.randn(30, 2, 16)
+    with torch.no_grad():
+        error = rel_error(lstm_ext.quantize_dynamic(model)(x)[0], model(x)[0])
+    assert 0 < error < 2e-2
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.lstm = lstm_ext.LSTM(6, 10, bidirectional=True)
+        self.torch_lstm = nn.LSTM(20, 8)
+        self.projected = lstm_ext.LSTM(8, 12, proj_size=5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.lstm(self.encoder(x))[0]
+        return self.head(self.projected(self.torch_lstm(y)[0])[0])
+
+
+def test_quantize_dynamic_converts_every_lstm_it_can_and_warns_about_the_rest():
+    model = Tagger().eval()
+    with pytest.warns(UserWarning, match=r"left projected in float: it has a projection"):
+        converted = lstm_ext.quantize_dynamic(model)
+    assert type(converted.lstm) is QuantizedLSTM and type(converted.torch_lstm) is QuantizedLSTM
+    assert type(converted.projected) is lstm_ext.LSTM
+    assert type(model.lstm) is lstm_ext.LSTM  # the original is left alone
+    x = torch.randn(7, 2, 4)
+    with torch.no_grad():
+        assert rel_error(converted(x), model(x)) < 5e-2
+    assert lstm_ext.quantize_dynamic(model, inplace=True) is model
+    assert type(model.lstm) is QuantizedLSTM
+    with pytest.warns(UserWarning, match="not float32 on the CPU"):
+        assert type(lstm_ext.quantize_dynamic(lstm_ext.LSTM(3, 4).double())) is lstm_ext.LSTM
+
+
+def test_torch_ao_quantize_dynamic_recognises_lstm_ext():
+    model = nn.Sequential(lstm_ext.LSTM(5, 9)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        converted = torch.ao.quantization.quantize_dynamic(model, {lstm_ext.LSTM},
+                                                           dtype=torch.qint8)
+    assert type(converted[0]) is QuantizedLSTM
+    x = torch.randn(4, 2, 5)
+    with torch.no_grad():
+        assert rel_error(converted(x)[0], model(x)[0]) < 2e-2
+
+
+def test_state_dict_and_torch_save_round_trip_and_float_weights_are_refused():
+    torch.manual_seed(2)
+    quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(5, 9, 2).eval())
+    state = quantized.state_dict()
+    assert state["weight_hh_l1"].dtype == torch.int8
+    assert state["weight_hh_l1_scale"].shape == (36,)
+    again = QuantizedLSTM(5, 9, 2).eval()
+    again.load_state_dict(state)
+    buffer = io.BytesIO()
+    torch.save(quantized, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)  # weights_only=True: QuantizedLSTM is allow-listed
+    x = torch.randn(3, 2, 5)
+    with torch.no_grad():
+        expected = quantized(x)[0]
+        assert torch.equal(again(x)[0], expected) and torch.equal(loaded(x)[0], expected)
+    with pytest.raises(RuntimeError, match="load the float state_dict into an lstm_ext.LSTM"):
+        again.load_state_dict(lstm_ext.LSTM(5, 9, 2).state_dict())
+
+
+def test_bad_input_is_refused_with_what_to_fix():
+    quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(5, 9).eval())
+    with pytest.raises(ValueError, match=r"must be torch.float32.*input.float\(\)"):
+        quantized(torch.randn(3, 2, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+        quantized(torch.randn(3, 2, 4))
+    with pytest.raises(ValueError, match="proj_size"):
+        QuantizedLSTM(5, 9, proj_size=3)
+    with pytest.raises(RuntimeError, match="int8 tensor"):
+        torch.ops.lstm_ext.lstm_int8_layer_forward(
+            torch.randn(2, 1, 5), torch.zeros(1, 9), torch.zeros(1, 9), torch.randn(36, 5),
+            torch.ones(36), torch.zeros(36, 9, dtype=torch.int8), torch.ones(36), None, None,
+            None, False)
+
+
+def test_inputs_that_require_grad_give_plain_outputs():
+    quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(5, 9).eval())
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    output, _ = quantized(x)
+    assert not output.requires_grad
+
+
+def test_the_drivers_int8_eval_and_generate(corpus_file, tmp_path, capsys):
+    """A trained language model evaluated with int8 weights loses at most 0.02 nats/token
+    against its fp32 self (the serving target), and generates from the same checkpoint."""
+    import json
+
+    from lstm_ext.lm import cli, train as lm_train
+    from lstm_ext.lm.config import TrainConfig
+
+    out = tmp_path / "run"
+    lm_train.train(TrainConfig(data=str(corpus_file), level="char", layers=2, hidden=64, emb=16,
+                               bptt=16, batch_size=8, lr=2e-2, max_steps=60, eval_every=60,
+                               out=str(out), progress=False))
+    capsys.readouterr()
+    losses = {}
+    for flags in ([], ["--int8"]):
+        assert cli.main(["eval", "--checkpoint", str(out), "--split", "valid", *flags]) == 0
+        losses[bool(flags)] = json.loads(capsys.readouterr().out)["loss"]
+    assert losses[True] != losses[False]  # the int8 model really ran
+    assert abs(losses[True] - losses[False]) <= 0.02
+    assert cli.main(["generate", "--checkpoint", str(out), "--int8", "--prompt", "de",
+                     "--tokens", "20", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("de")
+    assert cli.main(["eval", "--checkpoint", str(out), "--int8", "--device", "cuda"]) == 2
+    assert "--int8 runs on the CPU" in capsys.readouterr().err
