@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 import dataclasses
 from dataclasses import asdict, dataclass, field
 
@@ -43,6 +44,7 @@ class Row:
     proj_size: int = 0
     packed: bool = False       # variable lengths as a PackedSequence
     autocast: bool = False     # fp32 module under torch.autocast in `dtype`
+    int8: bool = False         # int8 weights: ours quantize_dynamic'd, torch's likewise
     results: dict = field(default_factory=dict)
 
     @property
@@ -57,6 +59,8 @@ class Row:
         if self.packed:
             parts.append("packed")
         parts.append(("autocast-" if self.autocast else "") + self.dtype)
+        if self.int8:
+            parts.append("int8")
         return " ".join(parts)
 
 
@@ -86,6 +90,10 @@ SUITES = {
     "bidirectional": [Row("training", 256, 16, 50, bidirectional=True),
                       Row("training", 512, 32, 50, layers=2, bidirectional=True)],
     "decode": [Row("decode", 512, 1, 1, layers=2)],
+    # int8 weights (lstm_ext.quantize_dynamic) against torch's quantize_dynamic(nn.LSTM), and
+    # against our own fp32 in the same run (the serving issue's target: 2x our fp32 decode).
+    "int8": [Row("decode", 512, 1, 1, layers=2, int8=True),
+             Row("inference", 512, 1, 25, int8=True), Row("inference", 512, 4, 25, int8=True)],
     # The CUDA issue's targets: DeepBench training shapes against cuDNN, fp32 and half types.
     "gpu-fp32": [Row(mode, h, b, t) for h in (256, 512, 1024) for b in (16, 64)
                  for t in (25, 150) for mode in ("forward", "training")],
@@ -122,6 +130,8 @@ def groups_of(row, device_type):
 
 
 def group_of(row):
+    if row.int8:
+        return f"int8 {row.mode}"
     if row.mode == "decode":
         return "decode"
     if row.packed:
@@ -205,6 +215,12 @@ def build(row, device, generator):
     baseline = nn.LSTM(input_size, row.hidden, row.layers, bidirectional=row.bidirectional,
                        proj_size=row.proj_size, device=device, dtype=module_dtype)
     ours = lstm_ext.LSTM.from_torch(baseline)
+    if row.int8:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao's eager quantization
+            baseline = torch.ao.quantization.quantize_dynamic(baseline, {nn.LSTM},
+                                                              dtype=torch.qint8)
+        ours = lstm_ext.quantize_dynamic(ours)
     if row.packed:
         # Lengths spread like sentences in a batch: from a fifth of the longest to the longest.
         lengths = torch.randint(row.steps // 5, row.steps + 1, (row.batch,), generator=generator)
@@ -319,6 +335,10 @@ def measure(row, device, repeats, warmup, profile=False):
     baseline, ours, make_input, rows_of_data = build(row, device, generator)
     runs = {"ours": step_function(row, ours, make_input, device),
             "torch": step_function(row, baseline, make_input, device)}
+    if row.int8:  # our fp32 on the same weights, before quantization
+        fp32 = build(dataclasses.replace(row, int8=False), device,
+                     torch.Generator().manual_seed(0))[1]
+        runs["ours fp32"] = step_function(row, fp32, make_input, device)
     # Decode steps are too short to time one by one: 1000 carried steps per timing. On CUDA the
     # warm-ups size the repeat count so that a timing lasts MIN_CUDA_TIMING_S.
     inner = {name: 1000 if row.mode == "decode" else 1 for name in runs}
@@ -342,6 +362,9 @@ def measure(row, device, repeats, warmup, profile=False):
         "ratio": torch_s / ours_s,
         "ours_gflops": flops(row, rows_of_data) / ours_s / 1e9,
     }
+    if row.int8:
+        result["ours_fp32_ms"] = statistics.median(times["ours fp32"]) * 1e3
+        result["speedup_over_fp32"] = result["ours_fp32_ms"] / result["ours_ms"]
     result["baseline_kernel"] = baseline_kernel(runs["torch"])
     if profile:
         result["profile"] = profile_split(runs["ours"])
@@ -363,10 +386,12 @@ def bytes_read(row, module, rows_of_data):
     """The bytes of weights one call must read at least, and the working set they come from.
     A decode step reads every weight once. A small-batch sequence reads W_ih once (the input
     projection of every step is one product) and W_hh (and W_hr) at every step."""
-    everything = sum(p.numel() * p.element_size() for p in module.parameters())
+    tensors = list(module.parameters()) + list(module.buffers())  # int8 weights are buffers
+    everything = sum(t.numel() * t.element_size() for t in tensors)
     if row.mode == "decode":
         return everything, everything
-    recurrent = sum(p.numel() * p.element_size() for name, p in module.named_parameters()
+    recurrent = sum(t.numel() * t.element_size()
+                    for name, t in [*module.named_parameters(), *module.named_buffers()]
                     if name.startswith(("weight_hh", "weight_hr")))
     others = everything - recurrent
     steps = rows_of_data / row.batch
@@ -506,6 +531,9 @@ def table(rows, summary, machine, command):
         notes = [r["error"]] if "error" in r else []
         if "baseline_kernel" in r:
             notes.append(f"torch ran {r['baseline_kernel']}")
+        if "speedup_over_fp32" in r:
+            notes.append(f"our fp32 {r['ours_fp32_ms']:.3f} ms: int8 "
+                         f"{r['speedup_over_fp32']:.2f}x faster")
         if "bound_ms" in r:
             notes.append(f"weights {r['weight_bytes'] / 1e6:.1f} MB read at "
                          f"{r['read_gbps']:.0f} GB/s: floor {r['bound_ms']:.3f} ms")

@@ -127,6 +127,22 @@ def test_weight_read_floor_counts_w_hh_per_step_and_w_ih_once(bench):
     assert bench.bytes_read(row, projected, rows_of_data=20) == (256 + 10 * (128 + 32), 416)
 
 
+def test_int8_rows_count_int8_bytes_and_time_our_fp32_too(bench):
+    """An int8 module's weights are buffers: W_ih and W_hh 16 x 4 int8 (64 bytes each) plus a
+    4-byte scale per row (64 bytes each). The int8 rows also time our fp32 on the same
+    weights and report how much faster int8 is."""
+    import lstm_ext
+
+    module = lstm_ext.quantize_dynamic(lstm_ext.LSTM(4, 4, bias=False))
+    row = bench.Row("inference", 4, 2, 10, int8=True)
+    assert bench.bytes_read(row, module, rows_of_data=20) == (128 + 10 * 128, 256)
+    result = bench.measure(bench.Row("decode", 32, 1, 1, layers=2, int8=True),
+                           torch.device("cpu"), repeats=1, warmup=0)
+    assert result["speedup_over_fp32"] == pytest.approx(result["ours_fp32_ms"]
+                                                        / result["ours_ms"])
+    assert bench.group_of(row) == "int8 inference"
+
+
 def test_flops_and_limit_columns_are_the_hand_computed_ones(bench):
     # One layer, H = 3, I = 5: 2 * N * 4H * (I + H) = 2 * 7 * 12 * 8 forward, 3x for training.
     row = bench.Row("training", 3, 7, 1, input_size=5)
