@@ -51,6 +51,12 @@ def _refuse_script(module):
         f"module.to_torch(), which is a torch.nn.{type(module).__name__}.")
 
 
+def _exporting_onnx():
+    """Inside torch.onnx.export (dynamo=True), which traces the model as torch.export does;
+    asked cheaply first, since the answer is wanted on every call (a decode step is ~100 us)."""
+    return torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()
+
+
 def _check_device(input, weight):
     if input.device != weight.device:
         raise RuntimeError(
@@ -263,7 +269,7 @@ class LSTM(_GateInit, nn.RNNBase):
         num_directions = 2 if self.bidirectional else 1
         per_direction = len(weights) // (self.num_layers * num_directions)
         training = _needs_saved_state([data, h0, c0, *weights])
-        exporting = torch.onnx.is_in_onnx_export()
+        exporting = _exporting_onnx()
         if exporting:
             _onnx.check_exportable(self, batch_sizes is not None)
         h_n, c_n = [], []
@@ -354,7 +360,7 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check_forward_args(input, hx)
-        if torch.onnx.is_in_onnx_export():  # one step of an ONNX LSTM node
+        if _exporting_onnx():  # one step of an ONNX LSTM node
             _, h, c = _onnx.lstm_layer(
                 input.unsqueeze(0), hx[0].unsqueeze(0), hx[1].unsqueeze(0),
                 [(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)],

@@ -8,13 +8,14 @@ the int8 rows in place. Larger batches run the fp32 kernels on the dequantized w
 module is for inference: no gradients flow through it.
 """
 
+import contextlib
 import copy
 import warnings
 
 import torch
 from torch import nn
 
-from .nn import LSTM
+from .nn import LSTM, _exporting_onnx
 
 _INT8_MAX = 127
 
@@ -112,7 +113,7 @@ class QuantizedLSTM(LSTM):
         return super().extra_repr() + ", int8 weights"
 
     def _run_layers(self, data, batch_sizes, weights, h0, c0):
-        if torch.onnx.is_in_onnx_export():
+        if _exporting_onnx():
             raise NotImplementedError("torch.onnx.export of a QuantizedLSTM is not supported: "
                                       "export the float model")
         num_directions = 2 if self.bidirectional else 1
@@ -120,8 +121,9 @@ class QuantizedLSTM(LSTM):
         names = self._flat_weights_names
         h_n, c_n = [], []
         layer_input = data
+        h0, c0 = h0.unbind(0), c0.unbind(0)
         # Inference only: the int8 op has no backward.
-        with torch.no_grad():
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             for layer in range(self.num_layers):
                 if layer > 0 and self.training and self.dropout > 0:
                     layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
