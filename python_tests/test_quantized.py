@@ -206,3 +206,17 @@ def test_the_drivers_int8_eval_and_generate(corpus_file, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("de")
     assert cli.main(["eval", "--checkpoint", str(out), "--int8", "--device", "cuda"]) == 2
     assert "--int8 runs on the CPU" in capsys.readouterr().err
+
+
+def test_int8_lstm_compiles_and_exports_with_dynamic_shapes():
+    torch.manual_seed(4)
+    quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(8, 16, 2).eval())
+    x = torch.randn(5, 3, 8)
+    with torch.no_grad():
+        expected = quantized(x)[0]
+        assert torch.equal(torch.compile(quantized, fullgraph=True)(x)[0], expected)
+    steps, batch = torch.export.Dim("steps"), torch.export.Dim("batch")
+    program = torch.export.export(quantized, (x,), dynamic_shapes=({0: steps, 1: batch},))
+    other = torch.randn(7, 2, 8)
+    with torch.no_grad():
+        assert torch.equal(program.module()(other)[0], quantized(other)[0])
