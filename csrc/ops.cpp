@@ -152,7 +152,8 @@ TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "lstm_int8_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, "
       "Tensor w_ih_scale, Tensor w_hh, Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, "
-      "Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
+      "Tensor? w_hr, Tensor? w_hr_scale, Tensor? batch_sizes, bool reverse) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, bool training) -> (Tensor h, Tensor c, Tensor gates, "

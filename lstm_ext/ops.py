@@ -57,7 +57,7 @@ def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
 
 @torch.library.register_fake("lstm_ext::lstm_int8_layer_forward")
 def _int8_layer_forward_fake(input, h0, c0, w_ih, w_ih_scale, w_hh, w_hh_scale, b_ih, b_hh,
-                             batch_sizes, reverse):
+                             w_hr, w_hr_scale, batch_sizes, reverse):
     output = input.new_empty((*input.shape[:-1], w_hh.shape[1]))
     return output, input.new_empty(h0.shape), input.new_empty(c0.shape)
 

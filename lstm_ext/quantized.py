@@ -4,8 +4,9 @@ per output channel) while the input, the state and the gate math stay fp32.
 
 Small-batch inference (a decode step, short sequences of a few rows) reads the weights once
 per step, so a quarter of the bytes is most of the time saved: there the CPU kernel multiplies
-the int8 rows in place. Larger batches run the fp32 kernels on the dequantized weights. The
-module is for inference: no gradients flow through it.
+the int8 rows in place. Larger batches, and layers with a projection (W_hr int8 too), run the
+fp32 kernels on the dequantized weights. The module is for inference: no gradients flow
+through it.
 """
 
 import contextlib
@@ -42,9 +43,6 @@ class QuantizedLSTM(LSTM):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.proj_size > 0:
-            raise ValueError("QuantizedLSTM does not take proj_size yet: keep that LSTM in "
-                             "float (lstm_ext.quantize_dynamic leaves it as it is)")
         for name in self._flat_weights_names:
             value = self._parameters.pop(name).detach()
             if name.startswith("weight"):
@@ -133,11 +131,15 @@ class QuantizedLSTM(LSTM):
                     first = index * per_direction
                     w = weights[first:first + per_direction]
                     b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+                    w_hr, w_hr_scale = None, None
+                    if self.proj_size > 0:
+                        w_hr = w[-1]
+                        w_hr_scale = self._buffers[names[first + per_direction - 1] + "_scale"]
                     output, h, c = torch.ops.lstm_ext.lstm_int8_layer_forward(
                         layer_input, h0[index], c0[index],
                         w[0], self._buffers[names[first] + "_scale"],
                         w[1], self._buffers[names[first + 1] + "_scale"],
-                        b_ih, b_hh, batch_sizes, direction == 1)
+                        b_ih, b_hh, w_hr, w_hr_scale, batch_sizes, direction == 1)
                     outputs.append(output)
                     h_n.append(h)
                     c_n.append(c)
@@ -148,8 +150,8 @@ class QuantizedLSTM(LSTM):
 def quantize_dynamic(model, inplace=False):
     """The model with each float32 CPU lstm_ext.LSTM or nn.LSTM (the model itself, or any
     submodule) replaced by a :class:`QuantizedLSTM`; a copy unless ``inplace``. An LSTM that
-    cannot be converted (a projection, another dtype or device) stays as it is, with a warning
-    naming it and why."""
+    cannot be converted (another dtype or device) stays as it is, with a warning naming it and
+    why."""
     if not inplace:
         model = copy.deepcopy(model)
     if _convertible(model, "the model") is True:
@@ -167,9 +169,7 @@ def _convertible(module, name):
         return False
     weight = next(module.parameters())
     reason = None
-    if module.proj_size > 0:
-        reason = "it has a projection (proj_size), which the int8 LSTM does not take yet"
-    elif weight.dtype != torch.float32 or weight.device.type != "cpu":
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
         reason = f"its weights are {weight.dtype} on {weight.device}, not float32 on the CPU"
     if reason:
         warnings.warn(f"lstm_ext.quantize_dynamic left {name} in float: {reason}",

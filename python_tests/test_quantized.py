@@ -19,6 +19,7 @@ CONFIGS = [
     dict(input_size=5, hidden_size=20, num_layers=2, bidirectional=True),
     dict(input_size=7, hidden_size=33, num_layers=1, bias=False),
     dict(input_size=4, hidden_size=64, num_layers=2, batch_first=True),
+    dict(input_size=6, hidden_size=24, num_layers=2, bidirectional=True, proj_size=5),
 ]
 # Up to 4 rows over short sequences, and one row always, read the int8 rows in place; one step
 # also multiplies x by int8 W_ih in the same pass; 5 rows and more run on dequantized weights.
@@ -29,7 +30,8 @@ def dequantized_reference(quantized):
     """fp64 nn.LSTM holding exactly the weights the int8 module computes with."""
     reference = nn.LSTM(quantized.input_size, quantized.hidden_size, quantized.num_layers,
                         quantized.bias, quantized.batch_first,
-                        bidirectional=quantized.bidirectional, dtype=torch.float64)
+                        bidirectional=quantized.bidirectional, proj_size=quantized.proj_size,
+                        dtype=torch.float64)
     state = {}
     for name in quantized._flat_weights_names:
         value = getattr(quantized, name)
@@ -114,10 +116,10 @@ class Tagger(nn.Module):
 
 def test_quantize_dynamic_converts_every_lstm_it_can_and_warns_about_the_rest():
     model = Tagger().eval()
-    with pytest.warns(UserWarning, match=r"left projected in float: it has a projection"):
-        converted = lstm_ext.quantize_dynamic(model)
-    assert type(converted.lstm) is QuantizedLSTM and type(converted.torch_lstm) is QuantizedLSTM
-    assert type(converted.projected) is lstm_ext.LSTM
+    converted = lstm_ext.quantize_dynamic(model)
+    for name in ("lstm", "torch_lstm", "projected"):
+        assert type(getattr(converted, name)) is QuantizedLSTM, name
+    assert converted.projected.weight_hr_l0.dtype == torch.int8
     assert type(model.lstm) is lstm_ext.LSTM  # the original is left alone
     x = torch.randn(7, 2, 4)
     with torch.no_grad():
@@ -166,13 +168,11 @@ def test_bad_input_is_refused_with_what_to_fix():
         quantized(torch.randn(3, 2, 5, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
         quantized(torch.randn(3, 2, 4))
-    with pytest.raises(ValueError, match="proj_size"):
-        QuantizedLSTM(5, 9, proj_size=3)
     with pytest.raises(RuntimeError, match="int8 tensor"):
         torch.ops.lstm_ext.lstm_int8_layer_forward(
             torch.randn(2, 1, 5), torch.zeros(1, 9), torch.zeros(1, 9), torch.randn(36, 5),
             torch.ones(36), torch.zeros(36, 9, dtype=torch.int8), torch.ones(36), None, None,
-            None, False)
+            None, None, None, False)
 
 
 def test_inputs_that_require_grad_give_plain_outputs():

@@ -2,7 +2,8 @@
 // row, input, state and gate math in fp32. Batches the recurrence reads W_hh in place for (a
 // decode step, short small-batch sequences) run its dot products on the int8 rows, a quarter
 // of the bytes of fp32 weights; a decode step also multiplies x by int8 W_ih in the same pass.
-// Everything else runs the fp32 kernels on the dequantized weights.
+// Everything else (larger batches, a projection) runs the fp32 kernels on the dequantized
+// weights.
 #include "../lstm_layer.h"
 #include "linear.h"
 #include "recurrence.h"
@@ -40,23 +41,31 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
                           const at::Tensor& w_hh, const at::Tensor& w_hh_scale,
                           const std::optional<at::Tensor>& b_ih,
                           const std::optional<at::Tensor>& b_hh,
+                          const std::optional<at::Tensor>& w_hr,
+                          const std::optional<at::Tensor>& w_hr_scale,
                           const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   check_int8_weight(w_ih, w_ih_scale, "w_ih");
   check_int8_weight(w_hh, w_hh_scale, "w_hh");
+  TORCH_CHECK(w_hr.has_value() == w_hr_scale.has_value(), kOp,
+              ": w_hr and w_hr_scale come together");
+  if (w_hr.has_value()) check_int8_weight(*w_hr, *w_hr_scale, "w_hr");
   TORCH_CHECK(input.scalar_type() == at::kFloat, kOp, ": input must be float32, got ",
               input.scalar_type());
   // The fp32 checks, on stand-ins with the weights' shapes that take no memory.
   const auto shaped_like = [&](const at::Tensor& w) {
     return at::empty({1}, input.options()).expand(w.sizes());
   };
-  const LayerShape s =
-      layer_shape(kOp, input, shaped_like(w_ih), shaped_like(w_hh), std::nullopt, batch_sizes);
-  check_state(kOp, s, input, h0, c0, "h0 (batch, hidden_size)", "c0 (batch, hidden_size)");
+  const LayerShape s = layer_shape(
+      kOp, input, shaped_like(w_ih), shaped_like(w_hh),
+      w_hr.has_value() ? std::optional<at::Tensor>(shaped_like(*w_hr)) : std::nullopt,
+      batch_sizes);
+  check_state(kOp, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
+              "c0 (batch, hidden_size)");
   check_bias(kOp, s, input, b_ih, "b_ih (4*hidden)");
   check_bias(kOp, s, input, b_hh, "b_hh (4*hidden)");
 
   const int64_t H = s.hidden_size;
-  if (cpu::recurrence_enabled() && cpu::direct_form(s.batch, s.steps)) {
+  if (!s.has_projection && cpu::recurrence_enabled() && cpu::direct_form(s.batch, s.steps)) {
     const at::Tensor x = input.reshape({s.rows, s.input_size}).contiguous();
     const at::Tensor w_ih_rows = w_ih.contiguous(), w_hh_rows = w_hh.contiguous();
     const at::Tensor ih_scale = w_ih_scale.contiguous(), hh_scale = w_hh_scale.contiguous();
@@ -100,8 +109,8 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
     TORCH_CHECK(cpu::run_forward(a), kOp, ": the recurrence declined a direct-form batch");
     return {s.packed ? output : output.view({s.steps, s.batch, H}), h_state, c_state};
   }
-  // Larger batches: the fp32 kernels on the dequantized weights (their panels are packed per
-  // call either way).
+  // Larger batches, and a projection: the fp32 kernels on the dequantized weights (their
+  // panels are packed per call either way).
   static const auto layer_forward_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm_layer_forward", "");
   const auto outputs =
@@ -113,7 +122,10 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, bool, bool)>()
           .call(input, h0, c0, dequantized(w_ih, w_ih_scale), dequantized(w_hh, w_hh_scale),
-                b_ih, b_hh, std::nullopt, batch_sizes, reverse, /*training=*/false);
+                b_ih, b_hh,
+                w_hr.has_value() ? std::optional<at::Tensor>(dequantized(*w_hr, *w_hr_scale))
+                                 : std::nullopt,
+                batch_sizes, reverse, /*training=*/false);
   return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
 }
 
