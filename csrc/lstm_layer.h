@@ -100,9 +100,10 @@ struct SequenceForward : SequenceLayout {
   int64_t w_ih_stride;
   const scalar_t* b_ih;        // with gates null: the biases (4H,), or null
   const scalar_t* b_hh;
-  // int8 weights (the CPU's int8 LSTM, fp32 only, read in place by dot products): W_hh and,
-  // with gates null, W_ih as int8 rows (strides as above) with one fp32 scale per row; w_hh
-  // and w_ih then point nowhere. Null otherwise.
+  // int8 weights (the CPU's int8 LSTM, fp32 only: read in place by the dot products of small
+  // batches, dequantized into the panels of larger ones): W_hh and, with gates null, W_ih as
+  // int8 rows (strides as above) with one fp32 scale per row; w_hh and w_ih then point
+  // nowhere. Null otherwise.
   const int8_t* w_hh_int8;
   const float* w_hh_scale;
   const int8_t* w_ih_int8;

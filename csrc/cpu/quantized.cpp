@@ -2,8 +2,8 @@
 // row, input, state and gate math in fp32. Batches the recurrence reads W_hh in place for (a
 // decode step, short small-batch sequences) run its dot products on the int8 rows, a quarter
 // of the bytes of fp32 weights; a decode step also multiplies x by int8 W_ih in the same pass.
-// Everything else (larger batches, a projection) runs the fp32 kernels on the dequantized
-// weights.
+// Larger batches dequantize W_hh straight into the recurrence's panels (the input projection
+// runs on dequantized W_ih); a projection runs the step loop on dequantized weights.
 #include "../lstm_layer.h"
 #include "linear.h"
 #include "recurrence.h"
@@ -65,7 +65,7 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
   check_bias(kOp, s, input, b_hh, "b_hh (4*hidden)");
 
   const int64_t H = s.hidden_size;
-  if (!s.has_projection && cpu::recurrence_enabled() && cpu::direct_form(s.batch, s.steps)) {
+  if (!s.has_projection && cpu::recurrence_enabled()) {
     const at::Tensor x = input.reshape({s.rows, s.input_size}).contiguous();
     const at::Tensor w_ih_rows = w_ih.contiguous(), w_hh_rows = w_hh.contiguous();
     const at::Tensor ih_scale = w_ih_scale.contiguous(), hh_scale = w_hh_scale.contiguous();
@@ -86,7 +86,8 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
     a.w_stride1 = 1;
     a.w_hh_int8 = w_hh_rows.const_data_ptr<int8_t>();
     a.w_hh_scale = hh_scale.const_data_ptr<float>();
-    if (s.steps == 1) {  // a decode step: W_ih's products in the same pass
+    if (s.steps == 1 && cpu::direct_form(s.batch, s.steps)) {
+      // A decode step: W_ih's products in the same pass.
       a.input = x.const_data_ptr<float>();
       a.input_size = s.input_size;
       a.input_stride = s.input_size;
@@ -106,11 +107,10 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
       a.gates = gates.data_ptr<float>();
     }
     RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
-    TORCH_CHECK(cpu::run_forward(a), kOp, ": the recurrence declined a direct-form batch");
+    TORCH_CHECK(cpu::run_forward(a), kOp, ": the recurrence declined the int8 weights");
     return {s.packed ? output : output.view({s.steps, s.batch, H}), h_state, c_state};
   }
-  // Larger batches, and a projection: the fp32 kernels on the dequantized weights (their
-  // panels are packed per call either way).
+  // A projection (or LSTM_EXT_CPU_RECURRENCE=0): the step loop on the dequantized weights.
   static const auto layer_forward_op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm_layer_forward", "");
   const auto outputs =

@@ -173,8 +173,6 @@ bool run_forward(SequenceForward<scalar_t> a) {
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const bool direct =
       std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 && direct_form(a.batch, a.steps);
-  // int8 weights are read by the dot products of the direct form only.
-  if (a.w_hh_int8 != nullptr && !direct) return false;
   // The input projection is fused only into the dot products of the direct form.
   if (a.gates == nullptr && !direct) return false;
   const at::Tensor panel =

@@ -217,9 +217,16 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         for (int v = 0; v < V; ++v) {
           const int64_t j = jb * V + v;
           acc_t* column = panel + k0 * 4 * V + g * V + v;
-          const scalar_t* w = a.w_hh + (g * H + j) * a.w_stride0 + k0 * a.w_stride1;
-          for (int64_t k = 0; k < kn; ++k) {
-            column[k * 4 * V] = j < H ? cast<acc_t>(w[k * a.w_stride1]) : acc_t(0);
+          const int64_t first = (g * H + j) * a.w_stride0 + k0 * a.w_stride1;
+          if (j >= H) {
+            for (int64_t k = 0; k < kn; ++k) column[k * 4 * V] = acc_t(0);
+          } else if (a.w_hh_int8 != nullptr) {  // int8 rows, dequantized into the panel
+            const int8_t* w = a.w_hh_int8 + first;
+            const acc_t scale = a.w_hh_scale[g * H + j];
+            for (int64_t k = 0; k < kn; ++k) column[k * 4 * V] = w[k * a.w_stride1] * scale;
+          } else {
+            const scalar_t* w = a.w_hh + first;
+            for (int64_t k = 0; k < kn; ++k) column[k * 4 * V] = cast<acc_t>(w[k * a.w_stride1]);
           }
         }
       }
