@@ -4,9 +4,9 @@ per output channel) while the input, the state and the gate math stay fp32.
 
 Small-batch inference (a decode step, short sequences of a few rows) reads the weights once
 per step, so a quarter of the bytes is most of the time saved: there the CPU kernel multiplies
-the int8 rows in place. Larger batches, and layers with a projection (W_hr int8 too), run the
-fp32 kernels on the dequantized weights. The module is for inference: no gradients flow
-through it.
+the int8 rows in place. Larger batches dequantize W_hh into the recurrence's packed panels, and
+layers with a projection (W_hr int8 too) run the fp32 step loop on the dequantized weights. The
+module is for inference: no gradients flow through it.
 """
 
 import contextlib
