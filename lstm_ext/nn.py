@@ -360,20 +360,23 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check_forward_args(input, hx)
+        h, c = self._step(input, hx)
+        if not is_batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _step(self, input, hx):
+        """(h', c') for batched input and state that passed the checks."""
         if _exporting_onnx():  # one step of an ONNX LSTM node
             _, h, c = _onnx.lstm_layer(
                 input.unsqueeze(0), hx[0].unsqueeze(0), hx[1].unsqueeze(0),
                 [(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)],
                 self.hidden_size, self.bias)
-            h, c = h[0], c[0]
-        else:
-            h, c = ops.cell_forward(
-                input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                _needs_saved_state([input, *hx, *self.parameters()]),
-            )
-        if not is_batched:
-            return h.squeeze(0), c.squeeze(0)
-        return h, c
+            return h[0], c[0]
+        return ops.cell_forward(
+            input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            _needs_saved_state([input, *hx, *self.parameters()]),
+        )
 
     def _check_forward_args(self, input, hx):
         # The messages of ATen's lstm_cell checks, raised before any kernel runs.
@@ -392,6 +395,11 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
                     f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected "
                     f"{self.hidden_size}"
                 )
+        self._check_input_dtype(input)
+        _check_device(input, self.weight_ih)
+        _check_state_dtype_and_device(input, hx, ("hx[0]", "hx[1]"))
+
+    def _check_input_dtype(self, input):
         if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(
             input.device.type
         ):
@@ -400,8 +408,6 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
                 f"({self.weight_ih.dtype}); convert the input with input.to({self.weight_ih.dtype}) "
                 f"or the module with .to({input.dtype})"
             )
-        _check_device(input, self.weight_ih)
-        _check_state_dtype_and_device(input, hx, ("hx[0]", "hx[1]"))
 
 
 def _convert(module, target_class):

@@ -1,6 +1,7 @@
-"""int8 weights for CPU serving: lstm_ext.quantize_dynamic(model) turns every LSTM of a model
-into a QuantizedLSTM, whose weights are int8 with one fp32 scale per output row (symmetric,
-per output channel) while the input, the state and the gate math stay fp32.
+"""int8 weights for CPU serving: lstm_ext.quantize_dynamic(model) turns every LSTM (and
+LSTMCell) of a model into a QuantizedLSTM (QuantizedLSTMCell), whose weights are int8 with one
+fp32 scale per output row (symmetric, per output channel) while the input, the state and the
+gate math stay fp32.
 
 Small-batch inference (a decode step, short sequences of a few rows) reads the weights once
 per step, so a quarter of the bytes is most of the time saved: there the CPU kernel multiplies
@@ -16,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from .nn import LSTM, _exporting_onnx
+from .nn import LSTM, LSTMCell, _exporting_onnx
 
 _INT8_MAX = 127
 
@@ -35,7 +36,67 @@ def dequantize_weight(values, scale):
     return values.float() * scale[:, None]
 
 
-class QuantizedLSTM(LSTM):
+class _Int8Weights:
+    """What the int8 modules share: their float parameters become int8 weight buffers with
+    `<name>_scale` beside them (biases stay fp32 buffers), filled from a float module, and a
+    state_dict with float weights is refused rather than rounded silently."""
+
+    def _weight_names(self):
+        raise NotImplementedError
+
+    def _make_int8_buffers(self):
+        for name in self._weight_names():
+            value = self._parameters.pop(name)
+            if value is None:  # no bias: the attribute stays, as None
+                self.register_buffer(name, None)
+                continue
+            value = value.detach()
+            if name.startswith("weight"):
+                values, scale = quantize_weight(value)
+                self.register_buffer(name, values)
+                self.register_buffer(name + "_scale", scale)
+            else:
+                self.register_buffer(name, value.float())
+
+    def _quantize_from(self, module):
+        with torch.no_grad():
+            for name in self._weight_names():
+                value = getattr(module, name)
+                if value is None:
+                    continue
+                if name.startswith("weight"):
+                    values, scale = quantize_weight(value)
+                    getattr(self, name).copy_(values)
+                    getattr(self, name + "_scale").copy_(scale)
+                else:
+                    getattr(self, name).copy_(value)
+        return self.train(module.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._weight_names():
+            value = state_dict.get(prefix + name)
+            if name.startswith("weight") and value is not None and value.dtype != torch.int8:
+                raise RuntimeError(
+                    f"{prefix}{name} is {value.dtype}, but a {type(self).__name__} holds int8 "
+                    f"weights: load the float state_dict into the float module and convert it "
+                    f"with lstm_ext.quantize_dynamic")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _scale(self, name):
+        return self._buffers[name + "_scale"]
+
+
+def _check_float_cpu(module, kinds):
+    if not isinstance(module, kinds):
+        raise TypeError(f"from_float takes one of {[k.__name__ for k in kinds]}, got "
+                        f"{type(module).__name__}")
+    weight = next(module.parameters())
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise ValueError(f"int8 weights are for float32 modules on the CPU; this one is "
+                         f"{weight.dtype} on {weight.device}: move it with .float().cpu() first")
+
+
+class QuantizedLSTM(_Int8Weights, LSTM):
     """An LSTM with int8 weights for inference on the CPU (see the module docstring); built from
     a float LSTM by :meth:`from_float` or :func:`quantize_dynamic`. Inputs, outputs, states and
     their errors are those of the LSTM it came from. Its state_dict holds each weight as int8
@@ -43,52 +104,21 @@ class QuantizedLSTM(LSTM):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for name in self._flat_weights_names:
-            value = self._parameters.pop(name).detach()
-            if name.startswith("weight"):
-                values, scale = quantize_weight(value)
-                self.register_buffer(name, values)
-                self.register_buffer(name + "_scale", scale)
-            else:
-                self.register_buffer(name, value.float())
+        self._make_int8_buffers()
         self._init_flat_weights()
+
+    def _weight_names(self):
+        return self._flat_weights_names
 
     @classmethod
     def from_float(cls, module, use_precomputed_fake_quant=False):
         """The int8 version of a float32 lstm_ext.LSTM or nn.LSTM on the CPU (configuration,
         train/eval mode; weights quantized per output row). The second argument is what
         torch.ao.quantization passes; it changes nothing here."""
-        if not isinstance(module, (LSTM, nn.LSTM)) or isinstance(module, QuantizedLSTM):
-            raise TypeError(f"QuantizedLSTM.from_float takes an lstm_ext.LSTM or nn.LSTM, got "
-                            f"{type(module).__name__}")
-        weight = next(module.parameters())
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
-            raise ValueError(f"int8 weights are for float32 LSTMs on the CPU; this one is "
-                             f"{weight.dtype} on {weight.device}: move it with "
-                             f".float().cpu() first")
-        new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
-                  module.batch_first, module.dropout, module.bidirectional,
-                  proj_size=module.proj_size)
-        with torch.no_grad():
-            for name in module._flat_weights_names:
-                value = getattr(module, name)
-                if name.startswith("weight"):
-                    values, scale = quantize_weight(value)
-                    getattr(new, name).copy_(values)
-                    getattr(new, name + "_scale").copy_(scale)
-                else:
-                    getattr(new, name).copy_(value)
-        return new.train(module.training)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in self._flat_weights_names:
-            value = state_dict.get(prefix + name)
-            if name.startswith("weight") and value is not None and value.dtype != torch.int8:
-                raise RuntimeError(
-                    f"{prefix}{name} is {value.dtype}, but a QuantizedLSTM holds int8 weights: "
-                    f"load the float state_dict into an lstm_ext.LSTM and convert it with "
-                    f"lstm_ext.quantize_dynamic")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        _check_float_cpu(module, (LSTM, nn.LSTM))
+        return cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
+                   module.batch_first, module.dropout, module.bidirectional,
+                   proj_size=module.proj_size)._quantize_from(module)
 
     def check_input(self, input, batch_sizes):
         # nn.LSTM's checks, but the input must be float32 rather than the weights' dtype.
@@ -134,11 +164,10 @@ class QuantizedLSTM(LSTM):
                     w_hr, w_hr_scale = None, None
                     if self.proj_size > 0:
                         w_hr = w[-1]
-                        w_hr_scale = self._buffers[names[first + per_direction - 1] + "_scale"]
+                        w_hr_scale = self._scale(names[first + per_direction - 1])
                     output, h, c = torch.ops.lstm_ext.lstm_int8_layer_forward(
                         layer_input, h0[index], c0[index],
-                        w[0], self._buffers[names[first] + "_scale"],
-                        w[1], self._buffers[names[first + 1] + "_scale"],
+                        w[0], self._scale(names[first]), w[1], self._scale(names[first + 1]),
                         b_ih, b_hh, w_hr, w_hr_scale, batch_sizes, direction == 1)
                     outputs.append(output)
                     h_n.append(h)
@@ -147,45 +176,88 @@ class QuantizedLSTM(LSTM):
         return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
+class QuantizedLSTMCell(_Int8Weights, LSTMCell):
+    """An LSTMCell with int8 weights for inference on the CPU: one step is a decode step of the
+    int8 layer (x multiplied by int8 W_ih in the same pass as W_hh); inputs, outputs and errors
+    are the float cell's. Built by :meth:`from_float` or :func:`quantize_dynamic`."""
+
+    def __init__(self, input_size, hidden_size, bias=True):
+        super().__init__(input_size, hidden_size, bias)
+        self._make_int8_buffers()
+
+    def _weight_names(self):
+        return ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+
+    @classmethod
+    def from_float(cls, module, use_precomputed_fake_quant=False):
+        """The int8 version of a float32 lstm_ext.LSTMCell or nn.LSTMCell on the CPU."""
+        _check_float_cpu(module, (LSTMCell, nn.LSTMCell))
+        return cls(module.input_size, module.hidden_size, module.bias)._quantize_from(module)
+
+    def extra_repr(self):
+        return super().extra_repr() + ", int8 weights"
+
+    def _check_input_dtype(self, input):
+        if input.dtype != torch.float32:
+            raise RuntimeError(f"QuantizedLSTMCell input dtype ({input.dtype}) must be "
+                               f"torch.float32 (its weights are int8, its math fp32): convert "
+                               f"the input with input.float()")
+
+    def _step(self, input, hx):
+        if _exporting_onnx():
+            raise NotImplementedError("torch.onnx.export of a QuantizedLSTMCell is not "
+                                      "supported: export the float model")
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            _, h, c = torch.ops.lstm_ext.lstm_int8_layer_forward(
+                input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self._scale("weight_ih"),
+                self.weight_hh, self._scale("weight_hh"), self.bias_ih, self.bias_hh, None, None,
+                None, False)
+        return h, c
+
+
+# Float module classes and their int8 versions.
+_INT8_VERSIONS = {LSTM: QuantizedLSTM, nn.LSTM: QuantizedLSTM, LSTMCell: QuantizedLSTMCell,
+                  nn.LSTMCell: QuantizedLSTMCell}
+
+
 def quantize_dynamic(model, inplace=False):
     """The model with each float32 CPU lstm_ext.LSTM or nn.LSTM (the model itself, or any
-    submodule) replaced by a :class:`QuantizedLSTM`; a copy unless ``inplace``. An LSTM that
-    cannot be converted (another dtype or device) stays as it is, with a warning naming it and
-    why."""
+    submodule) replaced by a :class:`QuantizedLSTM`, and each LSTMCell (ours or torch's) by a
+    :class:`QuantizedLSTMCell`; a copy unless ``inplace``. A module that cannot be converted
+    (another dtype or device) stays as it is, with a warning naming it and why."""
     if not inplace:
         model = copy.deepcopy(model)
-    if _convertible(model, "the model") is True:
-        return QuantizedLSTM.from_float(model)
+    if _convertible(model, "the model"):
+        return _INT8_VERSIONS[type(model)].from_float(model)
     for name, child in list(model.named_modules()):
         for child_name, module in list(child.named_children()):
             full_name = f"{name}.{child_name}" if name else child_name
-            if _convertible(module, full_name) is True:
-                setattr(child, child_name, QuantizedLSTM.from_float(module))
+            if _convertible(module, full_name):
+                setattr(child, child_name, _INT8_VERSIONS[type(module)].from_float(module))
     return model
 
 
 def _convertible(module, name):
-    if not isinstance(module, (LSTM, nn.LSTM)) or isinstance(module, QuantizedLSTM):
+    if type(module) not in _INT8_VERSIONS:
         return False
     weight = next(module.parameters())
-    reason = None
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        reason = f"its weights are {weight.dtype} on {weight.device}, not float32 on the CPU"
-    if reason:
-        warnings.warn(f"lstm_ext.quantize_dynamic left {name} in float: {reason}",
-                      stacklevel=3)
+        warnings.warn(f"lstm_ext.quantize_dynamic left {name} in float: its weights are "
+                      f"{weight.dtype} on {weight.device}, not float32 on the CPU", stacklevel=3)
         return False
     return True
 
 
 def _register_with_torch_quantization():
-    """torch.ao.quantization.quantize_dynamic(model, {lstm_ext.LSTM}) converts lstm_ext.LSTM
-    to QuantizedLSTM, as it converts nn.LSTM to its own dynamic int8 LSTM."""
+    """torch.ao.quantization.quantize_dynamic(model, {lstm_ext.LSTM, lstm_ext.LSTMCell})
+    converts ours to their int8 versions, as it converts nn.LSTM to its own dynamic int8 LSTM."""
     try:
         from torch.ao.quantization import quantization_mappings
     except ImportError:  # a torch without the (deprecated) eager-mode quantization
         return
-    quantization_mappings.DEFAULT_DYNAMIC_QUANT_MODULE_MAPPINGS.setdefault(LSTM, QuantizedLSTM)
+    for float_class in (LSTM, LSTMCell):
+        quantization_mappings.DEFAULT_DYNAMIC_QUANT_MODULE_MAPPINGS.setdefault(
+            float_class, _INT8_VERSIONS[float_class])
 
 
 _register_with_torch_quantization()

@@ -1,4 +1,4 @@
-"""int8 weights for CPU serving (lstm_ext.quantize_dynamic, QuantizedLSTM): the int8 layer
+"""int8 weights for CPU serving (lstm_ext.quantize_dynamic, QuantizedLSTM/Cell): the int8 layer
 against fp64 nn.LSTM run on the dequantized weights, in every input form and on both the
 in-place int8 path (a few rows) and the dequantized fp32 one (more rows); the quantization
 itself; the conversion of whole models, torch.ao.quantization's included; state_dicts; errors;
@@ -13,7 +13,8 @@ from torch import nn
 
 import lstm_ext
 from conftest import Case, rel_error
-from lstm_ext.quantized import QuantizedLSTM, dequantize_weight, quantize_weight
+from lstm_ext.quantized import (QuantizedLSTM, QuantizedLSTMCell, dequantize_weight,
+                                quantize_weight)
 
 CONFIGS = [
     dict(input_size=5, hidden_size=20, num_layers=2, bidirectional=True),
@@ -158,7 +159,7 @@ def test_state_dict_and_torch_save_round_trip_and_float_weights_are_refused():
     with torch.no_grad():
         expected = quantized(x)[0]
         assert torch.equal(again(x)[0], expected) and torch.equal(loaded(x)[0], expected)
-    with pytest.raises(RuntimeError, match="load the float state_dict into an lstm_ext.LSTM"):
+    with pytest.raises(RuntimeError, match="load the float state_dict into the float module"):
         again.load_state_dict(lstm_ext.LSTM(5, 9, 2).state_dict())
 
 
@@ -220,3 +221,58 @@ def test_int8_lstm_compiles_and_exports_with_dynamic_shapes():
     other = torch.randn(7, 2, 8)
     with torch.no_grad():
         assert torch.equal(program.module()(other)[0], quantized(other)[0])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+def test_int8_cell_is_nn_lstmcell_on_the_dequantized_weights(bias, batched):
+    torch.manual_seed(6)
+    cell = lstm_ext.LSTMCell(7, 24, bias=bias).eval()
+    quantized = lstm_ext.quantize_dynamic(cell)
+    assert type(quantized) is QuantizedLSTMCell and quantized.weight_hh.dtype == torch.int8
+    reference = nn.LSTMCell(7, 24, bias=bias, dtype=torch.float64)
+    reference.load_state_dict({
+        name: dequantize_weight(getattr(quantized, name), quantized._scale(name)).double()
+        if name.startswith("weight") else getattr(quantized, name).double()
+        for name in reference.state_dict()})
+    shape = (3,) if batched else ()
+    x, h, c = (torch.randn(*shape, size) for size in (7, 24, 24))
+    with torch.no_grad():
+        actual = quantized(x, (h, c))
+        expected = reference(x.double(), (h.double(), c.double()))
+        defaulted = quantized(x)
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape and rel_error(a, e) <= 1e-5
+    assert defaulted[0].shape == actual[0].shape
+
+
+def test_cells_convert_too_with_torch_ao_and_in_models():
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ours, self.theirs = lstm_ext.LSTMCell(4, 8), nn.LSTMCell(8, 6)
+
+        def forward(self, x):
+            return self.theirs(self.ours(x)[0])[0]
+
+    model = Decoder().eval()
+    converted = lstm_ext.quantize_dynamic(model)
+    assert type(converted.ours) is QuantizedLSTMCell
+    assert type(converted.theirs) is QuantizedLSTMCell
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert 0 < rel_error(converted(x), model(x)) < 2e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        by_torch = torch.ao.quantization.quantize_dynamic(model, {lstm_ext.LSTMCell},
+                                                          dtype=torch.qint8)
+    assert type(by_torch.ours) is QuantizedLSTMCell
+    with pytest.raises(RuntimeError, match=r"must be torch.float32.*input.float\(\)"):
+        converted.ours(x.double())
+    with pytest.raises(RuntimeError, match="input has inconsistent input_size"):
+        converted.ours(torch.randn(5, 3))
+    buffer = io.BytesIO()
+    torch.save(converted.ours, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buffer)(x)[0], converted.ours(x)[0])
