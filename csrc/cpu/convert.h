@@ -1,7 +1,6 @@
 // Conversions between the storage and math types that compile to vector code in the kernels'
-// loops: c10::BFloat16's own fp32 -> bf16 conversion branches on NaN and stays scalar (in the
-// backward recurrence it was a third of the kernel's time). Bit-identical to c10's: round to
-// nearest even, NaN to 0x7FC0.
+// loops: c10::BFloat16's own fp32 -> bf16 conversion branches on NaN, so loops over it stay
+// scalar. Bit-identical to c10's: round to nearest even, NaN to 0x7FC0.
 #pragma once
 
 #include <c10/util/BFloat16.h>
