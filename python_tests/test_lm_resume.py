@@ -41,10 +41,12 @@ def environment():
 
 
 def failure(result):
-    """A failed run's report: every line that names an error (a rank's traceback can sit far
-    above the launcher's summary), then the end of stderr."""
+    """A failed run's report: every line that names an error (a rank's traceback, or a C++
+    abort's "terminate called ...", can sit far above the launcher's summary), then the end of
+    stderr."""
     lines = result.stderr.splitlines()
-    errors = [line for line in lines if "Error" in line or "error" in line or "Traceback" in line]
+    markers = ("Error", "error", "Traceback", "terminate", "what()", "Abort")
+    errors = [line for line in lines if any(marker in line for marker in markers)]
     return "\n".join(errors[:40] + ["..."] + lines[-40:])
 
 
