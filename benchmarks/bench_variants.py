@@ -25,11 +25,25 @@ from lstm_ext import ops
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_lstm  # noqa: E402  (the machine's description and the report helpers)
 
-# Each variant: the module's keyword options, and how the cell loop applies it to the weights
-# of one layer-direction for one forward (w_ih, w_hh, b_ih, b_hh) in training.
+def _keep(shape, p, like):
+    """1 / (1 - p) where a uniform draw is at least p, else 0: the module's own draw."""
+    return (torch.rand(shape, dtype=like.dtype) >= p).to(like.dtype) / (1 - p)
+
+
+def _weight_drop_loop(w_ih, w_hh, b_ih, b_hh, batch):
+    return (w_ih, w_hh * _keep(w_hh.shape, 0.3, w_hh), b_ih, b_hh), {}
+
+
+def _recurrent_dropout_loop(w_ih, w_hh, b_ih, b_hh, batch):
+    return (w_ih, w_hh, b_ih, b_hh), {"recurrent_mask": _keep((batch, w_hh.shape[1]), 0.25, w_hh)}
+
+
+# Each variant: the module's keyword options, and how the cell loop applies it for one
+# forward in training: from the weights of one layer-direction (w_ih, w_hh, b_ih, b_hh) and
+# the batch size, the weights and keyword arguments of ops.reference_layer_forward.
 VARIANTS = {
-    "weight_drop=0.3": ({"weight_drop": 0.3}, lambda w_ih, w_hh, b_ih, b_hh: (
-        w_ih, w_hh * ((torch.rand_like(w_hh) >= 0.3) / 0.7), b_ih, b_hh)),
+    "weight_drop=0.3": ({"weight_drop": 0.3}, _weight_drop_loop),
+    "recurrent_dropout=0.25": ({"recurrent_dropout": 0.25}, _recurrent_dropout_loop),
 }
 SHAPES = [(256, 32, 50), (512, 32, 50)]           # (H, B, T), one layer, input size H
 QUICK_SHAPES = [(64, 8, 10)]
@@ -43,9 +57,9 @@ def cell_loop(module, weights_for):
     def run(x):
         batch = x.shape[1]
         zeros = x.new_zeros(batch, module.hidden_size)
-        weights = weights_for(module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0,
-                              module.bias_hh_l0)
-        output, h, c = ops.reference_layer_forward(x, zeros, zeros, *weights)
+        weights, options = weights_for(module.weight_ih_l0, module.weight_hh_l0,
+                                       module.bias_ih_l0, module.bias_hh_l0, batch)
+        output, h, c = ops.reference_layer_forward(x, zeros, zeros, *weights, **options)
         return output, (h, c)
     return run
 

@@ -226,6 +226,21 @@ inline void check_bias(const char* op, const LayerShape& s, const at::Tensor& in
   check_same_dtype_and_device(op, input, *bias, name);
 }
 
+// The recurrent-dropout mask (B, R): what multiplies h before every W_hh product (already
+// scaled by 1 / (1 - p)), in the math dtype; returned contiguous.
+inline std::optional<at::Tensor> checked_recurrent_mask(const char* op, const LayerShape& s,
+                                                        const at::Tensor& input,
+                                                        const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return std::nullopt;
+  check_shape(op, *mask, {s.batch, s.output_size}, "recurrent_mask (batch, proj_size or hidden)");
+  const at::ScalarType math = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK(mask->scalar_type() == math, op, ": recurrent_mask must have the math dtype ", math,
+              " of ", input.scalar_type(), " input, got ", mask->scalar_type());
+  TORCH_CHECK(mask->device() == input.device(), op, ": recurrent_mask is on ", mask->device(),
+              " but input is on ", input.device(), "; move them to one device");
+  return mask->contiguous();
+}
+
 // Outputs of the forward op that the backward op reads; all empty unless training.
 struct SavedForBackward {
   at::Tensor gates;        // (N, 4H) gate activations i, f, g, o

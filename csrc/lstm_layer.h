@@ -112,10 +112,11 @@ struct SequenceForward : SequenceLayout {
   scalar_t* hidden_state;      // (B, H): h0 in, h_n out
   scalar_t* output;            // (N, H)
   acc_t* cell_prev_saved;      // (N, H) c entering each step, or null
-  scalar_t* hidden_prev_saved;  // (N, H) h entering each step, or null
+  scalar_t* hidden_prev_saved;  // (N, H) h entering each step (times the mask), or null
   bool save_gates;
   const scalar_t* w_hh;        // (4H, H) with the strides below
   int64_t w_stride0, w_stride1;
+  const acc_t* recurrent_mask;  // (B, H): multiplies h before every W_hh product, or null
   // Workspace, allocated by the device kernel that runs this: the forward panels, and h in
   // the math type: [h0, h of even steps, h of odd steps], each (B, H).
   acc_t* panel;
@@ -137,6 +138,7 @@ struct SequenceBackward : SequenceLayout {
   int64_t rows;                // N
   const scalar_t* w_hh;        // (4H, H)
   int64_t w_stride0, w_stride1;
+  const acc_t* recurrent_mask;  // (B, H) as in SequenceForward: multiplies the carried dh
   // Workspace: the backward panels of blocks [in_place_blocks, blocks) (the first ones read
   // W_hh in place), the gate gradients of the last two steps in the math type, 2 x (B, 4H),
   // and per thread the dh carried into a step for one block of units.
@@ -192,13 +194,14 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
                             const std::optional<at::Tensor>& b_hh,
                             const std::optional<at::Tensor>& w_hr,
                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                            bool training) {
+                            bool training, const std::optional<at::Tensor>& recurrent_mask) {
   constexpr const char* op = "lstm_layer_forward";
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   check_state(op, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
               "c0 (batch, hidden_size)");
   check_bias(op, s, input, b_ih, "b_ih (4*hidden)");
   check_bias(op, s, input, b_hh, "b_hh (4*hidden)");
+  const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
   c10::OptionalDeviceGuard device_guard(input.device());
 
   const int64_t H = s.hidden_size;
@@ -248,6 +251,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       sequence.w_hh = w_hh.const_data_ptr<scalar_t>();
       sequence.w_stride0 = w_hh.stride(0);
       sequence.w_stride1 = w_hh.stride(1);
+      sequence.recurrent_mask = mask.has_value() ? mask->const_data_ptr<acc_t>() : nullptr;
       if (offer_fused_input) {
         sequence.input = x.const_data_ptr<scalar_t>();
         sequence.input_size = s.input_size;
@@ -273,12 +277,17 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       if (rows == 0) continue;
       at::Tensor step_gates = gates.narrow(0, offset, rows);
       at::Tensor h_prev = h_state.narrow(0, 0, rows);
-      // Without a projection the elementwise pass saves h as it overwrites it (no copy
-      // launch per step); with one, h_state is (B, R) and is copied here.
-      if (training && s.has_projection) saved.hidden_prev.narrow(0, offset, rows).copy_(h_prev);
+      // What W_hh multiplies: h, or h times the recurrent-dropout mask, in the storage type.
+      const at::Tensor h_in =
+          mask.has_value() ? at::mul(h_prev, mask->narrow(0, 0, rows)).to(input.scalar_type())
+                           : h_prev;
+      // Without a projection or mask the elementwise pass saves h as it overwrites it (no
+      // copy launch per step); otherwise it is copied here.
+      const bool copy_hidden_prev = training && (s.has_projection || mask.has_value());
+      if (copy_hidden_prev) saved.hidden_prev.narrow(0, offset, rows).copy_(h_in);
       {
         RECORD_FUNCTION("lstm_ext::step_gemm", std::vector<c10::IValue>());
-        recurrent->run(h_prev, step_gates, /*accumulate=*/true);
+        recurrent->run(h_in, step_gates, /*accumulate=*/true);
       }
 
       ForwardStep<scalar_t> step;
@@ -291,7 +300,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
                             ? rows_ptr<scalar_t>(hidden_raw, training ? offset : 0)
                             : rows_ptr<scalar_t>(output, offset);
       step.hidden_state = s.has_projection ? nullptr : h_state.data_ptr<scalar_t>();
-      step.hidden_prev_saved = training && !s.has_projection
+      step.hidden_prev_saved = training && !copy_hidden_prev
                                    ? rows_ptr<scalar_t>(saved.hidden_prev, offset)
                                    : nullptr;
       step.save_gates = training;
@@ -333,7 +342,8 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
                               const std::optional<at::Tensor>& batch_sizes,
                               const at::Tensor& gates, const at::Tensor& cell_prev,
                               const at::Tensor& hidden_prev, const at::Tensor& hidden_raw,
-                              bool reverse, bool has_bias, bool input_grad, bool weight_grads) {
+                              bool reverse, bool has_bias, bool input_grad, bool weight_grads,
+                              const std::optional<at::Tensor>& recurrent_mask) {
   constexpr const char* op = "lstm_layer_backward";
   // The kernels read the saved tensors through raw row pointers, so any other layout (a caller,
   // or a compiled graph, may pass one) is made contiguous first: a no-op for what forward saved.
@@ -341,6 +351,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
                                hidden_raw.contiguous()};
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   check_saved(op, s, input, saved);
+  const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
   c10::OptionalDeviceGuard device_guard(input.device());
 
   const int64_t H = s.hidden_size;
@@ -388,6 +399,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.w_hh = w_hh.const_data_ptr<scalar_t>();
       sequence.w_stride0 = w_hh.stride(0);
       sequence.w_stride1 = w_hh.stride(1);
+      sequence.recurrent_mask = mask.has_value() ? mask->const_data_ptr<acc_t>() : nullptr;
       if (Kernels::template backward_sequence<scalar_t>(sequence)) return;
       grad_gates_t = at::Tensor();  // not written: the step loop below runs instead
     }
@@ -430,6 +442,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       }
       RECORD_FUNCTION("lstm_ext::step_gemm", std::vector<c10::IValue>());
       recurrent->run(grad_gates.narrow(0, offset, rows), grad_h_rows, /*accumulate=*/false);
+      if (mask.has_value()) grad_h_rows.mul_(mask->narrow(0, 0, rows));
     }
   });
 

@@ -6,6 +6,7 @@
 #include "cpu/isa.h"
 #include "cpu/step_product.h"
 #include "lstm_common.h"
+#include "op_signatures.h"
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -24,17 +25,6 @@ using CellBackwardResult =
 
 using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                       at::Tensor, at::Tensor>;
-using LayerForwardSignature = LayerForwardResult(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool);
-
-const c10::TypedOperatorHandle<LayerForwardSignature>& layer_forward_op() {
-  static const auto handle = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("lstm_ext::lstm_layer_forward", "")
-                                 .typed<LayerForwardSignature>();
-  return handle;
-}
 
 // One step is a layer call with T = 1, through the dispatcher so that it reaches whichever
 // device kernel the inputs live on.
@@ -47,18 +37,20 @@ CellForwardResult cell_forward(const at::Tensor& input, const at::Tensor& hx,
               input.sizes());
   auto [output, h, c, gates, cell_prev, hidden_prev, hidden_raw] =
       layer_forward_op().call(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt,
-                              std::nullopt, /*reverse=*/false, training);
+                              std::nullopt, /*reverse=*/false, training, std::nullopt);
   return {h, c, gates, cell_prev};
 }
 
 // Under torch.autocast, run in the autocast dtype the user chose (fp32 tensors are cast, fp64
-// ones are left alone, as ATen's own autocast does), for CPU and CUDA alike.
+// ones are left alone, as ATen's own autocast does), for CPU and CUDA alike. The recurrent
+// mask is in the math dtype, which autocast's dtypes share with fp32, and stays as it is.
 template <c10::DeviceType device_type>
 LayerForwardResult layer_forward_autocast(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training) {
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
+    const std::optional<at::Tensor>& recurrent_mask) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
@@ -67,7 +59,7 @@ LayerForwardResult layer_forward_autocast(
   };
   return layer_forward_op().call(cast(input), cast(h0), cast(c0), cast(w_ih), cast(w_hh),
                                  cast(b_ih), cast(b_hh), cast(w_hr), batch_sizes, reverse,
-                                 training);
+                                 training, recurrent_mask);
 }
 
 // LSTMCell under torch.autocast follows ATen's lists for aten::lstm_cell, as nn.LSTMCell
@@ -101,21 +93,12 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                                  const at::Tensor& gates, const at::Tensor& cell_prev,
                                  bool has_bias, bool input_grad, bool weight_grads) {
-  static const auto layer_backward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lstm_ext::lstm_layer_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                            at::Tensor, at::Tensor>(
-              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, bool, bool, bool, bool)>();
   const at::Tensor no_projection = at::empty({0, w_hh.size(1)}, input.options());
   auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-      layer_backward.call(std::nullopt, grad_h, grad_c, input.unsqueeze(0), w_ih, w_hh,
-                          std::nullopt, std::nullopt, gates, cell_prev, hx, no_projection,
-                          /*reverse=*/false, has_bias, input_grad, weight_grads);
+      layer_backward_op().call(std::nullopt, grad_h, grad_c, input.unsqueeze(0), w_ih, w_hh,
+                               std::nullopt, std::nullopt, gates, cell_prev, hx, no_projection,
+                               /*reverse=*/false, has_bias, input_grad, weight_grads,
+                               std::nullopt);
   if (input_grad) grad_input = grad_input.squeeze(0);
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
@@ -127,21 +110,23 @@ TORCH_LIBRARY(lstm_ext, m) {
   // batch_sizes (T,) as in PackedSequence. Returns output (T, B, R) or (N, R), h_n (B, R),
   // c_n (B, H), then what backward needs (all empty unless training): gate activations (N, 4H),
   // the cell entering each step (N, H, math dtype), h entering each step (N, R), and h before
-  // the projection (N, H; empty without w_hr).
+  // the projection (N, H; empty without w_hr). recurrent_mask (B, R; math dtype), where given,
+  // multiplies h before every W_hh product (recurrent dropout); hidden_prev is h times it.
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
-      "bool training) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
+      "bool training, Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
       "Tensor cell_prev, Tensor hidden_prev, Tensor hidden_raw)");
   // Gradients of lstm_layer_forward; an absent grad_output counts as zero. Returns
   // (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); grad_bias is
   // the gradient of b_ih and of b_hh alike. Gradients not asked for (input_grad,
-  // weight_grads) or without a parameter (has_bias, w_hr) are empty.
+  // weight_grads) or without a parameter (has_bias, w_hr) are empty. recurrent_mask is the
+  // forward's.
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "Tensor gates, Tensor cell_prev, Tensor hidden_prev, Tensor hidden_raw, bool reverse, "
-      "bool has_bias, bool input_grad, bool weight_grads) -> (Tensor grad_input, "
+      "bool has_bias, bool input_grad, bool weight_grads, Tensor? recurrent_mask=None) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_w_hr)");
   // One step of an LSTMCell: input (B, I), hx and cx (B, H). Returns h', c', then what

@@ -112,13 +112,34 @@ def initialize_gates(module, forget_bias=0.0, init="default", chrono_max_len=Non
             forget_gate.add_(forget_bias)
 
 
+def _dropout_mask(shape, p, like):
+    """Entries 1 / (1 - p) with probability 1 - p, else 0, drawn as (uniform >= p) (on the CPU
+    a third of the cost of F.dropout's bernoulli_), in the math dtype of `like` (fp32 for
+    bf16/fp16, so that the scale is not rounded to 8 bits)."""
+    dtype = ops.math_dtype(like.dtype)
+    if p >= 1:
+        return torch.zeros(shape, dtype=dtype, device=like.device)
+    keep = torch.rand(shape, dtype=dtype, device=like.device) >= p
+    return keep.to(dtype) * (1 / (1 - p))
+
+
 def _drop_connect(weight, p):
     """weight * M / (1 - p) with M 1 with probability 1 - p, else 0, per entry: one mask per
-    call, so one per forward, the same at every step. M is drawn as (uniform >= p), which on
-    the CPU costs a third of F.dropout's bernoulli_ (2 ms per million entries there)."""
-    if p >= 1:
-        return weight * 0
-    return weight * ((torch.rand_like(weight) >= p) * (1 / (1 - p)))
+    call, so one per forward, the same at every step."""
+    return (weight * _dropout_mask(weight.shape, p, weight)).to(weight.dtype)
+
+
+def _recurrent_mask(batch, size, p, like):
+    """Gal & Ghahramani's mask for one batch of sequences of one layer-direction: (batch,
+    size), in the math dtype of `like`, as the layer op takes it."""
+    return _dropout_mask((batch, size), p, like)
+
+
+def _check_probability(name, value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} is the probability of dropping each {what}, between 0 and 1, "
+                         f"but got {value!r}")
+    return float(value)
 
 
 class _GateInit:
@@ -164,23 +185,32 @@ class LSTM(_GateInit, nn.RNNBase):
       ``i, f, g, o = W_ih x_t + b_ih + W_hh' h_{t-1} + b_hh``; gradients reach ``W_hh``
       through the mask. In eval mode ``W_hh`` is used as is (its expectation). The masks come
       from torch's generator (``torch.manual_seed`` repeats them); ``W_hr`` and ``W_ih`` are
-      not dropped; the parameters and state_dict are nn.LSTM's."""
+      not dropped; the parameters and state_dict are nn.LSTM's.
+    - ``recurrent_dropout=p``: variational dropout on the recurrent connection (Gal &
+      Ghahramani 2016, "A Theoretically Grounded Application of Dropout in Recurrent Neural
+      Networks"; Keras's ``recurrent_dropout``). In training, every forward of every layer and
+      direction draws one mask ``m`` per sequence, shape (batch, proj_size or hidden_size),
+      entries ``1 / (1 - p)`` with probability 1 - p, else 0, and uses it at every step:
+      ``i, f, g, o = W_ih x_t + b_ih + W_hh (m * h_{t-1}) + b_hh`` (h_0 included); the
+      outputs and h_n are the unmasked h. Applied inside the fused kernels, forward and
+      backward. In eval mode no mask (its expectation). Inter-layer ``dropout`` is unchanged
+      and combines with it."""
 
-    weight_drop = 0.0  # modules pickled before the option existed
+    weight_drop = 0.0  # modules pickled before the options existed
+    recurrent_dropout = 0.0
 
     def __init__(self, *args, forget_bias=0.0, init="default", chrono_max_len=None,
-                 weight_drop=0.0, **kwargs):
+                 weight_drop=0.0, recurrent_dropout=0.0, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
-        if isinstance(weight_drop, bool) or not isinstance(weight_drop, (int, float)) or not (
-                0 <= weight_drop <= 1):
-            raise ValueError(f"weight_drop is the probability of dropping each recurrent "
-                             f"weight, between 0 and 1, but got {weight_drop!r}")
-        self.weight_drop = float(weight_drop)
+        self.weight_drop = _check_probability("weight_drop", weight_drop, "recurrent weight")
+        self.recurrent_dropout = _check_probability(
+            "recurrent_dropout", recurrent_dropout, "unit of h entering the recurrence")
         self._set_gate_init(forget_bias, init, chrono_max_len)
 
     def extra_repr(self):
-        drop = f", weight_drop={self.weight_drop}" if self.weight_drop else ""
-        return super().extra_repr() + self._gate_init_repr() + drop
+        extras = "".join(f", {name}={getattr(self, name)}"
+                         for name in ("weight_drop", "recurrent_dropout") if getattr(self, name))
+        return super().extra_repr() + self._gate_init_repr() + extras
 
     # torch.jit.script calls this on every module it meets before compiling it.
     __prepare_scriptable__ = _refuse_script
@@ -305,9 +335,13 @@ class LSTM(_GateInit, nn.RNNBase):
                 w_hh = w[1]
                 if self.training and self.weight_drop > 0:
                     w_hh = _drop_connect(w_hh, self.weight_drop)
+                mask = None
+                if self.training and self.recurrent_dropout > 0:
+                    mask = _recurrent_mask(h0.shape[1], h0.shape[2], self.recurrent_dropout,
+                                           layer_input)
                 output, h, c = ops.layer_forward(
                     layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
-                    batch_sizes, direction == 1, training,
+                    batch_sizes, direction == 1, training, mask,
                 )
                 outputs.append(output)
                 h_n.append(h)

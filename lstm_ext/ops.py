@@ -14,11 +14,13 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
-                  reverse=False, training=True):
+                  reverse=False, training=True, recurrent_mask=None):
     """One LSTM layer in one direction over a whole sequence; see csrc/ops.cpp for the layout.
-    Returns (output, h_n, c_n)."""
+    recurrent_mask (B, R), in math_dtype(input.dtype), multiplies h before every W_hh
+    product. Returns (output, h_n, c_n)."""
     output, h_n, c_n, *_ = _ops.lstm_layer_forward(
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training,
+        recurrent_mask
     )
     return output, h_n, c_n
 
@@ -35,7 +37,7 @@ def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True)
 
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")
 def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                        training):
+                        training, recurrent_mask=None):
     hidden_size = w_hh.shape[0] // 4
     output_size = w_hh.shape[1]
     torch._check(input.dim() == (2 if batch_sizes is not None else 3),
@@ -70,7 +72,7 @@ def _grad_like(input, tensor, wanted):
 @torch.library.register_fake("lstm_ext::lstm_layer_backward")
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes,
                          gates, cell_prev, hidden_prev, hidden_raw, reverse, has_bias, input_grad,
-                         weight_grads):
+                         weight_grads, recurrent_mask=None):
     hidden_size = w_hh.shape[0] // 4
     bias_shape = (4 * hidden_size,) if has_bias and weight_grads else (0,)
     return (
@@ -124,7 +126,7 @@ def cell_update(gates, c, w_hr=None):
 
 
 def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
-                            batch_sizes=None, reverse=False):
+                            batch_sizes=None, reverse=False, recurrent_mask=None):
     """The layer op written with plain differentiable torch ops, step by step. Too slow for
     ordinary use; it serves double backward, whose graph autograd builds through these ops."""
     if batch_sizes is None:
@@ -143,7 +145,8 @@ def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
     outputs = [None] * steps
     for t in reversed(range(steps)) if reverse else range(steps):
         n = sizes[t]
-        h_new, c_new = cell_update(gates_x[offsets[t]:offsets[t] + n] + h[:n] @ w_hh.t(),
+        h_in = h[:n] if recurrent_mask is None else (h[:n] * recurrent_mask[:n]).to(h.dtype)
+        h_new, c_new = cell_update(gates_x[offsets[t]:offsets[t] + n] + h_in @ w_hh.t(),
                                    c[:n], w_hr)
         outputs[t] = h_new
         h = torch.cat([h_new, h[n:]])
@@ -178,39 +181,41 @@ def _creates_graph():
 
 
 def _layer_setup_context(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training = inputs
+    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training,
+     recurrent_mask) = inputs
     _, _, _, gates, cell_prev, hidden_prev, hidden_raw = output
     ctx.mark_non_differentiable(gates, cell_prev, hidden_prev, hidden_raw)
     # Unused outputs get None rather than zero-filled gradients the size of the saved tensors.
     ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates,
-                          cell_prev, hidden_prev, hidden_raw)
+                          cell_prev, hidden_prev, hidden_raw, recurrent_mask)
 
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates, cell_prev, hidden_prev,
-     hidden_raw) = ctx.saved_tensors
+     hidden_raw, recurrent_mask) = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if grad_output is None and grad_h_n is None and grad_c_n is None:
-        return (None,) * 11
+        return (None,) * 12
     if _creates_graph():
         grads = _differentiable_grads(
-            lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse),
+            lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse,
+                                                  recurrent_mask),
             (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_output, grad_h_n, grad_c_n),
         )
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
         _ops.lstm_layer_backward(
             grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, gates,
             cell_prev, hidden_prev, hidden_raw, ctx.reverse,
-            b_ih is not None or b_hh is not None, needs[0], any(needs[3:8]),
+            b_ih is not None or b_hh is not None, needs[0], any(needs[3:8]), recurrent_mask,
         )
     )
     grads = (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, grad_w_hr)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 torch.library.register_autograd(

@@ -24,6 +24,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # A kernel fault that breaks the CUDA context fails its own test only (see cuda_faults.py).
 pytest_plugins = ["cuda_faults"]
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test compiles from empty caches: Dynamo's recompile limit (8) counts the cache
+    entries of one code object, LSTM.forward's across every test that compiles an LSTM, and
+    with fullgraph=True reaching it is an error, so a test would fail for others' compiles."""
+    torch._dynamo.reset()
+    yield
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 

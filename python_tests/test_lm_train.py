@@ -266,22 +266,24 @@ def test_tied_weights_with_a_projection_train(corpus_file, tmp_path):
     assert model.lstm.weight_hr_l0.shape == (12, 24)
 
 
-def test_weight_drop_trains_is_kept_in_the_checkpoint_and_is_refused_for_torch(
-        corpus_file, tmp_path, capsys):
+@pytest.mark.parametrize("option", ["weight_drop", "recurrent_dropout"])
+def test_an_lstm_variant_trains_is_kept_in_the_checkpoint_and_is_refused_for_torch(
+        corpus_file, tmp_path, capsys, option):
+    flag = "--" + option.replace("_", "-")
     out = tmp_path / "dropped"
     assert cli.main(["train", "--data", str(corpus_file), "--layers", "1", "--hidden", "24",
                      "--emb", "12", "--bptt", "16", "--batch-size", "8", "--lr", "2e-2",
-                     "--max-steps", "40", "--eval-every", "20", "--weight-drop", "0.3",
+                     "--max-steps", "40", "--eval-every", "20", flag, "0.3",
                      "--out", str(out), "--no-progress"]) == 0
     records = metrics(out)
     assert records[-1]["valid_loss"] < records[0]["valid_loss"]
     payload = lm_checkpoint.load_checkpoint(out)
-    assert payload["config"]["weight_drop"] == 0.3
+    assert payload["config"][option] == 0.3
     model, _, _ = lm_checkpoint.model_from_checkpoint(payload)
-    assert model.lstm.weight_drop == 0.3
-    assert cli.main(["train", "--data", str(corpus_file), "--impl", "torch", "--weight-drop",
+    assert getattr(model.lstm, option) == 0.3
+    assert cli.main(["train", "--data", str(corpus_file), "--impl", "torch", flag,
                      "0.3", "--out", str(tmp_path / "torch"), "--no-progress"]) == 2
-    assert "--weight-drop needs --impl ext" in capsys.readouterr().err
+    assert f"{flag} needs --impl ext" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "aoti"])

@@ -3,6 +3,7 @@ deepcopy, .to(), train/eval dropout, gradients in eval mode and double backward.
 
 import copy
 import io
+import inspect
 import pickle
 
 import pytest
@@ -214,9 +215,9 @@ def test_no_state_saved_without_grad(monkeypatch):
     calls = []
     original = lstm_ext.ops.layer_forward
 
-    def record(*args):
-        calls.append(args[-1])
-        return original(*args)
+    def record(*args, **kwargs):
+        calls.append(inspect.signature(original).bind(*args, **kwargs).arguments["training"])
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(lstm_nn.ops, "layer_forward", record)
     module = lstm_ext.LSTM(4, 6)

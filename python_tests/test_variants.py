@@ -1,16 +1,20 @@
 """The LSTM variants nn.LSTM lacks, each against a pure-PyTorch reference of its paper's
 equations. Weight drop (DropConnect on W_hh, AWD-LSTM): nn.LSTM run with W_hh * M / (1 - p)
-for the masks the module drew, outputs and every gradient in fp64; the masks' rate, freshness
-and repeatability; eval mode; torch.compile; errors; state_dict; the driver's option."""
+for the masks the module drew. Recurrent dropout (Gal & Ghahramani): a cell loop written
+here with m * h_{t-1} entering every W_hh product. For each: outputs and every gradient in
+fp64, on the fused recurrence and on the step loop; the masks' rate, freshness and
+repeatability; eval mode; torch.compile; errors; state_dict; the driver's option."""
 
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 import lstm_ext
-from conftest import Case, compare
+from conftest import Case, compare, rel_error
+from lstm_ext import ops
 from lstm_ext.lm.config import TrainConfig
 from lstm_ext.lm.model import build_model
 
@@ -31,7 +35,8 @@ def drawn_masks(reference, p, seed):
     for layer in range(reference.num_layers):
         for suffix in suffixes:
             weight = getattr(reference, f"weight_hh_l{layer}{suffix}")
-            masks[f"weight_hh_l{layer}{suffix}"] = (torch.rand_like(weight) >= p) / (1 - p)
+            keep = torch.rand_like(weight) >= p
+            masks[f"weight_hh_l{layer}{suffix}"] = keep.to(weight.dtype) / (1 - p)
     return masks
 
 
@@ -146,8 +151,280 @@ def test_bad_weight_drop_is_refused_with_what_to_fix(value):
         lstm_ext.LSTM(4, 8, weight_drop=value)
 
 
-def test_the_drivers_weight_drop():
-    model = build_model(TrainConfig(hidden=8, emb=4, weight_drop=0.3), 10)
-    assert model.lstm.weight_drop == 0.3
-    with pytest.raises(ValueError, match="--weight-drop"):
-        build_model(TrainConfig(impl="torch", hidden=8, emb=4, weight_drop=0.3), 10)
+@pytest.mark.parametrize("option", ["weight_drop", "recurrent_dropout"])
+def test_the_drivers_variant_options(option):
+    model = build_model(TrainConfig(hidden=8, emb=4, **{option: 0.3}), 10)
+    assert getattr(model.lstm, option) == 0.3
+    with pytest.raises(ValueError, match="--" + option.replace("_", "-")):
+        build_model(TrainConfig(impl="torch", hidden=8, emb=4, **{option: 0.3}), 10)
+
+
+def recurrent_masks(module, batch, p, seed, dtype=torch.float64):
+    """The recurrent-dropout masks a module seeded with `seed` draws, in its order (layer by
+    layer, direction by direction), each (batch, proj_size or hidden), 1 / (1 - p) where a
+    uniform draw is at least p, else 0."""
+    torch.manual_seed(seed)
+    directions = 2 if module.bidirectional else 1
+    size = module.proj_size or module.hidden_size
+    return [(torch.rand(batch, size, dtype=dtype) >= p).to(dtype) / (1 - p)
+            for _ in range(module.num_layers * directions)]
+
+
+class RecurrentDropoutReference(nn.Module):
+    """Gal & Ghahramani's LSTM as a plain cell loop over nn.LSTM's parameters: at every step
+    i, f, g, o = W_ih x_t + b_ih + W_hh (m * h_{t-1}) + b_hh with the layer-direction's mask m
+    (rows in the order of the batch the LSTM runs on: sorted, for packed input)."""
+
+    def __init__(self, lstm, masks):
+        super().__init__()
+        self.lstm, self.masks = lstm, masks
+
+    def named_parameters(self, *args, **kwargs):
+        return self.lstm.named_parameters(*args, **kwargs)
+
+    def forward(self, input, hx):
+        lstm = self.lstm
+        directions = 2 if lstm.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            sizes = batch_sizes.tolist()
+            h0, c0 = (state.index_select(1, sorted_indices) for state in hx)
+        else:
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(0 if lstm.batch_first else 1) if unbatched else input
+            x = x.transpose(0, 1) if lstm.batch_first else x
+            sizes = [x.shape[1]] * x.shape[0]
+            data = x.reshape(-1, x.shape[-1])
+            h0, c0 = (state.unsqueeze(1) if unbatched else state for state in hx)
+        offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+        params = dict(lstm.named_parameters())
+        layer_input, h_n, c_n = data, [], []
+        for layer in range(lstm.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                w_ih, w_hh = params["weight_ih" + suffix], params["weight_hh" + suffix]
+                bias = params["bias_ih" + suffix] + params["bias_hh" + suffix]
+                w_hr = params.get("weight_hr" + suffix)
+                h, c, mask = h0[index], c0[index], self.masks[index]
+                steps = range(len(sizes) - 1, -1, -1) if direction else range(len(sizes))
+                out = [None] * len(sizes)
+                for t in steps:
+                    n = sizes[t]
+                    x_t = layer_input[offsets[t]:offsets[t] + n]
+                    gates = x_t @ w_ih.t() + (mask[:n] * h[:n]) @ w_hh.t() + bias
+                    i, f, g, o = gates.chunk(4, 1)
+                    c_t = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
+                    h_t = torch.sigmoid(o) * torch.tanh(c_t)
+                    if w_hr is not None:
+                        h_t = h_t @ w_hr.t()
+                    out[t] = h_t
+                    h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
+                outputs.append(torch.cat(out))
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = torch.cat(outputs, dim=-1)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if packed:
+            output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
+            return output, (h_n.index_select(1, unsorted_indices),
+                            c_n.index_select(1, unsorted_indices))
+        output = layer_input.view(len(sizes), sizes[0], -1)
+        output = output.transpose(0, 1) if lstm.batch_first else output
+        if unbatched:
+            return output.squeeze(0 if lstm.batch_first else 1), (h_n[:, 0], c_n[:, 0])
+        return output, (h_n, c_n)
+
+
+@pytest.mark.parametrize("path", ["recurrence", "step_loop"])
+@pytest.mark.parametrize("kind", ["padded", "packed_unsorted", "unbatched"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_recurrent_dropout_is_the_cell_loop_with_the_masks_drawn(config, kind, path,
+                                                                  monkeypatch):
+    """fp64, outputs and every gradient, on the fused CPU recurrence and on the step loop
+    (the CPU's path with a projection, and the CUDA path)."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "recurrence" else "0")
+    torch.manual_seed(0)
+    reference = nn.LSTM(**config, dtype=torch.float64)
+    ours = lstm_ext.LSTM(**config, recurrent_dropout=0.4, dtype=torch.float64)
+    ours.load_state_dict(reference.state_dict())
+    case = Case(reference, kind, steps=6, batch=4)
+    batch = 1 if kind == "unbatched" else 4
+    masks = recurrent_masks(reference, batch, 0.4, seed=7)
+    torch.manual_seed(7)
+    actual = case.run(ours)
+    expected = case.run(RecurrentDropoutReference(reference, masks))
+    compare(actual, expected, 1e-10)
+    # A wrong mask would not show if the masks dropped nothing (or everything).
+    assert all(bool((m == 0).any()) and bool((m != 0).any()) for m in masks)
+
+
+def test_the_recurrent_dropout_reference_is_nn_lstm_without_masks():
+    """The reference cell loop itself, checked where its answer is known."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3,
+                        dtype=torch.float64)
+    case = Case(reference, "packed_unsorted", steps=6, batch=4)
+    ones = [torch.ones(4, 3, dtype=torch.float64)] * 4
+    compare(case.run(RecurrentDropoutReference(reference, ones)), case.run(reference), 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 64), (32, 70)], ids=str)
+def test_recurrent_mask_of_the_op_in_fp32_and_bf16(dtype, shape, monkeypatch):
+    """The op's mask in the kernels' other forms (direct dot products at one or three rows,
+    panels with a partial block at 32 rows, bf16 storage) against the fp64 reference, training
+    and inference; the error matches the same call without a mask."""
+    batch, hidden = shape
+    torch.manual_seed(1)
+    steps, features = 7, 10
+    tensors = [torch.randn(steps, batch, features), torch.randn(batch, hidden),
+               torch.randn(batch, hidden), torch.randn(4 * hidden, features) * 0.2,
+               torch.randn(4 * hidden, hidden) * 0.2, torch.randn(4 * hidden)]
+    drawn = ((torch.rand(batch, hidden) >= 0.3) / 0.7).float()
+
+    def errors(mask):
+        def run(function, run_dtype, **kwargs):
+            args = [t.to(run_dtype).requires_grad_() for t in tensors]
+            outputs = function(*args, None, None, None, False, recurrent_mask=mask.to(
+                ops.math_dtype(run_dtype)), **kwargs)
+            loss = sum((o.double() * w).sum() for o, w in zip(outputs, weights))
+            grads = torch.autograd.grad(loss, [args[0], args[1], args[4]])
+            return [t.double() for t in (*outputs, *grads)]
+
+        expected = run(ops.reference_layer_forward, torch.float64)
+        actual = run(ops.layer_forward, dtype, training=True)
+        with torch.no_grad():
+            inference = [t.double() for t in ops.layer_forward(
+                *[t.to(dtype) for t in tensors], None, None, None, False, False,
+                mask.to(ops.math_dtype(dtype)))]
+        return max(rel_error(a, e) for a, e in zip(actual + inference, expected + expected[:3]))
+
+    weights = [torch.randn(s, dtype=torch.float64) for s in
+               [(steps, batch, hidden), (batch, hidden), (batch, hidden)]]
+    with_mask, without = errors(drawn), errors(torch.ones(batch, hidden))
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    assert with_mask < bound and without < bound
+    assert with_mask < 3 * without + 1e-6
+
+
+def test_recurrent_dropout_masks_drop_at_the_rate_asked_afresh_each_forward_and_repeat_by_seed():
+    """h0's gradient reaches it only through the mask (no output reads h0), so its zeros are
+    the mask's: one per layer-direction, a fresh one per forward, the same for the same
+    seed."""
+    module = lstm_ext.LSTM(16, 64, num_layers=2, bidirectional=True, recurrent_dropout=0.3)
+    x = torch.randn(5, 200, 16)
+
+    def zero_pattern(seed):
+        torch.manual_seed(seed)
+        h0 = torch.randn(4, 200, 64, requires_grad=True)
+        c0 = torch.randn(4, 200, 64)
+        module(x, (h0, c0))[0].sum().backward()
+        return h0.grad == 0
+
+    first, second, repeat = zero_pattern(1), zero_pattern(2), zero_pattern(1)
+    assert abs(first.double().mean().item() - 0.3) < 0.02
+    assert not torch.equal(first, second)
+    assert torch.equal(first, repeat)
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+
+
+def test_recurrent_dropout_in_eval_mode_is_the_plain_lstm():
+    torch.manual_seed(0)
+    dropping = lstm_ext.LSTM(5, 8, num_layers=2, recurrent_dropout=0.5).eval()
+    plain = lstm_ext.LSTM(5, 8, num_layers=2)
+    plain.load_state_dict(dropping.state_dict())
+    x = torch.randn(6, 3, 5)
+    assert torch.equal(dropping(x)[0], plain(x)[0])
+    assert not torch.equal(dropping.train()(x)[0], plain(x)[0])
+    with torch.no_grad():  # training mode without gradients still drops
+        assert not torch.equal(dropping(x)[0], plain(x)[0])
+
+
+def test_recurrent_dropout_of_one_cuts_the_recurrence():
+    """p = 1 drops every unit of h_{t-1}: each step sees only its input (and c)."""
+    module = lstm_ext.LSTM(3, 5, recurrent_dropout=1.0)
+    without_recurrence = lstm_ext.LSTM(3, 5)
+    without_recurrence.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        without_recurrence.weight_hh_l0.zero_()
+    x = torch.randn(4, 2, 3)
+    assert torch.equal(module(x)[0], without_recurrence(x)[0])
+
+
+def test_recurrent_dropout_gradcheck_and_gradgradcheck():
+    module = lstm_ext.LSTM(3, 4, proj_size=2, recurrent_dropout=0.5, dtype=torch.float64)
+    weight = module.weight_hh_l0.detach().clone().requires_grad_()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def run(x, weight):
+        torch.manual_seed(3)  # the same masks for every evaluation
+        return torch.func.functional_call(module, {"weight_hh_l0": weight}, (x,))[0]
+
+    assert torch.autograd.gradcheck(run, (x, weight))
+    assert torch.autograd.gradgradcheck(run, (x, weight))
+
+
+def test_recurrent_dropout_under_autocast_follows_the_fp64_reference():
+    torch.manual_seed(0)
+    reference = nn.LSTM(6, 32, num_layers=2, dtype=torch.float64)
+    ours = lstm_ext.LSTM(6, 32, num_layers=2, recurrent_dropout=0.25)
+    ours.load_state_dict(reference.state_dict())
+    case = Case(reference, "padded", steps=8, batch=5)
+    torch.manual_seed(4)
+    actual = case.run(ours, dtype=torch.float32, autocast=True)
+    assert actual["output"].dtype == torch.bfloat16
+    masks = recurrent_masks(reference, 5, 0.25, seed=4, dtype=torch.float32)
+    expected = case.run(RecurrentDropoutReference(reference, [m.double() for m in masks]))
+    errors = compare(actual, expected, 5e-2)
+    assert errors["output"] < 2e-2
+
+
+def test_recurrent_dropout_compiles_and_keeps_its_state_dict():
+    torch.manual_seed(0)
+    module = lstm_ext.LSTM(4, 32, recurrent_dropout=0.25)
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(5, 300, 4)
+    h0 = torch.randn(1, 300, 32, requires_grad=True)
+    compiled(x, (h0, torch.zeros(1, 300, 32)))[0].sum().backward()
+    dropped = (h0.grad == 0).double().mean().item()
+    assert 0.2 < dropped < 0.3
+    compiled.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(x)[0], module.eval()(x)[0], atol=1e-6)
+    assert module.state_dict().keys() == nn.LSTM(4, 32).state_dict().keys()
+    assert "recurrent_dropout=0.25" in repr(module)
+    assert copy.deepcopy(module).recurrent_dropout == 0.25
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "0.5", True])
+def test_bad_recurrent_dropout_is_refused_with_what_to_fix(value):
+    with pytest.raises(ValueError, match="recurrent_dropout is the probability"):
+        lstm_ext.LSTM(4, 8, recurrent_dropout=value)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.ones(3, 7), r"recurrent_mask \(batch, proj_size or hidden\) of shape \[2, 6\]"),
+    (torch.ones(2, 6, dtype=torch.float64), "recurrent_mask must have the math dtype Float"),
+])
+def test_a_bad_recurrent_mask_is_refused_by_the_op(bad, message):
+    args = [torch.randn(4, 2, 3), torch.randn(2, 6), torch.randn(2, 6), torch.randn(24, 3),
+            torch.randn(24, 6)]
+    with pytest.raises(RuntimeError, match=message):
+        ops.layer_forward(*args, recurrent_mask=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("option", ["weight_drop", "recurrent_dropout"])
+def test_variants_run_in_a_module_of_low_precision(option, dtype):
+    """The masks are made in fp32 and the weights stay in the module's dtype (a bf16 module
+    with weight_drop once failed with "w_hh has dtype Float")."""
+    torch.manual_seed(0)
+    module = lstm_ext.LSTM(4, 16, **{option: 0.3}).to(dtype)
+    x = torch.randn(5, 3, 4, dtype=dtype, requires_grad=True)
+    output, (h_n, c_n) = module(x)
+    assert output.dtype == h_n.dtype == c_n.dtype == dtype
+    output.float().sum().backward()
+    assert x.grad.dtype == dtype and x.grad.isfinite().all()

@@ -5,6 +5,7 @@
 // Larger batches dequantize W_hh straight into the recurrence's panels (the input projection
 // runs on dequantized W_ih); a projection runs the step loop on dequantized weights.
 #include "../lstm_layer.h"
+#include "../op_signatures.h"
 #include "linear.h"
 #include "recurrence.h"
 
@@ -111,21 +112,12 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
     return {s.packed ? output : output.view({s.steps, s.batch, H}), h_state, c_state};
   }
   // A projection (or LSTM_EXT_CPU_RECURRENCE=0): the step loop on the dequantized weights.
-  static const auto layer_forward_op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm_layer_forward", "");
   const auto outputs =
-      layer_forward_op
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                            at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, bool, bool)>()
-          .call(input, h0, c0, dequantized(w_ih, w_ih_scale), dequantized(w_hh, w_hh_scale),
+      layer_forward_op().call(input, h0, c0, dequantized(w_ih, w_ih_scale), dequantized(w_hh, w_hh_scale),
                 b_ih, b_hh,
                 w_hr.has_value() ? std::optional<at::Tensor>(dequantized(*w_hr, *w_hr_scale))
                                  : std::nullopt,
-                batch_sizes, reverse, /*training=*/false);
+                batch_sizes, reverse, /*training=*/false, /*recurrent_mask=*/std::nullopt);
   return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
 }
 

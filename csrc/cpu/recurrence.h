@@ -178,7 +178,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   // the bf16 h itself (the previous step's output rows, or h0) as the rows. An odd H, whose
   // last pair would run past a row, takes the fp32 panels.
   constexpr bool kPairKernel = isa == Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
-  const bool pairs = kPairKernel && !direct && H % 2 == 0;
+  // A recurrent-dropout mask takes the fp32 panels too: the pair kernel reads h where it is
+  // stored, unmasked.
+  const bool pairs = kPairKernel && !direct && H % 2 == 0 && a.recurrent_mask == nullptr;
   // Panel rows written per pass over a block's rows of W_hh when packing (see below).
   constexpr int64_t kPackChunk = 16;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
@@ -233,10 +235,15 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     }
   }
   const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
+  // h as W_hh multiplies it: times the recurrent-dropout mask, rounded to the storage type
+  // (the step loop of lstm_layer.h multiplies the same values).
+  const auto recurrent_input = [&](int64_t r, int64_t j, acc_t h) {
+    return a.recurrent_mask ? cast<acc_t>(cast<scalar_t>(h * a.recurrent_mask[r * H + j])) : h;
+  };
   acc_t* h0 = a.h_work;
   for (int64_t r = 0; r < B; ++r) {
     for (int64_t j = unit_begin; j < unit_end; ++j) {
-      h0[r * H + j] = cast<acc_t>(a.hidden_state[r * H + j]);
+      h0[r * H + j] = recurrent_input(r, j, cast<acc_t>(a.hidden_state[r * H + j]));
     }
   }
 #pragma omp barrier
@@ -347,6 +354,11 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           scalar_t* y = a.output + row * H + j0;
           convert_n(h, y, n_units);
           convert_n(y, h_next + r * H + j0, n_units);
+          if (a.recurrent_mask) {
+            for (int64_t v = 0; v < n_units; ++v) {
+              h_next[r * H + j0 + v] = recurrent_input(r, j0 + v, h_next[r * H + j0 + v]);
+            }
+          }
           if (a.hidden_prev_saved) {
             convert_n(in[i] + j0, a.hidden_prev_saved + row * H + j0, n_units);
           }
@@ -497,8 +509,12 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           const int64_t r = r0 + i;
           const acc_t* p = carried + r * U;
           scalar_t* grad_h = a.grad_hidden + r * H + u0;
+          // The carried dh reached h through the recurrent-dropout mask, if any.
+          const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + r * H + u0 : nullptr;
           if (r >= rows) {  // this sequence's first step is behind us: p is its grad of h0
-            for (int64_t u = 0; u < n_units; ++u) grad_h[u] = cast<scalar_t>(p[u]);
+            for (int64_t u = 0; u < n_units; ++u) {
+              grad_h[u] = cast<scalar_t>(mask ? p[u] * mask[u] : p[u]);
+            }
             continue;
           }
           const int64_t row = offset + r;
@@ -506,7 +522,8 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           for (int64_t u = 0; u < n_units; ++u) {
             const acc_t from_output =
                 a.grad_output ? cast<acc_t>(a.grad_output[row * H + u0 + u]) : acc_t(0);
-            const acc_t from_next = r < prev_rows ? p[u] : cast<acc_t>(grad_h[u]);
+            const acc_t carried_u = mask ? p[u] * mask[u] : p[u];
+            const acc_t from_next = r < prev_rows ? carried_u : cast<acc_t>(grad_h[u]);
             dh[u] = from_output + from_next;
           }
           alignas(64) acc_t z[4 * U];

@@ -46,6 +46,10 @@ def _add_train_arguments(parser, given_only=False):
     add("--weight-drop", type=float, default=defaults.weight_drop,
         help="DropConnect on the LSTM's recurrent weights, a fresh mask per forward, as in "
         "AWD-LSTM (0.5 there); --impl ext only")
+    add("--recurrent-dropout", type=float, default=defaults.recurrent_dropout,
+        help="variational dropout on the h entering each recurrent product, one mask per "
+        "sequence for all its steps (Gal & Ghahramani 2016; Keras's recurrent_dropout); "
+        "--impl ext only")
     add("--bptt", type=int, default=defaults.bptt, help="steps per truncated-BPTT window")
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,

@@ -27,6 +27,7 @@ class TrainConfig:
     tied: bool = False
     forget_bias: float = 0.0    # added to the forget gates' bias at initialisation
     weight_drop: float = 0.0    # DropConnect rate on the LSTM's recurrent weights (ext only)
+    recurrent_dropout: float = 0.0  # Gal & Ghahramani's dropout on h_{t-1} (ext only)
     bptt: int = 128
     batch_size: int = 64
     optimizer: str = "adamw"

@@ -15,14 +15,18 @@ class LanguageModel(nn.Module):
     the LSTM's output size (proj_size, else hidden) to equal the embedding size."""
 
     def __init__(self, vocab_size, embedding_size=64, hidden_size=512, layers=2, dropout=0.0,
-                 proj_size=0, tied=False, impl="ext", forget_bias=0.0, weight_drop=0.0):
+                 proj_size=0, tied=False, impl="ext", forget_bias=0.0, weight_drop=0.0,
+                 recurrent_dropout=0.0):
         super().__init__()
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"--impl must be one of {sorted(IMPLEMENTATIONS)}, got {impl!r}")
-        if weight_drop and impl != "ext":
+        variants = {"weight_drop": weight_drop, "recurrent_dropout": recurrent_dropout}
+        variants = {name: value for name, value in variants.items() if value}
+        if variants and impl != "ext":
             raise ValueError(
-                "--weight-drop needs --impl ext: torch.nn.LSTM has no DropConnect on its "
-                "recurrent weights (the usual wrapper breaks on cuDNN's flattened weights)")
+                f"--{next(iter(variants)).replace('_', '-')} needs --impl ext: torch.nn.LSTM "
+                f"has no DropConnect on its recurrent weights (the usual wrapper breaks on "
+                f"cuDNN's flattened weights) and no dropout on its recurrent connection")
         output_size = proj_size or hidden_size
         if tied and output_size != embedding_size:
             raise ValueError(
@@ -31,7 +35,6 @@ class LanguageModel(nn.Module):
             )
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.dropout = nn.Dropout(dropout)
-        variants = {"weight_drop": weight_drop} if weight_drop else {}
         self.lstm = IMPLEMENTATIONS[impl](
             embedding_size, hidden_size, layers, dropout=dropout if layers > 1 else 0.0,
             proj_size=proj_size, **variants,
@@ -73,5 +76,5 @@ def build_model(config, vocabulary_size):
     torch.manual_seed(config.seed)
     model = LanguageModel(vocabulary_size, config.emb, config.hidden, config.layers,
                           config.dropout, config.proj_size, config.tied, config.impl,
-                          config.forget_bias, config.weight_drop)
+                          config.forget_bias, config.weight_drop, config.recurrent_dropout)
     return model.to(torch.float64) if config.precision == "fp64" else model
