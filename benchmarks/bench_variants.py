@@ -30,20 +30,29 @@ def _keep(shape, p, like):
     return (torch.rand(shape, dtype=like.dtype) >= p).to(like.dtype) / (1 - p)
 
 
-def _weight_drop_loop(w_ih, w_hh, b_ih, b_hh, batch):
+def _weight_drop_loop(w_ih, w_hh, b_ih, b_hh, x):
     return (w_ih, w_hh * _keep(w_hh.shape, 0.3, w_hh), b_ih, b_hh), {}
 
 
-def _recurrent_dropout_loop(w_ih, w_hh, b_ih, b_hh, batch):
-    return (w_ih, w_hh, b_ih, b_hh), {"recurrent_mask": _keep((batch, w_hh.shape[1]), 0.25, w_hh)}
+def _recurrent_dropout_loop(w_ih, w_hh, b_ih, b_hh, x):
+    mask = _keep((x.shape[1], w_hh.shape[1]), 0.25, w_hh)
+    return (w_ih, w_hh, b_ih, b_hh), {"recurrent_mask": mask}
+
+
+def _zoneout_loop(w_ih, w_hh, b_ih, b_hh, x):
+    rows = x.shape[0] * x.shape[1]
+    kept = [(torch.rand(rows, w_hh.shape[1], dtype=w_hh.dtype) < z).to(w_hh.dtype)
+            for z in (0.1, 0.05)]
+    return (w_ih, w_hh, b_ih, b_hh), {"zoneout_cell": kept[0], "zoneout_hidden": kept[1]}
 
 
 # Each variant: the module's keyword options, and how the cell loop applies it for one
 # forward in training: from the weights of one layer-direction (w_ih, w_hh, b_ih, b_hh) and
-# the batch size, the weights and keyword arguments of ops.reference_layer_forward.
+# the input (T, B, I), the weights and keyword arguments of ops.reference_layer_forward.
 VARIANTS = {
     "weight_drop=0.3": ({"weight_drop": 0.3}, _weight_drop_loop),
     "recurrent_dropout=0.25": ({"recurrent_dropout": 0.25}, _recurrent_dropout_loop),
+    "zoneout=(0.1,0.05)": ({"zoneout": (0.1, 0.05)}, _zoneout_loop),
 }
 SHAPES = [(256, 32, 50), (512, 32, 50)]           # (H, B, T), one layer, input size H
 QUICK_SHAPES = [(64, 8, 10)]
@@ -58,7 +67,7 @@ def cell_loop(module, weights_for):
         batch = x.shape[1]
         zeros = x.new_zeros(batch, module.hidden_size)
         weights, options = weights_for(module.weight_ih_l0, module.weight_hh_l0,
-                                       module.bias_ih_l0, module.bias_hh_l0, batch)
+                                       module.bias_ih_l0, module.bias_hh_l0, x)
         output, h, c = ops.reference_layer_forward(x, zeros, zeros, *weights, **options)
         return output, (h, c)
     return run

@@ -241,6 +241,34 @@ inline std::optional<at::Tensor> checked_recurrent_mask(const char* op, const La
   return mask->contiguous();
 }
 
+// Zoneout's weights d of the previous state (c_t = d c_{t-1} + (1 - d) c~_t, the same for h):
+// (N, columns), one row per row of data, or (1, columns), one row for every step (eval mode's
+// expectation), in the math dtype; returned contiguous.
+inline std::optional<at::Tensor> checked_zoneout(const char* op, const LayerShape& s,
+                                                 const at::Tensor& input,
+                                                 const std::optional<at::Tensor>& zoneout,
+                                                 int64_t columns, const char* name) {
+  if (!zoneout.has_value()) return std::nullopt;
+  TORCH_CHECK(zoneout->dim() == 2 && zoneout->size(1) == columns &&
+                  (zoneout->size(0) == s.rows || zoneout->size(0) == 1),
+              op, ": expected ", name, " of shape [", s.rows, ", ", columns, "] (a row per row "
+              "of input) or [1, ", columns, "], got ", zoneout->sizes());
+  const at::ScalarType math = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK(zoneout->scalar_type() == math, op, ": ", name, " must have the math dtype ", math,
+              " of ", input.scalar_type(), " input, got ", zoneout->scalar_type());
+  TORCH_CHECK(zoneout->device() == input.device(), op, ": ", name, " is on ", zoneout->device(),
+              " but input is on ", input.device(), "; move them to one device");
+  return zoneout->contiguous();
+}
+
+// The rows of a zoneout tensor for rows [offset, offset + rows) of data, and its row stride.
+inline at::Tensor zoneout_rows(const at::Tensor& d, int64_t offset, int64_t rows) {
+  return d.size(0) == 1 ? d.expand({rows, d.size(1)}) : d.narrow(0, offset, rows);
+}
+inline int64_t zoneout_stride(const std::optional<at::Tensor>& d) {
+  return d.has_value() && d->size(0) > 1 ? d->size(1) : 0;
+}
+
 // Outputs of the forward op that the backward op reads; all empty unless training.
 struct SavedForBackward {
   at::Tensor gates;        // (N, 4H) gate activations i, f, g, o

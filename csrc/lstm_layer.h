@@ -117,6 +117,12 @@ struct SequenceForward : SequenceLayout {
   const scalar_t* w_hh;        // (4H, H) with the strides below
   int64_t w_stride0, w_stride1;
   const acc_t* recurrent_mask;  // (B, H): multiplies h before every W_hh product, or null
+  // Zoneout (see checked_zoneout): d of c and of h for row n at [n * stride + j] (stride 0:
+  // one row for all), or null.
+  const acc_t* zoneout_cell;
+  int64_t zoneout_cell_stride;
+  const acc_t* zoneout_hidden;
+  int64_t zoneout_hidden_stride;
   // Workspace, allocated by the device kernel that runs this: the forward panels, and h in
   // the math type: [h0, h of even steps, h of odd steps], each (B, H).
   acc_t* panel;
@@ -139,6 +145,11 @@ struct SequenceBackward : SequenceLayout {
   const scalar_t* w_hh;        // (4H, H)
   int64_t w_stride0, w_stride1;
   const acc_t* recurrent_mask;  // (B, H) as in SequenceForward: multiplies the carried dh
+  const acc_t* zoneout_cell;    // as in SequenceForward
+  int64_t zoneout_cell_stride;
+  const acc_t* zoneout_hidden;
+  int64_t zoneout_hidden_stride;
+  acc_t* zoneout_carry;  // with zoneout_hidden, (B, H): d * dh of the step after, per sequence
   // Workspace: the backward panels of blocks [in_place_blocks, blocks) (the first ones read
   // W_hh in place), the gate gradients of the last two steps in the math type, 2 x (B, 4H),
   // and per thread the dh carried into a step for one block of units.
@@ -194,7 +205,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
                             const std::optional<at::Tensor>& b_hh,
                             const std::optional<at::Tensor>& w_hr,
                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                            bool training, const std::optional<at::Tensor>& recurrent_mask) {
+                            bool training, const std::optional<at::Tensor>& recurrent_mask,
+                            const std::optional<at::Tensor>& zoneout_cell,
+                            const std::optional<at::Tensor>& zoneout_hidden) {
   constexpr const char* op = "lstm_layer_forward";
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   check_state(op, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
@@ -202,6 +215,10 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   check_bias(op, s, input, b_ih, "b_ih (4*hidden)");
   check_bias(op, s, input, b_hh, "b_hh (4*hidden)");
   const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
+  const std::optional<at::Tensor> zone_c =
+      checked_zoneout(op, s, input, zoneout_cell, s.hidden_size, "zoneout_cell");
+  const std::optional<at::Tensor> zone_h =
+      checked_zoneout(op, s, input, zoneout_hidden, s.output_size, "zoneout_hidden");
   c10::OptionalDeviceGuard device_guard(input.device());
 
   const int64_t H = s.hidden_size;
@@ -252,6 +269,10 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       sequence.w_stride0 = w_hh.stride(0);
       sequence.w_stride1 = w_hh.stride(1);
       sequence.recurrent_mask = mask.has_value() ? mask->const_data_ptr<acc_t>() : nullptr;
+      sequence.zoneout_cell = zone_c.has_value() ? zone_c->const_data_ptr<acc_t>() : nullptr;
+      sequence.zoneout_cell_stride = zoneout_stride(zone_c);
+      sequence.zoneout_hidden = zone_h.has_value() ? zone_h->const_data_ptr<acc_t>() : nullptr;
+      sequence.zoneout_hidden_stride = zoneout_stride(zone_h);
       if (offer_fused_input) {
         sequence.input = x.const_data_ptr<scalar_t>();
         sequence.input_size = s.input_size;
@@ -277,6 +298,11 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       if (rows == 0) continue;
       at::Tensor step_gates = gates.narrow(0, offset, rows);
       at::Tensor h_prev = h_state.narrow(0, 0, rows);
+      // Zoneout keeps part of the previous state: c = d c_prev + (1 - d) c~, the same for h.
+      const at::Tensor c_before = zone_c.has_value() ? c_state.narrow(0, 0, rows).clone()
+                                                     : at::Tensor();
+      const at::Tensor h_before = zone_h.has_value() ? h_prev.to(acc_options, false, true)
+                                                     : at::Tensor();
       // What W_hh multiplies: h, or h times the recurrent-dropout mask, in the storage type.
       const at::Tensor h_in =
           mask.has_value() ? at::mul(h_prev, mask->narrow(0, 0, rows)).to(input.scalar_type())
@@ -315,6 +341,17 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
         projection->run(hidden_raw.narrow(0, training ? offset : 0, rows), y, false);
         h_prev.copy_(y);
       }
+      if (zone_c.has_value()) {
+        const at::Tensor d = zoneout_rows(*zone_c, offset, rows);
+        at::Tensor c = c_state.narrow(0, 0, rows);
+        c.copy_(d * c_before + (1 - d) * c);
+      }
+      if (zone_h.has_value()) {
+        const at::Tensor d = zoneout_rows(*zone_h, offset, rows);
+        at::Tensor y = output.narrow(0, offset, rows);
+        y.copy_(d * h_before + (1 - d) * y);
+        h_prev.copy_(y);
+      }
     }
   });
 
@@ -343,7 +380,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
                               const at::Tensor& gates, const at::Tensor& cell_prev,
                               const at::Tensor& hidden_prev, const at::Tensor& hidden_raw,
                               bool reverse, bool has_bias, bool input_grad, bool weight_grads,
-                              const std::optional<at::Tensor>& recurrent_mask) {
+                              const std::optional<at::Tensor>& recurrent_mask,
+                              const std::optional<at::Tensor>& zoneout_cell,
+                              const std::optional<at::Tensor>& zoneout_hidden) {
   constexpr const char* op = "lstm_layer_backward";
   // The kernels read the saved tensors through raw row pointers, so any other layout (a caller,
   // or a compiled graph, may pass one) is made contiguous first: a no-op for what forward saved.
@@ -352,6 +391,10 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   check_saved(op, s, input, saved);
   const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
+  const std::optional<at::Tensor> zone_c =
+      checked_zoneout(op, s, input, zoneout_cell, s.hidden_size, "zoneout_cell");
+  const std::optional<at::Tensor> zone_h =
+      checked_zoneout(op, s, input, zoneout_hidden, s.output_size, "zoneout_hidden");
   c10::OptionalDeviceGuard device_guard(input.device());
 
   const int64_t H = s.hidden_size;
@@ -400,6 +443,12 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.w_stride0 = w_hh.stride(0);
       sequence.w_stride1 = w_hh.stride(1);
       sequence.recurrent_mask = mask.has_value() ? mask->const_data_ptr<acc_t>() : nullptr;
+      sequence.zoneout_cell = zone_c.has_value() ? zone_c->const_data_ptr<acc_t>() : nullptr;
+      sequence.zoneout_cell_stride = zoneout_stride(zone_c);
+      sequence.zoneout_hidden = zone_h.has_value() ? zone_h->const_data_ptr<acc_t>() : nullptr;
+      sequence.zoneout_hidden_stride = zoneout_stride(zone_h);
+      const at::Tensor carry = at::empty({zone_h.has_value() ? s.batch : 0, H}, acc_options);
+      sequence.zoneout_carry = zone_h.has_value() ? carry.data_ptr<acc_t>() : nullptr;
       if (Kernels::template backward_sequence<scalar_t>(sequence)) return;
       grad_gates_t = at::Tensor();  // not written: the step loop below runs instead
     }
@@ -412,6 +461,22 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       const int64_t offset = s.step_offset[t];
       if (rows == 0) continue;
       at::Tensor grad_h_rows = grad_h.narrow(0, 0, rows);
+      // Zoneout: h = d h_prev + (1 - d) h~ sends d dh to the previous step directly and
+      // (1 - d) dh into this step's cell (or projection); c likewise.
+      at::Tensor dh_total, dh_new;
+      if (zone_h.has_value()) {
+        dh_total = grad_y.defined() ? grad_y.narrow(0, offset, rows) + grad_h_rows
+                                    : grad_h_rows.clone();
+        dh_new = ((1 - zoneout_rows(*zone_h, offset, rows)) * dh_total)
+                     .to(input.scalar_type())
+                     .contiguous();
+      }
+      at::Tensor dc_total;
+      if (zone_c.has_value()) {
+        at::Tensor dc = grad_c.narrow(0, 0, rows);
+        dc_total = dc.clone();
+        dc.mul_(1 - zoneout_rows(*zone_c, offset, rows));
+      }
 
       BackwardStep<scalar_t> step;
       step.rows = rows;
@@ -422,7 +487,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       step.grad_gates = rows_ptr<scalar_t>(grad_gates, offset);
       if (s.has_projection) {
         at::Tensor dh = grad_h_all.narrow(0, offset, rows);
-        if (grad_y.defined()) {
+        if (dh_new.defined()) {
+          dh.copy_(dh_new);
+        } else if (grad_y.defined()) {
           at::add_out(dh, grad_y.narrow(0, offset, rows), grad_h_rows);
         } else {
           dh.copy_(grad_h_rows);
@@ -432,6 +499,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
         projection->run(dh, dh_raw, /*accumulate=*/false);
         step.grad_h = grad_h_raw.data_ptr<scalar_t>();
         step.grad_h_extra = nullptr;
+      } else if (dh_new.defined()) {
+        step.grad_h = dh_new.data_ptr<scalar_t>();
+        step.grad_h_extra = nullptr;
       } else {
         step.grad_h = grad_y.defined() ? rows_ptr<scalar_t>(grad_y, offset) : nullptr;
         step.grad_h_extra = grad_h.data_ptr<scalar_t>();
@@ -440,9 +510,15 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
         RECORD_FUNCTION("lstm_ext::step_elementwise", std::vector<c10::IValue>());
         Kernels::template backward_step<scalar_t>(step);
       }
+      if (zone_c.has_value()) {
+        grad_c.narrow(0, 0, rows).add_(zoneout_rows(*zone_c, offset, rows) * dc_total);
+      }
       RECORD_FUNCTION("lstm_ext::step_gemm", std::vector<c10::IValue>());
       recurrent->run(grad_gates.narrow(0, offset, rows), grad_h_rows, /*accumulate=*/false);
       if (mask.has_value()) grad_h_rows.mul_(mask->narrow(0, 0, rows));
+      if (zone_h.has_value()) {
+        grad_h_rows.add_(zoneout_rows(*zone_h, offset, rows) * dh_total);
+      }
     }
   });
 

@@ -18,7 +18,9 @@ using LayerForwardSignature =
                            const std::optional<at::Tensor>& b_hh,
                            const std::optional<at::Tensor>& w_hr,
                            const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                           bool training, const std::optional<at::Tensor>& recurrent_mask);
+                           bool training, const std::optional<at::Tensor>& recurrent_mask,
+                           const std::optional<at::Tensor>& zoneout_cell,
+                           const std::optional<at::Tensor>& zoneout_hidden);
 
 using LayerBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                           at::Tensor, at::Tensor, at::Tensor>(
@@ -28,7 +30,8 @@ using LayerBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& gates,
     const at::Tensor& cell_prev, const at::Tensor& hidden_prev, const at::Tensor& hidden_raw,
     bool reverse, bool has_bias, bool input_grad, bool weight_grads,
-    const std::optional<at::Tensor>& recurrent_mask);
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden);
 
 inline const c10::TypedOperatorHandle<LayerForwardSignature>& layer_forward_op() {
   static const auto handle = c10::Dispatcher::singleton()

@@ -37,20 +37,22 @@ CellForwardResult cell_forward(const at::Tensor& input, const at::Tensor& hx,
               input.sizes());
   auto [output, h, c, gates, cell_prev, hidden_prev, hidden_raw] =
       layer_forward_op().call(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt,
-                              std::nullopt, /*reverse=*/false, training, std::nullopt);
+                              std::nullopt, /*reverse=*/false, training, std::nullopt,
+                              std::nullopt, std::nullopt);
   return {h, c, gates, cell_prev};
 }
 
 // Under torch.autocast, run in the autocast dtype the user chose (fp32 tensors are cast, fp64
-// ones are left alone, as ATen's own autocast does), for CPU and CUDA alike. The recurrent
-// mask is in the math dtype, which autocast's dtypes share with fp32, and stays as it is.
+// ones are left alone, as ATen's own autocast does), for CPU and CUDA alike. The dropout and
+// zoneout masks are in the math dtype, which autocast's dtypes share with fp32, and stay.
 template <c10::DeviceType device_type>
 LayerForwardResult layer_forward_autocast(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
-    const std::optional<at::Tensor>& recurrent_mask) {
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
@@ -59,7 +61,7 @@ LayerForwardResult layer_forward_autocast(
   };
   return layer_forward_op().call(cast(input), cast(h0), cast(c0), cast(w_ih), cast(w_hh),
                                  cast(b_ih), cast(b_hh), cast(w_hr), batch_sizes, reverse,
-                                 training, recurrent_mask);
+                                 training, recurrent_mask, zoneout_cell, zoneout_hidden);
 }
 
 // LSTMCell under torch.autocast follows ATen's lists for aten::lstm_cell, as nn.LSTMCell
@@ -98,7 +100,7 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
       layer_backward_op().call(std::nullopt, grad_h, grad_c, input.unsqueeze(0), w_ih, w_hh,
                                std::nullopt, std::nullopt, gates, cell_prev, hx, no_projection,
                                /*reverse=*/false, has_bias, input_grad, weight_grads,
-                               std::nullopt);
+                               std::nullopt, std::nullopt, std::nullopt);
   if (input_grad) grad_input = grad_input.squeeze(0);
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
@@ -110,23 +112,27 @@ TORCH_LIBRARY(lstm_ext, m) {
   // batch_sizes (T,) as in PackedSequence. Returns output (T, B, R) or (N, R), h_n (B, R),
   // c_n (B, H), then what backward needs (all empty unless training): gate activations (N, 4H),
   // the cell entering each step (N, H, math dtype), h entering each step (N, R), and h before
-  // the projection (N, H; empty without w_hr). recurrent_mask (B, R; math dtype), where given,
-  // multiplies h before every W_hh product (recurrent dropout); hidden_prev is h times it.
+  // the projection (N, H; empty without w_hr). The variants, in the math dtype where given:
+  // recurrent_mask (B, R) multiplies h before every W_hh product (recurrent dropout;
+  // hidden_prev is h times it); zoneout_cell (N or 1, H) and zoneout_hidden (N or 1, R) are
+  // zoneout's weights d of the previous state, c = d c_prev + (1 - d) c~ (h likewise).
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
-      "bool training, Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
+      "bool training, Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, "
+      "Tensor? zoneout_hidden=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
       "Tensor cell_prev, Tensor hidden_prev, Tensor hidden_raw)");
   // Gradients of lstm_layer_forward; an absent grad_output counts as zero. Returns
   // (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); grad_bias is
   // the gradient of b_ih and of b_hh alike. Gradients not asked for (input_grad,
-  // weight_grads) or without a parameter (has_bias, w_hr) are empty. recurrent_mask is the
-  // forward's.
+  // weight_grads) or without a parameter (has_bias, w_hr) are empty. The variants' tensors
+  // are the forward's.
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "Tensor gates, Tensor cell_prev, Tensor hidden_prev, Tensor hidden_raw, bool reverse, "
-      "bool has_bias, bool input_grad, bool weight_grads, Tensor? recurrent_mask=None) -> (Tensor grad_input, "
+      "bool has_bias, bool input_grad, bool weight_grads, Tensor? recurrent_mask=None, "
+      "Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_w_hr)");
   // One step of an LSTMCell: input (B, I), hx and cx (B, H). Returns h', c', then what

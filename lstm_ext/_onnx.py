@@ -49,12 +49,14 @@ def lstm_layer(layer_input, h0, c0, directions, hidden_size, has_bias):
     return output, y_h, y_c
 
 
-def lstm_layer_scan(layer_input, h0, c0, directions):
-    """One layer, each direction an ONNX Scan over time (for a projection).
+def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0)):
+    """One layer, each direction an ONNX Scan over time (for a projection, or zoneout).
 
     layer_input: (T, B, I); h0: (directions, B, P), c0: (directions, B, H); `directions`:
-    per direction its (w_ih, w_hh, b_ih, b_hh, w_hr) (biases None without bias). Returns the
-    layer's output (T, B, directions * P) and its final h and c."""
+    per direction its (w_ih, w_hh, b_ih, b_hh, w_hr) (biases None and w_hr None where
+    absent); zoneout: (z_c, z_h), applied as its eval-mode expectation. Returns the layer's
+    output (T, B, directions * P) and its final h and c."""
+    z_c, z_h = zoneout
     from torch._higher_order_ops.scan import scan  # torch.scan's home, a prototype upstream
 
     outputs, h_n, c_n = [], [], []
@@ -65,6 +67,10 @@ def lstm_layer_scan(layer_input, h0, c0, directions):
 
         def step(carry, gates, w_hh=w_hh, w_hr=w_hr):
             h, c = ops.cell_update(gates + carry[0] @ w_hh.t(), carry[1], w_hr)
+            if z_c:
+                c = z_c * carry[1] + (1 - z_c) * c
+            if z_h:
+                h = z_h * carry[0] + (1 - z_h) * h
             return (h, c), h.clone()  # a scan output may not alias its carry
 
         (h, c), output = scan(step, (h0[index], c0[index]), gates_x, reverse=index == 1)

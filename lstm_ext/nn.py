@@ -135,6 +135,27 @@ def _recurrent_mask(batch, size, p, like):
     return _dropout_mask((batch, size), p, like)
 
 
+def _zoneout_weights(rows, size, z, like, training):
+    """Zoneout's d for one layer-direction: in training (rows, size), 1 with probability z (the
+    unit keeps its previous value at that step), else 0, drawn as (uniform < z); in eval one
+    row of z (the expectation), used at every step. None where z is 0."""
+    if not z:
+        return None
+    dtype = ops.math_dtype(like.dtype)
+    if not training:
+        return torch.full((1, size), z, dtype=dtype, device=like.device)
+    return (torch.rand(rows, size, dtype=dtype, device=like.device) < z).to(dtype)
+
+
+def _check_zoneout(zoneout):
+    pair = zoneout if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+    if len(pair) != 2 or any(isinstance(z, bool) or not isinstance(z, (int, float))
+                             or not 0 <= z <= 1 for z in pair):
+        raise ValueError(f"zoneout is the probability that a unit keeps its previous c and h, "
+                         f"one number or a pair (z_c, z_h) between 0 and 1, but got {zoneout!r}")
+    return float(pair[0]), float(pair[1])
+
+
 def _check_probability(name, value, what):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"{name} is the probability of dropping each {what}, between 0 and 1, "
@@ -194,22 +215,38 @@ class LSTM(_GateInit, nn.RNNBase):
       ``i, f, g, o = W_ih x_t + b_ih + W_hh (m * h_{t-1}) + b_hh`` (h_0 included); the
       outputs and h_n are the unmasked h. Applied inside the fused kernels, forward and
       backward. In eval mode no mask (its expectation). Inter-layer ``dropout`` is unchanged
-      and combines with it."""
+      and combines with it.
+    - ``zoneout=(z_c, z_h)`` (or one number for both): zoneout (Krueger et al. 2016, "Zoneout:
+      Regularizing RNNs by Randomly Preserving Hidden Activations"). In training each unit of
+      each sequence keeps its previous value at each step with probability z:
+      ``c_t = d^c_t * c_{t-1} + (1 - d^c_t) * (f_t * c_{t-1} + i_t * g_t)`` and
+      ``h_t = d^h_t * h_{t-1} + (1 - d^h_t) * (o_t * tanh(f_t * c_{t-1} + i_t * g_t))``
+      (projected by ``W_hr`` first where ``proj_size`` is set), the masks d 1 with probability
+      z, else 0, fresh for every step, sequence, unit, layer and direction. In eval mode d is
+      its expectation z: ``c_t = z_c c_{t-1} + (1 - z_c) c~_t``, and h likewise. The outputs
+      are the zoned-out h; inside the fused kernels, forward and backward. Unlike the dropout
+      options this changes the eval-mode function: ONNX export writes it as a Scan (the
+      ONNX LSTM operator lacks it), and ``to_torch()`` and the int8 conversion refuse such a
+      module."""
 
     weight_drop = 0.0  # modules pickled before the options existed
     recurrent_dropout = 0.0
+    zoneout = (0.0, 0.0)
 
     def __init__(self, *args, forget_bias=0.0, init="default", chrono_max_len=None,
-                 weight_drop=0.0, recurrent_dropout=0.0, **kwargs):
+                 weight_drop=0.0, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
         self.weight_drop = _check_probability("weight_drop", weight_drop, "recurrent weight")
         self.recurrent_dropout = _check_probability(
             "recurrent_dropout", recurrent_dropout, "unit of h entering the recurrence")
+        self.zoneout = _check_zoneout(zoneout)
         self._set_gate_init(forget_bias, init, chrono_max_len)
 
     def extra_repr(self):
         extras = "".join(f", {name}={getattr(self, name)}"
                          for name in ("weight_drop", "recurrent_dropout") if getattr(self, name))
+        if any(self.zoneout):
+            extras += f", zoneout={self.zoneout}"
         return super().extra_repr() + self._gate_init_repr() + extras
 
     # torch.jit.script calls this on every module it meets before compiling it.
@@ -226,7 +263,14 @@ class LSTM(_GateInit, nn.RNNBase):
         return _convert(module, cls)
 
     def to_torch(self) -> nn.LSTM:
-        """A torch.nn.LSTM copy of this module (configuration, weights, device, dtype, mode)."""
+        """A torch.nn.LSTM copy of this module (configuration, weights, device, dtype, mode).
+        Refused with zoneout, whose eval-mode update nn.LSTM lacks (the dropout options have
+        none in eval mode and are left behind)."""
+        if any(self.zoneout):
+            raise ValueError(
+                f"to_torch(): torch.nn.LSTM has no zoneout, and zoneout={self.zoneout} changes "
+                f"this module's eval-mode output (c_t = z c_(t-1) + (1 - z) c~_t), so the copy "
+                f"would compute something else; copy the weights by state_dict if that is meant")
         return _convert(self, nn.LSTM)
 
     def forward(self, input, hx=None):
@@ -313,13 +357,13 @@ class LSTM(_GateInit, nn.RNNBase):
                 for index in range(first, first + num_directions):
                     w = weights[index * per_direction:(index + 1) * per_direction]
                     biases = (w[2], w[3]) if self.bias else (None, None)
-                    w_hr = (w[-1],) if self.proj_size > 0 else ()
-                    directions.append((w[0], w[1], *biases, *w_hr))
+                    w_hr = w[-1] if self.proj_size > 0 else None
+                    directions.append((w[0], w[1], *biases, w_hr))
                 h0_layer = h0[first:first + num_directions]
                 c0_layer = c0[first:first + num_directions]
-                if self.proj_size > 0:
+                if self.proj_size > 0 or any(self.zoneout):
                     layer_input, h, c = _onnx.lstm_layer_scan(
-                        layer_input, h0_layer, c0_layer, directions)
+                        layer_input, h0_layer, c0_layer, directions, self.zoneout)
                 else:
                     layer_input, h, c = _onnx.lstm_layer(
                         layer_input, h0_layer, c0_layer, directions, self.hidden_size, self.bias)
@@ -339,9 +383,13 @@ class LSTM(_GateInit, nn.RNNBase):
                 if self.training and self.recurrent_dropout > 0:
                     mask = _recurrent_mask(h0.shape[1], h0.shape[2], self.recurrent_dropout,
                                            layer_input)
+                rows = layer_input.shape[0] * (1 if batch_sizes is not None else h0.shape[1])
+                zoneout_cell, zoneout_hidden = (
+                    _zoneout_weights(rows, size, z, layer_input, self.training)
+                    for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
                 output, h, c = ops.layer_forward(
                     layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
-                    batch_sizes, direction == 1, training, mask,
+                    batch_sizes, direction == 1, training, mask, zoneout_cell, zoneout_hidden,
                 )
                 outputs.append(output)
                 h_n.append(h)

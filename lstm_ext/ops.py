@@ -14,13 +14,15 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
-                  reverse=False, training=True, recurrent_mask=None):
+                  reverse=False, training=True, recurrent_mask=None, zoneout_cell=None,
+                  zoneout_hidden=None):
     """One LSTM layer in one direction over a whole sequence; see csrc/ops.cpp for the layout.
-    recurrent_mask (B, R), in math_dtype(input.dtype), multiplies h before every W_hh
-    product. Returns (output, h_n, c_n)."""
+    The variants' tensors, in math_dtype(input.dtype): recurrent_mask (B, R) multiplies h
+    before every W_hh product; zoneout_cell (N or 1, H) and zoneout_hidden (N or 1, R) weigh
+    the previous state, c = d c_prev + (1 - d) c~ (h likewise). Returns (output, h_n, c_n)."""
     output, h_n, c_n, *_ = _ops.lstm_layer_forward(
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training,
-        recurrent_mask
+        recurrent_mask, zoneout_cell, zoneout_hidden
     )
     return output, h_n, c_n
 
@@ -37,7 +39,7 @@ def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True)
 
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")
 def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                        training, recurrent_mask=None):
+                        training, recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None):
     hidden_size = w_hh.shape[0] // 4
     output_size = w_hh.shape[1]
     torch._check(input.dim() == (2 if batch_sizes is not None else 3),
@@ -72,7 +74,8 @@ def _grad_like(input, tensor, wanted):
 @torch.library.register_fake("lstm_ext::lstm_layer_backward")
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes,
                          gates, cell_prev, hidden_prev, hidden_raw, reverse, has_bias, input_grad,
-                         weight_grads, recurrent_mask=None):
+                         weight_grads, recurrent_mask=None, zoneout_cell=None,
+                         zoneout_hidden=None):
     hidden_size = w_hh.shape[0] // 4
     bias_shape = (4 * hidden_size,) if has_bias and weight_grads else (0,)
     return (
@@ -126,7 +129,8 @@ def cell_update(gates, c, w_hr=None):
 
 
 def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
-                            batch_sizes=None, reverse=False, recurrent_mask=None):
+                            batch_sizes=None, reverse=False, recurrent_mask=None,
+                            zoneout_cell=None, zoneout_hidden=None):
     """The layer op written with plain differentiable torch ops, step by step. Too slow for
     ordinary use; it serves double backward, whose graph autograd builds through these ops."""
     if batch_sizes is None:
@@ -148,6 +152,14 @@ def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
         h_in = h[:n] if recurrent_mask is None else (h[:n] * recurrent_mask[:n]).to(h.dtype)
         h_new, c_new = cell_update(gates_x[offsets[t]:offsets[t] + n] + h_in @ w_hh.t(),
                                    c[:n], w_hr)
+        for d, new, old in ((zoneout_cell, "c", c), (zoneout_hidden, "h", h)):
+            if d is not None:
+                d = d[offsets[t]:offsets[t] + n] if d.shape[0] > 1 else d
+                value = d * old[:n] + (1 - d) * (c_new if new == "c" else h_new)
+                if new == "c":
+                    c_new = value.to(c.dtype)
+                else:
+                    h_new = value.to(h.dtype)
         outputs[t] = h_new
         h = torch.cat([h_new, h[n:]])
         c = torch.cat([c_new, c[n:]])
@@ -182,40 +194,41 @@ def _creates_graph():
 
 def _layer_setup_context(ctx, inputs, output):
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training,
-     recurrent_mask) = inputs
+     recurrent_mask, zoneout_cell, zoneout_hidden) = inputs
     _, _, _, gates, cell_prev, hidden_prev, hidden_raw = output
     ctx.mark_non_differentiable(gates, cell_prev, hidden_prev, hidden_raw)
     # Unused outputs get None rather than zero-filled gradients the size of the saved tensors.
     ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates,
-                          cell_prev, hidden_prev, hidden_raw, recurrent_mask)
+                          cell_prev, hidden_prev, hidden_raw, recurrent_mask, zoneout_cell,
+                          zoneout_hidden)
 
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates, cell_prev, hidden_prev,
-     hidden_raw, recurrent_mask) = ctx.saved_tensors
+     hidden_raw, recurrent_mask, zoneout_cell, zoneout_hidden) = ctx.saved_tensors
+    variants = (recurrent_mask, zoneout_cell, zoneout_hidden)
     needs = ctx.needs_input_grad
     if grad_output is None and grad_h_n is None and grad_c_n is None:
-        return (None,) * 12
+        return (None,) * 14
     if _creates_graph():
         grads = _differentiable_grads(
-            lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse,
-                                                  recurrent_mask),
+            lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse, *variants),
             (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_output, grad_h_n, grad_c_n),
         )
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
         _ops.lstm_layer_backward(
             grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, gates,
             cell_prev, hidden_prev, hidden_raw, ctx.reverse,
-            b_ih is not None or b_hh is not None, needs[0], any(needs[3:8]), recurrent_mask,
+            b_ih is not None or b_hh is not None, needs[0], any(needs[3:8]), *variants,
         )
     )
     grads = (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, grad_w_hr)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 6)
 
 
 torch.library.register_autograd(

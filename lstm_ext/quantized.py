@@ -86,14 +86,25 @@ class _Int8Weights:
         return self._buffers[name + "_scale"]
 
 
+def _why_not_convertible(module):
+    """Why a float LSTM or LSTMCell cannot have int8 weights, or None."""
+    weight = next(module.parameters())
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return (f"int8 weights are for float32 modules on the CPU; this one is {weight.dtype} "
+                f"on {weight.device}: move it with .float().cpu() first")
+    if any(getattr(module, "zoneout", ())):
+        return (f"its zoneout={module.zoneout} changes the eval-mode update, which the int8 "
+                f"LSTM does not have")
+    return None
+
+
 def _check_float_cpu(module, kinds):
     if not isinstance(module, kinds):
         raise TypeError(f"from_float takes one of {[k.__name__ for k in kinds]}, got "
                         f"{type(module).__name__}")
-    weight = next(module.parameters())
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        raise ValueError(f"int8 weights are for float32 modules on the CPU; this one is "
-                         f"{weight.dtype} on {weight.device}: move it with .float().cpu() first")
+    reason = _why_not_convertible(module)
+    if reason:
+        raise ValueError(reason)
 
 
 class QuantizedLSTM(_Int8Weights, LSTM):
@@ -240,10 +251,9 @@ def quantize_dynamic(model, inplace=False):
 def _convertible(module, name):
     if type(module) not in _INT8_VERSIONS:
         return False
-    weight = next(module.parameters())
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        warnings.warn(f"lstm_ext.quantize_dynamic left {name} in float: its weights are "
-                      f"{weight.dtype} on {weight.device}, not float32 on the CPU", stacklevel=3)
+    reason = _why_not_convertible(module)
+    if reason:
+        warnings.warn(f"lstm_ext.quantize_dynamic left {name} in float: {reason}", stacklevel=3)
         return False
     return True
 

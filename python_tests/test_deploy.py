@@ -66,18 +66,20 @@ def test_jit_script_is_refused_with_what_to_use_instead(make):
     assert "torch.jit.trace" in str(error.value) and "torch.export" in str(error.value)
 
 
-def export_tagger():
+def export_tagger(**options):
     torch.manual_seed(0)
-    model = Tagger().eval()
+    model = Tagger(**options).eval()
     steps, batch = torch.export.Dim("steps", min=2, max=4096), torch.export.Dim("batch", max=1024)
     program = torch.export.export(model, (torch.randint(0, 20, (6, 3)),),
                                   dynamic_shapes={"tokens": {0: steps, 1: batch}})
     return model, program
 
 
-def test_torch_export_with_dynamic_length_and_batch():
-    """nn.LSTM specialises the sequence length under torch.export; ours keeps both dynamic."""
-    model, program = export_tagger()
+@pytest.mark.parametrize("options", [{}, {"zoneout": (0.2, 0.1)}], ids=["plain", "zoneout"])
+def test_torch_export_with_dynamic_length_and_batch(options):
+    """nn.LSTM specialises the sequence length under torch.export; ours keeps both dynamic,
+    and zoneout's eval-mode update (which ONNX export refuses) with them."""
+    model, program = export_tagger(**options)
     for shape in ((9, 2), (3, 7), (6, 3)):
         tokens = torch.randint(0, 20, shape)
         for got, want in zip(program.module()(tokens), model(tokens)):

@@ -266,24 +266,35 @@ def test_tied_weights_with_a_projection_train(corpus_file, tmp_path):
     assert model.lstm.weight_hr_l0.shape == (12, 24)
 
 
-@pytest.mark.parametrize("option", ["weight_drop", "recurrent_dropout"])
+@pytest.mark.parametrize("option, value, kept", [
+    ("weight_drop", "0.3", 0.3), ("recurrent_dropout", "0.3", 0.3),
+    ("zoneout", "0.1,0.05", (0.1, 0.05))])
 def test_an_lstm_variant_trains_is_kept_in_the_checkpoint_and_is_refused_for_torch(
-        corpus_file, tmp_path, capsys, option):
+        corpus_file, tmp_path, capsys, option, value, kept):
     flag = "--" + option.replace("_", "-")
-    out = tmp_path / "dropped"
+    out = tmp_path / "variant"
     assert cli.main(["train", "--data", str(corpus_file), "--layers", "1", "--hidden", "24",
                      "--emb", "12", "--bptt", "16", "--batch-size", "8", "--lr", "2e-2",
-                     "--max-steps", "40", "--eval-every", "20", flag, "0.3",
+                     "--max-steps", "40", "--eval-every", "20", flag, value,
                      "--out", str(out), "--no-progress"]) == 0
     records = metrics(out)
     assert records[-1]["valid_loss"] < records[0]["valid_loss"]
     payload = lm_checkpoint.load_checkpoint(out)
-    assert payload["config"][option] == 0.3
+    assert payload["config"][option] == kept
     model, _, _ = lm_checkpoint.model_from_checkpoint(payload)
-    assert getattr(model.lstm, option) == 0.3
+    assert getattr(model.lstm, option) == kept
+    # Resuming with the same setting given again is the same run.
+    assert cli.main(["train", "--resume", str(out), "--max-steps", "45", flag, value,
+                     "--no-progress"]) == 0
     assert cli.main(["train", "--data", str(corpus_file), "--impl", "torch", flag,
-                     "0.3", "--out", str(tmp_path / "torch"), "--no-progress"]) == 2
+                     value, "--out", str(tmp_path / "torch"), "--no-progress"]) == 2
     assert f"{flag} needs --impl ext" in capsys.readouterr().err
+
+
+def test_a_bad_zoneout_flag_says_what_it_expects(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--zoneout", "0.1,2"])
+    assert "expected Z_C,Z_H" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "aoti"])

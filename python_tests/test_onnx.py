@@ -121,3 +121,26 @@ def test_a_projection_exports_as_onnx_scans_and_matches_eager(tmp_path, layers, 
         assert got.shape == tuple(want.shape)
         error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
         assert error <= 1e-5, error
+
+
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_zoneout_exports_as_onnx_scans_of_its_eval_update(tmp_path, proj_size):
+    """Zoneout's eval-mode update (c = z c_prev + (1 - z) c~, h likewise) is not the ONNX LSTM
+    operator's: the layer becomes Scans, and matches eager eval."""
+    torch.manual_seed(2)
+    lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, proj_size=proj_size,
+                         zoneout=(0.3, 0.2)).eval()
+    model = Wrapper(lstm, with_state=False).eval()
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    other = [torch.randn(9, 4, 5)]
+    graph, outputs = run_onnx(model, [torch.randn(6, 3, 5)], {"x": {0: steps, 1: batch}},
+                              tmp_path / "zoneout.onnx", other)
+    op_types = [node.op_type for node in graph.node]
+    assert op_types.count("Scan") == 4 and "LSTM" not in op_types
+    plain = lstm_ext.LSTM(5, 8, 2, bidirectional=True, proj_size=proj_size).eval()
+    plain.load_state_dict(lstm.state_dict())
+    for got, want, without in zip(outputs, model(*other), Wrapper(plain, False)(*other)):
+        want = want.detach()
+        error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
+        assert error <= 1e-5, error
+        assert (want - without).abs().max() > 0.05 * want.abs().max()  # zoneout counts

@@ -1,9 +1,10 @@
 """The LSTM variants nn.LSTM lacks, each against a pure-PyTorch reference of its paper's
 equations. Weight drop (DropConnect on W_hh, AWD-LSTM): nn.LSTM run with W_hh * M / (1 - p)
-for the masks the module drew. Recurrent dropout (Gal & Ghahramani): a cell loop written
-here with m * h_{t-1} entering every W_hh product. For each: outputs and every gradient in
-fp64, on the fused recurrence and on the step loop; the masks' rate, freshness and
-repeatability; eval mode; torch.compile; errors; state_dict; the driver's option."""
+for the masks the module drew. Recurrent dropout (Gal & Ghahramani) and zoneout (Krueger et
+al.): a cell loop written here, with m * h_{t-1} entering every W_hh product and
+c_t = d c_{t-1} + (1 - d) c~_t (h likewise). For each: outputs and every gradient in fp64, on
+the fused recurrence and on the step loop; the masks' rate, freshness and repeatability; eval
+mode; torch.compile; errors; state_dict; the driver's option."""
 
 import copy
 
@@ -151,29 +152,51 @@ def test_bad_weight_drop_is_refused_with_what_to_fix(value):
         lstm_ext.LSTM(4, 8, weight_drop=value)
 
 
-@pytest.mark.parametrize("option", ["weight_drop", "recurrent_dropout"])
-def test_the_drivers_variant_options(option):
-    model = build_model(TrainConfig(hidden=8, emb=4, **{option: 0.3}), 10)
-    assert getattr(model.lstm, option) == 0.3
+@pytest.mark.parametrize("option, value", [
+    ("weight_drop", 0.3), ("recurrent_dropout", 0.3), ("zoneout", (0.1, 0.05))])
+def test_the_drivers_variant_options(option, value):
+    model = build_model(TrainConfig(hidden=8, emb=4, **{option: value}), 10)
+    assert getattr(model.lstm, option) == value
     with pytest.raises(ValueError, match="--" + option.replace("_", "-")):
-        build_model(TrainConfig(impl="torch", hidden=8, emb=4, **{option: 0.3}), 10)
+        build_model(TrainConfig(impl="torch", hidden=8, emb=4, **{option: value}), 10)
 
 
 def recurrent_masks(module, batch, p, seed, dtype=torch.float64):
     """The recurrent-dropout masks a module seeded with `seed` draws, in its order (layer by
     layer, direction by direction), each (batch, proj_size or hidden), 1 / (1 - p) where a
     uniform draw is at least p, else 0."""
+    return [masks[0] for masks in variant_masks(module, batch, 0, seed, dtype,
+                                                recurrent_dropout=p)]
+
+
+def variant_masks(module, batch, rows, seed, dtype=torch.float64, recurrent_dropout=0.0,
+                  zoneout=(0.0, 0.0)):
+    """Per layer-direction, in the module's order, the masks it draws when seeded with `seed`:
+    (recurrent mask or None, zoneout d of c or None, d of h or None); d is (rows, size), 1
+    where a uniform draw is below z."""
     torch.manual_seed(seed)
     directions = 2 if module.bidirectional else 1
     size = module.proj_size or module.hidden_size
-    return [(torch.rand(batch, size, dtype=dtype) >= p).to(dtype) / (1 - p)
-            for _ in range(module.num_layers * directions)]
+    drawn = []
+    for _ in range(module.num_layers * directions):
+        mask = None
+        if recurrent_dropout:
+            keep = torch.rand(batch, size, dtype=dtype) >= recurrent_dropout
+            mask = keep.to(dtype) / (1 - recurrent_dropout)
+        zones = [(torch.rand(rows, columns, dtype=dtype) < z).to(dtype) if z else None
+                 for z, columns in zip(zoneout, (module.hidden_size, size))]
+        drawn.append((mask, *zones))
+    return drawn
 
 
-class RecurrentDropoutReference(nn.Module):
-    """Gal & Ghahramani's LSTM as a plain cell loop over nn.LSTM's parameters: at every step
-    i, f, g, o = W_ih x_t + b_ih + W_hh (m * h_{t-1}) + b_hh with the layer-direction's mask m
-    (rows in the order of the batch the LSTM runs on: sorted, for packed input)."""
+class CellLoopReference(nn.Module):
+    """An LSTM with recurrent dropout and zoneout as a plain cell loop over nn.LSTM's
+    parameters. Per layer-direction `masks` holds (m, d_c, d_h), any of them None: every step
+    computes i, f, g, o = W_ih x_t + b_ih + W_hh (m * h_{t-1}) + b_hh (Gal & Ghahramani), then
+    c_t = d_c c_{t-1} + (1 - d_c) c~_t and h_t = d_h h_{t-1} + (1 - d_h) h~_t (Krueger et
+    al.), h~_t = o tanh(c~_t) (projected where proj_size is set). m has a row per sequence and
+    d a row per row of data, both in the order the LSTM runs them (time-major, sorted by
+    length for packed input); a d of one row serves every step (eval mode)."""
 
     def __init__(self, lstm, masks):
         super().__init__()
@@ -208,18 +231,26 @@ class RecurrentDropoutReference(nn.Module):
                 w_ih, w_hh = params["weight_ih" + suffix], params["weight_hh" + suffix]
                 bias = params["bias_ih" + suffix] + params["bias_hh" + suffix]
                 w_hr = params.get("weight_hr" + suffix)
-                h, c, mask = h0[index], c0[index], self.masks[index]
+                h, c = h0[index], c0[index]
+                mask, d_c, d_h = self.masks[index]
                 steps = range(len(sizes) - 1, -1, -1) if direction else range(len(sizes))
                 out = [None] * len(sizes)
                 for t in steps:
-                    n = sizes[t]
-                    x_t = layer_input[offsets[t]:offsets[t] + n]
-                    gates = x_t @ w_ih.t() + (mask[:n] * h[:n]) @ w_hh.t() + bias
+                    n, rows = sizes[t], slice(offsets[t], offsets[t] + sizes[t])
+                    x_t = layer_input[rows]
+                    h_in = h[:n] if mask is None else mask[:n] * h[:n]
+                    gates = x_t @ w_ih.t() + h_in @ w_hh.t() + bias
                     i, f, g, o = gates.chunk(4, 1)
                     c_t = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
                     h_t = torch.sigmoid(o) * torch.tanh(c_t)
                     if w_hr is not None:
                         h_t = h_t @ w_hr.t()
+                    if d_c is not None:
+                        d = d_c[rows] if len(d_c) > 1 else d_c
+                        c_t = d * c[:n] + (1 - d) * c_t
+                    if d_h is not None:
+                        d = d_h[rows] if len(d_h) > 1 else d_h
+                        h_t = d * h[:n] + (1 - d) * h_t
                     out[t] = h_t
                     h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
                 outputs.append(torch.cat(out))
@@ -255,59 +286,75 @@ def test_recurrent_dropout_is_the_cell_loop_with_the_masks_drawn(config, kind, p
     masks = recurrent_masks(reference, batch, 0.4, seed=7)
     torch.manual_seed(7)
     actual = case.run(ours)
-    expected = case.run(RecurrentDropoutReference(reference, masks))
+    expected = case.run(CellLoopReference(reference, [(m, None, None) for m in masks]))
     compare(actual, expected, 1e-10)
     # A wrong mask would not show if the masks dropped nothing (or everything).
     assert all(bool((m == 0).any()) and bool((m != 0).any()) for m in masks)
 
 
-def test_the_recurrent_dropout_reference_is_nn_lstm_without_masks():
+def test_the_cell_loop_reference_is_nn_lstm_without_masks_and_frozen_with_full_zoneout():
     """The reference cell loop itself, checked where its answer is known."""
     torch.manual_seed(0)
     reference = nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3,
                         dtype=torch.float64)
     case = Case(reference, "packed_unsorted", steps=6, batch=4)
-    ones = [torch.ones(4, 3, dtype=torch.float64)] * 4
-    compare(case.run(RecurrentDropoutReference(reference, ones)), case.run(reference), 1e-12)
+    ones = [(torch.ones(4, 3, dtype=torch.float64), torch.zeros(1, 7, dtype=torch.float64),
+             torch.zeros(1, 3, dtype=torch.float64))] * 4
+    compare(case.run(CellLoopReference(reference, ones)), case.run(reference), 1e-12)
+    frozen = [(None, torch.ones(1, 7, dtype=torch.float64),
+               torch.ones(1, 3, dtype=torch.float64))] * 4
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    h0, c0 = torch.randn(4, 4, 3, dtype=torch.float64), torch.randn(4, 4, 7, dtype=torch.float64)
+    output, (h_n, c_n) = CellLoopReference(reference, frozen)(x, (h0, c0))
+    assert torch.equal(h_n, h0) and torch.equal(c_n, c0)
+    assert torch.equal(output[:, :, :3], h0[2].expand(6, 4, 3))
 
 
+@pytest.mark.parametrize("variant", ["recurrent_mask", "zoneout", "zoneout_eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 64), (3, 64), (32, 70)], ids=str)
-def test_recurrent_mask_of_the_op_in_fp32_and_bf16(dtype, shape, monkeypatch):
-    """The op's mask in the kernels' other forms (direct dot products at one or three rows,
-    panels with a partial block at 32 rows, bf16 storage) against the fp64 reference, training
-    and inference; the error matches the same call without a mask."""
+def test_the_ops_variants_in_fp32_and_bf16(dtype, shape, variant):
+    """The variants' tensors in the kernels' other forms (direct dot products at one or three
+    rows, panels with a partial block at 32 rows, bf16 storage) against the fp64 reference,
+    training and inference; the error matches the same call without them."""
     batch, hidden = shape
     torch.manual_seed(1)
     steps, features = 7, 10
     tensors = [torch.randn(steps, batch, features), torch.randn(batch, hidden),
                torch.randn(batch, hidden), torch.randn(4 * hidden, features) * 0.2,
                torch.randn(4 * hidden, hidden) * 0.2, torch.randn(4 * hidden)]
-    drawn = ((torch.rand(batch, hidden) >= 0.3) / 0.7).float()
+    rows = steps * batch
+    drawn = {
+        "recurrent_mask": {"recurrent_mask": ((torch.rand(batch, hidden) >= 0.3) / 0.7).float()},
+        "zoneout": {"zoneout_cell": (torch.rand(rows, hidden) < 0.3).float(),
+                    "zoneout_hidden": (torch.rand(rows, hidden) < 0.2).float()},
+        "zoneout_eval": {"zoneout_cell": torch.full((1, hidden), 0.3),
+                         "zoneout_hidden": torch.full((1, hidden), 0.2)},
+    }[variant]
 
-    def errors(mask):
+    def errors(variants):
         def run(function, run_dtype, **kwargs):
             args = [t.to(run_dtype).requires_grad_() for t in tensors]
-            outputs = function(*args, None, None, None, False, recurrent_mask=mask.to(
-                ops.math_dtype(run_dtype)), **kwargs)
+            math = {name: t.to(ops.math_dtype(run_dtype)) for name, t in variants.items()}
+            outputs = function(*args, None, None, None, False, **math, **kwargs)
             loss = sum((o.double() * w).sum() for o, w in zip(outputs, weights))
-            grads = torch.autograd.grad(loss, [args[0], args[1], args[4]])
+            grads = torch.autograd.grad(loss, [args[0], args[1], args[2], args[4]])
             return [t.double() for t in (*outputs, *grads)]
 
         expected = run(ops.reference_layer_forward, torch.float64)
         actual = run(ops.layer_forward, dtype, training=True)
         with torch.no_grad():
+            math = {name: t.to(ops.math_dtype(dtype)) for name, t in variants.items()}
             inference = [t.double() for t in ops.layer_forward(
-                *[t.to(dtype) for t in tensors], None, None, None, False, False,
-                mask.to(ops.math_dtype(dtype)))]
+                *[t.to(dtype) for t in tensors], None, None, None, False, False, **math)]
         return max(rel_error(a, e) for a, e in zip(actual + inference, expected + expected[:3]))
 
     weights = [torch.randn(s, dtype=torch.float64) for s in
                [(steps, batch, hidden), (batch, hidden), (batch, hidden)]]
-    with_mask, without = errors(drawn), errors(torch.ones(batch, hidden))
+    with_variant, without = errors(drawn), errors({})
     bound = 1e-5 if dtype == torch.float32 else 2e-2
-    assert with_mask < bound and without < bound
-    assert with_mask < 3 * without + 1e-6
+    assert with_variant < bound and without < bound
+    assert with_variant < 3 * without + 1e-6
 
 
 def test_recurrent_dropout_masks_drop_at_the_rate_asked_afresh_each_forward_and_repeat_by_seed():
@@ -377,7 +424,7 @@ def test_recurrent_dropout_under_autocast_follows_the_fp64_reference():
     actual = case.run(ours, dtype=torch.float32, autocast=True)
     assert actual["output"].dtype == torch.bfloat16
     masks = recurrent_masks(reference, 5, 0.25, seed=4, dtype=torch.float32)
-    expected = case.run(RecurrentDropoutReference(reference, [m.double() for m in masks]))
+    expected = case.run(CellLoopReference(reference, [(m.double(), None, None) for m in masks]))
     errors = compare(actual, expected, 5e-2)
     assert errors["output"] < 2e-2
 
@@ -428,3 +475,152 @@ def test_variants_run_in_a_module_of_low_precision(option, dtype):
     assert output.dtype == h_n.dtype == c_n.dtype == dtype
     output.float().sum().backward()
     assert x.grad.dtype == dtype and x.grad.isfinite().all()
+
+
+def case_rows(case):
+    """Rows of data the LSTM runs for a case (T * B, or the packed total)."""
+    if case.kind.startswith("packed"):
+        return sum(len(leaf) for leaf in case.leaves)
+    return case.leaves[0].shape[0] * case.leaves[0].shape[1] if case.kind != "unbatched" \
+        else case.leaves[0].shape[0]
+
+
+@pytest.mark.parametrize("path", ["recurrence", "step_loop"])
+@pytest.mark.parametrize("kind", ["padded", "packed_unsorted", "unbatched"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_zoneout_is_the_cell_loop_with_the_masks_drawn(config, kind, path, monkeypatch):
+    """Training (fresh d per step, sequence and unit; with recurrent dropout too, whose mask
+    is drawn first) and eval (d = z), fp64, outputs and every gradient, both CPU paths."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "recurrence" else "0")
+    torch.manual_seed(0)
+    reference = nn.LSTM(**config, dtype=torch.float64)
+    ours = lstm_ext.LSTM(**config, zoneout=(0.3, 0.2), recurrent_dropout=0.25,
+                         dtype=torch.float64)
+    ours.load_state_dict(reference.state_dict())
+    case = Case(reference, kind, steps=6, batch=4)
+    batch, rows = (1 if kind == "unbatched" else 4), case_rows(case)
+    masks = variant_masks(reference, batch, rows, seed=7, recurrent_dropout=0.25,
+                          zoneout=(0.3, 0.2))
+    torch.manual_seed(7)
+    compare(case.run(ours), case.run(CellLoopReference(reference, masks)), 1e-10)
+    drawn = torch.cat([d.flatten() for m in masks for d in m[1:]])
+    assert (drawn == 1).any() and (drawn == 0).any()
+
+    size = reference.proj_size or reference.hidden_size
+    expectation = [(None, torch.full((1, reference.hidden_size), 0.3, dtype=torch.float64),
+                    torch.full((1, size), 0.2, dtype=torch.float64))] * len(masks)
+    compare(case.run(ours.eval()), case.run(CellLoopReference(reference, expectation)), 1e-10)
+
+
+def test_zoneout_keeps_each_unit_at_the_rate_asked_afresh_each_forward_and_repeats_by_seed():
+    """An output unit equal to its value one step before was zoned out (a new value equal to
+    the old to the last bit does not happen with random weights)."""
+    module = lstm_ext.LSTM(8, 64, num_layers=2, bidirectional=True, zoneout=(0.0, 0.3))
+    x = torch.randn(6, 100, 8)
+
+    def kept(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            output = module(x)[0]
+        return output[1:] == output[:-1]
+
+    first, second, repeat = kept(1), kept(2), kept(1)
+    assert abs(first.double().mean().item() - 0.3) < 0.02
+    assert not torch.equal(first, second)
+    assert torch.equal(first, repeat)
+    # Each step and direction draws afresh.
+    assert not torch.equal(first[0], first[1])
+    assert not torch.equal(first[..., :64], first[..., 64:])
+    with torch.no_grad():  # eval: the expectation, where nothing is kept exactly
+        output = module.eval()(x)[0]
+    assert not (output[1:] == output[:-1]).any()
+
+
+def test_zoneout_of_one_freezes_the_state_and_of_zero_is_the_plain_lstm():
+    torch.manual_seed(0)
+    frozen = lstm_ext.LSTM(3, 5, zoneout=1.0)
+    plain = lstm_ext.LSTM(3, 5)
+    plain.load_state_dict(frozen.state_dict())
+    x = torch.randn(4, 2, 3)
+    h0, c0 = torch.randn(1, 2, 5), torch.randn(1, 2, 5)
+    for mode in (frozen.train(), frozen.eval()):
+        output, (h_n, c_n) = mode(x, (h0, c0))
+        assert torch.equal(output, h0.expand(4, 2, 5))
+        assert torch.equal(h_n, h0) and torch.equal(c_n, c0)
+    zero = lstm_ext.LSTM(3, 5, zoneout=(0.0, 0.0))
+    zero.load_state_dict(plain.state_dict())
+    assert torch.equal(zero(x)[0], plain(x)[0])
+
+
+def test_zoneout_gradcheck_and_gradgradcheck():
+    module = lstm_ext.LSTM(3, 4, proj_size=2, zoneout=(0.4, 0.3), dtype=torch.float64)
+    weight = module.weight_hh_l0.detach().clone().requires_grad_()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 2, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(x, weight, h0, c0):
+        torch.manual_seed(3)  # the same masks for every evaluation
+        output, (h, c) = torch.func.functional_call(module, {"weight_hh_l0": weight},
+                                                    (x, (h0, c0)))
+        return output, h, c
+
+    assert torch.autograd.gradcheck(run, (x, weight, h0, c0))
+    assert torch.autograd.gradgradcheck(run, (x, weight, h0, c0))
+
+
+def test_zoneout_under_autocast_follows_the_fp64_reference():
+    torch.manual_seed(0)
+    reference = nn.LSTM(6, 32, num_layers=2, dtype=torch.float64)
+    ours = lstm_ext.LSTM(6, 32, num_layers=2, zoneout=(0.2, 0.1))
+    ours.load_state_dict(reference.state_dict())
+    case = Case(reference, "padded", steps=8, batch=5)
+    torch.manual_seed(4)
+    actual = case.run(ours, dtype=torch.float32, autocast=True)
+    assert actual["output"].dtype == torch.bfloat16
+    masks = variant_masks(reference, 5, 40, seed=4, dtype=torch.float32, zoneout=(0.2, 0.1))
+    doubled = [tuple(None if m is None else m.double() for m in masks) for masks in masks]
+    errors = compare(actual, case.run(CellLoopReference(reference, doubled)), 5e-2)
+    assert errors["output"] < 2e-2
+
+
+def test_zoneout_compiles_and_keeps_its_state_dict():
+    torch.manual_seed(0)
+    module = lstm_ext.LSTM(4, 32, zoneout=(0.1, 0.05))
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(5, 3, 4)
+    compiled(x)[0].sum().backward()
+    assert module.weight_hh_l0.grad.ne(0).any()
+    compiled.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(x)[0], module.eval()(x)[0], atol=1e-6)
+    assert module.state_dict().keys() == nn.LSTM(4, 32).state_dict().keys()
+    assert "zoneout=(0.1, 0.05)" in repr(module)
+    assert copy.deepcopy(module).zoneout == (0.1, 0.05)
+    assert lstm_ext.LSTM(4, 8, zoneout=0.2).zoneout == (0.2, 0.2)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "0.5", True, (0.1,), (0.1, 0.2, 0.3)])
+def test_bad_zoneout_is_refused_with_what_to_fix(value):
+    with pytest.raises(ValueError, match="zoneout is the probability"):
+        lstm_ext.LSTM(4, 8, zoneout=value)
+
+
+def test_a_module_with_zoneout_is_not_silently_turned_into_something_else():
+    """Zoneout changes the eval-mode function, which nn.LSTM lacks."""
+    module = lstm_ext.LSTM(4, 8, zoneout=0.1)
+    with pytest.raises(ValueError, match="torch.nn.LSTM has no zoneout"):
+        module.to_torch()
+    assert type(lstm_ext.LSTM(4, 8, recurrent_dropout=0.1).to_torch()) is nn.LSTM
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(zoneout_cell=torch.ones(5, 6)), r"zoneout_cell of shape \[8, 6\]"),
+    (dict(zoneout_hidden=torch.ones(8, 5)), r"zoneout_hidden of shape \[8, 6\]"),
+    (dict(zoneout_cell=torch.ones(1, 6, dtype=torch.float64)), "must have the math dtype"),
+])
+def test_bad_zoneout_tensors_are_refused_by_the_op(bad, message):
+    args = [torch.randn(4, 2, 3), torch.randn(2, 6), torch.randn(2, 6), torch.randn(24, 3),
+            torch.randn(24, 6)]
+    with pytest.raises(RuntimeError, match=message):
+        ops.layer_forward(*args, **bad)

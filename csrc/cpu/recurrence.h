@@ -346,7 +346,25 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           if (a.cell_prev_saved) {
             std::memcpy(a.cell_prev_saved + row * H + j0, c, n_units * sizeof(acc_t));
           }
+          alignas(64) acc_t c_before[V];
+          if (a.zoneout_cell) std::memcpy(c_before, c, n_units * sizeof(acc_t));
           forward_cells<acc_t>(n_units, V, z, c, h);
+          // Zoneout keeps part of the previous state: c = d c_prev + (1 - d) c~, and h the
+          // same with the h that entered the step (stored, unmasked).
+          if (a.zoneout_cell) {
+            const acc_t* d = a.zoneout_cell + row * a.zoneout_cell_stride + j0;
+            for (int64_t v = 0; v < n_units; ++v) {
+              c[v] = d[v] * c_before[v] + (acc_t(1) - d[v]) * c[v];
+            }
+          }
+          if (a.zoneout_hidden) {
+            const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride + j0;
+            const scalar_t* h_before = r < prev_rows ? a.output + (prev_offset + r) * H + j0
+                                                     : a.hidden_state + r * H + j0;
+            for (int64_t v = 0; v < n_units; ++v) {
+              h[v] = d[v] * cast<acc_t>(h_before[v]) + (acc_t(1) - d[v]) * h[v];
+            }
+          }
           if (a.save_gates) {
             for (int g = 0; g < 4; ++g) convert_n(z + g * V, gate_row + g * H + j0, n_units);
           }
@@ -511,9 +529,12 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           scalar_t* grad_h = a.grad_hidden + r * H + u0;
           // The carried dh reached h through the recurrent-dropout mask, if any.
           const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + r * H + u0 : nullptr;
+          // With zoneout of h, d dh of the step after reaches h directly too.
+          acc_t* carry = a.zoneout_carry ? a.zoneout_carry + r * H + u0 : nullptr;
           if (r >= rows) {  // this sequence's first step is behind us: p is its grad of h0
             for (int64_t u = 0; u < n_units; ++u) {
-              grad_h[u] = cast<scalar_t>(mask ? p[u] * mask[u] : p[u]);
+              grad_h[u] = cast<scalar_t>((mask ? p[u] * mask[u] : p[u]) +
+                                         (carry ? carry[u] : acc_t(0)));
             }
             continue;
           }
@@ -522,16 +543,38 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           for (int64_t u = 0; u < n_units; ++u) {
             const acc_t from_output =
                 a.grad_output ? cast<acc_t>(a.grad_output[row * H + u0 + u]) : acc_t(0);
-            const acc_t carried_u = mask ? p[u] * mask[u] : p[u];
+            const acc_t carried_u =
+                (mask ? p[u] * mask[u] : p[u]) + (carry ? carry[u] : acc_t(0));
             const acc_t from_next = r < prev_rows ? carried_u : cast<acc_t>(grad_h[u]);
             dh[u] = from_output + from_next;
+          }
+          // Zoneout: of dh, d goes straight to the previous step's h and 1 - d into this
+          // step's cell; of dc, d to the previous c, and 1 - d through the cell update.
+          if (carry) {
+            const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride + u0;
+            for (int64_t u = 0; u < n_units; ++u) {
+              carry[u] = d[u] * dh[u];
+              dh[u] *= acc_t(1) - d[u];
+            }
+          }
+          acc_t* dc = a.grad_cell + r * H + u0;
+          const acc_t* d_cell =
+              a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + u0 : nullptr;
+          alignas(64) acc_t dc_total[U];
+          if (d_cell) {
+            for (int64_t u = 0; u < n_units; ++u) {
+              dc_total[u] = dc[u];
+              dc[u] *= acc_t(1) - d_cell[u];
+            }
           }
           alignas(64) acc_t z[4 * U];
           acc_t* dz = tile_grads + i * 4 * U;
           const scalar_t* gate_row = a.gates + row * G;
           for (int g = 0; g < 4; ++g) convert_n(gate_row + g * H + u0, z + g * U, n_units);
-          backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh,
-                                a.grad_cell + r * H + u0, dz);
+          backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh, dc, dz);
+          if (d_cell) {
+            for (int64_t u = 0; u < n_units; ++u) dc[u] += d_cell[u] * dc_total[u];
+          }
           // Stored in the storage type, and read back rounded for the next step's product.
           scalar_t* grad_row = a.grad_gates + row * G;
           acc_t* work_row = grad_next + r * G;

@@ -16,6 +16,20 @@ from .generate import generate
 from .train import evaluate, quality, train
 
 
+def _zoneout_pair(text):
+    """--zoneout Z_C,Z_H or Z (both)."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not all(0 <= value <= 1 for value in values):
+        raise argparse.ArgumentTypeError(
+            f"expected Z_C,Z_H (or one Z for both), probabilities between 0 and 1, got {text!r}")
+    return values
+
+
 def _add_train_arguments(parser, given_only=False):
     """The train command's options; with `given_only`, none has a default, so that parsing
     shows which ones the command line gave (what a --resume may change)."""
@@ -50,6 +64,10 @@ def _add_train_arguments(parser, given_only=False):
         help="variational dropout on the h entering each recurrent product, one mask per "
         "sequence for all its steps (Gal & Ghahramani 2016; Keras's recurrent_dropout); "
         "--impl ext only")
+    add("--zoneout", type=_zoneout_pair, default=defaults.zoneout, metavar="Z_C,Z_H",
+        help="zoneout (Krueger et al. 2016): each unit keeps its previous c (h) with "
+        "probability Z_C (Z_H) at each step in training, the expectation in eval; one number "
+        "for both; --impl ext only")
     add("--bptt", type=int, default=defaults.bptt, help="steps per truncated-BPTT window")
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,

@@ -28,6 +28,7 @@ class TrainConfig:
     forget_bias: float = 0.0    # added to the forget gates' bias at initialisation
     weight_drop: float = 0.0    # DropConnect rate on the LSTM's recurrent weights (ext only)
     recurrent_dropout: float = 0.0  # Gal & Ghahramani's dropout on h_{t-1} (ext only)
+    zoneout: tuple = (0.0, 0.0)  # (z_c, z_h), Krueger et al.'s zoneout (ext only)
     bptt: int = 128
     batch_size: int = 64
     optimizer: str = "adamw"
@@ -50,7 +51,10 @@ class TrainConfig:
 def config_from_dict(values):
     """A TrainConfig from a dict with possibly more keys (argparse's namespace, a checkpoint)."""
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+    values = {k: v for k, v in values.items() if k in names}
+    if "zoneout" in values:  # a list once saved as JSON
+        values["zoneout"] = tuple(values["zoneout"])
+    return TrainConfig(**values)
 
 
 def check_config(config):
