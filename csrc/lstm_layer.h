@@ -28,6 +28,7 @@
 
 #include "gemm_plan.h"
 #include "lstm_common.h"
+#include "op_signatures.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -123,6 +124,7 @@ struct SequenceForward : SequenceLayout {
   int64_t zoneout_cell_stride;
   const acc_t* zoneout_hidden;
   int64_t zoneout_hidden_stride;
+  scalar_t* cells;             // (N, H): c after each step, or null
   // Workspace, allocated by the device kernel that runs this: the forward panels, and h in
   // the math type: [h0, h of even steps, h of odd steps], each (B, H).
   acc_t* panel;
@@ -150,6 +152,7 @@ struct SequenceBackward : SequenceLayout {
   const acc_t* zoneout_hidden;
   int64_t zoneout_hidden_stride;
   acc_t* zoneout_carry;  // with zoneout_hidden, (B, H): d * dh of the step after, per sequence
+  const scalar_t* grad_cells;  // (N, H): gradient of the c after each step, or null
   // Workspace: the backward panels of blocks [in_place_blocks, blocks) (the first ones read
   // W_hh in place), the gate gradients of the last two steps in the math type, 2 x (B, 4H),
   // and per thread the dh carried into a step for one block of units.
@@ -188,8 +191,7 @@ class AtenStepProduct final : public StepProduct {
   at::Tensor weight_;
 };
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                 at::Tensor, at::Tensor>;
+using ForwardResult = LayerForwardResult;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor, at::Tensor>;
 
@@ -207,7 +209,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
                             bool training, const std::optional<at::Tensor>& recurrent_mask,
                             const std::optional<at::Tensor>& zoneout_cell,
-                            const std::optional<at::Tensor>& zoneout_hidden) {
+                            const std::optional<at::Tensor>& zoneout_hidden, bool return_cells) {
   constexpr const char* op = "lstm_layer_forward";
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   check_state(op, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
@@ -250,6 +252,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   SavedForBackward saved;
   saved.cell_prev = at::empty({training ? s.rows : 0, H}, acc_options);
   saved.hidden_prev = at::empty({training ? s.rows : 0, s.output_size}, options);
+  at::Tensor cells = at::empty({return_cells ? s.rows : 0, H}, options);
   // Without training only the current step's h before projection is needed.
   at::Tensor hidden_raw =
       at::empty({s.has_projection ? (training ? s.rows : s.batch) : 0, H}, options);
@@ -273,6 +276,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       sequence.zoneout_cell_stride = zoneout_stride(zone_c);
       sequence.zoneout_hidden = zone_h.has_value() ? zone_h->const_data_ptr<acc_t>() : nullptr;
       sequence.zoneout_hidden_stride = zoneout_stride(zone_h);
+      sequence.cells = return_cells ? cells.data_ptr<scalar_t>() : nullptr;
       if (offer_fused_input) {
         sequence.input = x.const_data_ptr<scalar_t>();
         sequence.input_size = s.input_size;
@@ -352,6 +356,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
         y.copy_(d * h_before + (1 - d) * y);
         h_prev.copy_(y);
       }
+      if (return_cells) cells.narrow(0, offset, rows).copy_(c_state.narrow(0, 0, rows));
     }
   });
 
@@ -364,7 +369,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
     saved.hidden_raw = at::empty({0, H}, options);
   }
   const at::Tensor y = s.packed ? output : output.view({s.steps, s.batch, s.output_size});
-  return {y, h_state, c_n, saved.gates, saved.cell_prev, saved.hidden_prev, saved.hidden_raw};
+  if (return_cells && !s.packed) cells = cells.view({s.steps, s.batch, H});
+  return {y, h_state, c_n, saved.gates, saved.cell_prev, saved.hidden_prev, saved.hidden_raw,
+          cells};
 }
 
 // Gradients of one layer-direction; an absent grad_output counts as zero.
@@ -382,7 +389,8 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
                               bool reverse, bool has_bias, bool input_grad, bool weight_grads,
                               const std::optional<at::Tensor>& recurrent_mask,
                               const std::optional<at::Tensor>& zoneout_cell,
-                              const std::optional<at::Tensor>& zoneout_hidden) {
+                              const std::optional<at::Tensor>& zoneout_hidden,
+                              const std::optional<at::Tensor>& grad_cells) {
   constexpr const char* op = "lstm_layer_backward";
   // The kernels read the saved tensors through raw row pointers, so any other layout (a caller,
   // or a compiled graph, may pass one) is made contiguous first: a no-op for what forward saved.
@@ -409,6 +417,14 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
                 "grad_output");
     check_same_dtype_and_device(op, input, *grad_output, "grad_output");
     grad_y = grad_output->reshape({s.rows, R}).contiguous();
+  }
+  at::Tensor grad_c_seq;
+  if (grad_cells.has_value()) {
+    check_shape(op, *grad_cells, s.packed ? at::IntArrayRef{s.rows, H}
+                                          : at::IntArrayRef{s.steps, s.batch, H},
+                "grad_cells");
+    check_same_dtype_and_device(op, input, *grad_cells, "grad_cells");
+    grad_c_seq = grad_cells->reshape({s.rows, H}).contiguous();
   }
   // dh and dc flowing backwards through time, one row per sequence.
   check_state(op, s, input, grad_h_n, grad_c_n, "grad_h_n", "grad_c_n");
@@ -449,6 +465,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.zoneout_hidden_stride = zoneout_stride(zone_h);
       const at::Tensor carry = at::empty({zone_h.has_value() ? s.batch : 0, H}, acc_options);
       sequence.zoneout_carry = zone_h.has_value() ? carry.data_ptr<acc_t>() : nullptr;
+      sequence.grad_cells = grad_c_seq.defined() ? grad_c_seq.const_data_ptr<scalar_t>() : nullptr;
       if (Kernels::template backward_sequence<scalar_t>(sequence)) return;
       grad_gates_t = at::Tensor();  // not written: the step loop below runs instead
     }
@@ -461,6 +478,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       const int64_t offset = s.step_offset[t];
       if (rows == 0) continue;
       at::Tensor grad_h_rows = grad_h.narrow(0, 0, rows);
+      if (grad_c_seq.defined()) grad_c.narrow(0, 0, rows).add_(grad_c_seq.narrow(0, offset, rows));
       // Zoneout: h = d h_prev + (1 - d) h~ sends d dh to the previous step directly and
       // (1 - d) dh into this step's cell (or projection); c likewise.
       at::Tensor dh_total, dh_new;

@@ -10,9 +10,12 @@
 
 namespace lstm_ext {
 
+// output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, cells
+using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                      at::Tensor, at::Tensor, at::Tensor>;
+
 using LayerForwardSignature =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-               at::Tensor>(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+    LayerForwardResult(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                            const at::Tensor& w_ih, const at::Tensor& w_hh,
                            const std::optional<at::Tensor>& b_ih,
                            const std::optional<at::Tensor>& b_hh,
@@ -20,7 +23,7 @@ using LayerForwardSignature =
                            const std::optional<at::Tensor>& batch_sizes, bool reverse,
                            bool training, const std::optional<at::Tensor>& recurrent_mask,
                            const std::optional<at::Tensor>& zoneout_cell,
-                           const std::optional<at::Tensor>& zoneout_hidden);
+                           const std::optional<at::Tensor>& zoneout_hidden, bool return_cells);
 
 using LayerBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                           at::Tensor, at::Tensor, at::Tensor>(
@@ -31,7 +34,7 @@ using LayerBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at
     const at::Tensor& cell_prev, const at::Tensor& hidden_prev, const at::Tensor& hidden_raw,
     bool reverse, bool has_bias, bool input_grad, bool weight_grads,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden);
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& grad_cells);
 
 inline const c10::TypedOperatorHandle<LayerForwardSignature>& layer_forward_op() {
   static const auto handle = c10::Dispatcher::singleton()

@@ -23,8 +23,6 @@ using CellForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
 using CellBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                      at::Tensor, at::Tensor>;
 
 // One step is a layer call with T = 1, through the dispatcher so that it reaches whichever
 // device kernel the inputs live on.
@@ -35,10 +33,10 @@ CellForwardResult cell_forward(const at::Tensor& input, const at::Tensor& hx,
   TORCH_CHECK(input.dim() == 2,
               "lstm_cell_forward: expected input of shape (batch, input_size), got ",
               input.sizes());
-  auto [output, h, c, gates, cell_prev, hidden_prev, hidden_raw] =
+  auto [output, h, c, gates, cell_prev, hidden_prev, hidden_raw, cells] =
       layer_forward_op().call(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt,
                               std::nullopt, /*reverse=*/false, training, std::nullopt,
-                              std::nullopt, std::nullopt);
+                              std::nullopt, std::nullopt, /*return_cells=*/false);
   return {h, c, gates, cell_prev};
 }
 
@@ -52,7 +50,7 @@ LayerForwardResult layer_forward_autocast(
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden) {
+    const std::optional<at::Tensor>& zoneout_hidden, bool return_cells) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
@@ -61,7 +59,8 @@ LayerForwardResult layer_forward_autocast(
   };
   return layer_forward_op().call(cast(input), cast(h0), cast(c0), cast(w_ih), cast(w_hh),
                                  cast(b_ih), cast(b_hh), cast(w_hr), batch_sizes, reverse,
-                                 training, recurrent_mask, zoneout_cell, zoneout_hidden);
+                                 training, recurrent_mask, zoneout_cell, zoneout_hidden,
+                                 return_cells);
 }
 
 // LSTMCell under torch.autocast follows ATen's lists for aten::lstm_cell, as nn.LSTMCell
@@ -100,7 +99,7 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
       layer_backward_op().call(std::nullopt, grad_h, grad_c, input.unsqueeze(0), w_ih, w_hh,
                                std::nullopt, std::nullopt, gates, cell_prev, hx, no_projection,
                                /*reverse=*/false, has_bias, input_grad, weight_grads,
-                               std::nullopt, std::nullopt, std::nullopt);
+                               std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   if (input_grad) grad_input = grad_input.squeeze(0);
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
@@ -115,24 +114,27 @@ TORCH_LIBRARY(lstm_ext, m) {
   // the projection (N, H; empty without w_hr). The variants, in the math dtype where given:
   // recurrent_mask (B, R) multiplies h before every W_hh product (recurrent dropout;
   // hidden_prev is h times it); zoneout_cell (N or 1, H) and zoneout_hidden (N or 1, R) are
-  // zoneout's weights d of the previous state, c = d c_prev + (1 - d) c~ (h likewise).
+  // zoneout's weights d of the previous state, c = d c_prev + (1 - d) c~ (h likewise). With
+  // return_cells, cells is c after every step (N, H) like output, else empty.
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
       "bool training, Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, "
-      "Tensor? zoneout_hidden=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
-      "Tensor cell_prev, Tensor hidden_prev, Tensor hidden_raw)");
+      "Tensor? zoneout_hidden=None, bool return_cells=False) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n, Tensor gates, Tensor cell_prev, Tensor hidden_prev, Tensor hidden_raw, "
+      "Tensor cells)");
   // Gradients of lstm_layer_forward; an absent grad_output counts as zero. Returns
   // (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); grad_bias is
   // the gradient of b_ih and of b_hh alike. Gradients not asked for (input_grad,
   // weight_grads) or without a parameter (has_bias, w_hr) are empty. The variants' tensors
-  // are the forward's.
+  // are the forward's; grad_cells, where given, is the gradient of its cells (N, H).
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "Tensor gates, Tensor cell_prev, Tensor hidden_prev, Tensor hidden_raw, bool reverse, "
       "bool has_bias, bool input_grad, bool weight_grads, Tensor? recurrent_mask=None, "
-      "Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) -> (Tensor grad_input, "
+      "Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None, Tensor? grad_cells=None) -> ("
+      "Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_w_hr)");
   // One step of an LSTMCell: input (B, I), hx and cx (B, H). Returns h', c', then what

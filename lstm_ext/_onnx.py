@@ -49,17 +49,19 @@ def lstm_layer(layer_input, h0, c0, directions, hidden_size, has_bias):
     return output, y_h, y_c
 
 
-def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0)):
-    """One layer, each direction an ONNX Scan over time (for a projection, or zoneout).
+def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0), return_cells=False):
+    """One layer, each direction an ONNX Scan over time (for a projection, zoneout or the cell
+    sequence, which the ONNX LSTM operator lacks).
 
     layer_input: (T, B, I); h0: (directions, B, P), c0: (directions, B, H); `directions`:
     per direction its (w_ih, w_hh, b_ih, b_hh, w_hr) (biases None and w_hr None where
     absent); zoneout: (z_c, z_h), applied as its eval-mode expectation. Returns the layer's
-    output (T, B, directions * P) and its final h and c."""
+    output (T, B, directions * P), its final h and c, and with return_cells the c of every
+    step (T, B, directions * H)."""
     z_c, z_h = zoneout
     from torch._higher_order_ops.scan import scan  # torch.scan's home, a prototype upstream
 
-    outputs, h_n, c_n = [], [], []
+    outputs, cells, h_n, c_n = [], [], [], []
     for index, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(directions):
         gates_x = layer_input @ w_ih.t()
         if b_ih is not None:
@@ -71,14 +73,17 @@ def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0)):
                 c = z_c * carry[1] + (1 - z_c) * c
             if z_h:
                 h = z_h * carry[0] + (1 - z_h) * h
-            return (h, c), h.clone()  # a scan output may not alias its carry
+            return (h, c), (h.clone(), c.clone())  # a scan output may not alias its carry
 
-        (h, c), output = scan(step, (h0[index], c0[index]), gates_x, reverse=index == 1)
+        (h, c), (output, cell) = scan(step, (h0[index], c0[index]), gates_x,
+                                      reverse=index == 1)
         outputs.append(output)
+        cells.append(cell)
         h_n.append(h)
         c_n.append(c)
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-    return output, torch.stack(h_n), torch.stack(c_n)
+    output = torch.cat(outputs, dim=-1)
+    extra = [torch.cat(cells, dim=-1)] if return_cells else []
+    return output, torch.stack(h_n), torch.stack(c_n), *extra
 
 
 def check_exportable(module, packed):

@@ -227,19 +227,29 @@ class LSTM(_GateInit, nn.RNNBase):
       are the zoned-out h; inside the fused kernels, forward and backward. Unlike the dropout
       options this changes the eval-mode function: ONNX export writes it as a Scan (the
       ONNX LSTM operator lacks it), and ``to_torch()`` and the int8 conversion refuse such a
-      module."""
+      module.
+    - ``return_cell_sequence=True``: forward returns ``output, (h_n, c_n), cells``, cells being
+      the last layer's c_t of every step laid out as ``output`` is (padded, ``batch_first``,
+      unbatched or a PackedSequence; both directions concatenated), with ``hidden_size``
+      features per direction; gradients flow through it. nn.LSTM gives only c_n."""
 
     weight_drop = 0.0  # modules pickled before the options existed
     recurrent_dropout = 0.0
     zoneout = (0.0, 0.0)
+    return_cell_sequence = False
 
     def __init__(self, *args, forget_bias=0.0, init="default", chrono_max_len=None,
-                 weight_drop=0.0, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+                 weight_drop=0.0, recurrent_dropout=0.0, zoneout=0.0,
+                 return_cell_sequence=False, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
         self.weight_drop = _check_probability("weight_drop", weight_drop, "recurrent weight")
         self.recurrent_dropout = _check_probability(
             "recurrent_dropout", recurrent_dropout, "unit of h entering the recurrence")
         self.zoneout = _check_zoneout(zoneout)
+        if not isinstance(return_cell_sequence, bool):
+            raise ValueError(f"return_cell_sequence is True or False, got "
+                             f"{return_cell_sequence!r}")
+        self.return_cell_sequence = return_cell_sequence
         self._set_gate_init(forget_bias, init, chrono_max_len)
 
     def extra_repr(self):
@@ -247,6 +257,8 @@ class LSTM(_GateInit, nn.RNNBase):
                          for name in ("weight_drop", "recurrent_dropout") if getattr(self, name))
         if any(self.zoneout):
             extras += f", zoneout={self.zoneout}"
+        if self.return_cell_sequence:
+            extras += ", return_cell_sequence=True"
         return super().extra_repr() + self._gate_init_repr() + extras
 
     # torch.jit.script calls this on every module it meets before compiling it.
@@ -271,6 +283,11 @@ class LSTM(_GateInit, nn.RNNBase):
                 f"to_torch(): torch.nn.LSTM has no zoneout, and zoneout={self.zoneout} changes "
                 f"this module's eval-mode output (c_t = z c_(t-1) + (1 - z) c~_t), so the copy "
                 f"would compute something else; copy the weights by state_dict if that is meant")
+        if self.return_cell_sequence:
+            raise ValueError(
+                "to_torch(): torch.nn.LSTM cannot return the cell sequence "
+                "(return_cell_sequence=True), so the copy would return something else; copy the "
+                "weights by state_dict if that is meant")
         return _convert(self, nn.LSTM)
 
     def forward(self, input, hx=None):
@@ -321,16 +338,19 @@ class LSTM(_GateInit, nn.RNNBase):
 
         if not packed and self.batch_first:
             data = data.transpose(0, 1)
-        output, h_n, c_n = self._run_layers(data, batch_sizes, weights, *hx)
+        output, h_n, c_n, *cells = self._run_layers(data, batch_sizes, weights, *hx)
 
+        # The cell sequence, where asked for, is laid out as the output.
         if packed:
-            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-            return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+            sequences = [PackedSequence(t, batch_sizes, sorted_indices, unsorted_indices)
+                         for t in (output, *cells)]
+            return sequences[0], self.permute_hidden((h_n, c_n), unsorted_indices), *sequences[1:]
         if self.batch_first:
-            output = output.transpose(0, 1)
+            output, *cells = (t.transpose(0, 1) for t in (output, *cells))
         if not is_batched:
-            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
-        return output, (h_n, c_n)
+            output, *cells = (t.squeeze(batch_dim) for t in (output, *cells))
+            return output, (h_n.squeeze(1), c_n.squeeze(1)), *cells
+        return output, (h_n, c_n), *cells
 
     def _current_weights(self):
         # Read from the parameter dict on every call: always current (assignment, load_state_dict
@@ -361,16 +381,19 @@ class LSTM(_GateInit, nn.RNNBase):
                     directions.append((w[0], w[1], *biases, w_hr))
                 h0_layer = h0[first:first + num_directions]
                 c0_layer = c0[first:first + num_directions]
-                if self.proj_size > 0 or any(self.zoneout):
-                    layer_input, h, c = _onnx.lstm_layer_scan(
-                        layer_input, h0_layer, c0_layer, directions, self.zoneout)
+                return_cells = self.return_cell_sequence and layer == self.num_layers - 1
+                cell_sequences = []
+                if self.proj_size > 0 or any(self.zoneout) or return_cells:
+                    layer_input, h, c, *cell_sequences = _onnx.lstm_layer_scan(
+                        layer_input, h0_layer, c0_layer, directions, self.zoneout,
+                        return_cells)
                 else:
                     layer_input, h, c = _onnx.lstm_layer(
                         layer_input, h0_layer, c0_layer, directions, self.hidden_size, self.bias)
                 h_n += list(h)
                 c_n += list(c)
                 continue
-            outputs = []
+            outputs, cell_sequences = [], []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
                 w = weights[index * per_direction:(index + 1) * per_direction]
@@ -387,15 +410,19 @@ class LSTM(_GateInit, nn.RNNBase):
                 zoneout_cell, zoneout_hidden = (
                     _zoneout_weights(rows, size, z, layer_input, self.training)
                     for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
-                output, h, c = ops.layer_forward(
+                return_cells = self.return_cell_sequence and layer == self.num_layers - 1
+                output, h, c, *cells = ops.layer_forward(
                     layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
                     batch_sizes, direction == 1, training, mask, zoneout_cell, zoneout_hidden,
+                    return_cells,
                 )
                 outputs.append(output)
+                cell_sequences += cells
                 h_n.append(h)
                 c_n.append(c)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
-        return layer_input, torch.stack(h_n), torch.stack(c_n)
+        cells = [torch.cat(cell_sequences, dim=-1)] if cell_sequences else []
+        return layer_input, torch.stack(h_n), torch.stack(c_n), *cells
 
 
 class LSTMCell(_GateInit, nn.RNNCellBase):

@@ -15,16 +15,17 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
                   reverse=False, training=True, recurrent_mask=None, zoneout_cell=None,
-                  zoneout_hidden=None):
+                  zoneout_hidden=None, return_cells=False):
     """One LSTM layer in one direction over a whole sequence; see csrc/ops.cpp for the layout.
     The variants' tensors, in math_dtype(input.dtype): recurrent_mask (B, R) multiplies h
     before every W_hh product; zoneout_cell (N or 1, H) and zoneout_hidden (N or 1, R) weigh
-    the previous state, c = d c_prev + (1 - d) c~ (h likewise). Returns (output, h_n, c_n)."""
-    output, h_n, c_n, *_ = _ops.lstm_layer_forward(
+    the previous state, c = d c_prev + (1 - d) c~ (h likewise). Returns (output, h_n, c_n),
+    and with return_cells the c of every step, shaped like output with H features."""
+    output, h_n, c_n, _, _, _, _, cells = _ops.lstm_layer_forward(
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training,
-        recurrent_mask, zoneout_cell, zoneout_hidden
+        recurrent_mask, zoneout_cell, zoneout_hidden, return_cells
     )
-    return output, h_n, c_n
+    return (output, h_n, c_n, cells) if return_cells else (output, h_n, c_n)
 
 
 def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
@@ -39,7 +40,8 @@ def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True)
 
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")
 def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                        training, recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None):
+                        training, recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None,
+                        return_cells=False):
     hidden_size = w_hh.shape[0] // 4
     output_size = w_hh.shape[1]
     torch._check(input.dim() == (2 if batch_sizes is not None else 3),
@@ -56,7 +58,9 @@ def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
     cell_prev = input.new_empty((saved_rows, hidden_size), dtype=math_dtype(input.dtype))
     hidden_prev = input.new_empty((saved_rows, output_size))
     hidden_raw = input.new_empty((saved_rows if w_hr is not None else 0, hidden_size))
-    return output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw
+    cells = (input.new_empty((*input.shape[:-1], hidden_size)) if return_cells
+             else input.new_empty((0, hidden_size)))
+    return output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, cells
 
 
 @torch.library.register_fake("lstm_ext::lstm_int8_layer_forward")
@@ -75,7 +79,7 @@ def _grad_like(input, tensor, wanted):
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes,
                          gates, cell_prev, hidden_prev, hidden_raw, reverse, has_bias, input_grad,
                          weight_grads, recurrent_mask=None, zoneout_cell=None,
-                         zoneout_hidden=None):
+                         zoneout_hidden=None, grad_cells=None):
     hidden_size = w_hh.shape[0] // 4
     bias_shape = (4 * hidden_size,) if has_bias and weight_grads else (0,)
     return (
@@ -130,7 +134,7 @@ def cell_update(gates, c, w_hr=None):
 
 def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
                             batch_sizes=None, reverse=False, recurrent_mask=None,
-                            zoneout_cell=None, zoneout_hidden=None):
+                            zoneout_cell=None, zoneout_hidden=None, return_cells=False):
     """The layer op written with plain differentiable torch ops, step by step. Too slow for
     ordinary use; it serves double backward, whose graph autograd builds through these ops."""
     if batch_sizes is None:
@@ -146,7 +150,7 @@ def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
         if bias is not None:
             gates_x = gates_x + bias
     h, c = h0, c0
-    outputs = [None] * steps
+    outputs, cells = [None] * steps, [None] * steps
     for t in reversed(range(steps)) if reverse else range(steps):
         n = sizes[t]
         h_in = h[:n] if recurrent_mask is None else (h[:n] * recurrent_mask[:n]).to(h.dtype)
@@ -160,13 +164,14 @@ def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
                     c_new = value.to(c.dtype)
                 else:
                     h_new = value.to(h.dtype)
-        outputs[t] = h_new
+        outputs[t], cells[t] = h_new, c_new
         h = torch.cat([h_new, h[n:]])
         c = torch.cat([c_new, c[n:]])
-    output = torch.cat(outputs)
+    output, cell_sequence = torch.cat(outputs), torch.cat(cells)
     if batch_sizes is None:
         output = output.view(steps, sizes[0], -1)
-    return output, h, c
+        cell_sequence = cell_sequence.view(steps, sizes[0], -1)
+    return (output, h, c, cell_sequence) if return_cells else (output, h, c)
 
 
 def _differentiable_grads(forward, inputs, grad_outputs):
@@ -194,8 +199,8 @@ def _creates_graph():
 
 def _layer_setup_context(ctx, inputs, output):
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training,
-     recurrent_mask, zoneout_cell, zoneout_hidden) = inputs
-    _, _, _, gates, cell_prev, hidden_prev, hidden_raw = output
+     recurrent_mask, zoneout_cell, zoneout_hidden, return_cells) = inputs
+    _, _, _, gates, cell_prev, hidden_prev, hidden_raw, _ = output
     ctx.mark_non_differentiable(gates, cell_prev, hidden_prev, hidden_raw)
     # Unused outputs get None rather than zero-filled gradients the size of the saved tensors.
     ctx.set_materialize_grads(False)
@@ -205,19 +210,24 @@ def _layer_setup_context(ctx, inputs, output):
                           zoneout_hidden)
 
 
-def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
+def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cell_prev, _hidden_prev,
+                    _hidden_raw, grad_cells):
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates, cell_prev, hidden_prev,
      hidden_raw, recurrent_mask, zoneout_cell, zoneout_hidden) = ctx.saved_tensors
     variants = (recurrent_mask, zoneout_cell, zoneout_hidden)
     needs = ctx.needs_input_grad
-    if grad_output is None and grad_h_n is None and grad_c_n is None:
-        return (None,) * 14
+    if grad_cells is not None and grad_cells.numel() == 0:
+        grad_cells = None  # the op ran without return_cells
+    if grad_output is None and grad_h_n is None and grad_c_n is None and grad_cells is None:
+        return (None,) * 15
     if _creates_graph():
         grads = _differentiable_grads(
-            lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse, *variants),
-            (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_output, grad_h_n, grad_c_n),
+            lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse, *variants,
+                                                  return_cells=grad_cells is not None),
+            (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
+            (grad_output, grad_h_n, grad_c_n, grad_cells),
         )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, *(None,) * 7)
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
@@ -225,10 +235,11 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
             grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, gates,
             cell_prev, hidden_prev, hidden_raw, ctx.reverse,
             b_ih is not None or b_hh is not None, needs[0], any(needs[3:8]), *variants,
+            grad_cells,
         )
     )
     grads = (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, grad_w_hr)
-    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 6)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 7)
 
 
 torch.library.register_autograd(

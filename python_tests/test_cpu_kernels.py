@@ -137,7 +137,7 @@ def layer_call(dtype, hidden=130, batch=37, steps=6, input_size=11, reverse=Fals
 
 def forward_and_backward(args):
     forward = OPS.lstm_layer_forward(*args)
-    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = forward
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, _ = forward
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = args
     generator = torch.Generator().manual_seed(3)
     grads = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype)

@@ -43,7 +43,7 @@ def test_opcheck_layer_ops_on_gpu(variant):
     args = layer_args(device=DEVICE, **variant)
     torch.library.opcheck(OPS.lstm_layer_forward, args)
     no_grad_args = layer_args(device=DEVICE, requires_grad=False, **variant)
-    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = OPS.lstm_layer_forward(
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, _ = OPS.lstm_layer_forward(
         *no_grad_args)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = no_grad_args
     torch.library.opcheck(OPS.lstm_layer_backward, [

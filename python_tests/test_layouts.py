@@ -79,7 +79,7 @@ def test_layer_backward_reads_every_argument_in_any_layout(variant, layouts, inp
                                                            weight_grads, dtype, seed):
     torch.manual_seed(seed)
     args = layer_args(requires_grad=False, dtype=dtype, **fix_proj(variant))
-    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = OPS.lstm_layer_forward(*args)
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, _ = OPS.lstm_layer_forward(*args)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = args
     backward_args = [
         torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh,

@@ -144,3 +144,32 @@ def test_zoneout_exports_as_onnx_scans_of_its_eval_update(tmp_path, proj_size):
         error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
         assert error <= 1e-5, error
         assert (want - without).abs().max() > 0.05 * want.abs().max()  # zoneout counts
+
+
+class CellsWrapper(nn.Module):
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        output, (h_n, c_n), cells = self.lstm(x)
+        return output, h_n, c_n, cells
+
+
+def test_the_cell_sequence_exports_as_onnx_scans(tmp_path):
+    """return_cell_sequence=True: the last layer's Scans also give c of every step."""
+    torch.manual_seed(3)
+    lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, return_cell_sequence=True).eval()
+    model = CellsWrapper(lstm).eval()
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    other = [torch.randn(9, 4, 5)]
+    graph, outputs = run_onnx(model, [torch.randn(6, 3, 5)], {"x": {0: steps, 1: batch}},
+                              tmp_path / "cells.onnx", other)
+    op_types = [node.op_type for node in graph.node]
+    assert op_types.count("LSTM") == 1 and op_types.count("Scan") == 2
+    expected = model(*other)
+    assert len(outputs) == 4 and outputs[3].shape == (9, 4, 16)
+    for got, want in zip(outputs, expected):
+        want = want.detach()
+        error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
+        assert error <= 1e-5, error

@@ -55,7 +55,7 @@ def test_opcheck_layer_forward(variant):
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_opcheck_layer_backward(variant):
     args = layer_args(requires_grad=False, **variant)
-    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = OPS.lstm_layer_forward(*args)
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, _ = OPS.lstm_layer_forward(*args)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = args
     for input_grad, weight_grads in [(True, True), (False, True), (True, False)]:
         backward_args = [
@@ -64,6 +64,37 @@ def test_opcheck_layer_backward(variant):
             b_ih is not None, input_grad, weight_grads,
         ]
         torch.library.opcheck(OPS.lstm_layer_backward, backward_args)
+
+
+def variant_args(args, eval_zoneout=False):
+    """The LSTM variants' op arguments for layer_args' call: a recurrent-dropout mask, zoneout
+    weights (per row in training, one row of expectations in eval) and return_cells."""
+    x, h0, c0, batch_sizes = args[0], args[1], args[2], args[8]
+    rows = x.shape[0] if batch_sizes is not None else x.shape[0] * x.shape[1]
+    mask = (torch.rand(h0.shape, dtype=h0.dtype) >= 0.3).to(h0.dtype) / 0.7
+    if eval_zoneout:
+        zoneout = [torch.full((1, t.shape[1]), 0.2, dtype=t.dtype) for t in (c0, h0)]
+    else:
+        zoneout = [(torch.rand(rows, t.shape[1], dtype=t.dtype) < 0.3).to(t.dtype)
+                   for t in (c0, h0)]
+    return [mask, *zoneout, True]
+
+
+@pytest.mark.parametrize("variant", [{}, {"packed": True, "reverse": True, "proj": 2}], ids=str)
+def test_opcheck_of_the_layer_ops_with_the_lstm_variants(variant):
+    for eval_zoneout in (False, True):
+        args = layer_args(**variant)
+        args += variant_args(args, eval_zoneout)
+        torch.library.opcheck(OPS.lstm_layer_forward, args)
+    args = layer_args(requires_grad=False, **variant)
+    extra = variant_args(args)
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, cells = OPS.lstm_layer_forward(
+        *args, *extra)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, _ = args
+    torch.library.opcheck(OPS.lstm_layer_backward, [
+        torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh,
+        w_hr, batch_sizes, gates, cell_prev, hidden_prev, hidden_raw, reverse, True, True, True,
+        *extra[:3], torch.randn_like(cells)])
 
 
 def check_every_output_element_written(variant, device, dtype):
@@ -77,7 +108,7 @@ def check_every_output_element_written(variant, device, dtype):
         results = dict(zip(names, forward))
         results.update(zip([f"eval {name}" for name in names[:3]],
                            OPS.lstm_layer_forward(*args[:-1], False)))
-        output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = forward
+        output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, _ = forward
         grad_names = ["grad_input", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_bias",
                       "grad_w_hr"]
         for grad_output in (torch.randn_like(output), None):
@@ -131,7 +162,7 @@ def check_weights_of_any_layout(layout, device, dtype, tolerance):
         actual = OPS.lstm_layer_forward(*relaid_args)
         for name, a, b in zip(["output", "h_n", "c_n", "gates"], actual, expected):
             torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
-        output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = expected
+        output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, _ = expected
         grads = [torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n)]
 
         def backward(call):
@@ -221,7 +252,7 @@ def test_reference_matches_kernel():
 
 def test_backward_without_saved_state_is_refused():
     args = layer_args(requires_grad=False, training=False)
-    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw = OPS.lstm_layer_forward(*args)
+    output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, _ = OPS.lstm_layer_forward(*args)
     x, h0, c0, w_ih, w_hh, *_ = args
     with pytest.raises(RuntimeError, match="training=True"):
         OPS.lstm_layer_backward(output, h_n, c_n, x, w_ih, w_hh, None, None, gates, cell_prev,

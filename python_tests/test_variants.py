@@ -196,11 +196,14 @@ class CellLoopReference(nn.Module):
     c_t = d_c c_{t-1} + (1 - d_c) c~_t and h_t = d_h h_{t-1} + (1 - d_h) h~_t (Krueger et
     al.), h~_t = o tanh(c~_t) (projected where proj_size is set). m has a row per sequence and
     d a row per row of data, both in the order the LSTM runs them (time-major, sorted by
-    length for packed input); a d of one row serves every step (eval mode)."""
+    length for packed input); a d of one row serves every step (eval mode). With
+    return_cells, the last layer's c_t of every step comes third, laid out as the output."""
 
-    def __init__(self, lstm, masks):
+    def __init__(self, lstm, masks=None, return_cells=False):
         super().__init__()
-        self.lstm, self.masks = lstm, masks
+        directions = 2 if lstm.bidirectional else 1
+        self.lstm, self.return_cells = lstm, return_cells
+        self.masks = masks or [(None, None, None)] * (lstm.num_layers * directions)
 
     def named_parameters(self, *args, **kwargs):
         return self.lstm.named_parameters(*args, **kwargs)
@@ -224,7 +227,7 @@ class CellLoopReference(nn.Module):
         params = dict(lstm.named_parameters())
         layer_input, h_n, c_n = data, [], []
         for layer in range(lstm.num_layers):
-            outputs = []
+            outputs, cell_sequences = [], []
             for direction in range(directions):
                 index = layer * directions + direction
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
@@ -234,7 +237,7 @@ class CellLoopReference(nn.Module):
                 h, c = h0[index], c0[index]
                 mask, d_c, d_h = self.masks[index]
                 steps = range(len(sizes) - 1, -1, -1) if direction else range(len(sizes))
-                out = [None] * len(sizes)
+                out, cells = [None] * len(sizes), [None] * len(sizes)
                 for t in steps:
                     n, rows = sizes[t], slice(offsets[t], offsets[t] + sizes[t])
                     x_t = layer_input[rows]
@@ -251,22 +254,27 @@ class CellLoopReference(nn.Module):
                     if d_h is not None:
                         d = d_h[rows] if len(d_h) > 1 else d_h
                         h_t = d * h[:n] + (1 - d) * h_t
-                    out[t] = h_t
+                    out[t], cells[t] = h_t, c_t
                     h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
                 outputs.append(torch.cat(out))
+                cell_sequences.append(torch.cat(cells))
                 h_n.append(h)
                 c_n.append(c)
             layer_input = torch.cat(outputs, dim=-1)
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        sequences = [layer_input] + [torch.cat(cell_sequences, dim=-1)] * self.return_cells
         if packed:
-            output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
-            return output, (h_n.index_select(1, unsorted_indices),
-                            c_n.index_select(1, unsorted_indices))
-        output = layer_input.view(len(sizes), sizes[0], -1)
-        output = output.transpose(0, 1) if lstm.batch_first else output
+            sequences = [PackedSequence(t, batch_sizes, sorted_indices, unsorted_indices)
+                         for t in sequences]
+            return sequences[0], (h_n.index_select(1, unsorted_indices),
+                                  c_n.index_select(1, unsorted_indices)), *sequences[1:]
+        sequences = [t.view(len(sizes), sizes[0], -1) for t in sequences]
+        if lstm.batch_first:
+            sequences = [t.transpose(0, 1) for t in sequences]
         if unbatched:
-            return output.squeeze(0 if lstm.batch_first else 1), (h_n[:, 0], c_n[:, 0])
-        return output, (h_n, c_n)
+            sequences = [t.squeeze(0 if lstm.batch_first else 1) for t in sequences]
+            return sequences[0], (h_n[:, 0], c_n[:, 0]), *sequences[1:]
+        return sequences[0], (h_n, c_n), *sequences[1:]
 
 
 @pytest.mark.parametrize("path", ["recurrence", "step_loop"])
@@ -624,3 +632,86 @@ def test_bad_zoneout_tensors_are_refused_by_the_op(bad, message):
             torch.randn(24, 6)]
     with pytest.raises(RuntimeError, match=message):
         ops.layer_forward(*args, **bad)
+
+
+def run_with_cells(module, case):
+    """Outputs (output, h_n, c_n, cells) and every gradient of a random weighting of them."""
+    input, state, leaves = case.inputs()
+    output, (h_n, c_n), cells = module(input, tuple(state))
+    if isinstance(output, PackedSequence):
+        assert isinstance(cells, PackedSequence)
+        assert torch.equal(cells.batch_sizes, output.batch_sizes)
+        output, cells = output.data, cells.data
+    generator = torch.Generator().manual_seed(99)
+    outputs = {"output": output, "h_n": h_n, "c_n": c_n, "cells": cells}
+    loss = sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum()
+               for t in outputs.values())
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    result = dict(outputs)
+    result.update({f"grad_input{i}": leaf.grad for i, leaf in enumerate(leaves)})
+    result["grad_h0"], result["grad_c0"] = state[0].grad, state[1].grad
+    result.update({f"grad_{name}": p.grad for name, p in module.named_parameters()})
+    return result
+
+
+@pytest.mark.parametrize("path", ["recurrence", "step_loop"])
+@pytest.mark.parametrize("kind", ["padded", "packed_unsorted", "unbatched"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_the_cell_sequence_is_every_steps_c_and_gradients_flow_through_it(config, kind, path,
+                                                                          monkeypatch):
+    """The last layer's c_t of every step, laid out as the output (batch_first, unbatched,
+    packed, both directions), fp64, with every gradient through it; with zoneout as well."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "recurrence" else "0")
+    torch.manual_seed(0)
+    reference = nn.LSTM(**config, dtype=torch.float64)
+    ours = lstm_ext.LSTM(**config, return_cell_sequence=True, dtype=torch.float64)
+    ours.load_state_dict(reference.state_dict())
+    case = Case(reference, kind, steps=6, batch=4)
+    compare(run_with_cells(ours, case),
+            run_with_cells(CellLoopReference(reference, return_cells=True), case), 1e-10)
+
+    zoned = lstm_ext.LSTM(**config, return_cell_sequence=True, zoneout=(0.3, 0.2),
+                          dtype=torch.float64)
+    zoned.load_state_dict(reference.state_dict())
+    masks = variant_masks(reference, 1 if kind == "unbatched" else 4, case_rows(case), seed=3,
+                          zoneout=(0.3, 0.2))
+    torch.manual_seed(3)
+    compare(run_with_cells(zoned, case),
+            run_with_cells(CellLoopReference(reference, masks, return_cells=True), case), 1e-10)
+
+
+def test_the_cell_sequence_ends_in_c_n_and_the_plain_outputs_are_unchanged():
+    torch.manual_seed(0)
+    ours = lstm_ext.LSTM(5, 7, num_layers=2, return_cell_sequence=True)
+    plain = lstm_ext.LSTM(5, 7, num_layers=2)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 3, 5)
+    output, (h_n, c_n), cells = ours(x)
+    expected, (expected_h, expected_c) = plain(x)
+    assert torch.equal(output, expected) and torch.equal(h_n, expected_h)
+    assert torch.equal(c_n, expected_c)
+    assert cells.shape == (6, 3, 7) and torch.equal(cells[-1], c_n[-1])
+    # h_t = o_t * tanh(c_t): |h| <= tanh|c| at every step.
+    assert (output.abs() <= cells.tanh().abs() + 1e-6).all()
+
+
+def test_the_cell_sequence_gradgradcheck_and_compile():
+    module = lstm_ext.LSTM(3, 4, return_cell_sequence=True, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: module(x)[2], (x,))
+    compiled = torch.compile(lstm_ext.LSTM(4, 8, return_cell_sequence=True), fullgraph=True)
+    cells = compiled(torch.randn(5, 2, 4))[2]
+    assert cells.shape == (5, 2, 8)
+    cells.sum().backward()
+
+
+def test_a_module_returning_the_cell_sequence_is_not_silently_converted():
+    module = lstm_ext.LSTM(4, 8, return_cell_sequence=True)
+    with pytest.raises(ValueError, match="cannot return the cell sequence"):
+        module.to_torch()
+    with pytest.warns(UserWarning, match="returns the cell sequence"):
+        assert type(lstm_ext.quantize_dynamic(module)) is lstm_ext.LSTM
+    with pytest.raises(ValueError, match="return_cell_sequence is True or False"):
+        lstm_ext.LSTM(4, 8, return_cell_sequence=1)
+    assert "return_cell_sequence=True" in repr(module)

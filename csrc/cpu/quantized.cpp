@@ -116,7 +116,8 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
       input, h0, c0, dequantized(w_ih, w_ih_scale), dequantized(w_hh, w_hh_scale), b_ih, b_hh,
       w_hr.has_value() ? std::optional<at::Tensor>(dequantized(*w_hr, *w_hr_scale))
                        : std::nullopt,
-      batch_sizes, reverse, /*training=*/false, std::nullopt, std::nullopt, std::nullopt);
+      batch_sizes, reverse, /*training=*/false, std::nullopt, std::nullopt, std::nullopt,
+      /*return_cells=*/false);
   return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
 }
 

@@ -365,6 +365,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
               h[v] = d[v] * cast<acc_t>(h_before[v]) + (acc_t(1) - d[v]) * h[v];
             }
           }
+          if (a.cells) convert_n(c, a.cells + row * H + j0, n_units);
           if (a.save_gates) {
             for (int g = 0; g < 4; ++g) convert_n(z + g * V, gate_row + g * H + j0, n_units);
           }
@@ -558,6 +559,11 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             }
           }
           acc_t* dc = a.grad_cell + r * H + u0;
+          if (a.grad_cells) {  // the gradient of this step's c as an output
+            for (int64_t u = 0; u < n_units; ++u) {
+              dc[u] += cast<acc_t>(a.grad_cells[row * H + u0 + u]);
+            }
+          }
           const acc_t* d_cell =
               a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + u0 : nullptr;
           alignas(64) acc_t dc_total[U];

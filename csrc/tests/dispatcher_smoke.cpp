@@ -17,12 +17,12 @@ int main() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lstm_ext::lstm_layer_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                            at::Tensor, at::Tensor>(
+                            at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, bool, bool, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool)>();
 
   at::manual_seed(0);
   const int64_t steps = 7, batch = 3, input_size = 5, hidden = 6;
@@ -35,9 +35,9 @@ int main() {
   const at::Tensor b_ih = at::randn({4 * hidden}, options);
   const at::Tensor b_hh = at::randn({4 * hidden}, options);
 
-  const auto [output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw] =
+  const auto [output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, cells] =
       op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, std::nullopt, std::nullopt, false, false,
-              std::nullopt, std::nullopt, std::nullopt);
+              std::nullopt, std::nullopt, std::nullopt, false);
   const auto [expected, expected_h, expected_c] =
       at::lstm(x, {h0.unsqueeze(0), c0.unsqueeze(0)}, {w_ih, w_hh, b_ih, b_hh},
                /*has_biases=*/true, /*num_layers=*/1, /*dropout=*/0.0, /*train=*/false,
