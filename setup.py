@@ -64,7 +64,7 @@ sanitize = os.environ.get("LSTM_EXT_SANITIZE", "")
 if sanitize not in ("", "address"):
     sys.exit(f"LSTM_EXT_SANITIZE={sanitize!r}: only 'address' is supported")
 with_cuda = want_cuda() and not sanitize
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/ops.cpp", "csrc/layer_norm_lstm.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 # C++20 is named explicitly: torch releases before 2.13 default extensions to C++17, and the CPU
 # kernels use std::bit_cast. -fno-trapping-math lets the CPU elementwise loops vectorize (see
 # csrc/cpu/lstm_cpu.cpp). OpenMP runs the CPU recurrence's parallel region; the library then

@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import lstm_ext
 from lstm_ext import ops
@@ -30,29 +31,63 @@ def _keep(shape, p, like):
     return (torch.rand(shape, dtype=like.dtype) >= p).to(like.dtype) / (1 - p)
 
 
-def _weight_drop_loop(w_ih, w_hh, b_ih, b_hh, x):
-    return (w_ih, w_hh * _keep(w_hh.shape, 0.3, w_hh), b_ih, b_hh), {}
+def _weights(module):
+    return module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0
 
 
-def _recurrent_dropout_loop(w_ih, w_hh, b_ih, b_hh, x):
-    mask = _keep((x.shape[1], w_hh.shape[1]), 0.25, w_hh)
-    return (w_ih, w_hh, b_ih, b_hh), {"recurrent_mask": mask}
+def _reference_loop(module, x, weights, **options):
+    """ops.reference_layer_forward (torch ops step by step) from zero states."""
+    zeros = x.new_zeros(x.shape[1], module.hidden_size)
+    output, h, c = ops.reference_layer_forward(x, zeros, zeros, *weights, **options)
+    return output, (h, c)
 
 
-def _zoneout_loop(w_ih, w_hh, b_ih, b_hh, x):
+def _weight_drop_loop(module, x):
+    w_ih, w_hh, b_ih, b_hh = _weights(module)
+    return _reference_loop(module, x, (w_ih, w_hh * _keep(w_hh.shape, 0.3, w_hh), b_ih, b_hh))
+
+
+def _recurrent_dropout_loop(module, x):
+    mask = _keep((x.shape[1], module.hidden_size), 0.25, x)
+    return _reference_loop(module, x, _weights(module), recurrent_mask=mask)
+
+
+def _zoneout_loop(module, x):
     rows = x.shape[0] * x.shape[1]
-    kept = [(torch.rand(rows, w_hh.shape[1], dtype=w_hh.dtype) < z).to(w_hh.dtype)
+    kept = [(torch.rand(rows, module.hidden_size, dtype=x.dtype) < z).to(x.dtype)
             for z in (0.1, 0.05)]
-    return (w_ih, w_hh, b_ih, b_hh), {"zoneout_cell": kept[0], "zoneout_hidden": kept[1]}
+    return _reference_loop(module, x, _weights(module), zoneout_cell=kept[0],
+                           zoneout_hidden=kept[1])
 
 
-# Each variant: the module's keyword options, and how the cell loop applies it for one
-# forward in training: from the weights of one layer-direction (w_ih, w_hh, b_ih, b_hh) and
-# the input (T, B, I), the weights and keyword arguments of ops.reference_layer_forward.
+def _layer_norm_loop(module, x):
+    """The LayerNorm LSTM cell in torch ops, step by step (the input products' norm once)."""
+    w_ih, w_hh, b_ih, b_hh = _weights(module)
+
+    def norm(value, part):
+        return F.layer_norm(value, value.shape[-1:],
+                            getattr(module, f"layer_norm_{part}_weight_l0"),
+                            getattr(module, f"layer_norm_{part}_bias_l0"))
+
+    gates_x = norm(x @ w_ih.t(), "ih") + b_ih + b_hh
+    h = c = x.new_zeros(x.shape[1], module.hidden_size)
+    outputs = []
+    for t in range(x.shape[0]):
+        i, f, g, o = (gates_x[t] + norm(h @ w_hh.t(), "hh")).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(norm(c, "cell"))
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)
+
+
+# Each variant: the module's keyword options, and the same computation as a pure-PyTorch cell
+# loop of one layer and direction, loop(module, x (T, B, I)) -> (output, (h_n, c_n)), drawing
+# any masks as the module does.
 VARIANTS = {
     "weight_drop=0.3": ({"weight_drop": 0.3}, _weight_drop_loop),
     "recurrent_dropout=0.25": ({"recurrent_dropout": 0.25}, _recurrent_dropout_loop),
     "zoneout=(0.1,0.05)": ({"zoneout": (0.1, 0.05)}, _zoneout_loop),
+    "layer_norm": ({"layer_norm": True}, _layer_norm_loop),
 }
 SHAPES = [(256, 32, 50), (512, 32, 50)]           # (H, B, T), one layer, input size H
 QUICK_SHAPES = [(64, 8, 10)]
@@ -60,17 +95,9 @@ TARGET_COST = 1.3      # variant time / plain time, at most
 TARGET_SPEEDUP = 10.0  # eager cell-loop time / variant time, at least
 
 
-def cell_loop(module, weights_for):
-    """The module's computation with torch ops step by step, the variant applied by
-    weights_for; one layer, one direction."""
-    def run(x):
-        batch = x.shape[1]
-        zeros = x.new_zeros(batch, module.hidden_size)
-        weights, options = weights_for(module.weight_ih_l0, module.weight_hh_l0,
-                                       module.bias_ih_l0, module.bias_hh_l0, x)
-        output, h, c = ops.reference_layer_forward(x, zeros, zeros, *weights, **options)
-        return output, (h, c)
-    return run
+def cell_loop(module, loop):
+    """The variant's pure-PyTorch cell loop on the module's parameters, as a callable."""
+    return lambda x: loop(module, x)
 
 
 def step(model, x, parameters):
@@ -98,7 +125,7 @@ def measure_variant(name, shape, compile_too, repeats, warmup):
     torch.manual_seed(0)
     plain = lstm_ext.LSTM(hidden, hidden)
     variant = lstm_ext.LSTM(hidden, hidden, **options)
-    variant.load_state_dict(plain.state_dict())
+    variant.load_state_dict({**variant.state_dict(), **plain.state_dict()})
     loop = cell_loop(variant, weights_for)
     x = torch.randn(steps, batch, hidden)
     parameters = list(variant.parameters())

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/Formatting.h>  // TORCH_CHECK messages print tensors
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 

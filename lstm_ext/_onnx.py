@@ -87,6 +87,10 @@ def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0), return_
 
 
 def check_exportable(module, packed):
+    if getattr(module, "layer_norm", False):
+        raise NotImplementedError(
+            "torch.onnx.export of lstm_ext.LSTM(layer_norm=True) is not supported yet; use "
+            "torch.export / AOTInductor")
     if packed:
         raise NotImplementedError(
             "torch.onnx.export of lstm_ext.LSTM with a PackedSequence input is not supported "

@@ -231,16 +231,26 @@ class LSTM(_GateInit, nn.RNNBase):
     - ``return_cell_sequence=True``: forward returns ``output, (h_n, c_n), cells``, cells being
       the last layer's c_t of every step laid out as ``output`` is (padded, ``batch_first``,
       unbatched or a PackedSequence; both directions concatenated), with ``hidden_size``
-      features per direction; gradients flow through it. nn.LSTM gives only c_n."""
+      features per direction; gradients flow through it. nn.LSTM gives only c_n.
+    - ``layer_norm=True``: the LayerNorm LSTM (Ba, Kiros & Hinton 2016, "Layer Normalization",
+      as in Haste): ``i, f, g, o = LN(W_ih x_t) + b_ih + b_hh + LN(W_hh h_{t-1})``,
+      ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(LN(c_t))``, each LN over its whole row (4H,
+      4H, H; eps 1e-5) with its own learned gain and bias, parameters
+      ``layer_norm_{ih,hh,cell}_{weight,bias}_l{k}[_reverse]`` (gains 1, biases 0 at
+      initialisation) beside nn.LSTM's, whose names and initial values are unchanged. Runs as
+      a C++ step loop over ATen ops (any device; no Python per step), forward and backward;
+      combines with weight_drop and recurrent_dropout, not yet with zoneout or
+      return_cell_sequence, and has no double backward yet."""
 
     weight_drop = 0.0  # modules pickled before the options existed
     recurrent_dropout = 0.0
     zoneout = (0.0, 0.0)
     return_cell_sequence = False
+    layer_norm = False
 
     def __init__(self, *args, forget_bias=0.0, init="default", chrono_max_len=None,
                  weight_drop=0.0, recurrent_dropout=0.0, zoneout=0.0,
-                 return_cell_sequence=False, **kwargs):
+                 return_cell_sequence=False, layer_norm=False, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
         self.weight_drop = _check_probability("weight_drop", weight_drop, "recurrent weight")
         self.recurrent_dropout = _check_probability(
@@ -250,11 +260,46 @@ class LSTM(_GateInit, nn.RNNBase):
             raise ValueError(f"return_cell_sequence is True or False, got "
                              f"{return_cell_sequence!r}")
         self.return_cell_sequence = return_cell_sequence
+        if not isinstance(layer_norm, bool):
+            raise ValueError(f"layer_norm is True or False, got {layer_norm!r}")
+        if layer_norm and (any(self.zoneout) or return_cell_sequence):
+            raise ValueError("layer_norm=True does not combine with zoneout or "
+                             "return_cell_sequence yet; use one of them")
+        self.layer_norm = layer_norm
+        if layer_norm:
+            self._make_layer_norms()
         self._set_gate_init(forget_bias, init, chrono_max_len)
+
+    def _layer_norm_names(self, layer, suffix):
+        return [f"layer_norm_{part}_{kind}_l{layer}{suffix}"
+                for part in ("ih", "hh", "cell") for kind in ("weight", "bias")]
+
+    def _make_layer_norms(self):
+        weight = self.weight_ih_l0
+        suffixes = ["", "_reverse"] if self.bidirectional else [""]
+        for layer in range(self.num_layers):
+            for suffix in suffixes:
+                for name in self._layer_norm_names(layer, suffix):
+                    size = self.hidden_size * (1 if "_cell_" in name else 4)
+                    self.register_parameter(name, nn.Parameter(
+                        torch.empty(size, dtype=weight.dtype, device=weight.device)))
+        self._reset_layer_norms()
+
+    @torch.no_grad()
+    def _reset_layer_norms(self):
+        for name, parameter in self.named_parameters():
+            if name.startswith("layer_norm_"):
+                parameter.fill_(1.0 if "_weight_" in name else 0.0)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.layer_norm:
+            self._reset_layer_norms()
 
     def extra_repr(self):
         extras = "".join(f", {name}={getattr(self, name)}"
-                         for name in ("weight_drop", "recurrent_dropout") if getattr(self, name))
+                         for name in ("weight_drop", "recurrent_dropout", "layer_norm")
+                         if getattr(self, name))
         if any(self.zoneout):
             extras += f", zoneout={self.zoneout}"
         if self.return_cell_sequence:
@@ -283,6 +328,10 @@ class LSTM(_GateInit, nn.RNNBase):
                 f"to_torch(): torch.nn.LSTM has no zoneout, and zoneout={self.zoneout} changes "
                 f"this module's eval-mode output (c_t = z c_(t-1) + (1 - z) c~_t), so the copy "
                 f"would compute something else; copy the weights by state_dict if that is meant")
+        if self.layer_norm:
+            raise ValueError(
+                "to_torch(): torch.nn.LSTM has no layer normalisation (layer_norm=True), so "
+                "the copy would compute something else")
         if self.return_cell_sequence:
             raise ValueError(
                 "to_torch(): torch.nn.LSTM cannot return the cell sequence "
@@ -410,6 +459,19 @@ class LSTM(_GateInit, nn.RNNBase):
                 zoneout_cell, zoneout_hidden = (
                     _zoneout_weights(rows, size, z, layer_input, self.training)
                     for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
+                if self.layer_norm:
+                    suffix = "_reverse" if direction else ""
+                    norms = [self._parameters[name]
+                             for name in self._layer_norm_names(layer, suffix)]
+                    output, h, c = ops.layer_norm_forward(
+                        layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
+                        batch_sizes, direction == 1, training or any(
+                            p.requires_grad for p in norms) and torch.is_grad_enabled(),
+                        norms, mask)
+                    outputs.append(output)
+                    h_n.append(h)
+                    c_n.append(c)
+                    continue
                 return_cells = self.return_cell_sequence and layer == self.num_layers - 1
                 output, h, c, *cells = ops.layer_forward(
                     layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,

@@ -28,6 +28,17 @@ def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, ba
     return (output, h_n, c_n, cells) if return_cells else (output, h_n, c_n)
 
 
+def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                       training, norms, recurrent_mask=None):
+    """One LayerNorm-LSTM layer in one direction (csrc/layer_norm_lstm.cpp); `norms` are the
+    gains and biases of the norms of W_ih x, W_hh h (4H each) and c (H). Returns (output, h_n,
+    c_n)."""
+    output, h_n, c_n, *_ = _ops.lstm_layer_norm_forward(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training, *norms,
+        recurrent_mask)
+    return output, h_n, c_n
+
+
 def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
     """One LSTMCell step. Returns (h, c)."""
     h, c, *_ = _ops.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
@@ -61,6 +72,39 @@ def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
     cells = (input.new_empty((*input.shape[:-1], hidden_size)) if return_cells
              else input.new_empty((0, hidden_size)))
     return output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, cells
+
+
+@torch.library.register_fake("lstm_ext::lstm_layer_norm_forward")
+def _layer_norm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                             training, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                             ln_cell_weight, ln_cell_bias, recurrent_mask=None):
+    hidden_size, output_size = w_hh.shape[0] // 4, w_hh.shape[1]
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    saved = rows if training else 0
+    math = math_dtype(input.dtype)
+
+    def acc(*shape):
+        return input.new_empty(shape, dtype=math)
+
+    return (input.new_empty((*input.shape[:-1], output_size)), input.new_empty(h0.shape),
+            input.new_empty(c0.shape), acc(saved, 4 * hidden_size), acc(saved, hidden_size),
+            acc(saved, hidden_size), acc(saved, 4 * hidden_size), acc(saved, 6),
+            acc(saved, output_size),
+            acc(saved if w_hr is not None else 0, hidden_size))
+
+
+@torch.library.register_fake("lstm_ext::lstm_layer_norm_backward")
+def _layer_norm_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr,
+                              batch_sizes, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                              ln_cell_weight, ln_cell_bias, gates, cell_prev, cell, products,
+                              stats, hidden_prev, hidden_raw, reverse, has_bias,
+                              recurrent_mask=None):
+    like = [input, grad_h_n, grad_c_n, w_ih, w_hh]
+    bias = input.new_empty((w_hh.shape[0],) if has_bias else (0,))
+    projection = input.new_empty(w_hr.shape if w_hr is not None else (0,))
+    norms = [ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias]
+    return (*(input.new_empty(t.shape) for t in like), bias, projection,
+            *(input.new_empty(t.shape) for t in norms))
 
 
 @torch.library.register_fake("lstm_ext::lstm_int8_layer_forward")
@@ -282,4 +326,44 @@ def _cell_backward(ctx, grad_h, grad_c, *_grads_of_saved):
 
 torch.library.register_autograd(
     "lstm_ext::lstm_cell_forward", _cell_backward, setup_context=_cell_setup_context
+)
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training, *rest) = inputs
+    norms, recurrent_mask = rest[:6], rest[6]
+    saved = output[3:]
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)
+    ctx.reverse = reverse
+    ctx.has_bias = b_ih is not None or b_hh is not None
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, *norms, *saved,
+                          recurrent_mask)
+
+
+def _layer_norm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
+    input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, *rest = ctx.saved_tensors
+    norms, saved, recurrent_mask = rest[:6], rest[6:13], rest[13]
+    if grad_output is None and grad_h_n is None and grad_c_n is None:
+        return (None,) * 18
+    if _creates_graph():
+        raise NotImplementedError(
+            "double backward (create_graph=True) through lstm_ext.LSTM(layer_norm=True) is not "
+            "supported yet; plain backward is")
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+    grads = _ops.lstm_layer_norm_backward(
+        grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, *norms, *saved,
+        ctx.reverse, ctx.has_bias, recurrent_mask)
+    (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,
+     *grad_norms) = grads
+    needs = ctx.needs_input_grad
+    result = (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias,
+              grad_w_hr, None, None, None, *grad_norms, None)
+    return tuple(g if need else None for g, need in zip(result, needs))
+
+
+torch.library.register_autograd(
+    "lstm_ext::lstm_layer_norm_forward", _layer_norm_backward,
+    setup_context=_layer_norm_setup_context
 )

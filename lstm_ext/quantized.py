@@ -95,6 +95,8 @@ def _why_not_convertible(module):
     if any(getattr(module, "zoneout", ())):
         return (f"its zoneout={module.zoneout} changes the eval-mode update, which the int8 "
                 f"LSTM does not have")
+    if getattr(module, "layer_norm", False):
+        return "it normalises its gates and cell (layer_norm=True), which the int8 LSTM does not"
     if getattr(module, "return_cell_sequence", False):
         return "it returns the cell sequence, which the int8 LSTM does not"
     return None

@@ -268,14 +268,14 @@ def test_tied_weights_with_a_projection_train(corpus_file, tmp_path):
 
 @pytest.mark.parametrize("option, value, kept", [
     ("weight_drop", "0.3", 0.3), ("recurrent_dropout", "0.3", 0.3),
-    ("zoneout", "0.1,0.05", (0.1, 0.05))])
+    ("zoneout", "0.1,0.05", (0.1, 0.05)), ("layer_norm", None, True)])
 def test_an_lstm_variant_trains_is_kept_in_the_checkpoint_and_is_refused_for_torch(
         corpus_file, tmp_path, capsys, option, value, kept):
-    flag = "--" + option.replace("_", "-")
+    flag = ["--" + option.replace("_", "-")] + ([value] if value else [])
     out = tmp_path / "variant"
     assert cli.main(["train", "--data", str(corpus_file), "--layers", "1", "--hidden", "24",
                      "--emb", "12", "--bptt", "16", "--batch-size", "8", "--lr", "2e-2",
-                     "--max-steps", "40", "--eval-every", "20", flag, value,
+                     "--max-steps", "40", "--eval-every", "20", *flag,
                      "--out", str(out), "--no-progress"]) == 0
     records = metrics(out)
     assert records[-1]["valid_loss"] < records[0]["valid_loss"]
@@ -284,11 +284,11 @@ def test_an_lstm_variant_trains_is_kept_in_the_checkpoint_and_is_refused_for_tor
     model, _, _ = lm_checkpoint.model_from_checkpoint(payload)
     assert getattr(model.lstm, option) == kept
     # Resuming with the same setting given again is the same run.
-    assert cli.main(["train", "--resume", str(out), "--max-steps", "45", flag, value,
+    assert cli.main(["train", "--resume", str(out), "--max-steps", "45", *flag,
                      "--no-progress"]) == 0
-    assert cli.main(["train", "--data", str(corpus_file), "--impl", "torch", flag,
-                     value, "--out", str(tmp_path / "torch"), "--no-progress"]) == 2
-    assert f"{flag} needs --impl ext" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(corpus_file), "--impl", "torch", *flag,
+                     "--out", str(tmp_path / "torch"), "--no-progress"]) == 2
+    assert f"{flag[0]} needs --impl ext" in capsys.readouterr().err
 
 
 def test_a_bad_zoneout_flag_says_what_it_expects(capsys):

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -715,3 +716,179 @@ def test_a_module_returning_the_cell_sequence_is_not_silently_converted():
     with pytest.raises(ValueError, match="return_cell_sequence is True or False"):
         lstm_ext.LSTM(4, 8, return_cell_sequence=1)
     assert "return_cell_sequence=True" in repr(module)
+
+
+class LayerNormReference(nn.Module):
+    """The LayerNorm LSTM (Ba et al.) as a plain cell loop: i, f, g, o = LN(W_ih x_t) + b_ih +
+    b_hh + LN(W_hh (m * h_{t-1})), c_t = f c_{t-1} + i g, h_t = o tanh(LN(c_t)) (then W_hr),
+    on nn.LSTM's parameters and copies of the norms' (named as lstm_ext's); padded input."""
+
+    def __init__(self, lstm, norms, masks=None):
+        super().__init__()
+        self.lstm, self.masks = lstm, masks
+        self.norms = {name: nn.Parameter(value.detach().clone()) for name, value in norms.items()}
+
+    def named_parameters(self, *args, **kwargs):
+        yield from self.lstm.named_parameters()
+        yield from self.norms.items()
+
+    def forward(self, input, hx):
+        lstm = self.lstm
+        x = input.transpose(0, 1) if lstm.batch_first else input
+        params = dict(self.named_parameters())
+        directions = 2 if lstm.bidirectional else 1
+        hidden = lstm.hidden_size
+        layer_input, h_n, c_n = x, [], []
+        for layer in range(lstm.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+
+                def norm(value, part):
+                    return F.layer_norm(value, value.shape[-1:],
+                                        params[f"layer_norm_{part}_weight{suffix}"],
+                                        params[f"layer_norm_{part}_bias{suffix}"])
+
+                w_hr = params.get("weight_hr" + suffix)
+                h, c = hx[0][index], hx[1][index]
+                mask = self.masks[index] if self.masks else None
+                steps = range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0])
+                out = [None] * x.shape[0]
+                for t in steps:
+                    h_in = h if mask is None else mask * h
+                    gates = (norm(layer_input[t] @ params["weight_ih" + suffix].t(), "ih")
+                             + params["bias_ih" + suffix] + params["bias_hh" + suffix]
+                             + norm(h_in @ params["weight_hh" + suffix].t(), "hh"))
+                    i, f, g, o = gates.chunk(4, 1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(norm(c, "cell"))
+                    if w_hr is not None:
+                        h = h @ w_hr.t()
+                    out[t] = h
+                outputs.append(torch.stack(out))
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = torch.cat(outputs, dim=-1)
+        output = layer_input.transpose(0, 1) if lstm.batch_first else layer_input
+        return output, (torch.stack(h_n), torch.stack(c_n))
+
+
+def layer_norm_pair(config, dtype=torch.float64, **options):
+    """Ours with layer_norm=True (norm gains and biases drawn at random, so that they count)
+    and the reference on the same values."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(**config, dtype=dtype)
+    ours = lstm_ext.LSTM(**config, layer_norm=True, dtype=dtype, **options)
+    with torch.no_grad():
+        for name, parameter in ours.named_parameters():
+            if name.startswith("layer_norm_"):
+                parameter.copy_(torch.randn_like(parameter) * 0.3 + (
+                    1.0 if "_weight_" in name else 0.0))
+    ours.load_state_dict({**ours.state_dict(), **reference.state_dict()})
+    norms = {name: p for name, p in ours.named_parameters() if name.startswith("layer_norm_")}
+    return ours, reference, norms
+
+
+@pytest.mark.parametrize("path", ["row_kernels", "aten"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_layer_norm_lstm_is_the_cell_loop(config, path, monkeypatch):
+    """fp64, outputs and every gradient (the norms' gains and biases included), in training
+    and in eval mode (where no gradient is kept: the op's inference form); on the CPU's row
+    kernels and on the ATen ops other devices run."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "row_kernels" else "0")
+    ours, reference, norms = layer_norm_pair(config)
+    case = Case(reference, "padded", steps=6, batch=4)
+    compare(case.run(ours), case.run(LayerNormReference(reference, norms)), 1e-10)
+    input, state, _ = case.inputs()
+    with torch.no_grad():
+        expected = LayerNormReference(reference, norms)(input, tuple(state))
+        actual = ours.eval()(input, tuple(state))
+    for got, want in zip(torch.utils._pytree.tree_leaves(actual),
+                         torch.utils._pytree.tree_leaves(expected)):
+        assert rel_error(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("path", ["row_kernels", "aten"])
+def test_layer_norm_lstm_with_recurrent_dropout_and_packed_input(path, monkeypatch):
+    """The recurrent mask enters the normalised product; packed input gives the padded
+    result of each sequence at its own length."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "row_kernels" else "0")
+    config = dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True)
+    ours, reference, norms = layer_norm_pair(config, recurrent_dropout=0.3)
+    case = Case(reference, "padded", steps=6, batch=4)
+    masks = recurrent_masks(reference, 4, 0.3, seed=5)
+    torch.manual_seed(5)
+    compare(case.run(ours), case.run(LayerNormReference(reference, norms, masks)), 1e-10)
+
+    ours.eval()
+    lengths = [6, 3, 5, 1]
+    sequences = [torch.randn(n, 5, dtype=torch.float64) for n in lengths]
+    packed = torch.nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
+    output, (h_n, _) = ours(packed)
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(output)
+    for index, sequence in enumerate(sequences):
+        alone, (h_alone, _) = ours(sequence.unsqueeze(1))
+        assert rel_error(padded[:lengths[index], index], alone[:, 0]) < 1e-12
+        assert rel_error(h_n[:, index], h_alone[:, 0]) < 1e-12
+
+
+def test_layer_norm_lstm_parameters_state_dict_and_refusals():
+    ours = lstm_ext.LSTM(4, 8, num_layers=2, bidirectional=True, layer_norm=True)
+    names = [name for name, _ in ours.named_parameters()]
+    plain = nn.LSTM(4, 8, num_layers=2, bidirectional=True)
+    assert names[:len(plain.state_dict())] == list(plain.state_dict())
+    assert "layer_norm_cell_bias_l1_reverse" in names and len(names) == 16 + 24
+    assert ours.layer_norm_ih_weight_l0.shape == (32,) and ours.layer_norm_cell_weight_l0.eq(1).all()
+    ours.reset_parameters()
+    assert ours.layer_norm_hh_bias_l1.eq(0).all() and ours.layer_norm_hh_weight_l1.eq(1).all()
+    # An nn.LSTM state_dict lacks the norms: a strict load says which.
+    with pytest.raises(RuntimeError, match="layer_norm_ih_weight_l0"):
+        ours.load_state_dict(plain.state_dict())
+    assert "layer_norm=True" in repr(ours)
+    with pytest.raises(ValueError, match="no layer normalisation"):
+        ours.to_torch()
+    with pytest.raises(ValueError, match="does not combine with zoneout"):
+        lstm_ext.LSTM(4, 8, layer_norm=True, zoneout=0.1)
+    with pytest.warns(UserWarning, match="layer_norm=True"):
+        assert type(lstm_ext.quantize_dynamic(ours)) is lstm_ext.LSTM
+
+
+def test_layer_norm_lstm_gradcheck_compile_and_autocast():
+    module = lstm_ext.LSTM(3, 4, proj_size=2, layer_norm=True, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    gain = module.layer_norm_cell_weight_l0.detach().clone().requires_grad_()
+
+    def run(x, gain):
+        return torch.func.functional_call(module, {"layer_norm_cell_weight_l0": gain}, (x,))[0]
+
+    assert torch.autograd.gradcheck(run, (x, gain))
+    compiled = torch.compile(lstm_ext.LSTM(4, 8, layer_norm=True), fullgraph=True)
+    output = compiled(torch.randn(5, 2, 4))[0]
+    output.sum().backward()
+    config = dict(input_size=6, hidden_size=16, num_layers=2)
+    ours, reference, norms = layer_norm_pair(config, dtype=torch.float32)
+    case = Case(reference, "padded", steps=5, batch=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = ours(case.inputs(torch.float32)[0])[0]
+    expected = LayerNormReference(reference.double(), {k: v.double() for k, v in norms.items()})(
+        case.inputs()[0], [torch.zeros(2, 3, 16, dtype=torch.float64)] * 2)[0]
+    assert rel_error(output, expected) < 2e-2
+
+
+def test_the_drivers_layer_norm():
+    model = build_model(TrainConfig(hidden=8, emb=4, layer_norm=True), 10)
+    assert model.lstm.layer_norm
+    with pytest.raises(ValueError, match="--layer-norm"):
+        build_model(TrainConfig(impl="torch", hidden=8, emb=4, layer_norm=True), 10)
+
+
+@pytest.mark.parametrize("path", ["row_kernels", "aten"])
+def test_layer_norm_lstm_in_fp32_follows_the_fp64_reference(path, monkeypatch):
+    """The row kernels' fast fp32 exp/tanh (and many rows, past one task per thread)."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "row_kernels" else "0")
+    config = dict(input_size=16, hidden_size=48, num_layers=1, bidirectional=True)
+    ours, reference, norms = layer_norm_pair(config)
+    case = Case(reference, "padded", steps=7, batch=700)
+    expected = case.run(LayerNormReference(reference, norms))
+    compare(case.run(ours.float(), dtype=torch.float32), expected, 2e-5)

@@ -68,6 +68,9 @@ def _add_train_arguments(parser, given_only=False):
         help="zoneout (Krueger et al. 2016): each unit keeps its previous c (h) with "
         "probability Z_C (Z_H) at each step in training, the expectation in eval; one number "
         "for both; --impl ext only")
+    add("--layer-norm", action="store_true",
+        help="the LayerNorm LSTM (Ba et al. 2016): normalised gate products and cell; "
+        "--impl ext only")
     add("--bptt", type=int, default=defaults.bptt, help="steps per truncated-BPTT window")
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,

@@ -29,6 +29,7 @@ class TrainConfig:
     weight_drop: float = 0.0    # DropConnect rate on the LSTM's recurrent weights (ext only)
     recurrent_dropout: float = 0.0  # Gal & Ghahramani's dropout on h_{t-1} (ext only)
     zoneout: tuple = (0.0, 0.0)  # (z_c, z_h), Krueger et al.'s zoneout (ext only)
+    layer_norm: bool = False    # the LayerNorm LSTM (ext only)
     bptt: int = 128
     batch_size: int = 64
     optimizer: str = "adamw"

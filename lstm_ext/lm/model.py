@@ -16,20 +16,20 @@ class LanguageModel(nn.Module):
 
     def __init__(self, vocab_size, embedding_size=64, hidden_size=512, layers=2, dropout=0.0,
                  proj_size=0, tied=False, impl="ext", forget_bias=0.0, weight_drop=0.0,
-                 recurrent_dropout=0.0, zoneout=(0.0, 0.0)):
+                 recurrent_dropout=0.0, zoneout=(0.0, 0.0), layer_norm=False):
         super().__init__()
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"--impl must be one of {sorted(IMPLEMENTATIONS)}, got {impl!r}")
         variants = {"weight_drop": weight_drop, "recurrent_dropout": recurrent_dropout,
-                    "zoneout": tuple(zoneout)}
+                    "zoneout": tuple(zoneout), "layer_norm": layer_norm}
         variants = {name: value for name, value in variants.items() if any(
             value if isinstance(value, tuple) else (value,))}
         if variants and impl != "ext":
             raise ValueError(
                 f"--{next(iter(variants)).replace('_', '-')} needs --impl ext: torch.nn.LSTM "
                 f"has no DropConnect on its recurrent weights (the usual wrapper breaks on "
-                f"cuDNN's flattened weights), no dropout on its recurrent connection and no "
-                f"zoneout")
+                f"cuDNN's flattened weights), no dropout on its recurrent connection, no "
+                f"zoneout and no layer normalisation")
         output_size = proj_size or hidden_size
         if tied and output_size != embedding_size:
             raise ValueError(
@@ -80,5 +80,5 @@ def build_model(config, vocabulary_size):
     model = LanguageModel(vocabulary_size, config.emb, config.hidden, config.layers,
                           config.dropout, config.proj_size, config.tied, config.impl,
                           config.forget_bias, config.weight_drop, config.recurrent_dropout,
-                          config.zoneout)
+                          config.zoneout, config.layer_norm)
     return model.to(torch.float64) if config.precision == "fp64" else model

@@ -1,0 +1,395 @@
+// The LayerNorm LSTM layer (Ba, Kiros & Hinton 2016, as in Haste) for one layer and one
+// direction, forward and backward: a C++ step loop, per step the GEMMs through ATen and the
+// rest in one pass over the step's rows, each norm being over one row: on the CPU the row
+// kernels of cpu/layer_norm_rows.h, on other devices (and with LSTM_EXT_CPU_RECURRENCE=0)
+// ATen ops (native_layer_norm and its backward, pointwise math). No Python runs per step.
+// All math is in the math dtype (fp32 for bf16/fp16).
+//
+//   z_t = LN(W_ih x_t; g_ih, b_ih') + b_ih + b_hh + LN(W_hh (m * h_{t-1}); g_hh, b_hh')
+//   i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of z_t's four gate blocks
+//   c_t = f c_{t-1} + i g,   h_t = o tanh(LN(c_t; g_c, b_c))   (then W_hr h_t with a projection)
+//
+// Each LN normalises its whole row (4H for the products, H for c), eps 1e-5 as nn.LayerNorm.
+#include "cpu/layer_norm_rows.h"
+#include "cpu/linear.h"
+#include "cpu/recurrence.h"
+#include "cpu/step_product.h"
+#include "lstm_common.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace lstm_ext {
+namespace {
+
+constexpr double kEps = 1e-5;
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor>;
+
+// The six LayerNorm parameters in the math dtype: gain and bias of the input product's norm
+// (4H), of the recurrent product's (4H) and of the cell's (H).
+struct Norms {
+  at::Tensor ih_weight, ih_bias, hh_weight, hh_bias, cell_weight, cell_bias;
+};
+
+Norms checked_norms(const char* op, const LayerShape& s, const at::Tensor& input,
+                    const std::array<at::Tensor, 6>& given, at::ScalarType math) {
+  const char* names[6] = {"ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias",
+                          "ln_cell_weight", "ln_cell_bias"};
+  std::array<at::Tensor, 6> up;
+  for (int k = 0; k < 6; ++k) {
+    const int64_t size = k < 4 ? kNumGates * s.hidden_size : s.hidden_size;
+    check_shape(op, given[k], {size}, names[k]);
+    check_same_dtype_and_device(op, input, given[k], names[k]);
+    up[k] = given[k].to(math);
+  }
+  return {up[0], up[1], up[2], up[3], up[4], up[5]};
+}
+
+// The saved statistics: per row of data, mean and 1/std of the input product's, recurrent
+// product's and cell's norms, as columns 0-5 of an (N, 6) tensor.
+enum Stat { kMeanX, kRstdX, kMeanH, kRstdH, kMeanC, kRstdC };
+
+// x (M, K) @ w (N, K)^T over every step at once: on the CPU through torch's oneDNN, as the
+// plain layer's whole-sequence products (cpu/linear.h).
+at::Tensor sequence_product(const at::Tensor& x, const at::Tensor& w) {
+  return x.device().is_cpu() ? cpu_linear(x, w, std::nullopt) : at::mm(x, w.t());
+}
+
+// The per-step product in @ weight (K, N) for `steps` steps of at most `batch` rows: on the
+// CPU the step loop's own (MKL's packed GEMM where available: ATen's GEMM costs ~3x more at
+// these shapes on an AMD EPYC), elsewhere at::mm.
+class StepGemm {
+ public:
+  StepGemm(const at::Tensor& weight, int64_t steps, int64_t batch) : weight_(weight) {
+    if (weight.device().is_cpu()) product_ = cpu_step_product(weight, steps, batch);
+  }
+  at::Tensor operator()(const at::Tensor& in) const {
+    if (!product_) return at::mm(in, weight_);
+    at::Tensor out = at::empty({in.size(0), weight_.size(1)}, in.options());
+    product_->run(in.contiguous(), out, /*accumulate=*/false);
+    return out;
+  }
+
+ private:
+  at::Tensor weight_;
+  std::unique_ptr<StepProduct> product_;
+};
+
+at::Tensor stat_view(const at::Tensor& stats, Stat which, int64_t offset, int64_t rows) {
+  return stats.narrow(0, offset, rows).narrow(1, which, 1);
+}
+
+// A contiguous copy, as native_layer_norm_backward reads them.
+at::Tensor stat(const at::Tensor& stats, Stat which, int64_t offset, int64_t rows) {
+  return stat_view(stats, which, offset, rows).contiguous();
+}
+
+// Outputs: output, h_n, c_n (storage dtype), then what backward needs, in the math dtype and
+// empty unless training: gate activations (N, 4H), c entering each step (N, H), c after it
+// (N, H), the recurrent products before their norm (N, 4H), the statistics (N, 6), the h
+// entering each step times the mask (N, R), and h before the projection (N, H).
+ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
+                                 const at::Tensor& c0, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                 const std::optional<at::Tensor>& b_hh,
+                                 const std::optional<at::Tensor>& w_hr,
+                                 const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                                 bool training, const at::Tensor& ln_ih_weight,
+                                 const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
+                                 const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
+                                 const at::Tensor& ln_cell_bias,
+                                 const std::optional<at::Tensor>& recurrent_mask) {
+  constexpr const char* op = "lstm_layer_norm_forward";
+  const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
+  check_state(op, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
+              "c0 (batch, hidden_size)");
+  check_bias(op, s, input, b_ih, "b_ih (4*hidden)");
+  check_bias(op, s, input, b_hh, "b_hh (4*hidden)");
+  const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
+  const at::ScalarType math = at::toOpMathType(input.scalar_type());
+  const Norms ln = checked_norms(
+      op, s, input,
+      {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias}, math);
+  c10::OptionalDeviceGuard device_guard(input.device());
+  // The math is in the math dtype throughout, under torch.autocast too.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  const int64_t H = s.hidden_size, G = kNumGates * H, R = s.output_size;
+  const auto acc = input.options().dtype(math);
+  const at::Tensor x = input.reshape({s.rows, s.input_size}).to(math);
+  const at::Tensor W_ih = w_ih.to(math), W_hh_t = w_hh.to(math).t();
+  const std::optional<at::Tensor> W_hr_t =
+      w_hr.has_value() ? std::optional<at::Tensor>(w_hr->to(math).t()) : std::nullopt;
+
+  const int64_t saved = training ? s.rows : 0;
+  at::Tensor gates = at::empty({saved, G}, acc);
+  at::Tensor cell_prev = at::empty({saved, H}, acc);
+  at::Tensor cell = at::empty({saved, H}, acc);
+  at::Tensor products = at::empty({saved, G}, acc);
+  at::Tensor stats = at::empty({saved, 6}, acc);
+  at::Tensor hidden_prev = at::empty({saved, R}, acc);
+  at::Tensor hidden_raw = at::empty({training && s.has_projection ? s.rows : 0, H}, acc);
+
+  // The input products of every step at once, normalised, with both biases.
+  auto [z_x, mean_x, rstd_x] =
+      at::native_layer_norm(sequence_product(x, W_ih), {G}, ln.ih_weight, ln.ih_bias, kEps);
+  if (b_ih.has_value()) z_x.add_(b_ih->to(math));
+  if (b_hh.has_value()) z_x.add_(b_hh->to(math));
+  if (training) {
+    stats.narrow(1, kMeanX, 1).copy_(mean_x.view({s.rows, 1}));
+    stats.narrow(1, kRstdX, 1).copy_(rstd_x.view({s.rows, 1}));
+  }
+
+  const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
+  const StepGemm recurrent(W_hh_t, s.steps, s.batch);
+  at::Tensor output = at::empty({s.rows, R}, acc);
+  at::Tensor h_state = h0.to(math).clone();
+  at::Tensor c_state = c0.to(math).clone();
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = reverse ? s.steps - 1 - k : k;
+    const int64_t rows = s.step_size[t], offset = s.step_offset[t];
+    at::Tensor h_prev = h_state.narrow(0, 0, rows);
+    at::Tensor c_prev = c_state.narrow(0, 0, rows);
+    const at::Tensor h_in = mask.has_value() ? h_prev * mask->narrow(0, 0, rows) : h_prev;
+    const at::Tensor product = recurrent(h_in);
+    if (row_kernels) {
+      // Written in place where training keeps them, else into this step's scratch.
+      at::Tensor z = training ? gates.narrow(0, offset, rows) : at::empty({rows, G}, acc);
+      at::Tensor c_new = training ? cell.narrow(0, offset, rows) : at::empty({rows, H}, acc);
+      at::Tensor step_stats =
+          training ? stats.narrow(0, offset, rows) : at::empty({rows, 6}, acc);
+      at::Tensor h_raw = at::empty({rows, H}, acc);
+      AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_forward", [&] {
+        cpu::LayerNormRows<scalar_t> a{};
+        a.rows = rows;
+        a.hidden = H;
+        a.hh_gain = ln.hh_weight.const_data_ptr<scalar_t>();
+        a.hh_bias = ln.hh_bias.const_data_ptr<scalar_t>();
+        a.cell_gain = ln.cell_weight.const_data_ptr<scalar_t>();
+        a.cell_bias = ln.cell_bias.const_data_ptr<scalar_t>();
+        a.product = product.const_data_ptr<scalar_t>();
+        a.stats = step_stats.data_ptr<scalar_t>();
+        a.cell_prev = c_prev.const_data_ptr<scalar_t>();
+        a.input_part = z_x.narrow(0, offset, rows).const_data_ptr<scalar_t>();
+        a.gates = z.data_ptr<scalar_t>();
+        a.cell = c_new.data_ptr<scalar_t>();
+        a.hidden_out = h_raw.data_ptr<scalar_t>();
+        cpu::layer_norm_forward_rows(a);
+      });
+      const at::Tensor h_new = W_hr_t.has_value() ? at::mm(h_raw, *W_hr_t) : h_raw;
+      if (training) {
+        cell_prev.narrow(0, offset, rows).copy_(c_prev);
+        products.narrow(0, offset, rows).copy_(product);
+        hidden_prev.narrow(0, offset, rows).copy_(h_in);
+        if (s.has_projection) hidden_raw.narrow(0, offset, rows).copy_(h_raw);
+      }
+      output.narrow(0, offset, rows).copy_(h_new);
+      h_prev.copy_(h_new);
+      c_prev.copy_(c_new);
+      continue;
+    }
+    auto [z_h, mean_h, rstd_h] =
+        at::native_layer_norm(product, {G}, ln.hh_weight, ln.hh_bias, kEps);
+    at::Tensor z = z_h.add_(z_x.narrow(0, offset, rows));
+    z.narrow(1, 0, 2 * H).sigmoid_();
+    z.narrow(1, 2 * H, H).tanh_();
+    z.narrow(1, 3 * H, H).sigmoid_();
+    const at::Tensor in = z.narrow(1, 0, H), forget = z.narrow(1, H, H);
+    const at::Tensor cell_in = z.narrow(1, 2 * H, H), out = z.narrow(1, 3 * H, H);
+    const at::Tensor c_new = forget * c_prev + in * cell_in;
+    auto [c_norm, mean_c, rstd_c] =
+        at::native_layer_norm(c_new, {H}, ln.cell_weight, ln.cell_bias, kEps);
+    const at::Tensor h_raw = out * c_norm.tanh_();
+    const at::Tensor h_new = W_hr_t.has_value() ? at::mm(h_raw, *W_hr_t) : h_raw;
+    if (training) {
+      gates.narrow(0, offset, rows).copy_(z);
+      cell_prev.narrow(0, offset, rows).copy_(c_prev);
+      cell.narrow(0, offset, rows).copy_(c_new);
+      products.narrow(0, offset, rows).copy_(product);
+      stat_view(stats, kMeanH, offset, rows).copy_(mean_h.view({rows, 1}));
+      stat_view(stats, kRstdH, offset, rows).copy_(rstd_h.view({rows, 1}));
+      stat_view(stats, kMeanC, offset, rows).copy_(mean_c.view({rows, 1}));
+      stat_view(stats, kRstdC, offset, rows).copy_(rstd_c.view({rows, 1}));
+      hidden_prev.narrow(0, offset, rows).copy_(h_in);
+      if (s.has_projection) hidden_raw.narrow(0, offset, rows).copy_(h_raw);
+    }
+    output.narrow(0, offset, rows).copy_(h_new);
+    h_prev.copy_(h_new);
+    c_prev.copy_(c_new);
+  }
+  const auto storage = input.scalar_type();
+  at::Tensor y = output.to(storage);
+  if (!s.packed) y = y.view({s.steps, s.batch, R});
+  return {y, h_state.to(storage), c_state.to(storage), gates, cell_prev, cell, products,
+          stats, hidden_prev, hidden_raw};
+}
+
+// Returns (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, and the
+// gradients of the six norm parameters); grad_bias serves b_ih and b_hh alike, and is empty
+// without has_bias, grad_w_hr without w_hr.
+BackwardResult layer_norm_backward(
+    const std::optional<at::Tensor>& grad_output, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& ln_ih_weight,
+    const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight, const at::Tensor& ln_hh_bias,
+    const at::Tensor& ln_cell_weight, const at::Tensor& ln_cell_bias, const at::Tensor& gates,
+    const at::Tensor& cell_prev, const at::Tensor& cell, const at::Tensor& products,
+    const at::Tensor& stats, const at::Tensor& hidden_prev, const at::Tensor& hidden_raw,
+    bool reverse, bool has_bias, const std::optional<at::Tensor>& recurrent_mask) {
+  constexpr const char* op = "lstm_layer_norm_backward";
+  const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
+  const int64_t H = s.hidden_size, G = kNumGates * H, R = s.output_size;
+  const at::ScalarType math = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK(gates.numel() > 0 || s.rows == 0, op,
+              ": the forward op ran with training=False and saved nothing for backward; "
+              "run it with training=True");
+  const std::pair<const at::Tensor*, std::array<int64_t, 2>> expected[] = {
+      {&gates, {s.rows, G}}, {&cell_prev, {s.rows, H}}, {&cell, {s.rows, H}},
+      {&products, {s.rows, G}}, {&stats, {s.rows, 6}}, {&hidden_prev, {s.rows, R}}};
+  for (const auto& [tensor, shape] : expected) {
+    check_shape(op, *tensor, shape, "a saved tensor");
+    TORCH_CHECK(tensor->scalar_type() == math, op, ": saved tensors have the math dtype ",
+                math, ", got ", tensor->scalar_type());
+  }
+  check_state(op, s, input, grad_h_n, grad_c_n, "grad_h_n", "grad_c_n");
+  const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
+  const Norms ln = checked_norms(
+      op, s, input,
+      {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias}, math);
+  c10::OptionalDeviceGuard device_guard(input.device());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  const auto acc = input.options().dtype(math);
+  const at::Tensor x = input.reshape({s.rows, s.input_size}).to(math);
+  const at::Tensor W_ih = w_ih.to(math), W_hh = w_hh.to(math);
+  const std::optional<at::Tensor> W_hr =
+      w_hr.has_value() ? std::optional<at::Tensor>(w_hr->to(math)) : std::nullopt;
+  at::Tensor grad_y;
+  if (grad_output.has_value()) grad_y = grad_output->reshape({s.rows, R}).to(math);
+
+  at::Tensor dh = grad_h_n.to(math).clone();
+  at::Tensor dc = grad_c_n.to(math).clone();
+  at::Tensor grad_z = at::empty({s.rows, G}, acc);          // of the gate pre-activations
+  at::Tensor grad_products = at::empty({s.rows, G}, acc);   // of W_hh h before its norm
+  at::Tensor grad_cell_norm = at::empty({s.rows, H}, acc);  // of LN(c)
+  at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, acc);
+  const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
+  const StepGemm recurrent(W_hh, s.steps, s.batch);
+  const std::array<bool, 3> input_only{true, false, false};
+
+  for (int64_t k = 0; k < s.steps; ++k) {
+    const int64_t t = reverse ? k : s.steps - 1 - k;
+    const int64_t rows = s.step_size[t], offset = s.step_offset[t];
+    at::Tensor dh_rows = dh.narrow(0, 0, rows), dc_rows = dc.narrow(0, 0, rows);
+    at::Tensor dh_t = grad_y.defined() ? dh_rows + grad_y.narrow(0, offset, rows) : dh_rows;
+    if (W_hr.has_value()) {
+      grad_h_all.narrow(0, offset, rows).copy_(dh_t);
+      dh_t = at::mm(dh_t, *W_hr);
+    }
+    at::Tensor dz = grad_z.narrow(0, offset, rows);
+    at::Tensor grad_product = grad_products.narrow(0, offset, rows);
+    at::Tensor grad_norm = grad_cell_norm.narrow(0, offset, rows);
+    if (row_kernels) {
+      const at::Tensor dh_in = dh_t.contiguous();
+      AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_backward", [&] {
+        cpu::LayerNormRows<scalar_t> a{};
+        a.rows = rows;
+        a.hidden = H;
+        a.hh_gain = ln.hh_weight.const_data_ptr<scalar_t>();
+        a.hh_bias = ln.hh_bias.const_data_ptr<scalar_t>();
+        a.cell_gain = ln.cell_weight.const_data_ptr<scalar_t>();
+        a.cell_bias = ln.cell_bias.const_data_ptr<scalar_t>();
+        a.product = products.narrow(0, offset, rows).const_data_ptr<scalar_t>();
+        // Read only here (the struct's pointers are writable for forward).
+        a.stats = stats.narrow(0, offset, rows).data_ptr<scalar_t>();
+        a.cell_prev = cell_prev.narrow(0, offset, rows).const_data_ptr<scalar_t>();
+        a.gates = gates.narrow(0, offset, rows).data_ptr<scalar_t>();
+        a.cell = cell.narrow(0, offset, rows).data_ptr<scalar_t>();
+        a.grad_hidden = dh_in.const_data_ptr<scalar_t>();
+        a.grad_cell = dc_rows.data_ptr<scalar_t>();
+        a.grad_gates = dz.data_ptr<scalar_t>();
+        a.grad_product = grad_product.data_ptr<scalar_t>();
+        a.grad_cell_norm = grad_norm.data_ptr<scalar_t>();
+        cpu::layer_norm_backward_rows(a);
+      });
+    } else {
+      const at::Tensor z = gates.narrow(0, offset, rows);
+      const at::Tensor in = z.narrow(1, 0, H), forget = z.narrow(1, H, H);
+      const at::Tensor cell_in = z.narrow(1, 2 * H, H), out = z.narrow(1, 3 * H, H);
+      const at::Tensor c_new = cell.narrow(0, offset, rows);
+      const at::Tensor tanh_c =  // LN(c) as forward made it
+          std::get<0>(at::native_layer_norm(c_new, {H}, ln.cell_weight, ln.cell_bias, kEps))
+              .tanh_();
+      const at::Tensor grad_out = dh_t * tanh_c;
+      grad_norm.copy_(dh_t * out * (1 - tanh_c * tanh_c));
+      const at::Tensor grad_c_from_h = std::get<0>(at::native_layer_norm_backward(
+          grad_norm, c_new, {H}, stat(stats, kMeanC, offset, rows),
+          stat(stats, kRstdC, offset, rows), ln.cell_weight, ln.cell_bias, input_only));
+      const at::Tensor dc_t = dc_rows + grad_c_from_h;
+      dz.narrow(1, 0, H).copy_(dc_t * cell_in * in * (1 - in));
+      dz.narrow(1, H, H).copy_(dc_t * cell_prev.narrow(0, offset, rows) * forget *
+                               (1 - forget));
+      dz.narrow(1, 2 * H, H).copy_(dc_t * in * (1 - cell_in * cell_in));
+      dz.narrow(1, 3 * H, H).copy_(grad_out * out * (1 - out));
+      dc_rows.copy_(dc_t * forget);
+      grad_product.copy_(std::get<0>(at::native_layer_norm_backward(
+          dz, products.narrow(0, offset, rows), {G}, stat(stats, kMeanH, offset, rows),
+          stat(stats, kRstdH, offset, rows), ln.hh_weight, ln.hh_bias, input_only)));
+    }
+    at::Tensor carried = recurrent(grad_product);
+    if (mask.has_value()) carried.mul_(mask->narrow(0, 0, rows));
+    dh_rows.copy_(carried);
+  }
+
+  // The norms' gains and biases: sums over every row of the output's gradient (times the
+  // normalised input, for the gains).
+  const auto normalised = [&](const at::Tensor& values, Stat mean, Stat rstd) {
+    return (values - stat(stats, mean, 0, s.rows)) * stat(stats, rstd, 0, s.rows);
+  };
+  const at::Tensor grad_hh_weight = (grad_z * normalised(products, kMeanH, kRstdH)).sum(0);
+  const at::Tensor grad_hh_bias = grad_z.sum(0);
+  const at::Tensor grad_cell_weight =
+      (grad_cell_norm * normalised(cell, kMeanC, kRstdC)).sum(0);
+  const at::Tensor grad_cell_bias = grad_cell_norm.sum(0);
+
+  // The input products' norm over every step at once, then the products themselves.
+  const at::Tensor product_x = sequence_product(x, W_ih);
+  const std::array<bool, 3> all{true, true, true};
+  auto [grad_product_x, grad_ih_weight, grad_ih_bias] = at::native_layer_norm_backward(
+      grad_z, product_x, {G}, stat(stats, kMeanX, 0, s.rows), stat(stats, kRstdX, 0, s.rows),
+      ln.ih_weight, ln.ih_bias, all);
+  const auto storage = input.scalar_type();
+  const auto back = [&](const at::Tensor& t) { return t.to(storage); };
+  const at::Tensor grad_input =
+      back(sequence_product(grad_product_x, W_ih.t())).view(input.sizes());
+  const at::Tensor grad_w_ih = back(sequence_product(grad_product_x.t(), x.t()));
+  const at::Tensor grad_w_hh = back(sequence_product(grad_products.t(), hidden_prev.t()));
+  const at::Tensor grad_bias = has_bias ? back(grad_z.sum(0)) : at::empty({0}, input.options());
+  const at::Tensor grad_w_hr = s.has_projection ? back(at::mm(grad_h_all.t(), hidden_raw))
+                                                : at::empty({0}, input.options());
+  return {grad_input, back(dh), back(dc), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,
+          back(grad_ih_weight), back(grad_ih_bias), back(grad_hh_weight), back(grad_hh_bias),
+          back(grad_cell_weight), back(grad_cell_bias)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_ext, CompositeExplicitAutograd, m) {
+  m.impl("lstm_layer_norm_forward", &layer_norm_forward);
+  m.impl("lstm_layer_norm_backward", &layer_norm_backward);
+}
+
+}  // namespace lstm_ext
