@@ -56,6 +56,19 @@ Norms checked_norms(const char* op, const LayerShape& s, const at::Tensor& input
   return {up[0], up[1], up[2], up[3], up[4], up[5]};
 }
 
+// A step's rows for the CPU row kernels, with the norms' parameters; the caller adds the rest.
+template <typename scalar_t>
+cpu::LayerNormRows<scalar_t> step_rows(int64_t rows, int64_t hidden, const Norms& ln) {
+  cpu::LayerNormRows<scalar_t> a{};
+  a.rows = rows;
+  a.hidden = hidden;
+  a.hh_gain = ln.hh_weight.const_data_ptr<scalar_t>();
+  a.hh_bias = ln.hh_bias.const_data_ptr<scalar_t>();
+  a.cell_gain = ln.cell_weight.const_data_ptr<scalar_t>();
+  a.cell_bias = ln.cell_bias.const_data_ptr<scalar_t>();
+  return a;
+}
+
 // The saved statistics: per row of data, mean and 1/std of the input product's, recurrent
 // product's and cell's norms, as columns 0-5 of an (N, 6) tensor.
 enum Stat { kMeanX, kRstdX, kMeanH, kRstdH, kMeanC, kRstdC };
@@ -105,11 +118,8 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
                                  const at::Tensor& ln_cell_bias,
                                  const std::optional<at::Tensor>& recurrent_mask) {
   constexpr const char* op = "lstm_layer_norm_forward";
-  const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
-  check_state(op, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
-              "c0 (batch, hidden_size)");
-  check_bias(op, s, input, b_ih, "b_ih (4*hidden)");
-  check_bias(op, s, input, b_hh, "b_hh (4*hidden)");
+  const LayerShape s =
+      checked_forward_args(op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
   const at::ScalarType math = at::toOpMathType(input.scalar_type());
   const Norms ln = checked_norms(
@@ -165,13 +175,7 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
           training ? stats.narrow(0, offset, rows) : at::empty({rows, 6}, acc);
       at::Tensor h_raw = at::empty({rows, H}, acc);
       AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_forward", [&] {
-        cpu::LayerNormRows<scalar_t> a{};
-        a.rows = rows;
-        a.hidden = H;
-        a.hh_gain = ln.hh_weight.const_data_ptr<scalar_t>();
-        a.hh_bias = ln.hh_bias.const_data_ptr<scalar_t>();
-        a.cell_gain = ln.cell_weight.const_data_ptr<scalar_t>();
-        a.cell_bias = ln.cell_bias.const_data_ptr<scalar_t>();
+        auto a = step_rows<scalar_t>(rows, H, ln);
         a.product = product.const_data_ptr<scalar_t>();
         a.stats = step_stats.data_ptr<scalar_t>();
         a.cell_prev = c_prev.const_data_ptr<scalar_t>();
@@ -298,13 +302,7 @@ BackwardResult layer_norm_backward(
     if (row_kernels) {
       const at::Tensor dh_in = dh_t.contiguous();
       AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_backward", [&] {
-        cpu::LayerNormRows<scalar_t> a{};
-        a.rows = rows;
-        a.hidden = H;
-        a.hh_gain = ln.hh_weight.const_data_ptr<scalar_t>();
-        a.hh_bias = ln.hh_bias.const_data_ptr<scalar_t>();
-        a.cell_gain = ln.cell_weight.const_data_ptr<scalar_t>();
-        a.cell_bias = ln.cell_bias.const_data_ptr<scalar_t>();
+        auto a = step_rows<scalar_t>(rows, H, ln);
         a.product = products.narrow(0, offset, rows).const_data_ptr<scalar_t>();
         // Read only here (the struct's pointers are writable for forward).
         a.stats = stats.narrow(0, offset, rows).data_ptr<scalar_t>();

@@ -227,6 +227,22 @@ inline void check_bias(const char* op, const LayerShape& s, const at::Tensor& in
   check_same_dtype_and_device(op, input, *bias, name);
 }
 
+// The shapes of a layer-forward op's call, after checking its input, states and weights.
+inline LayerShape checked_forward_args(const char* op, const at::Tensor& input,
+                                       const at::Tensor& h0, const at::Tensor& c0,
+                                       const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                       const std::optional<at::Tensor>& b_ih,
+                                       const std::optional<at::Tensor>& b_hh,
+                                       const std::optional<at::Tensor>& w_hr,
+                                       const std::optional<at::Tensor>& batch_sizes) {
+  const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
+  check_state(op, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
+              "c0 (batch, hidden_size)");
+  check_bias(op, s, input, b_ih, "b_ih (4*hidden)");
+  check_bias(op, s, input, b_hh, "b_hh (4*hidden)");
+  return s;
+}
+
 // The recurrent-dropout mask (B, R): what multiplies h before every W_hh product (already
 // scaled by 1 / (1 - p)), in the math dtype; returned contiguous.
 inline std::optional<at::Tensor> checked_recurrent_mask(const char* op, const LayerShape& s,

@@ -211,11 +211,8 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
                             const std::optional<at::Tensor>& zoneout_cell,
                             const std::optional<at::Tensor>& zoneout_hidden, bool return_cells) {
   constexpr const char* op = "lstm_layer_forward";
-  const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
-  check_state(op, s, input, h0, c0, "h0 (batch, proj_size or hidden_size)",
-              "c0 (batch, hidden_size)");
-  check_bias(op, s, input, b_ih, "b_ih (4*hidden)");
-  check_bias(op, s, input, b_hh, "b_hh (4*hidden)");
+  const LayerShape s =
+      checked_forward_args(op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
   const std::optional<at::Tensor> zone_c =
       checked_zoneout(op, s, input, zoneout_cell, s.hidden_size, "zoneout_cell");

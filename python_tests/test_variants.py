@@ -137,8 +137,11 @@ def test_weight_drop_compiles_and_keeps_its_state_dict():
     assert copy.deepcopy(module).weight_drop == 0.25
 
 
-def test_weight_drop_of_one_drops_every_recurrent_weight():
-    module = lstm_ext.LSTM(3, 5, weight_drop=1.0)
+@pytest.mark.parametrize("option", ["weight_drop", "recurrent_dropout"])
+def test_a_dropout_of_one_cuts_the_recurrence(option):
+    """p = 1 drops every recurrent weight, or every unit of h_{t-1}: each step sees only its
+    input (and c), as with W_hh = 0."""
+    module = lstm_ext.LSTM(3, 5, **{option: 1.0})
     without_recurrence = lstm_ext.LSTM(3, 5)
     without_recurrence.load_state_dict(module.state_dict())
     with torch.no_grad():
@@ -397,17 +400,6 @@ def test_recurrent_dropout_in_eval_mode_is_the_plain_lstm():
     assert not torch.equal(dropping.train()(x)[0], plain(x)[0])
     with torch.no_grad():  # training mode without gradients still drops
         assert not torch.equal(dropping(x)[0], plain(x)[0])
-
-
-def test_recurrent_dropout_of_one_cuts_the_recurrence():
-    """p = 1 drops every unit of h_{t-1}: each step sees only its input (and c)."""
-    module = lstm_ext.LSTM(3, 5, recurrent_dropout=1.0)
-    without_recurrence = lstm_ext.LSTM(3, 5)
-    without_recurrence.load_state_dict(module.state_dict())
-    with torch.no_grad():
-        without_recurrence.weight_hh_l0.zero_()
-    x = torch.randn(4, 2, 3)
-    assert torch.equal(module(x)[0], without_recurrence(x)[0])
 
 
 def test_recurrent_dropout_gradcheck_and_gradgradcheck():
