@@ -238,9 +238,10 @@ class LSTM(_GateInit, nn.RNNBase):
       4H, H; eps 1e-5) with its own learned gain and bias, parameters
       ``layer_norm_{ih,hh,cell}_{weight,bias}_l{k}[_reverse]`` (gains 1, biases 0 at
       initialisation) beside nn.LSTM's, whose names and initial values are unchanged. Runs as
-      a C++ step loop over ATen ops (any device; no Python per step), forward and backward;
-      combines with weight_drop and recurrent_dropout, not yet with zoneout or
-      return_cell_sequence, and has no double backward yet."""
+      a C++ step loop (the GEMMs, then one pass over the rows per step; no Python per step),
+      forward and backward; combines with weight_drop and recurrent_dropout (not yet with
+      zoneout or return_cell_sequence); double backward differentiates
+      ops.reference_layer_norm_forward."""
 
     weight_drop = 0.0  # modules pickled before the options existed
     recurrent_dropout = 0.0

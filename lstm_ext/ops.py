@@ -2,6 +2,7 @@
 export) and the autograd formulas. The schemas and kernels live in csrc/."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _ops = torch.ops.lstm_ext
@@ -218,6 +219,42 @@ def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
     return (output, h, c, cell_sequence) if return_cells else (output, h, c)
 
 
+def reference_layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                 reverse, norms, recurrent_mask=None):
+    """The LayerNorm-LSTM layer op in plain differentiable torch ops, step by step: for double
+    backward, as reference_layer_forward is for the plain layer."""
+    ih_weight, ih_bias, hh_weight, hh_bias, cell_weight, cell_bias = norms
+    if batch_sizes is None:
+        steps, batch = input.shape[0], input.shape[1]
+        sizes, x = [batch] * steps, input.reshape(steps * batch, input.shape[-1])
+    else:
+        sizes, x = batch_sizes.tolist(), input
+        steps = len(sizes)
+    offsets = [sum(sizes[:t]) for t in range(steps)]
+    gates_x = F.layer_norm(x @ w_ih.t(), (w_ih.shape[0],), ih_weight, ih_bias)
+    for bias in (b_ih, b_hh):
+        if bias is not None:
+            gates_x = gates_x + bias
+    h, c = h0, c0
+    outputs = [None] * steps
+    for t in reversed(range(steps)) if reverse else range(steps):
+        n = sizes[t]
+        h_in = h[:n] if recurrent_mask is None else (h[:n] * recurrent_mask[:n]).to(h.dtype)
+        product = F.layer_norm(h_in @ w_hh.t(), (w_hh.shape[0],), hh_weight, hh_bias)
+        i, f, g, o = (gates_x[offsets[t]:offsets[t] + n] + product).chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(
+            F.layer_norm(c_new, (c_new.shape[-1],), cell_weight, cell_bias))
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        outputs[t] = h_new
+        h, c = torch.cat([h_new, h[n:]]), torch.cat([c_new, c[n:]])
+    output = torch.cat(outputs)
+    if batch_sizes is None:
+        output = output.view(steps, sizes[0], -1)
+    return output, h, c
+
+
 def _differentiable_grads(forward, inputs, grad_outputs):
     """Gradients that are themselves differentiable (backward with create_graph=True): rerun
     the forward through reference_layer_forward and let autograd build the graph."""
@@ -336,25 +373,27 @@ def _layer_norm_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*saved)
     ctx.set_materialize_grads(False)
     ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None or b_hh is not None
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, *norms, *saved,
-                          recurrent_mask)
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *norms,
+                          *saved, recurrent_mask)
 
 
 def _layer_norm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
-    input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, *rest = ctx.saved_tensors
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *rest = ctx.saved_tensors
     norms, saved, recurrent_mask = rest[:6], rest[6:13], rest[13]
     if grad_output is None and grad_h_n is None and grad_c_n is None:
         return (None,) * 18
     if _creates_graph():
-        raise NotImplementedError(
-            "double backward (create_graph=True) through lstm_ext.LSTM(layer_norm=True) is not "
-            "supported yet; plain backward is")
+        grads = _differentiable_grads(
+            lambda *args: reference_layer_norm_forward(
+                *args[:8], batch_sizes, ctx.reverse, args[8:], recurrent_mask),
+            (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *norms),
+            (grad_output, grad_h_n, grad_c_n))
+        return (*grads[:8], None, None, None, *grads[8:], None)
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     grads = _ops.lstm_layer_norm_backward(
         grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, *norms, *saved,
-        ctx.reverse, ctx.has_bias, recurrent_mask)
+        ctx.reverse, b_ih is not None or b_hh is not None, recurrent_mask)
     (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,
      *grad_norms) = grads
     needs = ctx.needs_input_grad

@@ -846,7 +846,7 @@ def test_layer_norm_lstm_parameters_state_dict_and_refusals():
         assert type(lstm_ext.quantize_dynamic(ours)) is lstm_ext.LSTM
 
 
-def test_layer_norm_lstm_gradcheck_compile_and_autocast():
+def test_layer_norm_lstm_gradcheck_gradgradcheck_compile_and_autocast():
     module = lstm_ext.LSTM(3, 4, proj_size=2, layer_norm=True, dtype=torch.float64)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     gain = module.layer_norm_cell_weight_l0.detach().clone().requires_grad_()
@@ -855,6 +855,7 @@ def test_layer_norm_lstm_gradcheck_compile_and_autocast():
         return torch.func.functional_call(module, {"layer_norm_cell_weight_l0": gain}, (x,))[0]
 
     assert torch.autograd.gradcheck(run, (x, gain))
+    assert torch.autograd.gradgradcheck(run, (x, gain))
     compiled = torch.compile(lstm_ext.LSTM(4, 8, layer_norm=True), fullgraph=True)
     output = compiled(torch.randn(5, 2, 4))[0]
     output.sum().backward()
@@ -884,3 +885,61 @@ def test_layer_norm_lstm_in_fp32_follows_the_fp64_reference(path, monkeypatch):
     case = Case(reference, "padded", steps=7, batch=700)
     expected = case.run(LayerNormReference(reference, norms))
     compare(case.run(ours.float(), dtype=torch.float32), expected, 2e-5)
+
+
+def test_layer_norm_double_backward_uses_a_reference_equal_to_the_op():
+    """Double backward differentiates ops.reference_layer_norm_forward; gradgradcheck alone
+    cannot see that reference disagree with the op, so compare first-order gradients made
+    through it (create_graph=True) with the op's own (fp64, packed, projection, mask)."""
+    ours, _, _ = layer_norm_pair(dict(input_size=5, hidden_size=6, num_layers=1, proj_size=3),
+                                 recurrent_dropout=0.4)
+    sequences = [torch.randn(n, 5, dtype=torch.float64) for n in (5, 4, 2)]
+    packed = torch.nn.utils.rnn.pack_sequence(sequences)
+    state = [torch.randn(1, 3, 3, dtype=torch.float64), torch.randn(1, 3, 6, dtype=torch.float64)]
+    leaves = [packed.data.requires_grad_(), *(t.requires_grad_() for t in state)]
+    parameters = list(ours.parameters())
+
+    def grads(create_graph):
+        torch.manual_seed(11)  # the same mask both times
+        output, (h_n, c_n) = ours(torch.nn.utils.rnn.PackedSequence(
+            leaves[0], packed.batch_sizes), (leaves[1], leaves[2]))
+        loss = (output.data.sin().sum() + h_n.square().sum() + c_n.sum())
+        return torch.autograd.grad(loss, leaves + parameters, create_graph=create_graph)
+
+    for through_reference, from_op in zip(grads(True), grads(False)):
+        assert rel_error(through_reference, from_op) < 1e-10
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_double_backward_reference_of_the_layer_op_equals_it_with_every_variant(packed):
+    """ops.reference_layer_forward, which double backward differentiates, against the layer
+    op with a recurrent mask, zoneout and the cell sequence: outputs and first-order
+    gradients, fp64."""
+    torch.manual_seed(2)
+    steps, batch, features, hidden, proj = 5, 3, 4, 6, 3
+    options = {"dtype": torch.float64}
+    if packed:
+        batch_sizes = torch.tensor([3, 3, 2, 2, 1])
+        x = torch.randn(int(batch_sizes.sum()), features, **options)
+    else:
+        batch_sizes, x = None, torch.randn(steps, batch, features, **options)
+    rows = x.shape[0] if packed else steps * batch
+    tensors = [x, torch.randn(batch, proj, **options), torch.randn(batch, hidden, **options),
+               torch.randn(4 * hidden, features, **options),
+               torch.randn(4 * hidden, proj, **options), torch.randn(4 * hidden, **options),
+               torch.randn(4 * hidden, **options), torch.randn(proj, hidden, **options)]
+    variants = [(torch.rand(batch, proj, **options) >= 0.3).double() / 0.7,
+                (torch.rand(rows, hidden, **options) < 0.3).double(),
+                (torch.rand(rows, proj, **options) < 0.2).double()]
+    results = []
+    for function, extra in ((ops.layer_forward, {"training": True}), (
+            ops.reference_layer_forward, {})):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        outputs = function(*leaves, batch_sizes=batch_sizes, recurrent_mask=variants[0],
+                           zoneout_cell=variants[1], zoneout_hidden=variants[2],
+                           return_cells=True, **extra)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), **options).view(o.shape)).sum()
+                   for o in outputs)
+        results.append([*outputs, *torch.autograd.grad(loss, leaves)])
+    for got, want in zip(*results):
+        assert rel_error(got, want) < 1e-10
