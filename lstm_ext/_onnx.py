@@ -11,6 +11,7 @@ parameters stay PyTorch's.
 """
 
 import torch
+import torch.nn.functional as F
 
 from . import ops
 
@@ -49,9 +50,11 @@ def lstm_layer(layer_input, h0, c0, directions, hidden_size, has_bias):
     return output, y_h, y_c
 
 
-def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0), return_cells=False):
-    """One layer, each direction an ONNX Scan over time (for a projection, zoneout or the cell
-    sequence, which the ONNX LSTM operator lacks).
+def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0), return_cells=False,
+                    norms=None):
+    """One layer, each direction an ONNX Scan over time (for a projection, zoneout, the cell
+    sequence or the LayerNorm LSTM, which the ONNX LSTM operator lacks); `norms`: per
+    direction the six norm parameters of lstm_ext.LSTM(layer_norm=True), or None.
 
     layer_input: (T, B, I); h0: (directions, B, P), c0: (directions, B, H); `directions`:
     per direction its (w_ih, w_hh, b_ih, b_hh, w_hr) (biases None and w_hr None where
@@ -63,12 +66,20 @@ def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0), return_
 
     outputs, cells, h_n, c_n = [], [], [], []
     for index, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(directions):
-        gates_x = layer_input @ w_ih.t()
-        if b_ih is not None:
-            gates_x = gates_x + (b_ih + b_hh)
+        norm = norms[index] if norms is not None else None
+        if norm is not None:
+            gates_x = ops.layer_norm_input_part(layer_input, w_ih, b_ih, b_hh, norm[0:2])
+        else:
+            gates_x = layer_input @ w_ih.t()
+            if b_ih is not None:
+                gates_x = gates_x + (b_ih + b_hh)
 
-        def step(carry, gates, w_hh=w_hh, w_hr=w_hr):
-            h, c = ops.cell_update(gates + carry[0] @ w_hh.t(), carry[1], w_hr)
+        def step(carry, gates, w_hh=w_hh, w_hr=w_hr, norm=norm):
+            product = carry[0] @ w_hh.t()
+            if norm is not None:
+                product = F.layer_norm(product, product.shape[-1:], *norm[2:4])
+            h, c = ops.cell_update(gates + product, carry[1], w_hr,
+                                   None if norm is None else norm[4:6])
             if z_c:
                 c = z_c * carry[1] + (1 - z_c) * c
             if z_h:
@@ -87,10 +98,6 @@ def lstm_layer_scan(layer_input, h0, c0, directions, zoneout=(0.0, 0.0), return_
 
 
 def check_exportable(module, packed):
-    if getattr(module, "layer_norm", False):
-        raise NotImplementedError(
-            "torch.onnx.export of lstm_ext.LSTM(layer_norm=True) is not supported yet; use "
-            "torch.export / AOTInductor")
     if packed:
         raise NotImplementedError(
             "torch.onnx.export of lstm_ext.LSTM with a PackedSequence input is not supported "

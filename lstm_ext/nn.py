@@ -433,10 +433,15 @@ class LSTM(_GateInit, nn.RNNBase):
                 c0_layer = c0[first:first + num_directions]
                 return_cells = self.return_cell_sequence and layer == self.num_layers - 1
                 cell_sequences = []
-                if self.proj_size > 0 or any(self.zoneout) or return_cells:
+                norms = None
+                if self.layer_norm:
+                    norms = [[self._parameters[name] for name in self._layer_norm_names(
+                        layer, "_reverse" if direction else "")]
+                        for direction in range(num_directions)]
+                if self.proj_size > 0 or any(self.zoneout) or return_cells or norms:
                     layer_input, h, c, *cell_sequences = _onnx.lstm_layer_scan(
                         layer_input, h0_layer, c0_layer, directions, self.zoneout,
-                        return_cells)
+                        return_cells, norms)
                 else:
                     layer_input, h, c = _onnx.lstm_layer(
                         layer_input, h0_layer, c0_layer, directions, self.hidden_size, self.bias)

@@ -168,13 +168,24 @@ def _cell_backward_fake(grad_h, grad_c, input, hx, w_ih, w_hh, gates, cell_prev,
 # Autograd
 
 
-def cell_update(gates, c, w_hr=None):
+def cell_update(gates, c, w_hr=None, cell_norm=None):
     """One LSTM step in torch ops from the pre-activations (rows, 4H) in the gate order i, f,
-    g, o: returns (h, c'), h projected by w_hr where given."""
+    g, o: returns (h, c'), h projected by w_hr where given; with cell_norm (gain, bias), the
+    LayerNorm LSTM's h = o tanh(LN(c'))."""
     i, f, g, o = gates.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
+    normed = c if cell_norm is None else F.layer_norm(c, c.shape[-1:], *cell_norm)
+    h = torch.sigmoid(o) * torch.tanh(normed)
     return (h if w_hr is None else h @ w_hr.t()), c
+
+
+def layer_norm_input_part(x, w_ih, b_ih, b_hh, norm):
+    """The LayerNorm LSTM's input part of every step at once: LN(x W_ih^T) + b_ih + b_hh."""
+    gates_x = F.layer_norm(x @ w_ih.t(), (w_ih.shape[0],), *norm)
+    for bias in (b_ih, b_hh):
+        if bias is not None:
+            gates_x = gates_x + bias
+    return gates_x
 
 
 def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
@@ -231,22 +242,15 @@ def reference_layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ba
         sizes, x = batch_sizes.tolist(), input
         steps = len(sizes)
     offsets = [sum(sizes[:t]) for t in range(steps)]
-    gates_x = F.layer_norm(x @ w_ih.t(), (w_ih.shape[0],), ih_weight, ih_bias)
-    for bias in (b_ih, b_hh):
-        if bias is not None:
-            gates_x = gates_x + bias
+    gates_x = layer_norm_input_part(x, w_ih, b_ih, b_hh, (ih_weight, ih_bias))
     h, c = h0, c0
     outputs = [None] * steps
     for t in reversed(range(steps)) if reverse else range(steps):
         n = sizes[t]
         h_in = h[:n] if recurrent_mask is None else (h[:n] * recurrent_mask[:n]).to(h.dtype)
         product = F.layer_norm(h_in @ w_hh.t(), (w_hh.shape[0],), hh_weight, hh_bias)
-        i, f, g, o = (gates_x[offsets[t]:offsets[t] + n] + product).chunk(4, dim=-1)
-        c_new = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(
-            F.layer_norm(c_new, (c_new.shape[-1],), cell_weight, cell_bias))
-        if w_hr is not None:
-            h_new = h_new @ w_hr.t()
+        h_new, c_new = cell_update(gates_x[offsets[t]:offsets[t] + n] + product, c[:n], w_hr,
+                                   (cell_weight, cell_bias))
         outputs[t] = h_new
         h, c = torch.cat([h_new, h[n:]]), torch.cat([c_new, c[n:]])
     output = torch.cat(outputs)

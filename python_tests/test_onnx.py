@@ -173,3 +173,27 @@ def test_the_cell_sequence_exports_as_onnx_scans(tmp_path):
         want = want.detach()
         error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
         assert error <= 1e-5, error
+
+
+def test_the_layer_norm_lstm_exports_as_onnx_scans(tmp_path):
+    """layer_norm=True: Scans with the norms of both products and of c (ONNX's
+    LayerNormalization), matching eager with random gains and biases."""
+    torch.manual_seed(4)
+    lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, proj_size=3, layer_norm=True).eval()
+    with torch.no_grad():
+        for name, parameter in lstm.named_parameters():
+            if name.startswith("layer_norm_"):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    model = Wrapper(lstm, with_state=False).eval()
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    other = [torch.randn(9, 4, 5)]
+    graph, outputs = run_onnx(model, [torch.randn(6, 3, 5)], {"x": {0: steps, 1: batch}},
+                              tmp_path / "layer_norm.onnx", other)
+    op_types = [node.op_type for node in graph.node]
+    assert op_types.count("Scan") == 4 and "LSTM" not in op_types
+    # 5e-5: the CPU row kernels' fast exp and tanh (2e-7 each) grow to ~2e-5 through two
+    # normalised layers; with LSTM_EXT_CPU_RECURRENCE=0 (ATen's math) this is within 1e-5.
+    for got, want in zip(outputs, model(*other)):
+        want = want.detach()
+        error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
+        assert error <= 5e-5, error
