@@ -461,29 +461,29 @@ class LSTM(_GateInit, nn.RNNBase):
                 if self.training and self.recurrent_dropout > 0:
                     mask = _recurrent_mask(h0.shape[1], h0.shape[2], self.recurrent_dropout,
                                            layer_input)
-                rows = layer_input.shape[0] * (1 if batch_sizes is not None else h0.shape[1])
-                zoneout_cell, zoneout_hidden = (
-                    _zoneout_weights(rows, size, z, layer_input, self.training)
-                    for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
                 if self.layer_norm:
                     suffix = "_reverse" if direction else ""
                     norms = [self._parameters[name]
                              for name in self._layer_norm_names(layer, suffix)]
                     output, h, c = ops.layer_norm_forward(
                         layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
-                        batch_sizes, direction == 1, training or any(
-                            p.requires_grad for p in norms) and torch.is_grad_enabled(),
+                        batch_sizes, direction == 1, training or _needs_saved_state(norms),
                         norms, mask)
-                    outputs.append(output)
-                    h_n.append(h)
-                    c_n.append(c)
-                    continue
-                return_cells = self.return_cell_sequence and layer == self.num_layers - 1
-                output, h, c, *cells = ops.layer_forward(
-                    layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
-                    batch_sizes, direction == 1, training, mask, zoneout_cell, zoneout_hidden,
-                    return_cells,
-                )
+                    cells = []
+                else:
+                    zoneout_cell = zoneout_hidden = None
+                    if any(self.zoneout):
+                        rows = layer_input.shape[0] * (1 if batch_sizes is not None
+                                                       else h0.shape[1])
+                        zoneout_cell, zoneout_hidden = (
+                            _zoneout_weights(rows, size, z, layer_input, self.training)
+                            for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
+                    return_cells = self.return_cell_sequence and layer == self.num_layers - 1
+                    output, h, c, *cells = ops.layer_forward(
+                        layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
+                        batch_sizes, direction == 1, training, mask, zoneout_cell,
+                        zoneout_hidden, return_cells,
+                    )
                 outputs.append(output)
                 cell_sequences += cells
                 h_n.append(h)

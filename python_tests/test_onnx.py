@@ -123,6 +123,21 @@ def test_a_projection_exports_as_onnx_scans_and_matches_eager(tmp_path, layers, 
         assert error <= 1e-5, error
 
 
+def export_dynamic(model, path):
+    """model (taking x (T, B, 5)) exported with dynamic length and batch and run in
+    onnxruntime on a (9, 4, 5) input: (the graph's op types, onnxruntime's outputs, eager's)."""
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    other = [torch.randn(9, 4, 5)]
+    graph, outputs = run_onnx(model, [torch.randn(6, 3, 5)], {"x": {0: steps, 1: batch}},
+                              path, other)
+    return [node.op_type for node in graph.node], outputs, model(*other), other
+
+
+def max_relative_error(got, want):
+    want = want.detach()
+    return (torch.from_numpy(got) - want).abs().max() / want.abs().max()
+
+
 @pytest.mark.parametrize("proj_size", [0, 3])
 def test_zoneout_exports_as_onnx_scans_of_its_eval_update(tmp_path, proj_size):
     """Zoneout's eval-mode update (c = z c_prev + (1 - z) c~, h likewise) is not the ONNX LSTM
@@ -130,19 +145,13 @@ def test_zoneout_exports_as_onnx_scans_of_its_eval_update(tmp_path, proj_size):
     torch.manual_seed(2)
     lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, proj_size=proj_size,
                          zoneout=(0.3, 0.2)).eval()
-    model = Wrapper(lstm, with_state=False).eval()
-    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
-    other = [torch.randn(9, 4, 5)]
-    graph, outputs = run_onnx(model, [torch.randn(6, 3, 5)], {"x": {0: steps, 1: batch}},
-                              tmp_path / "zoneout.onnx", other)
-    op_types = [node.op_type for node in graph.node]
+    op_types, outputs, expected, other = export_dynamic(
+        Wrapper(lstm, with_state=False).eval(), tmp_path / "zoneout.onnx")
     assert op_types.count("Scan") == 4 and "LSTM" not in op_types
     plain = lstm_ext.LSTM(5, 8, 2, bidirectional=True, proj_size=proj_size).eval()
     plain.load_state_dict(lstm.state_dict())
-    for got, want, without in zip(outputs, model(*other), Wrapper(plain, False)(*other)):
-        want = want.detach()
-        error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
-        assert error <= 1e-5, error
+    for got, want, without in zip(outputs, expected, Wrapper(plain, False)(*other)):
+        assert max_relative_error(got, want) <= 1e-5
         assert (want - without).abs().max() > 0.05 * want.abs().max()  # zoneout counts
 
 
@@ -160,19 +169,12 @@ def test_the_cell_sequence_exports_as_onnx_scans(tmp_path):
     """return_cell_sequence=True: the last layer's Scans also give c of every step."""
     torch.manual_seed(3)
     lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, return_cell_sequence=True).eval()
-    model = CellsWrapper(lstm).eval()
-    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
-    other = [torch.randn(9, 4, 5)]
-    graph, outputs = run_onnx(model, [torch.randn(6, 3, 5)], {"x": {0: steps, 1: batch}},
-                              tmp_path / "cells.onnx", other)
-    op_types = [node.op_type for node in graph.node]
+    op_types, outputs, expected, _ = export_dynamic(CellsWrapper(lstm).eval(),
+                                                    tmp_path / "cells.onnx")
     assert op_types.count("LSTM") == 1 and op_types.count("Scan") == 2
-    expected = model(*other)
     assert len(outputs) == 4 and outputs[3].shape == (9, 4, 16)
     for got, want in zip(outputs, expected):
-        want = want.detach()
-        error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
-        assert error <= 1e-5, error
+        assert max_relative_error(got, want) <= 1e-5
 
 
 def test_the_layer_norm_lstm_exports_as_onnx_scans(tmp_path):
@@ -184,16 +186,10 @@ def test_the_layer_norm_lstm_exports_as_onnx_scans(tmp_path):
         for name, parameter in lstm.named_parameters():
             if name.startswith("layer_norm_"):
                 parameter.add_(torch.randn_like(parameter) * 0.3)
-    model = Wrapper(lstm, with_state=False).eval()
-    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
-    other = [torch.randn(9, 4, 5)]
-    graph, outputs = run_onnx(model, [torch.randn(6, 3, 5)], {"x": {0: steps, 1: batch}},
-                              tmp_path / "layer_norm.onnx", other)
-    op_types = [node.op_type for node in graph.node]
+    op_types, outputs, expected, _ = export_dynamic(Wrapper(lstm, with_state=False).eval(),
+                                                    tmp_path / "layer_norm.onnx")
     assert op_types.count("Scan") == 4 and "LSTM" not in op_types
     # 5e-5: the CPU row kernels' fast exp and tanh (2e-7 each) grow to ~2e-5 through two
     # normalised layers; with LSTM_EXT_CPU_RECURRENCE=0 (ATen's math) this is within 1e-5.
-    for got, want in zip(outputs, model(*other)):
-        want = want.detach()
-        error = (torch.from_numpy(got) - want).abs().max() / want.abs().max()
-        assert error <= 5e-5, error
+    for got, want in zip(outputs, expected):
+        assert max_relative_error(got, want) <= 5e-5
