@@ -1,16 +1,18 @@
 // The LayerNorm LSTM layer (Ba, Kiros & Hinton 2016, as in Haste) for one layer and one
-// direction, forward and backward: a C++ step loop, per step the GEMMs through ATen and the
-// rest in one pass over the step's rows, each norm being over one row: on the CPU the row
-// kernels of cpu/layer_norm_rows.h, on other devices (and with LSTM_EXT_CPU_RECURRENCE=0)
-// ATen ops (native_layer_norm and its backward, pointwise math). No Python runs per step.
-// All math is in the math dtype (fp32 for bf16/fp16).
+// direction, forward and backward. The input products and their norm run once for the whole
+// sequence; the recurrence, on the CPU without a projection, is one fused kernel
+// (cpu/layer_norm_kernels.h); otherwise a C++ step loop with the GEMMs through ATen and the
+// rest per step in one pass over the step's rows (each norm is over one row): on the CPU that
+// file's row kernels, on other devices (and with LSTM_EXT_CPU_RECURRENCE=0) ATen ops
+// (native_layer_norm and its backward, pointwise math). No Python runs per step. All math is
+// in the math dtype (fp32 for bf16/fp16).
 //
 //   z_t = LN(W_ih x_t; g_ih, b_ih') + b_ih + b_hh + LN(W_hh (m * h_{t-1}); g_hh, b_hh')
 //   i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of z_t's four gate blocks
 //   c_t = f c_{t-1} + i g,   h_t = o tanh(LN(c_t; g_c, b_c))   (then W_hr h_t with a projection)
 //
 // Each LN normalises its whole row (4H for the products, H for c), eps 1e-5 as nn.LayerNorm.
-#include "cpu/layer_norm_rows.h"
+#include "cpu/layer_norm_kernels.h"
 #include "cpu/linear.h"
 #include "cpu/recurrence.h"
 #include "lstm_common.h"
@@ -29,8 +31,9 @@ namespace {
 
 constexpr double kEps = 1e-5;
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using BackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -69,6 +72,22 @@ cpu::LayerNormRows<scalar_t> step_rows(int64_t rows, int64_t hidden, const Norms
   return a;
 }
 
+// The fused recurrence's arguments common to forward and backward (w: W_hh contiguous).
+template <typename scalar_t>
+cpu::LayerNormSequence<scalar_t> fused_sequence(const LayerShape& s, bool reverse,
+                                                const at::Tensor& w, const Norms& ln,
+                                                const std::optional<at::Tensor>& mask) {
+  cpu::LayerNormSequence<scalar_t> a{};
+  static_cast<SequenceLayout&>(a) = sequence_layout(s, reverse);
+  a.w_hh = w.const_data_ptr<scalar_t>();
+  a.hh_gain = ln.hh_weight.const_data_ptr<scalar_t>();
+  a.hh_bias = ln.hh_bias.const_data_ptr<scalar_t>();
+  a.cell_gain = ln.cell_weight.const_data_ptr<scalar_t>();
+  a.cell_bias = ln.cell_bias.const_data_ptr<scalar_t>();
+  a.recurrent_mask = mask.has_value() ? mask->const_data_ptr<scalar_t>() : nullptr;
+  return a;
+}
+
 // The saved statistics: per row of data, mean and 1/std of the input product's, recurrent
 // product's and cell's norms, as columns 0-5 of an (N, 6) tensor.
 enum Stat { kMeanX, kRstdX, kMeanH, kRstdH, kMeanC, kRstdC };
@@ -104,8 +123,9 @@ at::Tensor stat(const at::Tensor& stats, Stat which, int64_t offset, int64_t row
 
 // Outputs: output, h_n, c_n (storage dtype), then what backward needs, in the math dtype and
 // empty unless training: gate activations (N, 4H), c entering each step (N, H), c after it
-// (N, H), the recurrent products before their norm (N, 4H), the statistics (N, 6), the h
-// entering each step times the mask (N, R), and h before the projection (N, H).
+// (N, H), the recurrent and the input products before their norms (N, 4H each), the
+// statistics (N, 6), the h entering each step times the mask (N, R), and h before the
+// projection (N, H).
 ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
                                  const at::Tensor& c0, const at::Tensor& w_ih,
                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
@@ -145,22 +165,53 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
   at::Tensor hidden_prev = at::empty({saved, R}, acc);
   at::Tensor hidden_raw = at::empty({training && s.has_projection ? s.rows : 0, H}, acc);
 
-  // The input products of every step at once, normalised, with both biases.
-  auto [z_x, mean_x, rstd_x] =
-      at::native_layer_norm(sequence_product(x, W_ih), {G}, ln.ih_weight, ln.ih_bias, kEps);
-  if (b_ih.has_value()) z_x.add_(b_ih->to(math));
-  if (b_hh.has_value()) z_x.add_(b_hh->to(math));
-  if (training) {
-    stats.narrow(1, kMeanX, 1).copy_(mean_x.view({s.rows, 1}));
-    stats.narrow(1, kRstdX, 1).copy_(rstd_x.view({s.rows, 1}));
-  }
-
+  // The input products of every step at once, normalised, with both biases (added to the
+  // norm's own: one pass over the (N, G) values instead of three).
+  const at::Tensor product_x = sequence_product(x, W_ih);
+  at::Tensor input_bias = ln.ih_bias;
+  if (b_ih.has_value()) input_bias = input_bias + b_ih->to(math);
+  if (b_hh.has_value()) input_bias = input_bias + b_hh->to(math);
   const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
-  const StepGemm recurrent(W_hh);
+  const bool fused = row_kernels && !s.has_projection;
+  // The step loop's input part: the products normalised for every step at once; the fused
+  // kernel normalises them as it goes.
+  at::Tensor z_x;
+  if (!fused) {
+    at::Tensor mean_x, rstd_x;
+    std::tie(z_x, mean_x, rstd_x) =
+        at::native_layer_norm(product_x, {G}, ln.ih_weight, input_bias, kEps);
+    if (training) {
+      stats.narrow(1, kMeanX, 1).copy_(mean_x.view({s.rows, 1}));
+      stats.narrow(1, kRstdX, 1).copy_(rstd_x.view({s.rows, 1}));
+    }
+  }
   at::Tensor output = at::empty({s.rows, R}, acc);
-  at::Tensor h_state = h0.to(math).clone();
-  at::Tensor c_state = c0.to(math).clone();
-  for (int64_t k = 0; k < s.steps; ++k) {
+  at::Tensor h_state = h0.to(math).clone(at::MemoryFormat::Contiguous);
+  at::Tensor c_state = c0.to(math).clone(at::MemoryFormat::Contiguous);
+  if (fused) {
+    const at::Tensor w = W_hh.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_forward", [&] {
+      auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask);
+      a.input_products = product_x.const_data_ptr<scalar_t>();
+      a.ih_gain = ln.ih_weight.const_data_ptr<scalar_t>();
+      a.input_bias = input_bias.const_data_ptr<scalar_t>();
+      a.hidden_state = h_state.data_ptr<scalar_t>();
+      a.cell_state = c_state.data_ptr<scalar_t>();
+      a.output = output.data_ptr<scalar_t>();
+      if (training) {
+        a.gates = gates.data_ptr<scalar_t>();
+        a.cell_prev = cell_prev.data_ptr<scalar_t>();
+        a.cell_out = cell.data_ptr<scalar_t>();
+        a.products = products.data_ptr<scalar_t>();
+        a.stats = stats.data_ptr<scalar_t>();
+        a.hidden_prev = hidden_prev.data_ptr<scalar_t>();
+      }
+      cpu::layer_norm_sequence_forward(a);
+    });
+  }
+  // Otherwise the step loop.
+  const StepGemm recurrent(W_hh);
+  for (int64_t k = 0; !fused && k < s.steps; ++k) {
     const int64_t t = reverse ? s.steps - 1 - k : k;
     const int64_t rows = s.step_size[t], offset = s.step_offset[t];
     at::Tensor h_prev = h_state.narrow(0, 0, rows);
@@ -230,7 +281,7 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
   at::Tensor y = output.to(storage);
   if (!s.packed) y = y.view({s.steps, s.batch, R});
   return {y, h_state.to(storage), c_state.to(storage), gates, cell_prev, cell, products,
-          stats, hidden_prev, hidden_raw};
+          training ? product_x : at::empty({0, G}, acc), stats, hidden_prev, hidden_raw};
 }
 
 // Returns (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, and the
@@ -244,8 +295,9 @@ BackwardResult layer_norm_backward(
     const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight, const at::Tensor& ln_hh_bias,
     const at::Tensor& ln_cell_weight, const at::Tensor& ln_cell_bias, const at::Tensor& gates,
     const at::Tensor& cell_prev, const at::Tensor& cell, const at::Tensor& products,
-    const at::Tensor& stats, const at::Tensor& hidden_prev, const at::Tensor& hidden_raw,
-    bool reverse, bool has_bias, const std::optional<at::Tensor>& recurrent_mask) {
+    const at::Tensor& input_products, const at::Tensor& stats, const at::Tensor& hidden_prev,
+    const at::Tensor& hidden_raw, bool reverse, bool has_bias,
+    const std::optional<at::Tensor>& recurrent_mask) {
   constexpr const char* op = "lstm_layer_norm_backward";
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   const int64_t H = s.hidden_size, G = kNumGates * H, R = s.output_size;
@@ -255,7 +307,8 @@ BackwardResult layer_norm_backward(
               "run it with training=True");
   const std::pair<const at::Tensor*, std::array<int64_t, 2>> expected[] = {
       {&gates, {s.rows, G}}, {&cell_prev, {s.rows, H}}, {&cell, {s.rows, H}},
-      {&products, {s.rows, G}}, {&stats, {s.rows, 6}}, {&hidden_prev, {s.rows, R}}};
+      {&products, {s.rows, G}}, {&input_products, {s.rows, G}}, {&stats, {s.rows, 6}},
+      {&hidden_prev, {s.rows, R}}};
   for (const auto& [tensor, shape] : expected) {
     check_shape(op, *tensor, shape, "a saved tensor");
     TORCH_CHECK(tensor->scalar_type() == math, op, ": saved tensors have the math dtype ",
@@ -275,19 +328,65 @@ BackwardResult layer_norm_backward(
   const std::optional<at::Tensor> W_hr =
       w_hr.has_value() ? std::optional<at::Tensor>(w_hr->to(math)) : std::nullopt;
   at::Tensor grad_y;
-  if (grad_output.has_value()) grad_y = grad_output->reshape({s.rows, R}).to(math);
+  if (grad_output.has_value()) grad_y = grad_output->reshape({s.rows, R}).to(math).contiguous();
 
-  at::Tensor dh = grad_h_n.to(math).clone();
-  at::Tensor dc = grad_c_n.to(math).clone();
-  at::Tensor grad_z = at::empty({s.rows, G}, acc);          // of the gate pre-activations
-  at::Tensor grad_products = at::empty({s.rows, G}, acc);   // of W_hh h before its norm
-  at::Tensor grad_cell_norm = at::empty({s.rows, H}, acc);  // of LN(c)
-  at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, acc);
+  at::Tensor dh = grad_h_n.to(math).clone(at::MemoryFormat::Contiguous);
+  at::Tensor dc = grad_c_n.to(math).clone(at::MemoryFormat::Contiguous);
   const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
+  const bool fused = row_kernels && !s.has_projection;
+  // The step loop's: the gradients of the gate pre-activations and of LN(c), (N, G) and
+  // (N, H) (the fused kernel keeps them per step).
+  at::Tensor grad_z = at::empty({fused ? 0 : s.rows, G}, acc);
+  at::Tensor grad_cell_norm = at::empty({fused ? 0 : s.rows, H}, acc);
+  // Of W_hh h before its norm, (N, G); the fused kernel writes it transposed, (G, N).
+  at::Tensor grad_products =
+      fused ? at::empty({G, s.rows}, acc).t() : at::empty({s.rows, G}, acc);
+  at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, acc);
+  // The gradients of the norms' parameters (gains, biases), and of the input products before
+  // their norm, (N, G) and transposed.
+  at::Tensor grad_ih_weight, grad_ih_bias, grad_hh_weight, grad_hh_bias, grad_cell_weight,
+      grad_cell_bias, grad_product_x, grad_product_x_t;
+  if (fused) {
+    const at::Tensor w = W_hh.contiguous();
+    const at::Tensor grad_norms = at::zeros({3 * G + 2 * H}, acc);
+    const at::Tensor saved[] = {gates.contiguous(),    cell_prev.contiguous(),
+                                cell.contiguous(),     products.contiguous(),
+                                stats.contiguous(),    input_products.contiguous()};
+    grad_product_x = at::empty({s.rows, G}, acc);
+    grad_product_x_t = at::empty({G, s.rows}, acc);
+    AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_backward", [&] {
+      auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask);
+      // Read only (the struct's pointers are writable for forward).
+      a.gates = saved[0].data_ptr<scalar_t>();
+      a.cell_prev = saved[1].data_ptr<scalar_t>();
+      a.cell_out = saved[2].data_ptr<scalar_t>();
+      a.products = saved[3].data_ptr<scalar_t>();
+      a.stats = saved[4].data_ptr<scalar_t>();
+      a.input_products = saved[5].const_data_ptr<scalar_t>();
+      a.ih_gain = ln.ih_weight.const_data_ptr<scalar_t>();
+      a.grad_input_products = grad_product_x.data_ptr<scalar_t>();
+      a.grad_input_products_t = grad_product_x_t.data_ptr<scalar_t>();
+      a.grad_output = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
+      a.grad_hidden = dh.data_ptr<scalar_t>();
+      a.grad_cell = dc.data_ptr<scalar_t>();
+      a.grad_products_t = grad_products.data_ptr<scalar_t>();
+      a.rows = s.rows;
+      a.grad_norms = grad_norms.data_ptr<scalar_t>();
+      cpu::layer_norm_sequence_backward(a);
+    });
+    grad_hh_weight = grad_norms.narrow(0, 0, G);
+    grad_hh_bias = grad_norms.narrow(0, G, G);
+    grad_cell_weight = grad_norms.narrow(0, 2 * G, H);
+    grad_cell_bias = grad_norms.narrow(0, 2 * G + H, H);
+    grad_ih_weight = grad_norms.narrow(0, 2 * G + 2 * H, G);
+    // b_ih, b_hh and both product norms' biases all add to z alike.
+    grad_ih_bias = grad_hh_bias;
+  }
+
+  // Otherwise the step loop.
   const StepGemm recurrent(W_hh.t());
   const std::array<bool, 3> input_only{true, false, false};
-
-  for (int64_t k = 0; k < s.steps; ++k) {
+  for (int64_t k = 0; !fused && k < s.steps; ++k) {
     const int64_t t = reverse ? k : s.steps - 1 - k;
     const int64_t rows = s.step_size[t], offset = s.step_offset[t];
     at::Tensor dh_rows = dh.narrow(0, 0, rows), dc_rows = dc.narrow(0, 0, rows);
@@ -350,25 +449,29 @@ BackwardResult layer_norm_backward(
   const auto normalised = [&](const at::Tensor& values, Stat mean, Stat rstd) {
     return (values - stat(stats, mean, 0, s.rows)) * stat(stats, rstd, 0, s.rows);
   };
-  const at::Tensor grad_hh_weight = (grad_z * normalised(products, kMeanH, kRstdH)).sum(0);
-  const at::Tensor grad_hh_bias = grad_z.sum(0);
-  const at::Tensor grad_cell_weight =
-      (grad_cell_norm * normalised(cell, kMeanC, kRstdC)).sum(0);
-  const at::Tensor grad_cell_bias = grad_cell_norm.sum(0);
+  if (!fused) {
+    grad_hh_weight = (grad_z * normalised(products, kMeanH, kRstdH)).sum(0);
+    grad_hh_bias = grad_z.sum(0);
+    grad_cell_weight = (grad_cell_norm * normalised(cell, kMeanC, kRstdC)).sum(0);
+    grad_cell_bias = grad_cell_norm.sum(0);
+  }
 
   // The input products' norm over every step at once, then the products themselves.
-  const at::Tensor product_x = sequence_product(x, W_ih);
-  const std::array<bool, 3> all{true, true, true};
-  auto [grad_product_x, grad_ih_weight, grad_ih_bias] = at::native_layer_norm_backward(
-      grad_z, product_x, {G}, stat(stats, kMeanX, 0, s.rows), stat(stats, kRstdX, 0, s.rows),
-      ln.ih_weight, ln.ih_bias, all);
+  if (!fused) {
+    const std::array<bool, 3> all{true, true, true};
+    std::tie(grad_product_x, grad_ih_weight, grad_ih_bias) = at::native_layer_norm_backward(
+        grad_z, input_products, {G}, stat(stats, kMeanX, 0, s.rows),
+        stat(stats, kRstdX, 0, s.rows), ln.ih_weight, ln.ih_bias, all);
+    grad_product_x_t = grad_product_x.t();
+  }
   const auto storage = input.scalar_type();
   const auto back = [&](const at::Tensor& t) { return t.to(storage); };
   const at::Tensor grad_input =
       back(sequence_product(grad_product_x, W_ih.t())).view(input.sizes());
-  const at::Tensor grad_w_ih = back(sequence_product(grad_product_x.t(), x.t()));
+  const at::Tensor grad_w_ih = back(sequence_product(grad_product_x_t, x.t()));
   const at::Tensor grad_w_hh = back(sequence_product(grad_products.t(), hidden_prev.t()));
-  const at::Tensor grad_bias = has_bias ? back(grad_z.sum(0)) : at::empty({0}, input.options());
+  // Every bias adds to z as the product norm's bias does.
+  const at::Tensor grad_bias = has_bias ? back(grad_hh_bias) : at::empty({0}, input.options());
   const at::Tensor grad_w_hr = s.has_projection ? back(at::mm(grad_h_all.t(), hidden_raw))
                                                 : at::empty({0}, input.options());
   return {grad_input, back(dh), back(dc), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,

@@ -140,24 +140,25 @@ TORCH_LIBRARY(lstm_ext, m) {
   // The LayerNorm LSTM's layer (layer_norm_lstm.cpp): lstm_layer_forward's arguments and
   // outputs, plus the gains and biases of the norms of W_ih x and W_hh h (4H each) and of c
   // (H); what backward needs is all in the math dtype: gate activations (N, 4H), c before and
-  // after each step (N, H), W_hh h before its norm (N, 4H), the norms' means and 1/std
-  // (N, 6), h entering each step (N, R) and h before the projection (N, H).
+  // after each step (N, H), W_hh h and W_ih x before their norms (N, 4H each), the norms'
+  // means and 1/std (N, 6), h entering each step (N, R) and h before the projection (N, H).
   m.def(
       "lstm_layer_norm_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
       "bool training, Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, "
       "Tensor ln_hh_bias, Tensor ln_cell_weight, Tensor ln_cell_bias, "
       "Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
-      "Tensor cell_prev, Tensor cell, Tensor products, Tensor stats, Tensor hidden_prev, "
-      "Tensor hidden_raw)");
+      "Tensor cell_prev, Tensor cell, Tensor products, Tensor input_products, Tensor stats, "
+      "Tensor hidden_prev, Tensor hidden_raw)");
   // Its gradients: lstm_layer_backward's seven, then the six norm parameters'.
   m.def(
       "lstm_layer_norm_backward(Tensor? grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, Tensor ln_hh_bias, "
       "Tensor ln_cell_weight, Tensor ln_cell_bias, Tensor gates, Tensor cell_prev, "
-      "Tensor cell, Tensor products, Tensor stats, Tensor hidden_prev, Tensor hidden_raw, "
-      "bool reverse, bool has_bias, Tensor? recurrent_mask=None) -> (Tensor grad_input, "
+      "Tensor cell, Tensor products, Tensor input_products, Tensor stats, "
+      "Tensor hidden_prev, Tensor hidden_raw, bool reverse, bool has_bias, "
+      "Tensor? recurrent_mask=None) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_w_hr, Tensor grad_ln_ih_weight, Tensor grad_ln_ih_bias, "
       "Tensor grad_ln_hh_weight, Tensor grad_ln_hh_bias, Tensor grad_ln_cell_weight, "

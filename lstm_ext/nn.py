@@ -237,11 +237,11 @@ class LSTM(_GateInit, nn.RNNBase):
       ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(LN(c_t))``, each LN over its whole row (4H,
       4H, H; eps 1e-5) with its own learned gain and bias, parameters
       ``layer_norm_{ih,hh,cell}_{weight,bias}_l{k}[_reverse]`` (gains 1, biases 0 at
-      initialisation) beside nn.LSTM's, whose names and initial values are unchanged. Runs as
-      a C++ step loop (the GEMMs, then one pass over the rows per step; no Python per step),
-      forward and backward; combines with weight_drop and recurrent_dropout (not yet with
-      zoneout or return_cell_sequence); double backward differentiates
-      ops.reference_layer_norm_forward."""
+      initialisation) beside nn.LSTM's, whose names and initial values are unchanged. On the
+      CPU fused into the recurrence (with a projection, and on other devices, a C++ step
+      loop; no Python per step), forward and backward; combines with weight_drop and
+      recurrent_dropout (not yet with zoneout or return_cell_sequence); double backward
+      differentiates ops.reference_layer_norm_forward."""
 
     weight_drop = 0.0  # modules pickled before the options existed
     recurrent_dropout = 0.0

@@ -89,7 +89,8 @@ def _layer_norm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_
 
     return (input.new_empty((*input.shape[:-1], output_size)), input.new_empty(h0.shape),
             input.new_empty(c0.shape), acc(saved, 4 * hidden_size), acc(saved, hidden_size),
-            acc(saved, hidden_size), acc(saved, 4 * hidden_size), acc(saved, 6),
+            acc(saved, hidden_size), acc(saved, 4 * hidden_size), acc(saved, 4 * hidden_size),
+            acc(saved, 6),
             acc(saved, output_size),
             acc(saved if w_hr is not None else 0, hidden_size))
 
@@ -98,7 +99,7 @@ def _layer_norm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_
 def _layer_norm_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr,
                               batch_sizes, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                               ln_cell_weight, ln_cell_bias, gates, cell_prev, cell, products,
-                              stats, hidden_prev, hidden_raw, reverse, has_bias,
+                              input_products, stats, hidden_prev, hidden_raw, reverse, has_bias,
                               recurrent_mask=None):
     like = [input, grad_h_n, grad_c_n, w_ih, w_hh]
     bias = input.new_empty((w_hh.shape[0],) if has_bias else (0,))
@@ -383,7 +384,7 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *rest = ctx.saved_tensors
-    norms, saved, recurrent_mask = rest[:6], rest[6:13], rest[13]
+    norms, saved, recurrent_mask = rest[:6], rest[6:14], rest[14]
     if grad_output is None and grad_h_n is None and grad_c_n is None:
         return (None,) * 18
     if _creates_graph():

@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ from hypothesis import settings
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import lstm_ext  # noqa: F401  (loads the ops)
+
+# Inductor's on-disk cache (shared by every run on a machine) keys a compiled graph on the
+# graph, not on the custom ops' library, so code compiled against an older build of the ops
+# could be replayed; the tests (and the processes they start) compile into their own cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lstm_ext_inductor_"))
 
 # Property tests: "ci" (the default) draws a fixed sequence of examples, so every CI run checks
 # the same cases in bounded time; HYPOTHESIS_PROFILE=long searches 50 times as many, at random.

@@ -782,13 +782,14 @@ def layer_norm_pair(config, dtype=torch.float64, **options):
     return ours, reference, norms
 
 
-@pytest.mark.parametrize("path", ["row_kernels", "aten"])
+@pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_layer_norm_lstm_is_the_cell_loop(config, path, monkeypatch):
     """fp64, outputs and every gradient (the norms' gains and biases included), in training
-    and in eval mode (where no gradient is kept: the op's inference form); on the CPU's row
-    kernels and on the ATen ops other devices run."""
-    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "row_kernels" else "0")
+    and in eval mode (where no gradient is kept: the op's inference form); on the CPU's
+    kernels (the fused recurrence; with a projection, the row kernels) and on the ATen ops
+    other devices run."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "cpu_kernels" else "0")
     ours, reference, norms = layer_norm_pair(config)
     case = Case(reference, "padded", steps=6, batch=4)
     compare(case.run(ours), case.run(LayerNormReference(reference, norms)), 1e-10)
@@ -801,11 +802,11 @@ def test_layer_norm_lstm_is_the_cell_loop(config, path, monkeypatch):
         assert rel_error(got, want) < 1e-12
 
 
-@pytest.mark.parametrize("path", ["row_kernels", "aten"])
+@pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
 def test_layer_norm_lstm_with_recurrent_dropout_and_packed_input(path, monkeypatch):
     """The recurrent mask enters the normalised product; packed input gives the padded
     result of each sequence at its own length."""
-    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "row_kernels" else "0")
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "cpu_kernels" else "0")
     config = dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True)
     ours, reference, norms = layer_norm_pair(config, recurrent_dropout=0.3)
     case = Case(reference, "padded", steps=6, batch=4)
@@ -876,11 +877,14 @@ def test_the_drivers_layer_norm():
         build_model(TrainConfig(impl="torch", hidden=8, emb=4, layer_norm=True), 10)
 
 
-@pytest.mark.parametrize("path", ["row_kernels", "aten"])
-def test_layer_norm_lstm_in_fp32_follows_the_fp64_reference(path, monkeypatch):
-    """The row kernels' fast fp32 exp/tanh (and many rows, past one task per thread)."""
-    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "row_kernels" else "0")
-    config = dict(input_size=16, hidden_size=48, num_layers=1, bidirectional=True)
+@pytest.mark.parametrize("proj_size", [0, 24])
+@pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
+def test_layer_norm_lstm_in_fp32_follows_the_fp64_reference(path, proj_size, monkeypatch):
+    """The CPU kernels' fast fp32 exp/tanh, with many rows (many tiles per thread in the
+    fused recurrence; with a projection, more rows than one task of the row kernels)."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "cpu_kernels" else "0")
+    config = dict(input_size=16, hidden_size=48, num_layers=1, bidirectional=True,
+                  proj_size=proj_size)
     ours, reference, norms = layer_norm_pair(config)
     case = Case(reference, "padded", steps=7, batch=700)
     expected = case.run(LayerNormReference(reference, norms))
@@ -908,6 +912,60 @@ def test_layer_norm_double_backward_uses_a_reference_equal_to_the_op():
 
     for through_reference, from_op in zip(grads(True), grads(False)):
         assert rel_error(through_reference, from_op) < 1e-10
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("packed", [False, True])
+def test_layer_norm_fused_recurrence_split_over_threads(packed, dtype, threads):
+    """The CPU's fused LayerNorm recurrence at a hidden size of several blocks of units (70:
+    partial last blocks at every instruction set's width), so that each thread owns a part of
+    every norm's row and the row statistics are combined across threads: outputs and every
+    gradient of the op against ops.reference_layer_norm_forward in fp64 (forward and
+    reversed, with a recurrent mask, packed sequences whose rows end at different steps)."""
+    torch.manual_seed(3)
+    steps, batch, features, hidden = 7, 5, 6, 70
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for reverse in (False, True):
+            if packed:
+                batch_sizes = torch.tensor([5, 5, 4, 3, 3, 2, 1])
+                x = torch.randn(int(batch_sizes.sum()), features, dtype=torch.float64)
+            else:
+                batch_sizes, x = None, torch.randn(steps, batch, features, dtype=torch.float64)
+            tensors = [x, torch.randn(batch, hidden, dtype=torch.float64),
+                       torch.randn(batch, hidden, dtype=torch.float64),
+                       torch.randn(4 * hidden, features, dtype=torch.float64) * 0.3,
+                       torch.randn(4 * hidden, hidden, dtype=torch.float64) * 0.2,
+                       torch.randn(4 * hidden, dtype=torch.float64),
+                       torch.randn(4 * hidden, dtype=torch.float64)]
+            # Gains about 1, biases about 0: ih, hh (4H each), then the cell's (H).
+            norms = [torch.randn(n, dtype=torch.float64) * 0.3 + (1.0 - k % 2)
+                     for k, n in enumerate((4 * hidden,) * 4 + (hidden,) * 2)]
+            mask = (torch.rand(batch, hidden, dtype=torch.float64) >= 0.3).double() / 0.7
+            weights = torch.randn(steps * batch, hidden, dtype=torch.float64)
+            results = []
+            for function in ("op", "reference"):
+                run_dtype = dtype if function == "op" else torch.float64
+                leaves = [t.to(run_dtype).requires_grad_() for t in tensors + norms]
+                arguments = (*leaves[:7], None, batch_sizes, reverse)
+                if function == "op":
+                    output, h_n, c_n = ops.layer_norm_forward(
+                        *arguments, True, leaves[7:], mask.to(run_dtype))
+                else:
+                    output, h_n, c_n = ops.reference_layer_norm_forward(
+                        *arguments, leaves[7:], mask)
+                flat = output.reshape(-1, hidden)
+                loss = ((flat * weights[:flat.shape[0]].to(run_dtype)).sum() + h_n.sin().sum()
+                        + (c_n * c_n).sum())
+                results.append([output, h_n, c_n, *torch.autograd.grad(loss, leaves)])
+            tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+            for index, (got, want) in enumerate(zip(*results)):
+                error = rel_error(got, want)
+                assert error < tolerance, (reverse, index, error)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("packed", [False, True])

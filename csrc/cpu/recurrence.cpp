@@ -107,34 +107,6 @@ inline void small_linear_columns(const SmallLinear<acc_t>& a, int64_t begin, int
 LSTM_EXT_KERNEL_VARIANTS(small_linear_kernel, small_linear_columns,
                          (const SmallLinear<T>& a, int64_t begin, int64_t end), (a, begin, end))
 
-// Lanes of one vector of acc_t for an instruction set (the block sizes follow from it).
-template <typename acc_t>
-int64_t lanes(Isa isa) {
-  switch (isa) {
-    case Isa::avx512_bf16:
-    case Isa::avx512: return Tiling<Isa::avx512, acc_t>::V;
-    case Isa::avx2: return Tiling<Isa::avx2, acc_t>::V;
-    default: return Tiling<Isa::baseline, acc_t>::V;
-  }
-}
-
-// Threads for `blocks` blocks of work: torch's setting, at most one per block, and one inside
-// an enclosing parallel region.
-int threads_for(int64_t blocks) {
-  if (at::in_parallel_region()) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
-}
-
-template <typename Args, typename Fn>
-void run_parallel(const Args& a, Fn fn, int threads) {
-  if (threads == 1) {
-    fn(a, 0, 1);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  fn(a, omp_get_thread_num(), omp_get_num_threads());
-}
-
 }  // namespace
 
 const char* isa_name(Isa isa) {

@@ -37,6 +37,7 @@
 #include "isa.h"
 #include "vec.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -58,6 +59,17 @@ struct Tiling {
   static constexpr int V = kVectorBytes / static_cast<int>(sizeof(acc_t));
   static constexpr int R = isa >= Isa::avx512 ? 6 : 3;
 };
+
+// Lanes of one vector of acc_t for an instruction set known only at run time.
+template <typename acc_t>
+int64_t lanes(Isa isa) {
+  switch (isa) {
+    case Isa::avx512_bf16:
+    case Isa::avx512: return Tiling<Isa::avx512, acc_t>::V;
+    case Isa::avx2: return Tiling<Isa::avx2, acc_t>::V;
+    default: return Tiling<Isa::baseline, acc_t>::V;
+  }
+}
 
 // Units per forward block and per backward block.
 template <Isa isa, typename acc_t>
@@ -129,6 +141,27 @@ inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t
   tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate);
 }
 
+// Writes block jb of the forward panels (see the top of this file) for a hidden size H, from
+// value(row, k), W_hh[row, k] in the math type; units past H get zeros. In chunks of
+// kPackChunk values of k: each of the block's rows of W_hh is read 64 bytes at a time, and the
+// panel rows being written stay in L1 until they are whole.
+template <typename acc_t, int V, typename Value>
+inline void pack_forward_block(acc_t* panel, int64_t H, int64_t jb, Value value) {
+  constexpr int64_t kPackChunk = 16;
+  for (int64_t k0 = 0; k0 < H; k0 += kPackChunk) {
+    const int64_t kn = std::min(kPackChunk, H - k0);
+    for (int g = 0; g < 4; ++g) {
+      for (int v = 0; v < V; ++v) {
+        const int64_t j = jb * V + v;
+        acc_t* column = panel + k0 * 4 * V + g * V + v;
+        for (int64_t k = 0; k < kn; ++k) {
+          column[k * 4 * V] = j < H ? value(g * H + j, k0 + k) : acc_t(0);
+        }
+      }
+    }
+  }
+}
+
 // W_hh read in place (only where it is already in the math type).
 template <typename acc_t, typename scalar_t>
 inline const acc_t* in_place_weight(const scalar_t* w) {
@@ -185,7 +218,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   constexpr int64_t kPackChunk = 16;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
   if constexpr (kPairKernel) {
-    // In chunks of kPackChunk pairs, as the fp32 panels below.
+    // In chunks of kPackChunk pairs, as pack_forward_block does.
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
       uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
       for (int64_t p0 = 0; p0 < H / 2; p0 += kPackChunk) {
@@ -209,30 +242,13 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   }
 
   // This thread's panels and its columns of h0 in the math type.
-  // In chunks of kPackChunk values of k: each of the block's rows of W_hh is read 64 bytes at a
-  // time, and the panel rows being written stay in L1 until they are whole.
   for (int64_t jb = mine.begin; jb < mine.end && !direct && !pairs; ++jb) {
-    acc_t* panel = a.panel + jb * H * 4 * V;
-    for (int64_t k0 = 0; k0 < H; k0 += kPackChunk) {
-      const int64_t kn = std::min(kPackChunk, H - k0);
-      for (int g = 0; g < 4; ++g) {
-        for (int v = 0; v < V; ++v) {
-          const int64_t j = jb * V + v;
-          acc_t* column = panel + k0 * 4 * V + g * V + v;
-          const int64_t first = (g * H + j) * a.w_stride0 + k0 * a.w_stride1;
-          if (j >= H) {
-            for (int64_t k = 0; k < kn; ++k) column[k * 4 * V] = acc_t(0);
-          } else if (a.w_hh_int8 != nullptr) {  // int8 rows, dequantized into the panel
-            const int8_t* w = a.w_hh_int8 + first;
-            const acc_t scale = a.w_hh_scale[g * H + j];
-            for (int64_t k = 0; k < kn; ++k) column[k * 4 * V] = w[k * a.w_stride1] * scale;
-          } else {
-            const scalar_t* w = a.w_hh + first;
-            for (int64_t k = 0; k < kn; ++k) column[k * 4 * V] = cast<acc_t>(w[k * a.w_stride1]);
-          }
-        }
-      }
-    }
+    pack_forward_block<acc_t, V>(a.panel + jb * H * 4 * V, H, jb, [&](int64_t row, int64_t k) {
+      const int64_t at = row * a.w_stride0 + k * a.w_stride1;
+      // int8 rows are dequantized into the panel.
+      return a.w_hh_int8 != nullptr ? a.w_hh_int8[at] * a.w_hh_scale[row]
+                                    : cast<acc_t>(a.w_hh[at]);
+    });
   }
   const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
   // h as W_hh multiplies it: times the recurrent-dropout mask, rounded to the storage type
@@ -617,6 +633,24 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     ++processed;
 #pragma omp barrier
   }
+}
+
+// Threads for `blocks` blocks of work: torch's setting, at most one per block, and one inside
+// an enclosing parallel region.
+inline int threads_for(int64_t blocks) {
+  if (at::in_parallel_region()) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+}
+
+// fn(a, thread, threads) on `threads` threads of one OpenMP parallel region.
+template <typename Args, typename Fn>
+void run_parallel(const Args& a, Fn fn, int threads) {
+  if (threads == 1) {
+    fn(a, 0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  fn(a, omp_get_thread_num(), omp_get_num_threads());
 }
 
 // Whether a forward of this batch and length reads W_hh in place by dot products (the direct

@@ -1,0 +1,774 @@
+// See layer_norm_kernels.h. Variances are the biased (population) ones, as torch's layer_norm.
+#include "layer_norm_kernels.h"
+
+#include "cell_math.h"
+#include "isa.h"
+#include "recurrence.h"
+#include "vec.h"
+#include "workspace.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace lstm_ext {
+namespace cpu {
+namespace {
+
+constexpr double kEps = 1e-5;
+
+// ---------------------------------------------------------------------------------------------
+// The math of one unit, shared by both kernels.
+
+// A gate's pre-activation: the input part plus the recurrent product's norm.
+template <typename acc_t>
+inline acc_t gate_input(acc_t input_part, acc_t product, acc_t mean, acc_t rstd, acc_t gain,
+                        acc_t bias) {
+  return input_part + gain * (product - mean) * rstd + bias;
+}
+
+// Units [begin, end) of a row of pre-activations (gate k of unit j at z[k * H + j]) to their
+// activations, and c (c_prev in, c' out).
+template <typename acc_t>
+inline void gates_and_cell(acc_t* __restrict__ z, acc_t* __restrict__ c, int64_t H,
+                           int64_t begin, int64_t end) {
+  using Math = CpuMath<acc_t>;
+  for (int64_t j = begin; j < end; ++j) {
+    const acc_t i = sigmoid<Math>(z[j]), f = sigmoid<Math>(z[H + j]);
+    const acc_t g = Math::tanh(z[2 * H + j]), o = sigmoid<Math>(z[3 * H + j]);
+    z[j] = i;
+    z[H + j] = f;
+    z[2 * H + j] = g;
+    z[3 * H + j] = o;
+    c[j] = f * c[j] + i * g;
+  }
+}
+
+// tanh(LN(c)) of one unit from c's normalised value x^.
+template <typename acc_t>
+inline acc_t tanh_cell_norm(acc_t xhat, acc_t gain, acc_t bias) {
+  return CpuMath<acc_t>::tanh(gain * xhat + bias);
+}
+
+// Through h = o tanh(LN(c)): of dh, the output gate's pre-activation gradient and LN(c)'s.
+template <typename acc_t>
+inline void output_grads(acc_t dh, acc_t o, acc_t t, acc_t& grad_out, acc_t& grad_norm) {
+  grad_out = dh * t * o * (acc_t(1) - o);
+  grad_norm = dh * o * (acc_t(1) - t * t);
+}
+
+// Through c' = f c + i g: of dc' (all of it), the pre-activation gradients of i, f and g; dc
+// becomes the gradient of the c before.
+template <typename acc_t>
+inline void cell_grads(acc_t& dc, acc_t i, acc_t f, acc_t g, acc_t c_prev, acc_t& grad_in,
+                       acc_t& grad_forget, acc_t& grad_cell) {
+  grad_in = dc * g * i * (acc_t(1) - i);
+  grad_forget = dc * c_prev * f * (acc_t(1) - f);
+  grad_cell = dc * i * (acc_t(1) - g * g);
+  dc *= f;
+}
+
+// Layer norm's input gradient for one value: rstd (dy - mean(dy) - x^ mean(dy x^)).
+template <typename acc_t>
+inline acc_t norm_grad(acc_t dy, acc_t xhat, acc_t rstd, acc_t mean_dy, acc_t mean_dy_xhat) {
+  return rstd * (dy - mean_dy - xhat * mean_dy_xhat);
+}
+
+template <typename acc_t>
+inline acc_t rstd_of(acc_t squares, int64_t n) {
+  return acc_t(1) / std::sqrt(squares / acc_t(n) + acc_t(kEps));
+}
+
+// Sums in vectors of V lanes (the compiler may not reorder a scalar sum): of n values, of
+// their squared deviations from m, and of the products of two runs.
+template <typename acc_t, int V>
+inline acc_t sum_of(const acc_t* x, int64_t n) {
+  using vec = typename Vec<acc_t, V>::type;
+  vec s{};
+  int64_t j = 0;
+  for (; j + V <= n; j += V) s += *reinterpret_cast<const vec*>(x + j);
+  acc_t total = 0;
+  for (int v = 0; v < V; ++v) total += s[v];
+  for (; j < n; ++j) total += x[j];
+  return total;
+}
+
+template <typename acc_t, int V>
+inline acc_t squares_about(const acc_t* x, int64_t n, acc_t m) {
+  using vec = typename Vec<acc_t, V>::type;
+  vec s{};
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    const vec d = *reinterpret_cast<const vec*>(x + j) - m;
+    s += d * d;
+  }
+  acc_t total = 0;
+  for (int v = 0; v < V; ++v) total += s[v];
+  for (; j < n; ++j) total += (x[j] - m) * (x[j] - m);
+  return total;
+}
+
+template <typename acc_t, int V>
+inline acc_t dot_of(const acc_t* x, const acc_t* y, int64_t n) {
+  using vec = typename Vec<acc_t, V>::type;
+  vec s{};
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    s += *reinterpret_cast<const vec*>(x + j) * *reinterpret_cast<const vec*>(y + j);
+  }
+  acc_t total = 0;
+  for (int v = 0; v < V; ++v) total += s[v];
+  for (; j < n; ++j) total += x[j] * y[j];
+  return total;
+}
+
+// Mean and 1/std of n values (two passes).
+template <typename acc_t, int V>
+inline void moments(int64_t n, const acc_t* x, acc_t& mean, acc_t& rstd) {
+  mean = sum_of<acc_t, V>(x, n) / acc_t(n);
+  rstd = rstd_of(squares_about<acc_t, V>(x, n, mean), n);
+}
+
+// Layer norm's input gradient for n values from the output's, dy (gain folded in by the
+// caller); dx may be dy.
+template <typename acc_t, int V>
+inline void norm_backward(int64_t n, const acc_t* x, acc_t mean, acc_t rstd, const acc_t* dy,
+                          acc_t* dx) {
+  acc_t sum_dy = 0, sum_dy_xhat = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    sum_dy += dy[j];
+    sum_dy_xhat += dy[j] * (x[j] - mean) * rstd;
+  }
+  const acc_t mean_dy = sum_dy / acc_t(n), mean_dy_xhat = sum_dy_xhat / acc_t(n);
+  for (int64_t j = 0; j < n; ++j) {
+    dx[j] = norm_grad(dy[j], (x[j] - mean) * rstd, rstd, mean_dy, mean_dy_xhat);
+  }
+}
+
+// Loops over n units of one row, each pointer at the row's first unit and none overlapping
+// another (so that they vectorize).
+
+// The pre-activations from both products and their norms (the fused recurrence's), with
+// `bias` all the biases of the input side.
+template <typename acc_t>
+inline void gates_of_products(int64_t n, const acc_t* __restrict__ input_product, acc_t x_mean,
+                              acc_t x_rstd, const acc_t* __restrict__ ih_gain,
+                              const acc_t* __restrict__ bias, const acc_t* __restrict__ product,
+                              acc_t mean, acc_t rstd, const acc_t* __restrict__ hh_gain,
+                              const acc_t* __restrict__ hh_bias, acc_t* __restrict__ z) {
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = gate_input(ih_gain[j] * (input_product[j] - x_mean) * x_rstd + bias[j], product[j],
+                      mean, rstd, hh_gain[j], hh_bias[j]);
+  }
+}
+
+// The pre-activations: the input part plus the normalised products.
+template <typename acc_t>
+inline void normalised_gates(int64_t n, const acc_t* __restrict__ input_part,
+                             const acc_t* __restrict__ product, acc_t mean, acc_t rstd,
+                             const acc_t* __restrict__ gain, const acc_t* __restrict__ bias,
+                             acc_t* __restrict__ z) {
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = gate_input(input_part[j], product[j], mean, rstd, gain[j], bias[j]);
+  }
+}
+
+// h = o tanh(LN(c)).
+template <typename acc_t>
+inline void hidden_from_cell(int64_t n, const acc_t* __restrict__ out,
+                             const acc_t* __restrict__ c, acc_t mean, acc_t rstd,
+                             const acc_t* __restrict__ gain, const acc_t* __restrict__ bias,
+                             acc_t* __restrict__ h) {
+  for (int64_t j = 0; j < n; ++j) {
+    h[j] = out[j] * tanh_cell_norm((c[j] - mean) * rstd, gain[j], bias[j]);
+  }
+}
+
+// From dh (plus the output's gradient, if any): the output gate's gradient, LN(c)'s added to
+// its gain's and bias's gradients, and LN(c)'s times the gain with c's normalised values (the
+// norm backward's operands).
+template <typename acc_t>
+inline void output_gate_grads(int64_t n, const acc_t* __restrict__ dh,
+                              const acc_t* __restrict__ from_output,
+                              const acc_t* __restrict__ out, const acc_t* __restrict__ c,
+                              acc_t mean, acc_t rstd, const acc_t* __restrict__ gain,
+                              const acc_t* __restrict__ bias, acc_t* __restrict__ grad_out,
+                              acc_t* __restrict__ grad_gain, acc_t* __restrict__ grad_bias,
+                              acc_t* __restrict__ scaled, acc_t* __restrict__ xhat) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = dh[j] + (from_output ? from_output[j] : acc_t(0));
+    xhat[j] = (c[j] - mean) * rstd;
+    acc_t grad_norm;
+    output_grads(d, out[j], tanh_cell_norm(xhat[j], gain[j], bias[j]), grad_out[j], grad_norm);
+    grad_gain[j] += grad_norm * xhat[j];
+    grad_bias[j] += grad_norm;
+    scaled[j] = grad_norm * gain[j];
+  }
+}
+
+// c's whole gradient (dc carried in plus LN(c)'s backward), the gradients of i, f and g, and
+// dc carried back (in dc).
+template <typename acc_t>
+inline void cell_gate_grads(int64_t n, const acc_t* __restrict__ scaled,
+                            const acc_t* __restrict__ xhat, acc_t rstd, acc_t mean_dy,
+                            acc_t mean_dy_xhat, const acc_t* __restrict__ in,
+                            const acc_t* __restrict__ forget, const acc_t* __restrict__ cell,
+                            const acc_t* __restrict__ c_prev, acc_t* __restrict__ dc,
+                            acc_t* __restrict__ grad_in, acc_t* __restrict__ grad_forget,
+                            acc_t* __restrict__ grad_cell) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t total = dc[j] + norm_grad(scaled[j], xhat[j], rstd, mean_dy, mean_dy_xhat);
+    cell_grads(total, in[j], forget[j], cell[j], c_prev[j], grad_in[j], grad_forget[j],
+               grad_cell[j]);
+    dc[j] = total;
+  }
+}
+
+// Of the pre-activations' gradient dz, for one product's norm: its gain's gradient and its
+// bias's (unless null) added to, the products' normalised values and dz times the gain (the
+// norm backward's operands).
+template <typename acc_t>
+inline void product_norm_grads(int64_t n, const acc_t* __restrict__ dz,
+                               const acc_t* __restrict__ product, acc_t mean, acc_t rstd,
+                               const acc_t* __restrict__ gain, acc_t* __restrict__ grad_gain,
+                               acc_t* __restrict__ grad_bias, acc_t* __restrict__ phat,
+                               acc_t* __restrict__ dy) {
+  for (int64_t j = 0; j < n; ++j) {
+    phat[j] = (product[j] - mean) * rstd;
+    grad_gain[j] += dz[j] * phat[j];
+    if (grad_bias) grad_bias[j] += dz[j];
+    dy[j] = dz[j] * gain[j];
+  }
+}
+
+// The norm's input gradient in place of dy.
+template <typename acc_t>
+inline void finish_norm_grads(int64_t n, acc_t* __restrict__ dy, const acc_t* __restrict__ xhat,
+                              acc_t rstd, acc_t mean_dy, acc_t mean_dy_xhat) {
+  for (int64_t j = 0; j < n; ++j) dy[j] = norm_grad(dy[j], xhat[j], rstd, mean_dy, mean_dy_xhat);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused recurrence.
+
+// The units [begin, end) of a thread of `threads` over blocks of `block` units.
+struct Units {
+  int64_t begin, end;
+  int64_t count() const { return end - begin; }
+};
+inline Units units_of(int64_t H, int64_t block, int thread, int threads) {
+  const Share s = share_of(ceil_div(H, block), thread, threads);
+  return {std::min(H, s.begin * block), std::min(H, s.end * block)};
+}
+
+// Per thread and row, a pair of partial results, in `count` slots (one per reduction in
+// flight): slot k of thread t for row r at [((k * threads + t) * B + r) * 2].
+template <typename acc_t>
+struct Partials {
+  acc_t* base;
+  int64_t batch;
+  int threads;
+  acc_t* at(int slot, int thread, int64_t r) const {
+    return base + ((static_cast<int64_t>(slot) * threads + thread) * batch + r) * 2;
+  }
+};
+
+// Mean and 1/std of a row of n = per_unit * H values from each thread's (mean, squared
+// deviations) of its own units' values (Chan, Golub & LeVeque's pairwise update).
+template <typename acc_t>
+inline void combined_moments(const Partials<acc_t>& p, int slot, int64_t r, int64_t H,
+                             int64_t block, int64_t per_unit, acc_t& mean, acc_t& rstd) {
+  const int64_t n = per_unit * H;
+  acc_t sum = 0;
+  for (int t = 0; t < p.threads; ++t) {
+    sum += p.at(slot, t, r)[0] * acc_t(per_unit * units_of(H, block, t, p.threads).count());
+  }
+  mean = sum / acc_t(n);
+  acc_t squares = 0;
+  for (int t = 0; t < p.threads; ++t) {
+    const acc_t* part = p.at(slot, t, r);
+    const acc_t count = acc_t(per_unit * units_of(H, block, t, p.threads).count());
+    squares += part[1] + count * (part[0] - mean) * (part[0] - mean);
+  }
+  rstd = rstd_of(squares, n);
+}
+
+// The two sums of every thread for a row, added.
+template <typename acc_t>
+inline void combined_sums(const Partials<acc_t>& p, int slot, int64_t r, acc_t& first,
+                          acc_t& second) {
+  first = second = 0;
+  for (int t = 0; t < p.threads; ++t) {
+    first += p.at(slot, t, r)[0];
+    second += p.at(slot, t, r)[1];
+  }
+}
+
+template <Isa isa, typename acc_t>
+void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int threads) {
+  constexpr int V = Tiling<isa, acc_t>::V;
+  constexpr int R = Tiling<isa, acc_t>::R;
+  const int64_t H = a.hidden, B = a.batch, G = 4 * H;
+  const Share mine = share_of(ceil_div(H, V), thread, threads);
+  const Units own = units_of(H, V, thread, threads);
+  const Partials<acc_t> partials{a.partials, B, threads};
+  enum { kProducts, kInputs, kCells };
+
+  for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+    pack_forward_block<acc_t, V>(a.panel + jb * H * 4 * V, H, jb,
+                                 [&](int64_t row, int64_t k) { return a.w_hh[row * H + k]; });
+  }
+  // Workspace: the h that W_hh multiplies (h itself without a mask), then in inference one
+  // step's products and gates.
+  acc_t* h_in = a.recurrent_mask ? a.work : a.hidden_state;
+  acc_t* scratch = a.work + (a.recurrent_mask ? B * H : 0);
+  const bool training = a.gates != nullptr;
+  for (int64_t r = 0; a.recurrent_mask && r < B; ++r) {
+    for (int64_t j = own.begin; j < own.end; ++j) {
+      h_in[r * H + j] = a.hidden_state[r * H + j] * a.recurrent_mask[r * H + j];
+    }
+  }
+#pragma omp barrier
+
+  for (int64_t k = 0; k < a.steps; ++k) {
+    const int64_t t = a.reverse ? a.steps - 1 - k : k;
+    const int64_t rows = a.step_size[t], offset = a.step_offset[t];
+    if (rows == 0) continue;
+    const auto product_row = [&](int64_t r) {
+      return training ? a.products + (offset + r) * G : scratch + r * G;
+    };
+    const auto gate_row = [&](int64_t r) {
+      return training ? a.gates + (offset + r) * G : scratch + (B + r) * G;
+    };
+
+    // The products of this thread's units, and their moments per row.
+    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+      const acc_t* panel = a.panel + jb * H * 4 * V;
+      const int64_t j0 = jb * V, n_units = std::min<int64_t>(V, H - j0);
+      const Tiles tiles(rows, R);
+      for (int64_t tile = 0; tile < tiles.count; ++tile) {
+        const int64_t r0 = tiles.begin(tile);
+        const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
+        const acc_t* in[R] = {};
+        for (int i = 0; i < n; ++i) in[i] = h_in + (r0 + i) * H;
+        alignas(64) acc_t out[R * 4 * V];
+        tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, out);
+        for (int i = 0; i < n; ++i) {
+          acc_t* p = product_row(r0 + i);
+          for (int g = 0; g < 4; ++g) {
+            std::memcpy(p + g * H + j0, out + (i * 4 + g) * V, n_units * sizeof(acc_t));
+          }
+        }
+      }
+    }
+    // Each thread's mean and squared deviations of its columns of a row.
+    const auto own_moments = [&](const acc_t* row, acc_t* part) {
+      acc_t sum = 0;
+      for (int g = 0; g < 4; ++g) sum += sum_of<acc_t, V>(row + g * H + own.begin, own.count());
+      part[0] = sum / acc_t(4 * own.count());
+      part[1] = 0;
+      for (int g = 0; g < 4; ++g) {
+        part[1] += squares_about<acc_t, V>(row + g * H + own.begin, own.count(), part[0]);
+      }
+    };
+    for (int64_t r = 0; r < rows; ++r) {
+      own_moments(product_row(r), partials.at(kProducts, thread, r));
+      own_moments(a.input_products + (offset + r) * G, partials.at(kInputs, thread, r));
+    }
+#pragma omp barrier
+
+    // Gates and c of this thread's units, and c's moments per row.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = offset + r;
+      acc_t mean, rstd, x_mean, x_rstd;
+      combined_moments(partials, kProducts, r, H, V, 4, mean, rstd);
+      combined_moments(partials, kInputs, r, H, V, 4, x_mean, x_rstd);
+      if (training && thread == 0) {
+        acc_t* stats = a.stats + row * 6;
+        stats[0] = x_mean;
+        stats[1] = x_rstd;
+        stats[2] = mean;
+        stats[3] = rstd;
+      }
+      const acc_t* p = product_row(r);
+      const acc_t* px = a.input_products + row * G;
+      acc_t* z = gate_row(r);
+      for (int g = 0; g < 4; ++g) {
+        const int64_t j = g * H + own.begin;
+        gates_of_products(own.count(), px + j, x_mean, x_rstd, a.ih_gain + j, a.input_bias + j,
+                          p + j, mean, rstd, a.hh_gain + j, a.hh_bias + j, z + j);
+      }
+      acc_t* c = a.cell_state + r * H;
+      if (training) {
+        std::memcpy(a.cell_prev + row * H + own.begin, c + own.begin, own.count() * sizeof(acc_t));
+        std::memcpy(a.hidden_prev + row * H + own.begin, h_in + r * H + own.begin,
+                    own.count() * sizeof(acc_t));
+      }
+      gates_and_cell(z, c, H, own.begin, own.end);
+      acc_t* part = partials.at(kCells, thread, r);
+      part[0] = sum_of<acc_t, V>(c + own.begin, own.count()) /
+                acc_t(std::max<int64_t>(1, own.count()));
+      part[1] = squares_about<acc_t, V>(c + own.begin, own.count(), part[0]);
+    }
+#pragma omp barrier
+
+    // h of this thread's units.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = offset + r;
+      acc_t mean, rstd;
+      combined_moments(partials, kCells, r, H, V, 1, mean, rstd);
+      const acc_t* c = a.cell_state + r * H;
+      if (training) {
+        if (thread == 0) {
+          a.stats[row * 6 + 4] = mean;
+          a.stats[row * 6 + 5] = rstd;
+        }
+        std::memcpy(a.cell_out + row * H + own.begin, c + own.begin, own.count() * sizeof(acc_t));
+      }
+      const acc_t* z = gate_row(r);
+      acc_t* y = a.output + row * H;
+      acc_t* h = a.hidden_state + r * H;
+      const int64_t j = own.begin;
+      hidden_from_cell(own.count(), z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j,
+                       a.cell_bias + j, h + j);
+      std::memcpy(y + j, h + j, own.count() * sizeof(acc_t));
+      if (a.recurrent_mask) {
+        for (int64_t j = own.begin; j < own.end; ++j) {
+          h_in[r * H + j] = h[j] * a.recurrent_mask[r * H + j];
+        }
+      }
+    }
+#pragma omp barrier
+  }
+}
+
+// A step's rows of a thread's gate columns (rows `stride` apart) into the transposed (G, N)
+// copy, where each column gets the step's rows in one run. By 64 bytes of a row at a time:
+// reading a single column down rows G apart (often a multiple of 4 KB) would keep missing L1.
+template <typename acc_t>
+inline void transpose_rows(const LayerNormSequence<acc_t>& a, const acc_t* source,
+                           int64_t stride, acc_t* transposed, int64_t rows, int64_t offset,
+                           const Units& own) {
+  constexpr int64_t kLine = 64 / sizeof(acc_t);
+  const int64_t H = a.hidden;
+  for (int g = 0; g < 4 && rows > 0; ++g) {
+    const int64_t end = g * H + own.end;
+    for (int64_t j0 = g * H + own.begin; j0 < end; j0 += kLine) {
+      const int64_t n = std::min(kLine, end - j0);
+      acc_t* columns = transposed + j0 * a.rows + offset;
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t* line = source + r * stride + j0;
+        for (int64_t v = 0; v < n; ++v) columns[v * a.rows + r] = line[v];
+      }
+    }
+  }
+}
+
+template <Isa isa, typename acc_t>
+void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int threads) {
+  constexpr int V = Tiling<isa, acc_t>::V;
+  constexpr int R = Tiling<isa, acc_t>::R;
+  constexpr int64_t U = 4 * V;  // units per block: a tile's four vectors of columns
+  const int64_t H = a.hidden, B = a.batch, G = 4 * H;
+  const Share mine = share_of(ceil_div(H, U), thread, threads);
+  const Units own = units_of(H, U, thread, threads);
+  const Partials<acc_t> partials{a.partials, B, threads};
+  enum { kCellSums, kProductSums, kInputSums };
+
+  // Block jb's panel: (G, U), row kk holding W_hh[kk, jb U + u] (zeros past H).
+  for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+    acc_t* panel = a.panel + jb * G * U;
+    for (int64_t kk = 0; kk < G; ++kk) {
+      for (int64_t u = 0; u < U; ++u) {
+        const int64_t j = jb * U + u;
+        panel[kk * U + u] = j < H ? a.w_hh[kk * H + j] : acc_t(0);
+      }
+    }
+  }
+  // Workspace: the step's gate gradients, the gradient of the last step's products (what the
+  // next W_hh product multiplies), their normalised values and the input products', each
+  // (B, G); d LN(c) times its gain and c's normalised values, each (B, H).
+  acc_t* gate_grads = a.work;
+  acc_t* grad_product = gate_grads + B * G;
+  acc_t* product_hat = grad_product + B * G;
+  acc_t* input_hat = product_hat + B * G;
+  acc_t* scaled = input_hat + B * G;
+  acc_t* cell_hat = scaled + B * H;
+  acc_t* grad_hh_gain = a.grad_norms;
+  acc_t* grad_hh_bias = grad_hh_gain + G;
+  acc_t* grad_cell_gain = grad_hh_bias + G;
+  acc_t* grad_cell_bias = grad_cell_gain + H;
+  acc_t* grad_ih_gain = grad_cell_bias + H;
+#pragma omp barrier
+
+  // Step k (in backward order) first multiplies the previous step's product gradients by
+  // W_hh: the dh carried into this step, and for rows of that step this one lacks (sequences
+  // whose first step that was) their grad of h0. One more pass after the last step does the
+  // same for its rows.
+  int64_t prev_rows = 0;
+  for (int64_t k = 0; k <= a.steps; ++k) {
+    int64_t rows = 0, offset = 0;
+    if (k < a.steps) {
+      const int64_t t = a.reverse ? k : a.steps - 1 - k;
+      rows = a.step_size[t];
+      offset = a.step_offset[t];
+      if (rows == 0) continue;
+    }
+    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+      const acc_t* panel = a.panel + jb * G * U;
+      const int64_t j0 = jb * U, n_units = std::min<int64_t>(U, H - j0);
+      const Tiles tiles(prev_rows, R);
+      for (int64_t tile = 0; tile < tiles.count; ++tile) {
+        const int64_t r0 = tiles.begin(tile);
+        const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
+        const acc_t* in[R] = {};
+        for (int i = 0; i < n; ++i) in[i] = grad_product + (r0 + i) * G;
+        alignas(64) acc_t out[R * U];
+        tile_product_n<acc_t, V, R>(n, G, in, panel, U, out);
+        for (int i = 0; i < n; ++i) {
+          acc_t* dh = a.grad_hidden + (r0 + i) * H + j0;
+          const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + (r0 + i) * H + j0 : nullptr;
+          for (int64_t u = 0; u < n_units; ++u) dh[u] = mask ? out[i * U + u] * mask[u] : out[i * U + u];
+        }
+      }
+    }
+
+    // The output gate's gradient and LN(c)'s; their sums per row.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = offset + r;
+      const acc_t mean = a.stats[row * 6 + 4], rstd = a.stats[row * 6 + 5];
+      const acc_t* z = a.gates + row * G;
+      const acc_t* c = a.cell_out + row * H;
+      const acc_t* dh = a.grad_hidden + r * H;
+      const acc_t* from_output = a.grad_output ? a.grad_output + row * H : nullptr;
+      acc_t* dz = gate_grads + r * G;
+      acc_t* s = scaled + r * H;
+      acc_t* x = cell_hat + r * H;
+      const int64_t j = own.begin;
+      output_gate_grads(own.count(), dh + j, from_output ? from_output + j : nullptr,
+                        z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j, a.cell_bias + j,
+                        dz + 3 * H + j, grad_cell_gain + j, grad_cell_bias + j, s + j, x + j);
+      acc_t* part = partials.at(kCellSums, thread, r);
+      part[0] = sum_of<acc_t, V>(s + own.begin, own.count());
+      part[1] = dot_of<acc_t, V>(s + own.begin, x + own.begin, own.count());
+    }
+#pragma omp barrier
+
+    // c's whole gradient, the other gates' and dc carried back; then the products' gradient
+    // before their norm's backward, and its sums per row.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = offset + r;
+      acc_t sum, sum_xhat;
+      combined_sums(partials, kCellSums, r, sum, sum_xhat);
+      const acc_t mean_dy = sum / acc_t(H), mean_dy_xhat = sum_xhat / acc_t(H);
+      const acc_t rstd = a.stats[row * 6 + 5];
+      const acc_t* z = a.gates + row * G;
+      const acc_t* c_prev = a.cell_prev + row * H;
+      const acc_t* s = scaled + r * H;
+      const acc_t* x = cell_hat + r * H;
+      acc_t* dc = a.grad_cell + r * H;
+      acc_t* dz = gate_grads + r * G;
+      const int64_t j = own.begin;
+      cell_gate_grads(own.count(), s + j, x + j, rstd, mean_dy, mean_dy_xhat, z + j, z + H + j,
+                      z + 2 * H + j, c_prev + j, dc + j, dz + j, dz + H + j, dz + 2 * H + j);
+      const acc_t p_mean = a.stats[row * 6 + 2], p_rstd = a.stats[row * 6 + 3];
+      const acc_t* p = a.products + row * G;
+      acc_t* dy = grad_product + r * G;
+      acc_t* phat = product_hat + r * G;
+      acc_t* part = partials.at(kProductSums, thread, r);
+      part[0] = part[1] = 0;
+      // The same for the input products' norm (whose bias gradient is the recurrent one's).
+      const acc_t x_mean = a.stats[row * 6 + 0], x_rstd = a.stats[row * 6 + 1];
+      const acc_t* px = a.input_products + row * G;
+      acc_t* dyx = a.grad_input_products + row * G;
+      acc_t* xhat = input_hat + r * G;
+      acc_t* input_part = partials.at(kInputSums, thread, r);
+      input_part[0] = input_part[1] = 0;
+      for (int g = 0; g < 4; ++g) {
+        const int64_t begin = g * H + own.begin;
+        product_norm_grads(own.count(), dz + begin, p + begin, p_mean, p_rstd,
+                           a.hh_gain + begin, grad_hh_gain + begin, grad_hh_bias + begin,
+                           phat + begin, dy + begin);
+        part[0] += sum_of<acc_t, V>(dy + begin, own.count());
+        part[1] += dot_of<acc_t, V>(dy + begin, phat + begin, own.count());
+        product_norm_grads(own.count(), dz + begin, px + begin, x_mean, x_rstd,
+                           a.ih_gain + begin, grad_ih_gain + begin,
+                           static_cast<acc_t*>(nullptr), xhat + begin, dyx + begin);
+        input_part[0] += sum_of<acc_t, V>(dyx + begin, own.count());
+        input_part[1] += dot_of<acc_t, V>(dyx + begin, xhat + begin, own.count());
+      }
+    }
+#pragma omp barrier
+
+    // The products' gradient.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = offset + r;
+      acc_t sum, sum_phat;
+      combined_sums(partials, kProductSums, r, sum, sum_phat);
+      const acc_t mean_dy = sum / acc_t(G), mean_dy_phat = sum_phat / acc_t(G);
+      const acc_t rstd = a.stats[row * 6 + 3];
+      acc_t* dy = grad_product + r * G;
+      const acc_t* phat = product_hat + r * G;
+      acc_t input_sum, input_sum_xhat;
+      combined_sums(partials, kInputSums, r, input_sum, input_sum_xhat);
+      const acc_t x_rstd = a.stats[row * 6 + 1];
+      acc_t* dyx = a.grad_input_products + row * G;
+      const acc_t* xhat = input_hat + r * G;
+      for (int g = 0; g < 4; ++g) {
+        const int64_t j = g * H + own.begin;
+        finish_norm_grads(own.count(), dy + j, phat + j, rstd, mean_dy, mean_dy_phat);
+        finish_norm_grads(own.count(), dyx + j, xhat + j, x_rstd, input_sum / acc_t(G),
+                          input_sum_xhat / acc_t(G));
+      }
+    }
+    // Both product gradients also transposed, as the weight gradients' products read them.
+    transpose_rows(a, grad_product, G, a.grad_products_t, rows, offset, own);
+    transpose_rows(a, a.grad_input_products + offset * G, G, a.grad_input_products_t, rows,
+                   offset, own);
+    prev_rows = rows;
+#pragma omp barrier
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels (a layer with a projection).
+
+template <Isa isa, typename acc_t>
+void forward_rows_kernel(const LayerNormRows<acc_t>& a, int64_t begin, int64_t end) {
+  constexpr int V = Tiling<isa, acc_t>::V;
+  const int64_t H = a.hidden, G = 4 * H;
+  for (int64_t r = begin; r < end; ++r) {
+    const acc_t* p = a.product + r * G;
+    acc_t* stats = a.stats + r * 6;
+    moments<acc_t, V>(G, p, stats[2], stats[3]);
+    acc_t* z = a.gates + r * G;
+    const acc_t* zx = a.input_part + r * G;
+    normalised_gates(G, zx, p, stats[2], stats[3], a.hh_gain, a.hh_bias, z);
+    acc_t* c = a.cell + r * H;
+    std::memcpy(c, a.cell_prev + r * H, H * sizeof(acc_t));
+    gates_and_cell(z, c, H, 0, H);
+    moments<acc_t, V>(H, c, stats[4], stats[5]);
+    acc_t* h = a.hidden_out + r * H;
+    hidden_from_cell(H, z + 3 * H, c, stats[4], stats[5], a.cell_gain, a.cell_bias, h);
+  }
+}
+
+template <Isa isa, typename acc_t>
+void backward_rows_kernel(const LayerNormRows<acc_t>& a, int64_t begin, int64_t end) {
+  constexpr int V = Tiling<isa, acc_t>::V;
+  const int64_t H = a.hidden, G = 4 * H;
+  for (int64_t r = begin; r < end; ++r) {
+    const acc_t* z = a.gates + r * G;
+    const acc_t* stats = a.stats + r * 6;
+    const acc_t* c = a.cell + r * H;
+    const acc_t* c_prev = a.cell_prev + r * H;
+    const acc_t* dh = a.grad_hidden + r * H;
+    acc_t* dc = a.grad_cell + r * H;
+    acc_t* dz = a.grad_gates + r * G;
+    acc_t* dn = a.grad_cell_norm + r * H;
+    // dz's cell block holds d LN(c) times its gain meanwhile.
+    acc_t* scaled = dz + 2 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const acc_t t = tanh_cell_norm((c[j] - stats[4]) * stats[5], a.cell_gain[j],
+                                     a.cell_bias[j]);
+      output_grads(dh[j], z[3 * H + j], t, dz[3 * H + j], dn[j]);
+      scaled[j] = dn[j] * a.cell_gain[j];
+    }
+    acc_t* dc_from_h = dz;  // the input gate's block, free until written below
+    norm_backward<acc_t, V>(H, c, stats[4], stats[5], scaled, dc_from_h);
+    for (int64_t j = 0; j < H; ++j) {
+      dc[j] += dc_from_h[j];
+      cell_grads(dc[j], z[j], z[H + j], z[2 * H + j], c_prev[j], dz[j], dz[H + j],
+                 dz[2 * H + j]);
+    }
+    const acc_t* p = a.product + r * G;
+    acc_t* dp = a.grad_product + r * G;
+    for (int64_t j = 0; j < G; ++j) dp[j] = dz[j] * a.hh_gain[j];
+    norm_backward<acc_t, V>(G, p, stats[2], stats[3], dp, dp);
+  }
+}
+
+LSTM_EXT_KERNEL_VARIANTS(sequence_forward_variant, sequence_forward_thread,
+                         (const LayerNormSequence<T>& a, int thread, int threads),
+                         (a, thread, threads))
+LSTM_EXT_KERNEL_VARIANTS(sequence_backward_variant, sequence_backward_thread,
+                         (const LayerNormSequence<T>& a, int thread, int threads),
+                         (a, thread, threads))
+LSTM_EXT_KERNEL_VARIANTS(forward_rows_variant, forward_rows_kernel,
+                         (const LayerNormRows<T>& a, int64_t begin, int64_t end), (a, begin, end))
+LSTM_EXT_KERNEL_VARIANTS(backward_rows_variant, backward_rows_kernel,
+                         (const LayerNormRows<T>& a, int64_t begin, int64_t end), (a, begin, end))
+
+// Rows per task so that a task has enough cells to be worth a thread.
+int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hidden)); }
+
+template <typename acc_t>
+at::TensorOptions math_options() {
+  return at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+}  // namespace
+
+template <typename acc_t>
+void layer_norm_sequence_forward(LayerNormSequence<acc_t> a) {
+  const Isa isa = active_isa();
+  const int64_t V = lanes<acc_t>(isa), H = a.hidden, B = a.batch;
+  const int64_t blocks = ceil_div(H, V);
+  const int threads = threads_for(blocks);
+  const at::Tensor panel = workspace(Workspace::panel, {blocks * V * 4 * H}, math_options<acc_t>());
+  const at::Tensor work = workspace(
+      Workspace::recurrent_state,
+      {(a.recurrent_mask ? B * H : 0) + (a.gates ? 0 : 2 * B * 4 * H)}, math_options<acc_t>());
+  const at::Tensor partials =
+      workspace(Workspace::carried, {3 * threads * B * 2}, math_options<acc_t>());
+  a.panel = panel.data_ptr<acc_t>();
+  a.work = work.data_ptr<acc_t>();
+  a.partials = partials.data_ptr<acc_t>();
+  run_parallel(a, sequence_forward_variant<acc_t>(isa), threads);
+}
+
+template <typename acc_t>
+void layer_norm_sequence_backward(LayerNormSequence<acc_t> a) {
+  const Isa isa = active_isa();
+  const int64_t U = 4 * lanes<acc_t>(isa), H = a.hidden, B = a.batch;
+  const int64_t blocks = ceil_div(H, U);
+  const int threads = threads_for(blocks);
+  const at::Tensor panel = workspace(Workspace::panel, {blocks * U * 4 * H}, math_options<acc_t>());
+  const at::Tensor work =
+      workspace(Workspace::recurrent_state, {4 * B * 4 * H + 2 * B * H}, math_options<acc_t>());
+  const at::Tensor partials =
+      workspace(Workspace::carried, {3 * threads * B * 2}, math_options<acc_t>());
+  a.panel = panel.data_ptr<acc_t>();
+  a.work = work.data_ptr<acc_t>();
+  a.partials = partials.data_ptr<acc_t>();
+  run_parallel(a, sequence_backward_variant<acc_t>(isa), threads);
+}
+
+template <typename acc_t>
+void layer_norm_forward_rows(const LayerNormRows<acc_t>& a) {
+  const auto kernel = forward_rows_variant<acc_t>(active_isa());
+  at::parallel_for(0, a.rows, grain(a.hidden),
+                   [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+}
+
+template <typename acc_t>
+void layer_norm_backward_rows(const LayerNormRows<acc_t>& a) {
+  const auto kernel = backward_rows_variant<acc_t>(active_isa());
+  at::parallel_for(0, a.rows, grain(a.hidden),
+                   [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+}
+
+#define LSTM_EXT_INSTANTIATE(acc_t)                                                    \
+  template void layer_norm_sequence_forward<acc_t>(LayerNormSequence<acc_t>);          \
+  template void layer_norm_sequence_backward<acc_t>(LayerNormSequence<acc_t>);         \
+  template void layer_norm_forward_rows<acc_t>(const LayerNormRows<acc_t>&);           \
+  template void layer_norm_backward_rows<acc_t>(const LayerNormRows<acc_t>&);
+LSTM_EXT_INSTANTIATE(float)
+LSTM_EXT_INSTANTIATE(double)
+#undef LSTM_EXT_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace lstm_ext

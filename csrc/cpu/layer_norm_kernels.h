@@ -1,0 +1,104 @@
+// The CPU kernels of the LayerNorm LSTM (layer_norm_lstm.cpp), everything of it but the
+// whole-sequence products and the input product's norm:
+//
+// - the fused recurrence (no projection): the whole time loop of one layer-direction in one
+//   parallel region, as recurrence.h's, threads splitting the hidden units and multiplying
+//   their own panels of W_hh. A norm spans a whole row, so each step takes three barriers
+//   instead of one: after the products (each thread's mean and squared deviations of its
+//   columns, combined by every thread as Chan et al.'s pairwise update), after the cell
+//   update (the same for c), and after h. Backward the same for its two norm gradients, and
+//   the norms' gains and biases are summed per thread over its own columns.
+// - per-step row kernels for a layer with a projection, whose step products go through ATen.
+//
+// Compiled per instruction set (isa.h) with the branch-free gate math of cell_math.h.
+#pragma once
+
+#include "../lstm_layer.h"
+
+#include <cstdint>
+
+namespace lstm_ext {
+namespace cpu {
+
+// The whole LayerNorm-LSTM recurrence of one layer-direction without projection, in the math
+// type; every tensor row-major and contiguous. G = 4H, N rows of data, B of state.
+template <typename acc_t>
+struct LayerNormSequence : SequenceLayout {
+  const acc_t* w_hh;        // (G, H)
+  const acc_t* hh_gain;     // (G) gain and bias of the recurrent product's norm
+  const acc_t* hh_bias;
+  const acc_t* cell_gain;   // (H) of the cell's
+  const acc_t* cell_bias;
+  const acc_t* recurrent_mask;  // (B, H): multiplies h before every W_hh product, or null
+  const acc_t* input_products;  // (N, G) W_ih x before its norm
+  const acc_t* ih_gain;         // (G) that norm's gain
+  // Forward: the saved tensors (what backward reads; layer_norm_lstm.cpp's) are written where
+  // given, all null in inference.
+  const acc_t* input_bias;  // (G) the input product norm's bias plus b_ih and b_hh
+  acc_t* hidden_state;      // (B, H): h0 in, h_n out
+  acc_t* cell_state;        // (B, H): c0 in, c_n out
+  acc_t* output;            // (N, H)
+  acc_t* gates;             // (N, G) activations
+  acc_t* cell_prev;         // (N, H) c entering each step
+  acc_t* cell_out;          // (N, H) c after it
+  acc_t* products;          // (N, G) W_hh (m * h) before its norm
+  acc_t* stats;             // (N, 6): mean and 1/std of the input product's, the recurrent
+                            // product's and c's norms
+  acc_t* hidden_prev;       // (N, H) m * h entering each step
+  // Backward: reads the saved tensors above (never writes them).
+  const acc_t* grad_output;  // (N, H), or null for zero
+  acc_t* grad_hidden;        // (B, H): grad of h_n in, of h0 out
+  acc_t* grad_cell;          // (B, H): grad of c_n in, of c0 out
+  acc_t* grad_products_t;    // (G, N) out: of the products before their norm, transposed
+  acc_t* grad_input_products;    // (N, G) out: of the input products before their norm
+  acc_t* grad_input_products_t;  // (G, N) out: the same transposed
+  int64_t rows;              // N
+  // (G + G + H + H + G), added to: gradients of the recurrent product norm's gain and bias,
+  // of the cell norm's, then of the input product norm's gain (its bias's is the first's).
+  acc_t* grad_norms;
+  // Workspace, filled in by the run functions: panels, state and per-thread partial sums.
+  acc_t* panel;
+  acc_t* work;
+  acc_t* partials;
+};
+
+template <typename acc_t>
+void layer_norm_sequence_forward(LayerNormSequence<acc_t> a);
+template <typename acc_t>
+void layer_norm_sequence_backward(LayerNormSequence<acc_t> a);
+
+// One step's rows for a layer with a projection, all row-major and contiguous, in the math
+// type. stats rows are 6 apart, of which the step reads or writes columns 2-5.
+template <typename acc_t>
+struct LayerNormRows {
+  int64_t rows, hidden;
+  const acc_t* hh_gain;    // (G) gain and bias of the recurrent product's norm
+  const acc_t* hh_bias;
+  const acc_t* cell_gain;  // (H)
+  const acc_t* cell_bias;
+  const acc_t* product;    // (rows, G) W_hh h before its norm
+  acc_t* stats;            // (rows, 6)
+  const acc_t* cell_prev;  // (rows, H)
+  // Forward: in, the normalised input product with both biases; out, the gate activations,
+  // c after the step and h before any projection.
+  const acc_t* input_part;  // (rows, G)
+  acc_t* gates;             // (rows, G)
+  acc_t* cell;              // (rows, H)
+  acc_t* hidden_out;        // (rows, H)
+  // Backward: in, dh (before any projection, times W_hr) and the saved activations and c; dc
+  // in and out (the carried gradient of c); out, the gradients of the gate pre-activations,
+  // of the recurrent product before its norm and of LN(c).
+  const acc_t* grad_hidden;  // (rows, H)
+  acc_t* grad_cell;          // (rows, H)
+  acc_t* grad_gates;         // (rows, G)
+  acc_t* grad_product;       // (rows, G)
+  acc_t* grad_cell_norm;     // (rows, H)
+};
+
+template <typename acc_t>
+void layer_norm_forward_rows(const LayerNormRows<acc_t>& a);
+template <typename acc_t>
+void layer_norm_backward_rows(const LayerNormRows<acc_t>& a);
+
+}  // namespace cpu
+}  // namespace lstm_ext
