@@ -15,6 +15,7 @@
 #include "cpu/layer_norm_kernels.h"
 #include "cpu/linear.h"
 #include "cpu/recurrence.h"
+#include "cpu/workspace.h"
 #include "lstm_common.h"
 
 #include <ATen/ATen.h>
@@ -286,7 +287,7 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
 
 // Returns (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, and the
 // gradients of the six norm parameters); grad_bias serves b_ih and b_hh alike, and is empty
-// without has_bias, grad_w_hr without w_hr.
+// without has_bias, grad_w_hr without w_hr, grad_input without input_grad.
 BackwardResult layer_norm_backward(
     const std::optional<at::Tensor>& grad_output, const at::Tensor& grad_h_n,
     const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& w_ih,
@@ -297,7 +298,7 @@ BackwardResult layer_norm_backward(
     const at::Tensor& cell_prev, const at::Tensor& cell, const at::Tensor& products,
     const at::Tensor& input_products, const at::Tensor& stats, const at::Tensor& hidden_prev,
     const at::Tensor& hidden_raw, bool reverse, bool has_bias,
-    const std::optional<at::Tensor>& recurrent_mask) {
+    const std::optional<at::Tensor>& recurrent_mask, bool input_grad) {
   constexpr const char* op = "lstm_layer_norm_backward";
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   const int64_t H = s.hidden_size, G = kNumGates * H, R = s.output_size;
@@ -340,7 +341,8 @@ BackwardResult layer_norm_backward(
   at::Tensor grad_cell_norm = at::empty({fused ? 0 : s.rows, H}, acc);
   // Of W_hh h before its norm, (N, G); the fused kernel writes it transposed, (G, N).
   at::Tensor grad_products =
-      fused ? at::empty({G, s.rows}, acc).t() : at::empty({s.rows, G}, acc);
+      fused ? cpu::workspace(cpu::Workspace::grad_products_t, {G, s.rows}, acc).t()
+            : at::empty({s.rows, G}, acc);
   at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, acc);
   // The gradients of the norms' parameters (gains, biases), and of the input products before
   // their norm, (N, G) and transposed.
@@ -352,8 +354,9 @@ BackwardResult layer_norm_backward(
     const at::Tensor saved[] = {gates.contiguous(),    cell_prev.contiguous(),
                                 cell.contiguous(),     products.contiguous(),
                                 stats.contiguous(),    input_products.contiguous()};
-    grad_product_x = at::empty({s.rows, G}, acc);
-    grad_product_x_t = at::empty({G, s.rows}, acc);
+    // These never leave the call: kept memory, not fresh pages (see cpu/workspace.h).
+    grad_product_x = cpu::workspace(cpu::Workspace::grad_input_products, {s.rows, G}, acc);
+    grad_product_x_t = cpu::workspace(cpu::Workspace::grad_input_products_t, {G, s.rows}, acc);
     AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_backward", [&] {
       auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask);
       // Read only (the struct's pointers are writable for forward).
@@ -467,7 +470,8 @@ BackwardResult layer_norm_backward(
   const auto storage = input.scalar_type();
   const auto back = [&](const at::Tensor& t) { return t.to(storage); };
   const at::Tensor grad_input =
-      back(sequence_product(grad_product_x, W_ih.t())).view(input.sizes());
+      input_grad ? back(sequence_product(grad_product_x, W_ih.t())).view(input.sizes())
+                 : at::empty({0}, input.options());
   const at::Tensor grad_w_ih = back(sequence_product(grad_product_x_t, x.t()));
   const at::Tensor grad_w_hh = back(sequence_product(grad_products.t(), hidden_prev.t()));
   // Every bias adds to z as the product norm's bias does.

@@ -6,6 +6,8 @@ reuse nn.LSTM's argument checks, so a state_dict moves between the two implement
 They are not subclasses of nn.LSTM on purpose: torch.compile refuses nn.LSTM instances.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -163,6 +165,40 @@ def _check_probability(name, value, what):
     return float(value)
 
 
+def _check_layer_norm(layer_norm, zoneout, return_cell_sequence=False):
+    if not isinstance(layer_norm, bool):
+        raise ValueError(f"layer_norm is True or False, got {layer_norm!r}")
+    if layer_norm and (any(zoneout) or return_cell_sequence):
+        raise ValueError("layer_norm=True does not combine with zoneout or "
+                         "return_cell_sequence yet; use one of them")
+    return layer_norm
+
+
+def _layer_norm_names(suffix=""):
+    """The six LayerNorm parameters of one layer-direction (or of a cell, suffix ""): gain
+    ("weight") and bias of the norms of W_ih x, W_hh h (4H each) and c (H)."""
+    return [f"layer_norm_{part}_{kind}{suffix}"
+            for part in ("ih", "hh", "cell") for kind in ("weight", "bias")]
+
+
+def _make_layer_norms(module, suffixes):
+    """Registers the LayerNorm parameters for each suffix, gains 1 and biases 0."""
+    weight = next(module.parameters())
+    for suffix in suffixes:
+        for name in _layer_norm_names(suffix):
+            size = module.hidden_size * (1 if "_cell_" in name else 4)
+            module.register_parameter(name, nn.Parameter(
+                torch.empty(size, dtype=weight.dtype, device=weight.device)))
+    _reset_layer_norms(module)
+
+
+@torch.no_grad()
+def _reset_layer_norms(module):
+    for name, parameter in module.named_parameters():
+        if name.startswith("layer_norm_"):
+            parameter.fill_(1.0 if "_weight" in name else 0.0)  # gains 1, biases 0
+
+
 class _GateInit:
     """The gate initialisation options of LSTM and LSTMCell (off by default, so that a module
     built without them draws exactly nn.LSTM's initial weights)."""
@@ -261,41 +297,21 @@ class LSTM(_GateInit, nn.RNNBase):
             raise ValueError(f"return_cell_sequence is True or False, got "
                              f"{return_cell_sequence!r}")
         self.return_cell_sequence = return_cell_sequence
-        if not isinstance(layer_norm, bool):
-            raise ValueError(f"layer_norm is True or False, got {layer_norm!r}")
-        if layer_norm and (any(self.zoneout) or return_cell_sequence):
-            raise ValueError("layer_norm=True does not combine with zoneout or "
-                             "return_cell_sequence yet; use one of them")
-        self.layer_norm = layer_norm
+        self.layer_norm = _check_layer_norm(layer_norm, self.zoneout, return_cell_sequence)
         if layer_norm:
-            self._make_layer_norms()
+            directions = ["", "_reverse"] if self.bidirectional else [""]
+            _make_layer_norms(self, [f"_l{layer}{direction}"
+                                     for layer in range(self.num_layers)
+                                     for direction in directions])
         self._set_gate_init(forget_bias, init, chrono_max_len)
 
     def _layer_norm_names(self, layer, suffix):
-        return [f"layer_norm_{part}_{kind}_l{layer}{suffix}"
-                for part in ("ih", "hh", "cell") for kind in ("weight", "bias")]
-
-    def _make_layer_norms(self):
-        weight = self.weight_ih_l0
-        suffixes = ["", "_reverse"] if self.bidirectional else [""]
-        for layer in range(self.num_layers):
-            for suffix in suffixes:
-                for name in self._layer_norm_names(layer, suffix):
-                    size = self.hidden_size * (1 if "_cell_" in name else 4)
-                    self.register_parameter(name, nn.Parameter(
-                        torch.empty(size, dtype=weight.dtype, device=weight.device)))
-        self._reset_layer_norms()
-
-    @torch.no_grad()
-    def _reset_layer_norms(self):
-        for name, parameter in self.named_parameters():
-            if name.startswith("layer_norm_"):
-                parameter.fill_(1.0 if "_weight_" in name else 0.0)
+        return _layer_norm_names(f"_l{layer}{suffix}")
 
     def reset_parameters(self):
         super().reset_parameters()
         if self.layer_norm:
-            self._reset_layer_norms()
+            _reset_layer_norms(self)
 
     def extra_repr(self):
         extras = "".join(f", {name}={getattr(self, name)}"
@@ -495,16 +511,48 @@ class LSTM(_GateInit, nn.RNNBase):
 
 class LSTMCell(_GateInit, nn.RNNCellBase):
     """One LSTM step, exactly like :class:`torch.nn.LSTMCell` but through lstm_ext's fused
-    kernels (gradients in eval mode and double backward included); the same keyword-only gate
-    initialisations as :class:`LSTM`."""
+    kernels (gradients in eval mode and double backward included).
+
+    Keyword-only extras, off by default, :class:`LSTM`'s that apply to one step:
+
+    - ``forget_bias`` and ``init="chrono"`` (with ``chrono_max_len``), as LSTM's.
+    - ``zoneout=(z_c, z_h)`` (or one number for both; Krueger et al. 2016): in training each
+      unit of each row keeps its previous value with probability z at this step,
+      ``c' = d^c c + (1 - d^c) (f c + i g)``, ``h' = d^h h + (1 - d^h) o tanh(f c + i g)``,
+      the masks d drawn afresh on every call; in eval mode d is z.
+    - ``layer_norm=True`` (Ba, Kiros & Hinton 2016): ``i, f, g, o = LN(W_ih x) + b_ih + b_hh
+      + LN(W_hh h)``, ``c' = f c + i g``, ``h' = o tanh(LN(c'))``, parameters
+      ``layer_norm_{ih,hh,cell}_{weight,bias}`` (gains 1, biases 0 at initialisation); not
+      with zoneout.
+
+    Each runs as a one-step sequence through LSTM's layer ops (the same kernels, forward and
+    backward). LSTM's ``recurrent_dropout`` and ``weight_drop`` draw one mask per sequence,
+    which a cell, called once per step, cannot know the start of: draw the mask once per
+    sequence yourself and multiply ``hx[0]`` (or the weight) by it."""
+
+    zoneout = (0.0, 0.0)  # modules pickled before the options existed
+    layer_norm = False
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
-                 forget_bias=0.0, init="default", chrono_max_len=None):
+                 forget_bias=0.0, init="default", chrono_max_len=None, zoneout=0.0,
+                 layer_norm=False):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        self.zoneout = _check_zoneout(zoneout)
+        self.layer_norm = _check_layer_norm(layer_norm, self.zoneout)
+        if layer_norm:
+            _make_layer_norms(self, [""])
         self._set_gate_init(forget_bias, init, chrono_max_len)
 
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.layer_norm:
+            _reset_layer_norms(self)
+
     def extra_repr(self):
-        return super().extra_repr() + self._gate_init_repr()
+        extras = ", layer_norm=True" if self.layer_norm else ""
+        if any(self.zoneout):
+            extras += f", zoneout={self.zoneout}"
+        return super().extra_repr() + self._gate_init_repr() + extras
 
     __prepare_scriptable__ = _refuse_script
 
@@ -514,7 +562,14 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
         return _convert(module, cls)
 
     def to_torch(self) -> nn.LSTMCell:
-        """A torch.nn.LSTMCell copy of this module (configuration, weights, device, dtype, mode)."""
+        """A torch.nn.LSTMCell copy of this module (configuration, weights, device, dtype, mode).
+        Refused with zoneout or layer_norm, which nn.LSTMCell lacks."""
+        if any(self.zoneout) or self.layer_norm:
+            option = "layer_norm=True" if self.layer_norm else f"zoneout={self.zoneout}"
+            raise ValueError(
+                f"to_torch(): torch.nn.LSTMCell has no {option.split('=')[0]}, and {option} "
+                f"changes this cell's output, so the copy would compute something else; copy "
+                f"the weights by state_dict if that is meant")
         return _convert(self, nn.LSTMCell)
 
     def forward(self, input, hx=None):
@@ -544,16 +599,38 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
 
     def _step(self, input, hx):
         """(h', c') for batched input and state that passed the checks."""
-        if _exporting_onnx():  # one step of an ONNX LSTM node
-            _, h, c = _onnx.lstm_layer(
-                input.unsqueeze(0), hx[0].unsqueeze(0), hx[1].unsqueeze(0),
-                [(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)],
-                self.hidden_size, self.bias)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        norms = [self._parameters[name] for name in _layer_norm_names()] if self.layer_norm \
+            else None
+        variant = self.layer_norm or any(self.zoneout)
+        if _exporting_onnx():  # one step of an ONNX LSTM node, or of a Scan for the variants
+            if variant:
+                _, h, c = _onnx.lstm_layer_scan(
+                    input.unsqueeze(0), hx[0].unsqueeze(0), hx[1].unsqueeze(0),
+                    [(*weights, None)], self.zoneout, False, norms and [norms])
+            else:
+                _, h, c = _onnx.lstm_layer(
+                    input.unsqueeze(0), hx[0].unsqueeze(0), hx[1].unsqueeze(0), [weights],
+                    self.hidden_size, self.bias)
             return h[0], c[0]
-        return ops.cell_forward(
-            input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            _needs_saved_state([input, *hx, *self.parameters()]),
-        )
+        training = _needs_saved_state([input, *hx, *self.parameters()])
+        if not variant:
+            return ops.cell_forward(input, hx[0], hx[1], *weights, training)
+        if self.layer_norm:
+            _, h, c = ops.layer_norm_forward(input.unsqueeze(0), hx[0], hx[1], *weights, None,
+                                             None, False, training, norms)
+            return h, c
+        zoneout_cell, zoneout_hidden = (
+            _zoneout_weights(input.shape[0], self.hidden_size, z, input, self.training)
+            for z in self.zoneout)
+        # Under CPU autocast a cell runs in its inputs' dtype, as nn.LSTMCell does (lstm_cell
+        # is not on that list); the layer op alone would be cast.
+        with torch.autocast("cpu", enabled=False) if input.device.type == "cpu" else \
+                contextlib.nullcontext():
+            _, h, c = ops.layer_forward(input.unsqueeze(0), hx[0], hx[1], *weights, None, None,
+                                        False, training, zoneout_cell=zoneout_cell,
+                                        zoneout_hidden=zoneout_hidden)
+        return h, c
 
     def _check_forward_args(self, input, hx):
         # The messages of ATen's lstm_cell checks, raised before any kernel runs.

@@ -100,13 +100,13 @@ def _layer_norm_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh
                               batch_sizes, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                               ln_cell_weight, ln_cell_bias, gates, cell_prev, cell, products,
                               input_products, stats, hidden_prev, hidden_raw, reverse, has_bias,
-                              recurrent_mask=None):
-    like = [input, grad_h_n, grad_c_n, w_ih, w_hh]
+                              recurrent_mask=None, input_grad=True):
+    like = [grad_h_n, grad_c_n, w_ih, w_hh]
     bias = input.new_empty((w_hh.shape[0],) if has_bias else (0,))
     projection = input.new_empty(w_hr.shape if w_hr is not None else (0,))
     norms = [ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias]
-    return (*(input.new_empty(t.shape) for t in like), bias, projection,
-            *(input.new_empty(t.shape) for t in norms))
+    return (_grad_like(input, input, input_grad), *(input.new_empty(t.shape) for t in like),
+            bias, projection, *(input.new_empty(t.shape) for t in norms))
 
 
 @torch.library.register_fake("lstm_ext::lstm_int8_layer_forward")
@@ -398,7 +398,8 @@ def _layer_norm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved)
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     grads = _ops.lstm_layer_norm_backward(
         grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, *norms, *saved,
-        ctx.reverse, b_ih is not None or b_hh is not None, recurrent_mask)
+        ctx.reverse, b_ih is not None or b_hh is not None, recurrent_mask,
+        ctx.needs_input_grad[0])
     (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,
      *grad_norms) = grads
     needs = ctx.needs_input_grad

@@ -193,3 +193,33 @@ def test_the_layer_norm_lstm_exports_as_onnx_scans(tmp_path):
     # normalised layers; with LSTM_EXT_CPU_RECURRENCE=0 (ATen's math) this is within 1e-5.
     for got, want in zip(outputs, expected):
         assert max_relative_error(got, want) <= 5e-5
+
+
+@pytest.mark.parametrize("options", [{"layer_norm": True}, {"zoneout": (0.3, 0.2)}], ids=str)
+def test_variant_cells_export_as_one_step_scans(tmp_path, options):
+    """An LSTMCell with layer_norm or zoneout (its eval update) exports as a one-step Scan
+    and matches eager eval."""
+    torch.manual_seed(5)
+    cell = lstm_ext.LSTMCell(5, 8, **options).eval()
+    with torch.no_grad():
+        for name, parameter in cell.named_parameters():
+            if name.startswith("layer_norm_"):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    batch = torch.export.Dim("batch", min=2)
+
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, x, h, c):
+            return self.cell(x, (h, c))
+
+    inputs = [torch.randn(3, 5), torch.randn(3, 8), torch.randn(3, 8)]
+    other = [torch.randn(6, 5), torch.randn(6, 8), torch.randn(6, 8)]
+    graph, outputs = run_onnx(Step(), inputs, {"x": {0: batch}, "h": {0: batch},
+                                               "c": {0: batch}}, tmp_path / "cell.onnx", other)
+    op_types = [node.op_type for node in graph.node]
+    assert "Scan" in op_types and "LSTM" not in op_types
+    for got, want in zip(outputs, cell(other[0], (other[1], other[2]))):
+        assert max_relative_error(got, want) <= 5e-5

@@ -1001,3 +1001,164 @@ def test_the_double_backward_reference_of_the_layer_op_equals_it_with_every_vari
         results.append([*outputs, *torch.autograd.grad(loss, leaves)])
     for got, want in zip(*results):
         assert rel_error(got, want) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# LSTMCell: zoneout and the LayerNorm cell (one step through the layer ops)
+
+
+def cell_step_reference(cell, x, hx, zoneout_masks=None):
+    """The cell's variant step in torch ops: LayerNorm (with the cell's norm parameters) or
+    zoneout with the given (d_c, d_h)."""
+    h, c = hx
+
+    def norm(value, part):
+        return F.layer_norm(value, value.shape[-1:], getattr(cell, f"layer_norm_{part}_weight"),
+                            getattr(cell, f"layer_norm_{part}_bias"))
+
+    products = x @ cell.weight_ih.t(), h @ cell.weight_hh.t()
+    if cell.layer_norm:
+        products = norm(products[0], "ih"), norm(products[1], "hh")
+    i, f, g, o = (products[0] + cell.bias_ih + products[1] + cell.bias_hh).chunk(4, -1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(norm(c_new, "cell") if cell.layer_norm else c_new)
+    if zoneout_masks is not None:
+        d_c, d_h = zoneout_masks
+        c_new = d_c * c + (1 - d_c) * c_new
+        h_new = d_h * h + (1 - d_h) * h_new
+    return h_new, c_new
+
+
+def variant_cell(**options):
+    """An fp64 LSTMCell(5, 7) with the options, its norm gains and biases drawn at random."""
+    torch.manual_seed(0)
+    cell = lstm_ext.LSTMCell(5, 7, dtype=torch.float64, **options)
+    with torch.no_grad():
+        for name, parameter in cell.named_parameters():
+            if name.startswith("layer_norm_"):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    return cell
+
+
+def cell_grads(cell, step, batched):
+    """Outputs and the gradients of x, hx and every parameter of one step(cell, x, hx)."""
+    torch.manual_seed(7)
+    shape = (3,) if batched else ()
+    leaves = [torch.randn(*shape, n, dtype=torch.float64, requires_grad=True)
+              for n in (5, 7, 7)]
+    h, c = step(leaves[0], (leaves[1], leaves[2]))
+    weights = [torch.randn(t.shape, generator=torch.Generator().manual_seed(k),
+                           dtype=torch.float64) for k, t in enumerate((h, c))]
+    loss = (h * weights[0]).sum() + (c * weights[1]).sum()
+    return [h, c, *torch.autograd.grad(loss, leaves + list(cell.parameters()))]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_norm_cell_is_the_formula(training, batched):
+    """fp64: h', c' and every gradient (norm gains and biases included), batched and not, in
+    training and in eval mode."""
+    cell = variant_cell(layer_norm=True).train(training)
+    got = cell_grads(cell, cell, batched)
+    want = cell_grads(cell, lambda x, hx: cell_step_reference(cell, x, hx), batched)
+    for index, (a, b) in enumerate(zip(got, want)):
+        assert rel_error(a, b) < 1e-10, index
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_zoneout_cell_is_the_formula_with_fresh_masks_per_call(batched):
+    """Training: the masks the cell draws (d^c then d^h, (B, H), from torch's generator) in
+    the formula, fp64, outputs and every gradient; a second call draws other masks; eval mode
+    is the expectation."""
+    z = (0.3, 0.2)
+    cell = variant_cell(zoneout=z)
+    rows = 3 if batched else 1
+
+    def seeded_cell(x, hx):
+        torch.manual_seed(11)
+        return cell(x, hx)
+
+    def reference(x, hx):
+        torch.manual_seed(11)
+        masks = [(torch.rand(rows, 7, dtype=torch.float64) < p).double() for p in z]
+        if not batched:
+            masks = [m[0] for m in masks]
+        return cell_step_reference(cell, x, hx, masks)
+
+    for index, (a, b) in enumerate(zip(cell_grads(cell, seeded_cell, batched),
+                                       cell_grads(cell, reference, batched))):
+        assert rel_error(a, b) < 1e-10, index
+    x, h, c = (torch.randn(rows, n, dtype=torch.float64) for n in (5, 7, 7))
+    first, second = cell(x, (h, c)), cell(x, (h, c))
+    assert not torch.equal(first[1], second[1])
+
+    cell.eval()
+    masks = [torch.tensor(p, dtype=torch.float64) for p in z]
+    expected = cell_step_reference(cell, x, (h, c), masks)
+    for got, want in zip(cell(x, (h, c)), expected):
+        assert rel_error(got, want) < 1e-12
+
+
+def test_variant_cells_gradcheck_gradgradcheck_and_compile():
+    """gradcheck and gradgradcheck of both variants (zoneout with its masks reseeded for each
+    evaluation); torch.compile(fullgraph=True) gives eager's values (zoneout in eval mode:
+    compiled code draws its random numbers its own way)."""
+    for options in ({"layer_norm": True}, {"zoneout": (0.4, 0.3)}):
+        cell = variant_cell(**options)
+
+        def step(x, h, c):
+            torch.manual_seed(5)
+            return cell(x, (h, c))
+
+        inputs = [torch.randn(2, n, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7)]
+        assert torch.autograd.gradcheck(step, inputs)
+        assert torch.autograd.gradgradcheck(step, inputs)
+        cell.train("layer_norm" in options)
+        compiled = torch.compile(cell, fullgraph=True)
+        for got, want in zip(compiled(inputs[0], tuple(inputs[1:])),
+                             cell(inputs[0], tuple(inputs[1:]))):
+            assert rel_error(got, want) < 1e-12
+
+
+def test_variant_cells_parameters_state_dict_repr_and_refusals():
+    cell = lstm_ext.LSTMCell(4, 6, layer_norm=True)
+    names = [name for name, _ in cell.named_parameters()]
+    assert names == ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "layer_norm_ih_weight",
+                     "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",
+                     "layer_norm_cell_weight", "layer_norm_cell_bias"]
+    assert cell.layer_norm_hh_weight.shape == (24,) and cell.layer_norm_cell_bias.shape == (6,)
+    cell.reset_parameters()
+    assert torch.equal(cell.layer_norm_ih_weight, torch.ones(24))
+    assert torch.equal(cell.layer_norm_cell_bias, torch.zeros(6))
+    # An nn.LSTMCell's state_dict loads into the plain part of a variant cell, exactly.
+    reference = nn.LSTMCell(4, 6)
+    missing, unexpected = cell.load_state_dict(reference.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("layer_norm_") for name in missing)
+    assert torch.equal(cell.weight_hh, reference.weight_hh)
+    assert "layer_norm=True" in repr(cell)
+    assert "zoneout=(0.1, 0.2)" in repr(lstm_ext.LSTMCell(4, 6, zoneout=(0.1, 0.2)))
+    for options in ({"layer_norm": True}, {"zoneout": 0.1}):
+        with pytest.raises(ValueError, match="to_torch"):
+            lstm_ext.LSTMCell(4, 6, **options).to_torch()
+    with pytest.raises(ValueError, match="does not combine"):
+        lstm_ext.LSTMCell(4, 6, layer_norm=True, zoneout=0.1)
+    with pytest.raises(ValueError, match="zoneout"):
+        lstm_ext.LSTMCell(4, 6, zoneout=1.5)
+    with pytest.raises(ValueError, match="layer_norm"):
+        lstm_ext.LSTMCell(4, 6, layer_norm=1)
+    with pytest.raises(ValueError, match="layer_norm"):
+        lstm_ext.QuantizedLSTMCell.from_float(lstm_ext.LSTMCell(4, 6, layer_norm=True))
+    with pytest.warns(UserWarning, match="zoneout"):
+        kept = lstm_ext.quantize_dynamic(lstm_ext.LSTMCell(4, 6, zoneout=0.1))
+    assert type(kept) is lstm_ext.LSTMCell
+
+
+def test_zoneout_cell_under_cpu_autocast_runs_in_its_inputs_dtype():
+    """As nn.LSTMCell (lstm_cell is not on CPU autocast's list): fp32 in, fp32 out, the same
+    values as without autocast."""
+    cell = lstm_ext.LSTMCell(5, 7, zoneout=0.2).eval()
+    x, h, c = (torch.randn(3, n) for n in (5, 7, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cell(x, (h, c))
+    for a, b in zip(got, cell(x, (h, c))):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
