@@ -1,11 +1,12 @@
 // The LayerNorm LSTM layer (Ba, Kiros & Hinton 2016, as in Haste) for one layer and one
-// direction, forward and backward. The input products and their norm run once for the whole
-// sequence; the recurrence, on the CPU without a projection, is one fused kernel
-// (cpu/layer_norm_kernels.h); otherwise a C++ step loop with the GEMMs through ATen and the
-// rest per step in one pass over the step's rows (each norm is over one row): on the CPU that
-// file's row kernels, on other devices (and with LSTM_EXT_CPU_RECURRENCE=0) ATen ops
-// (native_layer_norm and its backward, pointwise math). No Python runs per step. All math is
-// in the math dtype (fp32 for bf16/fp16).
+// direction, forward and backward. The input products run once for the whole sequence. The
+// recurrence, on the CPU without a projection, is one fused kernel (cpu/layer_norm_kernels.h),
+// which also normalises the input products step by step; otherwise the input products are
+// normalised at once and a C++ step loop runs the GEMMs through ATen and the rest per step in
+// one pass over the step's rows (each norm is over one row): on the CPU that file's row
+// kernels, on other devices (and with LSTM_EXT_CPU_RECURRENCE=0) ATen ops (native_layer_norm
+// and its backward, pointwise math). No Python runs per step. All math is in the math dtype
+// (fp32 for bf16/fp16).
 //
 //   z_t = LN(W_ih x_t; g_ih, b_ih') + b_ih + b_hh + LN(W_hh (m * h_{t-1}); g_hh, b_hh')
 //   i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of z_t's four gate blocks

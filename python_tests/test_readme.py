@@ -25,8 +25,9 @@ def documented_driver_commands():
     """Every `lstm-ext ...` command in the fenced shell blocks of the README and the results
     notes, continuation lines joined, `&&` chains split, comments dropped."""
     commands = []
-    for path in (README, README.parent / "benchmarks" / "results" / "lm-shakespeare" /
-                 "README.md"):
+    results = README.parent / "benchmarks" / "results"
+    for path in (README, results / "lm-shakespeare" / "README.md",
+                 results / "lm-variants-shakespeare" / "README.md"):
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0] if not line.lstrip().startswith("#") else ""

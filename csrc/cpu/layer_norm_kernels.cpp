@@ -264,8 +264,8 @@ inline Units units_of(int64_t H, int64_t block, int thread, int threads) {
   return {std::min(H, s.begin * block), std::min(H, s.end * block)};
 }
 
-// Per thread and row, a pair of partial results, in `count` slots (one per reduction in
-// flight): slot k of thread t for row r at [((k * threads + t) * B + r) * 2].
+// Per thread and row, a pair of partial results, in slots (one per reduction in flight):
+// slot k of thread t for row r at [((k * threads + t) * B + r) * 2].
 template <typename acc_t>
 struct Partials {
   acc_t* base;
