@@ -68,25 +68,34 @@ def test_lstm_exports_to_onnx_lstm_nodes_and_matches_eager(tmp_path, layers, bia
         assert error <= 1e-5, error
 
 
-def test_lstmcell_exports_as_one_step_of_an_onnx_lstm(tmp_path):
-    torch.manual_seed(3)
-    cell = lstm_ext.LSTMCell(5, 8).eval()
+class CellStep(nn.Module):
+    """One step of an LSTMCell(5, 8) with its state as inputs."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x, h, c):
+        return self.cell(x, (h, c))
+
+
+def export_cell(cell, path):
+    """cell exported with a dynamic batch and run in onnxruntime on a batch of 6: (the graph's
+    op types, onnxruntime's outputs, eager's)."""
     batch = torch.export.Dim("batch", min=2)
     inputs = [torch.randn(3, 5), torch.randn(3, 8), torch.randn(3, 8)]
-
-    class Step(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cell = cell
-
-        def forward(self, x, h, c):
-            return self.cell(x, (h, c))
-
     other = [torch.randn(6, 5), torch.randn(6, 8), torch.randn(6, 8)]
-    graph, outputs = run_onnx(Step(), inputs, {"x": {0: batch}, "h": {0: batch},
-                                               "c": {0: batch}}, tmp_path / "cell.onnx", other)
-    assert [node.op_type for node in graph.node].count("LSTM") == 1
-    for got, want in zip(outputs, cell(other[0], (other[1], other[2]))):
+    graph, outputs = run_onnx(CellStep(cell), inputs, {"x": {0: batch}, "h": {0: batch},
+                                                       "c": {0: batch}}, path, other)
+    return [node.op_type for node in graph.node], outputs, cell(other[0], (other[1], other[2]))
+
+
+def test_lstmcell_exports_as_one_step_of_an_onnx_lstm(tmp_path):
+    torch.manual_seed(3)
+    op_types, outputs, expected = export_cell(lstm_ext.LSTMCell(5, 8).eval(),
+                                              tmp_path / "cell.onnx")
+    assert op_types.count("LSTM") == 1
+    for got, want in zip(outputs, expected):
         torch.testing.assert_close(torch.from_numpy(got), want.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -205,21 +214,7 @@ def test_variant_cells_export_as_one_step_scans(tmp_path, options):
         for name, parameter in cell.named_parameters():
             if name.startswith("layer_norm_"):
                 parameter.add_(torch.randn_like(parameter) * 0.3)
-    batch = torch.export.Dim("batch", min=2)
-
-    class Step(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cell = cell
-
-        def forward(self, x, h, c):
-            return self.cell(x, (h, c))
-
-    inputs = [torch.randn(3, 5), torch.randn(3, 8), torch.randn(3, 8)]
-    other = [torch.randn(6, 5), torch.randn(6, 8), torch.randn(6, 8)]
-    graph, outputs = run_onnx(Step(), inputs, {"x": {0: batch}, "h": {0: batch},
-                                               "c": {0: batch}}, tmp_path / "cell.onnx", other)
-    op_types = [node.op_type for node in graph.node]
+    op_types, outputs, expected = export_cell(cell, tmp_path / "cell.onnx")
     assert "Scan" in op_types and "LSTM" not in op_types
-    for got, want in zip(outputs, cell(other[0], (other[1], other[2]))):
+    for got, want in zip(outputs, expected):
         assert max_relative_error(got, want) <= 5e-5
