@@ -83,7 +83,7 @@ def _add_train_arguments(parser, given_only=False):
         help="passes over the training split (0: as many as --max-steps needs, else 1); "
         "with --max-steps too, whichever ends first (--max-steps 0 for whole epochs only)")
     add("--max-steps", type=int, default=defaults.max_steps,
-        help="training steps (default 1000, the main job; 0: no limit); the cosine schedule "
+        help="training steps (default 1000; 0: no limit); the cosine schedule "
         "ends here. With --resume, a "
         "larger value trains the run on: the warm-up + cosine schedule is recomputed over the "
         "new total, so the rate rises to where a run planned that long would be now")
