@@ -159,14 +159,13 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
       w_hr.has_value() ? std::optional<StepGemm>(w_hr->to(math)) : std::nullopt;
 
   const int64_t saved = training ? s.rows : 0;
-  at::Tensor gates = cpu::large_empty({saved, G}, acc);
-  at::Tensor cell_prev = cpu::large_empty({saved, H}, acc);
-  at::Tensor cell = cpu::large_empty({saved, H}, acc);
-  at::Tensor products = cpu::large_empty({saved, G}, acc);
-  at::Tensor stats = cpu::large_empty({saved, 6}, acc);
-  at::Tensor hidden_prev = cpu::large_empty({saved, R}, acc);
-  at::Tensor hidden_raw =
-      cpu::large_empty({training && s.has_projection ? s.rows : 0, H}, acc);
+  at::Tensor gates = at::empty({saved, G}, acc);
+  at::Tensor cell_prev = at::empty({saved, H}, acc);
+  at::Tensor cell = at::empty({saved, H}, acc);
+  at::Tensor products = at::empty({saved, G}, acc);
+  at::Tensor stats = at::empty({saved, 6}, acc);
+  at::Tensor hidden_prev = at::empty({saved, R}, acc);
+  at::Tensor hidden_raw = at::empty({training && s.has_projection ? s.rows : 0, H}, acc);
 
   // The input products of every step at once, normalised, with both biases (added to the
   // norm's own: one pass over the (N, G) values instead of three).
@@ -188,7 +187,7 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
       stats.narrow(1, kRstdX, 1).copy_(rstd_x.view({s.rows, 1}));
     }
   }
-  at::Tensor output = cpu::large_empty({s.rows, R}, acc);
+  at::Tensor output = at::empty({s.rows, R}, acc);
   at::Tensor h_state = h0.to(math).clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.to(math).clone(at::MemoryFormat::Contiguous);
   if (fused) {

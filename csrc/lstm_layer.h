@@ -12,8 +12,6 @@
 //                            const std::optional<at::Tensor>& bias);   // x w^T + bias, (M, N)
 //   static at::Tensor gate_gradients(bool transposed, at::IntArrayRef sizes,
 //                                    const at::TensorOptions& options);  // backward's scratch
-//   static at::Tensor large_empty(at::IntArrayRef sizes,
-//                                 const at::TensorOptions& options);  // outputs, saved tensors
 //
 // A StepProduct is the per-step GEMM with one weight used at every step; a device may prepare
 // the weight once per call (transpose, pack) to make the small per-step products faster.
@@ -245,13 +243,13 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       (!b_hh.has_value() || b_hh->is_contiguous());
   at::Tensor gates = offer_fused_input ? at::Tensor() : input_projection();
 
-  at::Tensor output = Kernels::large_empty({s.rows, s.output_size}, options);
+  at::Tensor output = at::empty({s.rows, s.output_size}, options);
   at::Tensor h_state = h0.contiguous().clone();
   at::Tensor c_state = c0.to(acc_options, /*non_blocking=*/false, /*copy=*/true).contiguous();
   SavedForBackward saved;
-  saved.cell_prev = Kernels::large_empty({training ? s.rows : 0, H}, acc_options);
-  saved.hidden_prev = Kernels::large_empty({training ? s.rows : 0, s.output_size}, options);
-  at::Tensor cells = Kernels::large_empty({return_cells ? s.rows : 0, H}, options);
+  saved.cell_prev = at::empty({training ? s.rows : 0, H}, acc_options);
+  saved.hidden_prev = at::empty({training ? s.rows : 0, s.output_size}, options);
+  at::Tensor cells = at::empty({return_cells ? s.rows : 0, H}, options);
   // Without training only the current step's h before projection is needed.
   at::Tensor hidden_raw =
       at::empty({s.has_projection ? (training ? s.rows : s.batch) : 0, H}, options);

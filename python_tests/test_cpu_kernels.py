@@ -196,57 +196,6 @@ def test_results_do_not_share_the_kept_scratch_memory():
         assert torch.equal(now, before), index
 
 
-def huge_pages_under(address):
-    """AnonHugePages (kB) of the mapping holding `address` in this process."""
-    mapping = None
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            start, end = (int(part, 16) for part in head.split("-"))
-            mapping = start <= address < end
-        elif mapping and head == "AnonHugePages:":
-            return int(line.split()[1])
-    return 0
-
-
-@pytest.mark.parametrize("layer_norm", [False, True])
-def test_large_results_come_on_huge_pages_and_behave_as_any_tensor(layer_norm, tmp_path):
-    """Outputs and saved tensors from 2 MB on come from lstm_ext's huge-page allocator
-    (csrc/cpu/workspace.h): where the kernel offers transparent huge pages they are backed by
-    them, and they resize, save and load like torch's own; LSTM_EXT_HUGE_PAGES=0 gives the
-    same bits from at::empty memory."""
-    torch.manual_seed(0)
-    lstm = lstm_ext.LSTM(32, 256, layer_norm=layer_norm)
-    x = torch.randn(100, 32, 32)
-    output, _ = lstm(x)  # 3.3 MB
-    output.sum().backward()
-    settings = "/sys/kernel/mm/transparent_hugepage/enabled"
-    if os.path.exists(settings) and "[never]" not in open(settings).read():
-        assert huge_pages_under(output.data_ptr()) >= 2048
-    expected = output.detach().clone()
-    grown = output.detach().resize_(200, 32, 256)
-    assert torch.equal(grown[:100], expected)
-    grown[100:] = 1.0
-    torch.save(grown, tmp_path / "output.pt")
-    assert torch.equal(torch.load(tmp_path / "output.pt"), grown)
-
-    script = (
-        "import torch, lstm_ext\n"
-        "torch.manual_seed(0)\n"
-        f"lstm = lstm_ext.LSTM(32, 256, layer_norm={layer_norm})\n"
-        "x = torch.randn(100, 32, 32)\n"
-        "output, _ = lstm(x)\n"
-        "output.sum().backward()\n"
-        "torch.save([output.detach(), *(p.grad for p in lstm.parameters())], "
-        f"{str(tmp_path / 'plain.pt')!r})\n")
-    env = dict(os.environ, LSTM_EXT_HUGE_PAGES="0")
-    subprocess.run([sys.executable, "-c", script], env=env, check=True)
-    plain = torch.load(tmp_path / "plain.pt")
-    assert torch.equal(plain[0], expected)
-    for got, want in zip((p.grad for p in lstm.parameters()), plain[1:]):
-        assert torch.equal(got, want)
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"H{c['hidden_size']}")
 @pytest.mark.parametrize("kind,batch", KINDS)
 def test_inference_without_grad_matches_fp64_nn_lstm(config, kind, batch):

@@ -468,8 +468,9 @@ inline void transpose_rows(const LayerNormSequence<acc_t>& a, const acc_t* sourc
           for (int64_t v = 0; v < n; ++v) tile[v * kRows + r] = line[v];
         }
         for (int64_t v = 0; v < n; ++v) {
-          std::memcpy(transposed + (j0 + v) * a.rows + offset + r0, tile + v * kRows,
-                      m * sizeof(acc_t));
+          acc_t* __restrict__ column = transposed + (j0 + v) * a.rows + offset + r0;
+          const acc_t* __restrict__ run = tile + v * kRows;
+          for (int64_t r = 0; r < m; ++r) column[r] = run[r];
         }
       }
     }

@@ -115,10 +115,6 @@ struct CpuKernels {
                           sizes, options);
   }
 
-  static at::Tensor large_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return cpu::large_empty(sizes, options);
-  }
-
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>& a) {
     if (!cpu::recurrence_enabled()) return false;

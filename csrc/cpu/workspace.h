@@ -27,12 +27,5 @@ constexpr int64_t kMaxWorkspaceBytes = int64_t{1} << 30;
 // is replaced).
 at::Tensor workspace(Workspace slot, at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// An uninitialized CPU tensor for a call's large results (what backward saves, outputs), as
-// at::empty but, from 2 MB on, in memory advised for transparent huge pages: the OS then
-// maps it 2 MB at a time instead of 4 KB, one page fault in 512 (the first touches of a
-// training step's saved tensors cost 10-20 % of the step on 4 KB pages). Plain at::empty
-// where the kernel lacks huge pages, on other devices, and with LSTM_EXT_HUGE_PAGES=0.
-at::Tensor large_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
-
 }  // namespace cpu
 }  // namespace lstm_ext

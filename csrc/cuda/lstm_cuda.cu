@@ -75,10 +75,6 @@ struct CudaKernels {
     return at::empty(sizes, options);  // the caching allocator keeps memory already
   }
 
-  static at::Tensor large_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return at::empty(sizes, options);
-  }
-
   // No whole-sequence kernel on CUDA yet: the step loop runs.
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>&) {
