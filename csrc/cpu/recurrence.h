@@ -46,6 +46,7 @@
 #include <cstring>
 #include <omp.h>
 #include <optional>
+#include <vector>
 
 namespace lstm_ext {
 namespace cpu {
@@ -182,16 +183,30 @@ inline acc_t fused_bias(const SequenceForward<scalar_t>& a, int64_t column) {
 // Batches of at most this many rows skip the forward panels (see dot.h).
 constexpr int kDirectRows = 4;
 
-// The four gate rows of unit j (H rows apart) of an int8 weight times n <= kDirectRows input
-// rows, each row's sum times its scale: out[g * n + i].
+// The four gate rows of unit j (H rows apart) of an int8 weight times n <= kDirectRows
+// activation rows rounded to int16 (dot.h), each sum times both scales: out[g * n + i].
 template <int V>
 inline void int8_dot_rows(int n, int64_t K, const int8_t* w, const float* scale, int64_t j,
-                          int64_t stride, int64_t H, const float* const* x, float* out) {
-  dot_rows_n<float, V, kDirectRows, int8_t>(n, K, w + j * stride, H * stride, x, out);
+                          int64_t stride, int64_t H, const int16_t* const* q,
+                          const float* q_scale, float* out) {
+  int8_int16_dot_rows<V, kDirectRows>(n, K, w + j * stride, H * stride, q, q_scale, out);
   for (int g = 0; g < 4; ++g) {
     for (int i = 0; i < n; ++i) out[g * n + i] *= scale[g * H + j];
   }
 }
+
+// A step's activation rows for int8 weights, rounded to int16 with a scale per row.
+struct Int16Rows {
+  std::vector<int16_t> values;
+  float scale[kDirectRows] = {};
+  int64_t width = 0;
+  void resize(int64_t rows, int64_t width_) {
+    width = width_;
+    values.resize(rows * width);
+  }
+  void set(int64_t r, const float* x) { scale[r] = quantize_int16(width, x, row(r)); }
+  int16_t* row(int64_t r) { return values.data() + r * width; }
+};
 
 template <Isa isa, typename scalar_t>
 void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads) {
@@ -265,6 +280,14 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 #pragma omp barrier
 
   const int64_t G = 4 * H;
+  // int8 weights read in place multiply each step's h rows (and, with the input projection
+  // fused, its x rows) rounded to int16; each thread rounds all of them for itself.
+  const bool int8 = direct && a.w_hh_int8 != nullptr;
+  Int16Rows h_int16, x_int16;
+  if (int8) {
+    h_int16.resize(B, H);
+    if (!a.gates) x_int16.resize(B, a.input_size);
+  }
   int64_t processed = 0, prev_rows = 0, prev_offset = 0;
   for (int64_t k = 0; k < a.steps; ++k) {
     const int64_t t = a.reverse ? a.steps - 1 - k : k;
@@ -272,6 +295,12 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     if (rows == 0) continue;
     const acc_t* h_prev = a.h_work + (1 + ((processed + 1) & 1)) * B * H;
     acc_t* h_next = a.h_work + (1 + (processed & 1)) * B * H;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t r = 0; int8 && r < rows; ++r) {
+        h_int16.set(r, (r < prev_rows ? h_prev : h0) + r * H);
+        if (!a.gates) x_int16.set(r, a.input + (offset + r) * a.input_stride);
+      }
+    }
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const acc_t* panel = direct ? nullptr : a.panel + jb * H * 4 * V;
       const int64_t j0 = jb * V, n_units = std::min<int64_t>(V, H - j0);
@@ -294,23 +323,29 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         if (direct) {
           // Unit j's four gate rows of W_hh are H rows apart.
           const acc_t* w = in_place_weight<acc_t>(a.w_hh);
-          // A decode step's input projection, fused: W_ih's rows are read the same way.
+          // The input projection, fused (a decode step, or any int8 one): W_ih's rows are read
+          // the same way.
           const acc_t* w_ih = a.gates ? nullptr : in_place_weight<acc_t>(a.w_ih);
           const acc_t* x[RT] = {};
           for (int i = 0; i < n && !a.gates; ++i) {
             x[i] = in_place_weight<acc_t>(a.input) + (offset + r0 + i) * a.input_stride;
           }
           // int8 weights (fp32 only): the same dot products on int8 rows, times their scales.
-          const bool int8 = a.w_hh_int8 != nullptr;
+          const int16_t* h_rows[kDirectRows] = {};
+          const int16_t* x_rows[kDirectRows] = {};
+          for (int i = 0; i < n && int8; ++i) {
+            h_rows[i] = h_int16.row(r0 + i);
+            if (!a.gates) x_rows[i] = x_int16.row(r0 + i);
+          }
           for (int64_t v = 0; v < n_units; ++v) {
             acc_t dots[4 * kDirectRows], input_dots[4 * kDirectRows] = {};
             if constexpr (std::is_same_v<scalar_t, float>) {
               if (int8) {
-                int8_dot_rows<V>(n, H, a.w_hh_int8, a.w_hh_scale, j0 + v, a.w_stride0, H, in,
-                                 dots);
+                int8_dot_rows<V>(n, H, a.w_hh_int8, a.w_hh_scale, j0 + v, a.w_stride0, H,
+                                 h_rows, h_int16.scale + r0, dots);
                 if (!a.gates) {
                   int8_dot_rows<V>(n, a.input_size, a.w_ih_int8, a.w_ih_scale, j0 + v,
-                                   a.w_ih_stride, H, x, input_dots);
+                                   a.w_ih_stride, H, x_rows, x_int16.scale + r0, input_dots);
                 }
               }
             }
