@@ -28,6 +28,17 @@ def _needs_saved_state(tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _without_autograd_dispatch():
+    """Where no gradient can be recorded (under torch.no_grad) in plain eager code, the ops are
+    called below the autograd dispatch keys, as torch.inference_mode does: their autograd
+    kernels, registered from Python, would otherwise cost a trip into Python per call (5 us a
+    layer, a few % of a decode step). Tracing and compiling keep the full dispatch."""
+    if (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()):
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowADInplaceOrView()
+
+
 def _check_state_dtype_and_device(input, states, names):
     if torch.is_autocast_enabled(input.device.type):
         return  # autocast casts every floating input of the op to its own dtype
@@ -404,7 +415,8 @@ class LSTM(_GateInit, nn.RNNBase):
 
         if not packed and self.batch_first:
             data = data.transpose(0, 1)
-        output, h_n, c_n, *cells = self._run_layers(data, batch_sizes, weights, *hx)
+        with _without_autograd_dispatch():
+            output, h_n, c_n, *cells = self._run_layers(data, batch_sizes, weights, *hx)
 
         # The cell sequence, where asked for, is laid out as the output.
         if packed:
@@ -592,7 +604,8 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check_forward_args(input, hx)
-        h, c = self._step(input, hx)
+        with _without_autograd_dispatch():
+            h, c = self._step(input, hx)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
