@@ -90,7 +90,7 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
     a.w_hh_scale = hh_scale.const_data_ptr<float>();
     if (cpu::direct_form(s.batch, s.steps)) {
       // W_ih's products in the same pass, on the int8 rows: no dequantized copy of W_ih and no
-      // separate product (at B 4 x T 25, 2 x 512, 20 % faster than those on the Zen 5).
+      // separate product (at B 4 x T 25, H 512, 20 % faster than those on the Zen 5).
       a.input = x.const_data_ptr<float>();
       a.input_size = s.input_size;
       a.input_stride = s.input_size;
