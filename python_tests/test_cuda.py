@@ -121,7 +121,9 @@ def test_lstmcell_on_the_device_matches_nn_lstmcell_fp64():
     state = (torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64))
     results = []
     for module, device in ((reference, "cpu"), (ours, DEVICE)):
-        leaves = [t.to(device).requires_grad_() for t in (x, *state)]
+        # Fresh leaves each time: requires_grad_ on x itself would make the device copy a
+        # non-leaf (no .grad), and on the CPU would share one .grad between both runs.
+        leaves = [t.detach().clone().to(device).requires_grad_() for t in (x, *state)]
         h, c = module(leaves[0], tuple(leaves[1:]))
         (h.sin().sum() + c.cos().sum()).backward()
         results.append([h, c, *(t.grad for t in leaves),
@@ -176,8 +178,10 @@ def test_autocast_cuda_runs_in_the_requested_dtype(dtype):
     with torch.autocast("cuda", dtype=dtype):
         output, (h, c) = module(x)
         expected, (expected_h, expected_c) = reference(x)
-    assert output.dtype == h.dtype == c.dtype == dtype == expected.dtype
-    # Both in the autocast dtype: within a few of its roundings of each other.
+    # Ours runs in the dtype asked for. nn.LSTM on cuDNN (torch 2.11, H200) returns fp16 under
+    # bf16 autocast, so its dtype is not compared; its values are, to bf16's rounding.
+    assert output.dtype == h.dtype == c.dtype == dtype
+    assert expected.dtype in (dtype, torch.float16)
     for got, want in ((output, expected), (h, expected_h), (c, expected_c)):
         assert rel_error(got, want) <= 2e-2
     output.float().sum().backward()
