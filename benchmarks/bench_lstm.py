@@ -94,12 +94,19 @@ SUITES = {
     # against our own fp32 in the same run (the serving issue's target: 2x our fp32 decode).
     "int8": [Row("decode", 512, 1, 1, layers=2, int8=True),
              Row("inference", 512, 1, 25, int8=True), Row("inference", 512, 4, 25, int8=True)],
-    # The CUDA issue's targets: DeepBench training shapes against cuDNN, fp32 and half types.
+    # The CUDA issue's targets: DeepBench training shapes against cuDNN, fp32 and half types,
+    # the language-model shape, and decode steps of a 2-layer model.
     "gpu-fp32": [Row(mode, h, b, t) for h in (256, 512, 1024) for b in (16, 64)
-                 for t in (25, 150) for mode in ("forward", "training")],
+                 for t in (25, 150) for mode in ("forward", "training")]
+                + [Row("training", 512, 64, 128, input_size=64, layers=2)]
+                + [Row("decode", 512, b, 1, layers=2) for b in (1, 8)],
     "gpu-half": [Row(mode, h, b, t, dtype=dtype) for dtype in ("bfloat16", "float16")
                  for h in (256, 512, 1024) for b in (16, 64) for t in (25, 150)
-                 for mode in ("forward", "training")],
+                 for mode in ("forward", "training")]
+                + [Row("training", 512, 64, 128, input_size=64, layers=2, dtype=dtype)
+                   for dtype in ("bfloat16", "float16")]
+                + [Row("decode", 512, 8, 1, layers=2, dtype=dtype)
+                   for dtype in ("bfloat16", "float16")],
 }
 CPU_SUITES = [name for name in SUITES if not name.startswith("gpu")]
 
@@ -115,6 +122,7 @@ TARGETS = {
     # The CUDA issue's: forward + backward on par with cuDNN overall, faster at B <= 16.
     **{f"gpu fwd+bwd {dtype}{batches}": 1.0 for dtype in ("float32", "bfloat16", "float16")
        for batches in ("", " B<=16")},
+    **{f"gpu decode {dtype}": 3.0 for dtype in ("float32", "bfloat16", "float16")},
 }
 # A CUDA timing spans at least this long (repeating the run), so that launch jitter and the
 # timer's resolution stay small against it.
