@@ -3,29 +3,33 @@
 #
 #   build     build for sm_90 with every core (skipped when the built library matches the sources)
 #   smoke     seconds of packed + projection forward/backward, fp32 and bf16, launch-blocking;
-#             if it fails, nothing else runs and its traceback ends the output
-#   tests     python_tests/test_cuda.py (a kernel fault fails its own test, not the rest)
-#   bench     the CUDA benchmark against cuDNN: fp32 TF32 off, bf16/fp16, then fp32 TF32 on
+#             if it fails, nothing else runs and its traceback ends the output (in build.log)
+#   tests     python_tests/test_cuda.py (a kernel fault fails its own test, not the rest), then
+#             again with the persistent recurrence wherever it applies
+#             (LSTM_EXT_CUDA_PERSISTENT=1; the first pass has the default, where measured faster)
+#   bench     the CUDA benchmark against cuDNN: fp32 TF32 off, bf16/fp16; the same with the
+#             persistent recurrence wherever it applies; then fp32 TF32 on
 #   memcheck  compute-sanitizer on a planted overrun (it must be reported, or the verdict is
 #             void), then on the smoke run and a few tests, with PyTorch's caching allocator off
 #
 # then a summary: one verdict per stage, the failed test ids, the line that reruns them, and
 # the exit status (0: every stage that ran passed; 1: something failed; 3: no GPU here).
 #
-#   bash benchmarks/gpu_check.sh                              # everything, ~300 s budget
+#   bash benchmarks/gpu_check.sh                              # everything, ~440 s budget
 #   GPU_CHECK_STAGES=tests GPU_CHECK_TESTS='python_tests/test_cuda.py::test_x' \
 #     GPU_CHECK_BUDGET_S=120 bash benchmarks/gpu_check.sh     # a targeted rerun
 #   GPU_CHECK_STAGES=bench PYTEST_ARGS=... GPU_CHECK_REBUILD=1 ...   (see the variables below)
 #
 # Variables: GPU_CHECK_STAGES (comma-separated, default all five; build also runs whenever the
-# library is missing or stale), GPU_CHECK_BUDGET_S (a deadline the stages share, default 300),
+# library is missing or stale), GPU_CHECK_BUDGET_S (a deadline the stages share, default 440),
 # GPU_CHECK_TESTS (what pytest runs, default python_tests/test_cuda.py), PYTEST_ARGS (added to
 # the pytest line, e.g. "-k packed"), GPU_CHECK_REBUILD=1 (build even if up to date), OUT
 # (default benchmarks/out). A session has 15 minutes of device time, machine starts included:
-# give the first call ~330 s, which leaves a targeted rerun room. The device tool returns at
+# give the first call ~480 s (on the H200: build 115 s, each test pass 40 s, the benchmarks
+# 130 s, memcheck 40 s), which leaves a targeted rerun little room. The device tool returns at
 # most 8 files from $OUT; this script writes exactly these 8:
-#   summary.txt build.log smoke.log tests.log bench.log gpu-tf32-off.json gpu-tf32-on.json
-#   memcheck.log
+#   summary.txt build.log tests.log bench.log gpu-tf32-off.json gpu-persistent.json
+#   gpu-tf32-on.json memcheck.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
@@ -33,7 +37,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" LSTM_EXT_CUDA=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 PYTHON="${PYTHON:-python3}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-300}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-440}"
 STAGES="${GPU_CHECK_STAGES:-build,smoke,tests,bench,memcheck}"
 TESTS="${GPU_CHECK_TESTS:-python_tests/test_cuda.py}"
 # GPU_CHECK_DEVICE=cpu (for the script's own tests): run the stages' logic on the CPU, against
@@ -138,43 +142,61 @@ fi
 
 # -- smoke ------------------------------------------------------------------------------------
 if wanted smoke; then
+  echo "== smoke" >> "$OUT/build.log"
+  smoke_start=$(wc -l < "$OUT/build.log")
   CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 60 60)" "${py[@]}" benchmarks/gpu_smoke.py --device "$DEVICE" \
-    > "$OUT/smoke.log" 2>&1
+    >> "$OUT/build.log" 2>&1
   status=$?
   if [ $status -eq 0 ]; then
-    verdict smoke "ok ($(tail -n 1 "$OUT/smoke.log"))"
+    verdict smoke "ok ($(tail -n 1 "$OUT/build.log"))"
   else
     verdict smoke "FAILED (exit $status; nothing after it ran; its output follows)"
-    tail -n 60 "$OUT/smoke.log"
+    tail -n "+$((smoke_start + 1))" "$OUT/build.log" | tail -n 60
     rerun="GPU_CHECK_STAGES=smoke"
     finish 1
   fi
 fi
 
 # -- tests ------------------------------------------------------------------------------------
+# One pass of the tests, its log appended to tests.log. $1: the verdict's name; $2: the value of
+# LSTM_EXT_CUDA_PERSISTENT for the pass (empty: unset, the default); $3, $4: the time limit's
+# cap and reserve.
+run_tests() {
+  local name=$1 persistent=$2 part
+  part="$(mktemp)"
+  # shellcheck disable=SC2086  # TESTS and PYTEST_ARGS are word lists
+  LSTM_EXT_CUDA_PERSISTENT=$persistent timeout "$(limit "$3" "$4")" "${py[@]}" -m pytest $TESTS \
+    "${workers[@]}" -rfEs --durations=15 ${PYTEST_ARGS:-} > "$part" 2>&1
+  local status=$?
+  { echo "== $name (LSTM_EXT_CUDA_PERSISTENT=${persistent:-unset})"; cat "$part"; } >> "$OUT/tests.log"
+  local counts failed_ids
+  counts="$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$part" |
+    tail -n 1 | tr -d '=' | xargs)"
+  failed_ids="$(grep -E '^(FAILED|ERROR) ' "$part" | cut -d ' ' -f 2 | sort -u)"
+  if [ $status -eq 0 ]; then
+    verdict "$name" "ok (${counts})"
+  else
+    failed=1
+    verdict "$name" "FAILED (exit $status${counts:+: $counts})"
+    grep -E '^(FAILED|ERROR) |CUDA context broken' "$part" | head -n 30 |
+      sed 's/^/  /' | tee -a "$SUMMARY"
+    [ $status -eq 124 ] && echo "  (stopped by its time limit)" | tee -a "$SUMMARY"
+    failed_tests="$failed_tests $failed_ids"
+  fi
+  rm -f "$part"
+}
 if wanted tests; then
   # pytest-xdist, where installed, spreads the tests over 4 processes; a worker whose CUDA
   # context a fault broke is replaced (python_tests/cuda_faults.py).
   workers=()
   "$PYTHON" -c 'import xdist' 2> /dev/null && workers=(-n "${GPU_CHECK_WORKERS:-4}")
-  # shellcheck disable=SC2086  # TESTS and PYTEST_ARGS are word lists
-  timeout "$(limit 180 90)" "${py[@]}" -m pytest $TESTS "${workers[@]}" -rfEs --durations=15 \
-    ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
-  status=$?
-  counts="$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log" |
-    tail -n 1 | tr -d '=' | xargs)"
-  failed_ids="$(grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | cut -d ' ' -f 2 | sort -u)"
-  if [ $status -eq 0 ]; then
-    verdict tests "ok (${counts})"
-  else
-    failed=1
-    verdict tests "FAILED (exit $status${counts:+: $counts})"
-    grep -E '^(FAILED|ERROR) |CUDA context broken' "$OUT/tests.log" | head -n 30 |
-      sed 's/^/  /' | tee -a "$SUMMARY"
-    [ $status -eq 124 ] && echo "  (stopped by its time limit)" | tee -a "$SUMMARY"
-    [ -n "$failed_ids" ] &&
-      rerun="GPU_CHECK_STAGES=tests GPU_CHECK_BUDGET_S=120 GPU_CHECK_TESTS='$(echo $failed_ids)'"
-  fi
+  : > "$OUT/tests.log"
+  failed_tests=""
+  run_tests tests "" 150 150
+  run_tests "tests persistent" 1 120 110
+  failed_tests="$(echo $failed_tests | tr ' ' '\n' | sort -u | xargs)"
+  [ -n "$failed_tests" ] &&
+    rerun="GPU_CHECK_STAGES=tests GPU_CHECK_BUDGET_S=150 GPU_CHECK_TESTS='$failed_tests'"
 fi
 
 # -- bench ------------------------------------------------------------------------------------
@@ -198,7 +220,8 @@ bench() {
 }
 if wanted bench; then
   : > "$OUT/bench.log"
-  bench gpu-tf32-off 90 40 --suite gpu-fp32 --suite gpu-half
+  bench gpu-tf32-off 90 100 --suite gpu-fp32 --suite gpu-half
+  LSTM_EXT_CUDA_PERSISTENT=1 bench gpu-persistent 90 40 --suite gpu-fp32 --suite gpu-half
   bench gpu-tf32-on 60 0 --suite gpu-fp32 --tf32
 fi
 
@@ -231,8 +254,9 @@ torch.cuda.synchronize()'
       echo "== smoke and tests under memcheck" >> "$OUT/memcheck.log"
       marker=$(wc -l < "$OUT/memcheck.log")
       memcheck 90 "$PYTHON" benchmarks/gpu_smoke.py &&
-        memcheck 90 "$PYTHON" -m pytest -q -x -p no:cacheprovider python_tests/test_cuda.py \
-          -k "float32 and (every_op_output or any_layout)"
+        # (The profiler cannot run beside compute-sanitizer.)
+        LSTM_EXT_CUDA_PERSISTENT=1 LSTM_EXT_TEST_NO_PROFILER=1 memcheck 90 "$PYTHON" -m pytest -q -x -p no:cacheprovider \
+          python_tests/test_cuda.py -k "float32 and (every_op_output or any_layout or persistent)"
       status=$?
       errors="$(tail -n "+$marker" "$OUT/memcheck.log" | grep -m 1 -E 'ERROR SUMMARY: [1-9]' |
         grep -oE '[0-9]+ error' || true)"

@@ -78,7 +78,7 @@ def test_the_summary_names_failed_tests_and_how_to_rerun_them(tmp_path):
                                                  os.environ.get("PYTHONPATH")])))
     assert result.returncode == 1, result.stdout + result.stderr
     text = (out / "summary.txt").read_text()
-    assert "smoke: ok" in text, (out / "smoke.log").read_text()
+    assert "smoke: ok" in text, (out / "build.log").read_text()
     assert re.search(r"^smoke: ok \(smoke: ok in .* on the CPU\)$", text, re.M)
     assert re.search(r"^tests: FAILED \(exit 2: 2 failed, 1 passed in", text, re.M), text
     assert re.search(r"^  FAILED \S*test_planted.py::test_wrong", text, re.M)
@@ -87,7 +87,12 @@ def test_the_summary_names_failed_tests_and_how_to_rerun_them(tmp_path):
     assert len(rerun) == 1 and "GPU_CHECK_STAGES=tests" in rerun[0]
     assert re.search(r"GPU_CHECK_TESTS='\S*test_planted.py::test_fault \S*test_planted.py::"
                      r"test_wrong'", rerun[0])
-    for name in ("gpu-tf32-off", "gpu-tf32-on"):
+    # Both passes of the tests, the second with the persistent recurrence asked for.
+    assert re.search(r"^tests persistent: FAILED \(exit 2: 2 failed, 1 passed in", text, re.M)
+    log = (out / "tests.log").read_text()
+    assert "== tests (LSTM_EXT_CUDA_PERSISTENT=unset)" in log
+    assert "== tests persistent (LSTM_EXT_CUDA_PERSISTENT=1)" in log
+    for name in ("gpu-tf32-off", "gpu-persistent", "gpu-tf32-on"):
         assert re.search(rf"^bench {name}: ok: 4 of 4 rows; torch ran oneDNN", text, re.M), text
         report = json.loads((out / f"{name}.json").read_text())
         assert report["complete"] and len(report["rows"]) == 4
@@ -101,7 +106,7 @@ def test_the_script_returns_no_more_files_than_the_device_tool_brings_back():
     listed = set(text.split("writes exactly these 8:\n#", 1)[1].split("\nset ", 1)[0]
                  .replace("#", " ").split())
     written = set(re.findall(r'\$OUT/([\w.-]+)"', text))
-    written |= {f"{name}.json" for name in re.findall(r"^  bench (\S+) ", text, re.M)}
+    written |= {f"{name}.json" for name in re.findall(r"^  (?:\w+=\S+ )?bench (\S+) ", text, re.M)}
     assert written == listed
     assert len(listed) <= 8
 
