@@ -98,6 +98,74 @@ def test_every_kernel_runs_on_the_callers_stream():
         torch.cuda.synchronize()
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-4),
+                                             (torch.float16, 1e-2), (torch.bfloat16, 4e-2)],
+                         ids=str)
+@pytest.mark.parametrize("hidden,batch", [(16, 1), (301, 7), (512, 16), (256, 64)])
+def test_persistent_recurrence_on_gpu(monkeypatch, dtype, tolerance, hidden, batch):
+    """LSTM_EXT_CUDA_PERSISTENT=1: the one-launch recurrence runs forward and backward (its
+    kernels show in the profiler) and matches fp64 nn.LSTM in the outputs and every gradient,
+    both directions, with hidden sizes that leave the last block fewer units."""
+    monkeypatch.setenv("LSTM_EXT_CUDA_PERSISTENT", "1")
+    torch.manual_seed(hidden + batch)
+    reference = nn.LSTM(24, hidden, bidirectional=True, dtype=torch.float64)
+    ours = lstm_ext.LSTM.from_torch(reference).to(device=DEVICE, dtype=dtype)
+    reference.load_state_dict({k: v.double().cpu() for k, v in ours.state_dict().items()})
+    # Drawn in fp64 and rounded to dtype, so both see the same values.
+    draw = lambda *shape: torch.randn(*shape, dtype=torch.float64).to(dtype).double()
+    x, h0, c0 = draw(9, batch, 24), draw(2, batch, hidden), draw(2, batch, hidden)
+    grads = [draw(9, batch, 2 * hidden), draw(2, batch, hidden), draw(2, batch, hidden)]
+
+    def run(module, device, run_dtype):
+        leaves = [t.to(device=device, dtype=run_dtype).requires_grad_() for t in (x, h0, c0)]
+        y, (h, c) = module(leaves[0], (leaves[1], leaves[2]))
+        torch.autograd.backward([y, h, c], [g.to(device=device, dtype=run_dtype) for g in grads])
+        return [y, h, c, *(t.grad for t in leaves), *(p.grad for p in module.parameters())]
+
+    if os.environ.get("LSTM_EXT_TEST_NO_PROFILER") == "1":  # under compute-sanitizer
+        got = run(ours, DEVICE, dtype)
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            got = run(ours, DEVICE, dtype)
+            torch.cuda.synchronize()
+        kernels = " ".join(event.key for event in prof.key_averages())
+        assert "persistent_forward_kernel" in kernels and "persistent_backward_kernel" in kernels
+    want = run(reference, "cpu", torch.float64)
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert rel_error(g.cpu(), w) <= tolerance, index
+
+
+@requires_cuda
+def test_persistent_recurrence_default_and_switch(monkeypatch):
+    """Unset, LSTM_EXT_CUDA_PERSISTENT picks the persistent kernels where an H200 measured them
+    faster (sm_90; B <= 16; forward to H 512, backward to H 256); 0 turns them off, 1 on;
+    any other value is refused with what to set."""
+    def kernels(hidden, batch, value):
+        if value is None:
+            monkeypatch.delenv("LSTM_EXT_CUDA_PERSISTENT", raising=False)
+        else:
+            monkeypatch.setenv("LSTM_EXT_CUDA_PERSISTENT", value)
+        module = lstm_ext.LSTM(8, hidden).to(DEVICE)
+        x = torch.randn(3, batch, 8, device=DEVICE)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            module(x)[0].sum().backward()
+            torch.cuda.synchronize()
+        names = " ".join(event.key for event in prof.key_averages())
+        return "persistent_forward_kernel" in names, "persistent_backward_kernel" in names
+
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert kernels(256, 16, None) == (True, True)
+        assert kernels(512, 16, None) == (True, False)
+        assert kernels(256, 17, None) == (False, False)
+    else:
+        assert kernels(256, 16, None) == (False, False)
+    assert kernels(256, 16, "0") == (False, False)
+    assert kernels(1024, 64, "1") == (True, True)
+    with pytest.raises(RuntimeError, match="LSTM_EXT_CUDA_PERSISTENT must be 0"):
+        kernels(256, 16, "yes")
+
+
 @pytest.mark.parametrize("tf32", [False, True], ids=["tf32 off", "tf32 on"])
 def test_fp32_outputs_and_gradients_against_fp64(tf32):
     """fp32 on the device against fp64 nn.LSTM, packed, bidirectional, with a projection:

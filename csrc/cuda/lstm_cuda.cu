@@ -3,12 +3,16 @@
 // below. The gate math is lstm_common.h's, the same the CPU uses.
 #include "../lstm_layer.h"
 #include "launch_plan.h"
+#include "persistent.h"
 #include "step_elements.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace lstm_ext {
@@ -51,6 +55,91 @@ __global__ void backward_step_kernel(BackwardStep<scalar_t> a) {
 
 __global__ void overrun_kernel(unsigned char* past_end) { *past_end = 1; }
 
+// The persistent recurrence's barriers (csrc/cuda/persistent.h): the block's, and the grid's,
+// which a cooperative launch provides.
+// (Host-and-device in name only, as the bodies that call them are.)
+struct DeviceSync {
+  __host__ __device__ void threads() const {
+#ifdef __CUDA_ARCH__
+    __syncthreads();
+#endif
+  }
+  __host__ __device__ void grid() const {
+#ifdef __CUDA_ARCH__
+    cooperative_groups::this_grid().sync();
+#endif
+  }
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(cuda::kPersistentThreads)
+    persistent_forward_kernel(SequenceForward<scalar_t> a, cuda::PersistentPlan p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceSync sync;
+  cuda::persistent_forward_body(a, p, blockIdx.x, threadIdx.x, smem, sync);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(cuda::kPersistentThreads)
+    persistent_backward_kernel(SequenceBackward<scalar_t> a, cuda::PersistentPlan p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceSync sync;
+  cuda::persistent_backward_body(a, p, blockIdx.x, threadIdx.x, smem, sync);
+}
+
+// Whether the persistent recurrence runs: LSTM_EXT_CUDA_PERSISTENT=1 wherever it applies, =0
+// never; unset, where an H200 measured it faster than the step loop in every row of the GPU
+// benchmark (benchmarks/results/gpu-h200: fp32, bf16 and fp16, T 25 and 150): on compute
+// capability 9.0, batches of up to 16, forward up to H 512, backward up to H 256.
+bool persistent_wanted(bool backward, int64_t hidden, int64_t batch) {
+  const char* value = std::getenv("LSTM_EXT_CUDA_PERSISTENT");
+  if (value != nullptr && value[0] != '\0') {
+    TORCH_CHECK(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0,
+                "LSTM_EXT_CUDA_PERSISTENT must be 0 (never), 1 (wherever it applies) or unset "
+                "(where measured faster), not '", value, "'");
+    return value[0] == '1';
+  }
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  return props->major == 9 && props->minor == 0 && batch <= 16 &&
+         hidden <= (backward ? 256 : 512);
+}
+
+// Every step has the whole batch (no packed sequence shrinks it).
+bool uniform_steps(const SequenceLayout& s) {
+  for (int64_t t = 0; t < s.steps; ++t) {
+    if (s.step_size[t] != s.batch || s.step_offset[t] != t * s.batch) return false;
+  }
+  return s.steps > 0 && s.batch > 0;
+}
+
+// Launches kernel(args, plan) cooperatively where the plan fits the device and every block can
+// be resident at once; false (nothing launched) otherwise.
+template <typename Args>
+bool launch_persistent(void (*kernel)(Args, cuda::PersistentPlan), const Args& args,
+                       bool backward, int64_t scalar_bytes, int64_t acc_bytes) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  if (!props->cooperativeLaunch) return false;
+  const cuda::PersistentPlan plan = cuda::plan_persistent(
+      backward, args.hidden, args.batch, props->multiProcessorCount, cuda::kPersistentThreads,
+      static_cast<int64_t>(props->sharedMemPerBlockOptin), scalar_bytes, acc_bytes);
+  if (!plan.fits) return false;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(plan.smem_bytes)));
+  int resident = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &resident, kernel, static_cast<int>(plan.threads), static_cast<size_t>(plan.smem_bytes)));
+  if (static_cast<int64_t>(resident) * props->multiProcessorCount < plan.blocks) return false;
+  Args args_copy = args;
+  cuda::PersistentPlan plan_copy = plan;
+  void* params[] = {&args_copy, &plan_copy};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
+      reinterpret_cast<void*>(kernel), dim3(static_cast<unsigned>(plan.blocks)),
+      dim3(static_cast<unsigned>(plan.threads)), params, static_cast<size_t>(plan.smem_bytes),
+      at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 cuda::ElementwiseLaunch elementwise_launch(int64_t elements) {
   return cuda::plan_elementwise(elements,
                                 at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
@@ -75,14 +164,29 @@ struct CudaKernels {
     return at::empty(sizes, options);  // the caching allocator keeps memory already
   }
 
-  // No whole-sequence kernel on CUDA yet: the step loop runs.
+  // The persistent recurrence where it applies and is wanted (see persistent_wanted): uniform
+  // batches without recurrent dropout or zoneout, the input projection already made.
   template <typename scalar_t>
-  static bool forward_sequence(const SequenceForward<scalar_t>&) {
-    return false;
+  static bool forward_sequence(const SequenceForward<scalar_t>& a) {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (a.gates == nullptr || a.recurrent_mask != nullptr || a.zoneout_cell != nullptr ||
+        a.zoneout_hidden != nullptr || a.w_hh_int8 != nullptr || !uniform_steps(a) ||
+        !persistent_wanted(/*backward=*/false, a.hidden, a.batch)) {
+      return false;
+    }
+    return launch_persistent(&persistent_forward_kernel<scalar_t>, a, /*backward=*/false,
+                             sizeof(scalar_t), sizeof(acc_t));
   }
   template <typename scalar_t>
-  static bool backward_sequence(const SequenceBackward<scalar_t>&) {
-    return false;
+  static bool backward_sequence(const SequenceBackward<scalar_t>& a) {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (a.recurrent_mask != nullptr || a.zoneout_cell != nullptr ||
+        a.zoneout_hidden != nullptr || a.grad_cells != nullptr || !uniform_steps(a) ||
+        !persistent_wanted(/*backward=*/true, a.hidden, a.batch)) {
+      return false;
+    }
+    return launch_persistent(&persistent_backward_kernel<scalar_t>, a, /*backward=*/true,
+                             sizeof(scalar_t), sizeof(acc_t));
   }
 
   template <typename scalar_t>
