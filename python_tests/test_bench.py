@@ -12,14 +12,24 @@ def bench():
     return load_benchmark_script("bench_lstm")
 
 
-def test_gpu_suites_time_forward_and_forward_backward_of_every_deepbench_shape(bench):
+def test_gpu_suites_time_every_deepbench_shape_the_lm_shape_and_decode(bench):
+    """The CUDA issue's rows: forward and forward+backward of every DeepBench shape, the LM
+    shape (2 x 512, B 64, T 128) and 2-layer decode steps at B <= 8, in each dtype."""
     for suite, dtypes in (("gpu-fp32", {"float32"}), ("gpu-half", {"bfloat16", "float16"})):
         rows = bench.SUITES[suite]
-        shapes = {(r.hidden, r.batch, r.steps) for r in rows}
+        deepbench = [r for r in rows if r.layers == 1]
+        shapes = {(r.hidden, r.batch, r.steps) for r in deepbench}
         assert shapes == {(h, b, t) for h in (256, 512, 1024) for b in (16, 64) for t in (25, 150)}
-        assert {(r.hidden, r.batch, r.steps, r.mode, r.dtype) for r in rows} == {
+        assert {(r.hidden, r.batch, r.steps, r.mode, r.dtype) for r in deepbench} == {
             (*shape, mode, dtype) for shape in shapes for mode in ("forward", "training")
             for dtype in dtypes}
+        others = {(r.mode, r.hidden, r.batch, r.steps, r.layers, r.dtype)
+                  for r in rows if r.layers != 1}
+        for dtype in dtypes:
+            assert ("training", 512, 64, 128, 2, dtype) in others
+            assert any(mode == "decode" and batch <= 8 and steps == 1 and layers == 2 and d == dtype
+                       for mode, _, batch, steps, layers, d in others)
+        assert len(others) == len(rows) - len(deepbench)
 
 
 def test_cuda_summary_has_the_issue_targets(bench):
