@@ -299,7 +299,8 @@ BackwardResult layer_norm_backward(
     const at::Tensor& cell_prev, const at::Tensor& cell, const at::Tensor& products,
     const at::Tensor& input_products, const at::Tensor& stats, const at::Tensor& hidden_prev,
     const at::Tensor& hidden_raw, bool reverse, bool has_bias,
-    const std::optional<at::Tensor>& recurrent_mask, bool input_grad) {
+    const std::optional<at::Tensor>& recurrent_mask, bool input_grad,
+    const std::optional<at::Tensor>& grad_cells) {
   constexpr const char* op = "lstm_layer_norm_backward";
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   const int64_t H = s.hidden_size, G = kNumGates * H, R = s.output_size;
@@ -331,6 +332,15 @@ BackwardResult layer_norm_backward(
       w_hr.has_value() ? std::optional<at::Tensor>(w_hr->to(math)) : std::nullopt;
   at::Tensor grad_y;
   if (grad_output.has_value()) grad_y = grad_output->reshape({s.rows, R}).to(math).contiguous();
+  // Of c after each step: added to the c gradient carried into that step.
+  at::Tensor grad_c_seq;
+  if (grad_cells.has_value()) {
+    check_shape(op, *grad_cells, {s.rows, H}, "grad_cells");
+    TORCH_CHECK(grad_cells->scalar_type() == math && grad_cells->device() == input.device(),
+                op, ": grad_cells must be ", math, " on ", input.device(), " like the saved "
+                "cell sequence, got ", grad_cells->scalar_type(), " on ", grad_cells->device());
+    grad_c_seq = grad_cells->contiguous();
+  }
 
   at::Tensor dh = grad_h_n.to(math).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc = grad_c_n.to(math).clone(at::MemoryFormat::Contiguous);
@@ -371,6 +381,7 @@ BackwardResult layer_norm_backward(
       a.grad_input_products = grad_product_x.data_ptr<scalar_t>();
       a.grad_input_products_t = grad_product_x_t.data_ptr<scalar_t>();
       a.grad_output = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
+      a.grad_cells = grad_c_seq.defined() ? grad_c_seq.const_data_ptr<scalar_t>() : nullptr;
       a.grad_hidden = dh.data_ptr<scalar_t>();
       a.grad_cell = dc.data_ptr<scalar_t>();
       a.grad_products_t = grad_products.data_ptr<scalar_t>();
@@ -394,6 +405,7 @@ BackwardResult layer_norm_backward(
     const int64_t t = reverse ? k : s.steps - 1 - k;
     const int64_t rows = s.step_size[t], offset = s.step_offset[t];
     at::Tensor dh_rows = dh.narrow(0, 0, rows), dc_rows = dc.narrow(0, 0, rows);
+    if (grad_c_seq.defined()) dc_rows.add_(grad_c_seq.narrow(0, offset, rows));
     at::Tensor dh_t = grad_y.defined() ? dh_rows + grad_y.narrow(0, offset, rows) : dh_rows;
     if (W_hr.has_value()) {
       grad_h_all.narrow(0, offset, rows).copy_(dh_t);

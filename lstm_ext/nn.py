@@ -176,12 +176,11 @@ def _check_probability(name, value, what):
     return float(value)
 
 
-def _check_layer_norm(layer_norm, zoneout, return_cell_sequence=False):
+def _check_layer_norm(layer_norm, zoneout):
     if not isinstance(layer_norm, bool):
         raise ValueError(f"layer_norm is True or False, got {layer_norm!r}")
-    if layer_norm and (any(zoneout) or return_cell_sequence):
-        raise ValueError("layer_norm=True does not combine with zoneout or "
-                         "return_cell_sequence yet; use one of them")
+    if layer_norm and any(zoneout):
+        raise ValueError("layer_norm=True does not combine with zoneout yet; use one of them")
     return layer_norm
 
 
@@ -286,9 +285,9 @@ class LSTM(_GateInit, nn.RNNBase):
       ``layer_norm_{ih,hh,cell}_{weight,bias}_l{k}[_reverse]`` (gains 1, biases 0 at
       initialisation) beside nn.LSTM's, whose names and initial values are unchanged. On the
       CPU fused into the recurrence (with a projection, and on other devices, a C++ step
-      loop; no Python per step), forward and backward; combines with weight_drop and
-      recurrent_dropout (not yet with zoneout or return_cell_sequence); double backward
-      differentiates ops.reference_layer_norm_forward."""
+      loop; no Python per step), forward and backward; combines with weight_drop,
+      recurrent_dropout and return_cell_sequence (the cells are c_t before its norm; not yet
+      with zoneout); double backward differentiates ops.reference_layer_norm_forward."""
 
     weight_drop = 0.0  # modules pickled before the options existed
     recurrent_dropout = 0.0
@@ -308,7 +307,7 @@ class LSTM(_GateInit, nn.RNNBase):
             raise ValueError(f"return_cell_sequence is True or False, got "
                              f"{return_cell_sequence!r}")
         self.return_cell_sequence = return_cell_sequence
-        self.layer_norm = _check_layer_norm(layer_norm, self.zoneout, return_cell_sequence)
+        self.layer_norm = _check_layer_norm(layer_norm, self.zoneout)
         if layer_norm:
             directions = ["", "_reverse"] if self.bidirectional else [""]
             _make_layer_norms(self, [f"_l{layer}{direction}"
@@ -489,15 +488,15 @@ class LSTM(_GateInit, nn.RNNBase):
                 if self.training and self.recurrent_dropout > 0:
                     mask = _recurrent_mask(h0.shape[1], h0.shape[2], self.recurrent_dropout,
                                            layer_input)
+                return_cells = self.return_cell_sequence and layer == self.num_layers - 1
                 if self.layer_norm:
                     suffix = "_reverse" if direction else ""
                     norms = [self._parameters[name]
                              for name in self._layer_norm_names(layer, suffix)]
-                    output, h, c = ops.layer_norm_forward(
+                    output, h, c, *cells = ops.layer_norm_forward(
                         layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
                         batch_sizes, direction == 1, training or _needs_saved_state(norms),
-                        norms, mask)
-                    cells = []
+                        norms, mask, return_cells)
                 else:
                     zoneout_cell = zoneout_hidden = None
                     if any(self.zoneout):
@@ -506,7 +505,6 @@ class LSTM(_GateInit, nn.RNNBase):
                         zoneout_cell, zoneout_hidden = (
                             _zoneout_weights(rows, size, z, layer_input, self.training)
                             for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
-                    return_cells = self.return_cell_sequence and layer == self.num_layers - 1
                     output, h, c, *cells = ops.layer_forward(
                         layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
                         batch_sizes, direction == 1, training, mask, zoneout_cell,

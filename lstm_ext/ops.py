@@ -30,14 +30,20 @@ def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, ba
 
 
 def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                       training, norms, recurrent_mask=None):
+                       training, norms, recurrent_mask=None, return_cells=False):
     """One LayerNorm-LSTM layer in one direction (csrc/layer_norm_lstm.cpp); `norms` are the
     gains and biases of the norms of W_ih x, W_hh h (4H each) and c (H). Returns (output, h_n,
-    c_n)."""
-    output, h_n, c_n, *_ = _ops.lstm_layer_norm_forward(
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training, *norms,
-        recurrent_mask)
-    return output, h_n, c_n
+    c_n), and with return_cells the c after every step, laid out as the output: the op's saved
+    cell sequence (kept for that even without training), whose gradient backward takes."""
+    output, h_n, c_n, _, _, cell, *_ = _ops.lstm_layer_norm_forward(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+        training or return_cells, *norms, recurrent_mask)
+    if not return_cells:
+        return output, h_n, c_n
+    cells = cell.to(input.dtype)
+    if batch_sizes is None:
+        cells = cells.view(input.shape[0], input.shape[1], cells.shape[-1])
+    return output, h_n, c_n, cells
 
 
 def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
@@ -100,7 +106,7 @@ def _layer_norm_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh
                               batch_sizes, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                               ln_cell_weight, ln_cell_bias, gates, cell_prev, cell, products,
                               input_products, stats, hidden_prev, hidden_raw, reverse, has_bias,
-                              recurrent_mask=None, input_grad=True):
+                              recurrent_mask=None, input_grad=True, grad_cells=None):
     like = [grad_h_n, grad_c_n, w_ih, w_hh]
     bias = input.new_empty((w_hh.shape[0],) if has_bias else (0,))
     projection = input.new_empty(w_hr.shape if w_hr is not None else (0,))
@@ -232,9 +238,10 @@ def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
 
 
 def reference_layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                 reverse, norms, recurrent_mask=None):
+                                 reverse, norms, recurrent_mask=None, return_cells=False):
     """The LayerNorm-LSTM layer op in plain differentiable torch ops, step by step: for double
-    backward, as reference_layer_forward is for the plain layer."""
+    backward, as reference_layer_forward is for the plain layer. With return_cells also c
+    after every step, (N, H) as the op saves it."""
     ih_weight, ih_bias, hh_weight, hh_bias, cell_weight, cell_bias = norms
     if batch_sizes is None:
         steps, batch = input.shape[0], input.shape[1]
@@ -245,19 +252,19 @@ def reference_layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ba
     offsets = [sum(sizes[:t]) for t in range(steps)]
     gates_x = layer_norm_input_part(x, w_ih, b_ih, b_hh, (ih_weight, ih_bias))
     h, c = h0, c0
-    outputs = [None] * steps
+    outputs, cells = [None] * steps, [None] * steps
     for t in reversed(range(steps)) if reverse else range(steps):
         n = sizes[t]
         h_in = h[:n] if recurrent_mask is None else (h[:n] * recurrent_mask[:n]).to(h.dtype)
         product = F.layer_norm(h_in @ w_hh.t(), (w_hh.shape[0],), hh_weight, hh_bias)
         h_new, c_new = cell_update(gates_x[offsets[t]:offsets[t] + n] + product, c[:n], w_hr,
                                    (cell_weight, cell_bias))
-        outputs[t] = h_new
+        outputs[t], cells[t] = h_new, c_new
         h, c = torch.cat([h_new, h[n:]]), torch.cat([c_new, c[n:]])
     output = torch.cat(outputs)
     if batch_sizes is None:
         output = output.view(steps, sizes[0], -1)
-    return output, h, c
+    return (output, h, c, torch.cat(cells)) if return_cells else (output, h, c)
 
 
 def _differentiable_grads(forward, inputs, grad_outputs):
@@ -375,31 +382,34 @@ def _layer_norm_setup_context(ctx, inputs, output):
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training, *rest) = inputs
     norms, recurrent_mask = rest[:6], rest[6]
     saved = output[3:]
-    ctx.mark_non_differentiable(*saved)
+    # All but the cell sequence (saved[2]), which layer_norm_forward can return.
+    ctx.mark_non_differentiable(*saved[:2], *saved[3:])
     ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *norms,
                           *saved, recurrent_mask)
 
 
-def _layer_norm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grads_of_saved):
+def _layer_norm_backward(ctx, grad_output, grad_h_n, grad_c_n, *grads_of_saved):
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *rest = ctx.saved_tensors
     norms, saved, recurrent_mask = rest[:6], rest[6:14], rest[14]
-    if grad_output is None and grad_h_n is None and grad_c_n is None:
+    grad_cells = grads_of_saved[2]  # of the cell sequence, where it was returned
+    if grad_output is None and grad_h_n is None and grad_c_n is None and grad_cells is None:
         return (None,) * 18
     if _creates_graph():
         grads = _differentiable_grads(
             lambda *args: reference_layer_norm_forward(
-                *args[:8], batch_sizes, ctx.reverse, args[8:], recurrent_mask),
+                *args[:8], batch_sizes, ctx.reverse, args[8:], recurrent_mask,
+                return_cells=grad_cells is not None),
             (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *norms),
-            (grad_output, grad_h_n, grad_c_n))
+            (grad_output, grad_h_n, grad_c_n, grad_cells))
         return (*grads[:8], None, None, None, *grads[8:], None)
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     grads = _ops.lstm_layer_norm_backward(
         grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, *norms, *saved,
         ctx.reverse, b_ih is not None or b_hh is not None, recurrent_mask,
-        ctx.needs_input_grad[0])
+        ctx.needs_input_grad[0], grad_cells)
     (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,
      *grad_norms) = grads
     needs = ctx.needs_input_grad

@@ -715,9 +715,9 @@ class LayerNormReference(nn.Module):
     b_hh + LN(W_hh (m * h_{t-1})), c_t = f c_{t-1} + i g, h_t = o tanh(LN(c_t)) (then W_hr),
     on nn.LSTM's parameters and copies of the norms' (named as lstm_ext's); padded input."""
 
-    def __init__(self, lstm, norms, masks=None):
+    def __init__(self, lstm, norms, masks=None, return_cells=False):
         super().__init__()
-        self.lstm, self.masks = lstm, masks
+        self.lstm, self.masks, self.return_cells = lstm, masks, return_cells
         self.norms = {name: nn.Parameter(value.detach().clone()) for name, value in norms.items()}
 
     def named_parameters(self, *args, **kwargs):
@@ -732,7 +732,7 @@ class LayerNormReference(nn.Module):
         hidden = lstm.hidden_size
         layer_input, h_n, c_n = x, [], []
         for layer in range(lstm.num_layers):
-            outputs = []
+            outputs, cells = [], []
             for direction in range(directions):
                 index = layer * directions + direction
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
@@ -746,7 +746,7 @@ class LayerNormReference(nn.Module):
                 h, c = hx[0][index], hx[1][index]
                 mask = self.masks[index] if self.masks else None
                 steps = range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0])
-                out = [None] * x.shape[0]
+                out, cell = [None] * x.shape[0], [None] * x.shape[0]
                 for t in steps:
                     h_in = h if mask is None else mask * h
                     gates = (norm(layer_input[t] @ params["weight_ih" + suffix].t(), "ih")
@@ -757,13 +757,18 @@ class LayerNormReference(nn.Module):
                     h = torch.sigmoid(o) * torch.tanh(norm(c, "cell"))
                     if w_hr is not None:
                         h = h @ w_hr.t()
-                    out[t] = h
+                    out[t], cell[t] = h, c
                 outputs.append(torch.stack(out))
+                cells.append(torch.stack(cell))
                 h_n.append(h)
                 c_n.append(c)
             layer_input = torch.cat(outputs, dim=-1)
         output = layer_input.transpose(0, 1) if lstm.batch_first else layer_input
-        return output, (torch.stack(h_n), torch.stack(c_n))
+        if not self.return_cells:
+            return output, (torch.stack(h_n), torch.stack(c_n))
+        cells = torch.cat(cells, dim=-1)
+        cells = cells.transpose(0, 1) if lstm.batch_first else cells
+        return output, (torch.stack(h_n), torch.stack(c_n)), cells
 
 
 def layer_norm_pair(config, dtype=torch.float64, **options):
@@ -800,6 +805,43 @@ def test_layer_norm_lstm_is_the_cell_loop(config, path, monkeypatch):
     for got, want in zip(torch.utils._pytree.tree_leaves(actual),
                          torch.utils._pytree.tree_leaves(expected)):
         assert rel_error(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_layer_norm_lstm_returns_the_cell_sequence(config, path, monkeypatch):
+    """layer_norm with return_cell_sequence: the last layer's c_t of every step (before its
+    norm), fp64, with every gradient flowing through the cells as well, on the fused kernel
+    (with a projection, the row kernels) and the ATen step loop; in eval mode the same cells;
+    gradcheck and gradgradcheck through the cells."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "cpu_kernels" else "0")
+    ours, reference, norms = layer_norm_pair(config, return_cell_sequence=True)
+    expected_module = LayerNormReference(reference, norms, return_cells=True)
+    case = Case(reference, "padded", steps=6, batch=4)
+    compare(run_with_cells(ours, case), run_with_cells(expected_module, case), 1e-10)
+    input, state, _ = case.inputs()
+    with torch.no_grad():
+        expected = expected_module(input, tuple(state))
+        actual = ours.eval()(input, tuple(state))
+    assert len(actual) == 3
+    for got, want in zip(torch.utils._pytree.tree_leaves(actual),
+                         torch.utils._pytree.tree_leaves(expected)):
+        assert rel_error(got, want) < 1e-12
+    if not config.get("batch_first"):
+        # Packed input: each sequence's cells as when it runs alone.
+        lengths = [6, 3, 5, 1]
+        sequences = [torch.randn(n, config["input_size"], dtype=torch.float64) for n in lengths]
+        packed = torch.nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
+        with torch.no_grad():
+            cells, _ = torch.nn.utils.rnn.pad_packed_sequence(ours(packed)[2])
+            for index, sequence in enumerate(sequences):
+                alone = ours(sequence.unsqueeze(1))[2]
+                assert rel_error(cells[:lengths[index], index], alone[:, 0]) < 1e-12
+    small = lstm_ext.LSTM(3, 4, layer_norm=True, return_cell_sequence=True,
+                          proj_size=2 if config.get("proj_size") else 0, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: small(x)[2], (x,))
+    assert torch.autograd.gradgradcheck(lambda x: small(x)[2], (x,))
 
 
 @pytest.mark.parametrize("path", ["cpu_kernels", "aten"])

@@ -582,6 +582,10 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       acc_t* dc = a.grad_cell + r * H;
       acc_t* dz = gate_grads + r * G;
       const int64_t j = own.begin;
+      if (a.grad_cells) {
+        const acc_t* extra = a.grad_cells + row * H;
+        for (int64_t u = own.begin; u < own.end; ++u) dc[u] += extra[u];
+      }
       cell_gate_grads(own.count(), s + j, x + j, rstd, mean_dy, mean_dy_xhat, z + j, z + H + j,
                       z + 2 * H + j, c_prev + j, dc + j, dz + j, dz + H + j, dz + 2 * H + j);
       const acc_t p_mean = a.stats[row * 6 + 2], p_rstd = a.stats[row * 6 + 3];

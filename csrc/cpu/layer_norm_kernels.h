@@ -47,6 +47,7 @@ struct LayerNormSequence : SequenceLayout {
   acc_t* hidden_prev;       // (N, H) m * h entering each step
   // Backward: reads the saved tensors above (never writes them).
   const acc_t* grad_output;  // (N, H), or null for zero
+  const acc_t* grad_cells;   // (N, H): of c after each step (the cell sequence), or null
   acc_t* grad_hidden;        // (B, H): grad of h_n in, of h0 out
   acc_t* grad_cell;          // (B, H): grad of c_n in, of c0 out
   acc_t* grad_products_t;    // (G, N) out: of the products before their norm, transposed
