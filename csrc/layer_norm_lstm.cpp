@@ -138,11 +138,17 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
                                  const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
                                  const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
                                  const at::Tensor& ln_cell_bias,
-                                 const std::optional<at::Tensor>& recurrent_mask) {
+                                 const std::optional<at::Tensor>& recurrent_mask,
+                                 const std::optional<at::Tensor>& zoneout_cell,
+                                 const std::optional<at::Tensor>& zoneout_hidden) {
   constexpr const char* op = "lstm_layer_norm_forward";
   const LayerShape s =
       checked_forward_args(op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
+  const std::optional<at::Tensor> zone_c =
+      checked_zoneout(op, s, input, zoneout_cell, s.hidden_size, "zoneout_cell");
+  const std::optional<at::Tensor> zone_h =
+      checked_zoneout(op, s, input, zoneout_hidden, s.output_size, "zoneout_hidden");
   const at::ScalarType math = at::toOpMathType(input.scalar_type());
   const Norms ln = checked_norms(
       op, s, input,
@@ -174,7 +180,21 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
   if (b_ih.has_value()) input_bias = input_bias + b_ih->to(math);
   if (b_hh.has_value()) input_bias = input_bias + b_hh->to(math);
   const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
-  const bool fused = row_kernels && !s.has_projection;
+  // With zoneout the step loop mixes each step's new c and h with the previous ones.
+  const bool fused = row_kernels && !s.has_projection && !zone_c && !zone_h;
+  // Zoneout (Krueger et al.): c_t = d c_{t-1} + (1 - d) c~_t and h likewise, h~ made from
+  // c~; `cell` keeps c~, what backward's norm of c reads.
+  const auto zone = [&](at::Tensor& c_new, at::Tensor& h_new, const at::Tensor& c_prev,
+                        const at::Tensor& h_prev, int64_t offset, int64_t rows) {
+    if (zone_c) {
+      const at::Tensor d = zoneout_rows(*zone_c, offset, rows);
+      c_new = d * c_prev + (1 - d) * c_new;
+    }
+    if (zone_h) {
+      const at::Tensor d = zoneout_rows(*zone_h, offset, rows);
+      h_new = d * h_prev + (1 - d) * h_new;
+    }
+  };
   // The step loop's input part: the products normalised for every step at once; the fused
   // kernel normalises them as it goes.
   at::Tensor z_x;
@@ -238,16 +258,18 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
         a.hidden_out = h_raw.data_ptr<scalar_t>();
         cpu::layer_norm_forward_rows(a);
       });
-      const at::Tensor h_new = projection ? (*projection)(h_raw) : h_raw;
+      at::Tensor h_new = projection ? (*projection)(h_raw) : h_raw;
       if (training) {
         cell_prev.narrow(0, offset, rows).copy_(c_prev);
         products.narrow(0, offset, rows).copy_(product);
         hidden_prev.narrow(0, offset, rows).copy_(h_in);
         if (s.has_projection) hidden_raw.narrow(0, offset, rows).copy_(h_raw);
       }
+      at::Tensor c_out = c_new;
+      zone(c_out, h_new, c_prev, h_prev, offset, rows);
       output.narrow(0, offset, rows).copy_(h_new);
       h_prev.copy_(h_new);
-      c_prev.copy_(c_new);
+      c_prev.copy_(c_out);
       continue;
     }
     auto [z_h, mean_h, rstd_h] =
@@ -262,7 +284,7 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
     auto [c_norm, mean_c, rstd_c] =
         at::native_layer_norm(c_new, {H}, ln.cell_weight, ln.cell_bias, kEps);
     const at::Tensor h_raw = out * c_norm.tanh_();
-    const at::Tensor h_new = projection ? (*projection)(h_raw) : h_raw;
+    at::Tensor h_new = projection ? (*projection)(h_raw) : h_raw;
     if (training) {
       gates.narrow(0, offset, rows).copy_(z);
       cell_prev.narrow(0, offset, rows).copy_(c_prev);
@@ -275,9 +297,11 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
       hidden_prev.narrow(0, offset, rows).copy_(h_in);
       if (s.has_projection) hidden_raw.narrow(0, offset, rows).copy_(h_raw);
     }
+    at::Tensor c_out = c_new;
+    zone(c_out, h_new, c_prev, h_prev, offset, rows);
     output.narrow(0, offset, rows).copy_(h_new);
     h_prev.copy_(h_new);
-    c_prev.copy_(c_new);
+    c_prev.copy_(c_out);
   }
   const auto storage = input.scalar_type();
   at::Tensor y = output.to(storage);
@@ -300,7 +324,8 @@ BackwardResult layer_norm_backward(
     const at::Tensor& input_products, const at::Tensor& stats, const at::Tensor& hidden_prev,
     const at::Tensor& hidden_raw, bool reverse, bool has_bias,
     const std::optional<at::Tensor>& recurrent_mask, bool input_grad,
-    const std::optional<at::Tensor>& grad_cells) {
+    const std::optional<at::Tensor>& grad_cells, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden) {
   constexpr const char* op = "lstm_layer_norm_backward";
   const LayerShape s = layer_shape(op, input, w_ih, w_hh, w_hr, batch_sizes);
   const int64_t H = s.hidden_size, G = kNumGates * H, R = s.output_size;
@@ -319,6 +344,13 @@ BackwardResult layer_norm_backward(
   }
   check_state(op, s, input, grad_h_n, grad_c_n, "grad_h_n", "grad_c_n");
   const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
+  const std::optional<at::Tensor> zone_c =
+      checked_zoneout(op, s, input, zoneout_cell, s.hidden_size, "zoneout_cell");
+  const std::optional<at::Tensor> zone_h =
+      checked_zoneout(op, s, input, zoneout_hidden, s.output_size, "zoneout_hidden");
+  TORCH_CHECK(!grad_cells.has_value() || !(zone_c || zone_h), op,
+              ": with zoneout the saved cell sequence is c before zoneout, not an output; "
+              "pass no grad_cells");
   const Norms ln = checked_norms(
       op, s, input,
       {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias}, math);
@@ -345,7 +377,7 @@ BackwardResult layer_norm_backward(
   at::Tensor dh = grad_h_n.to(math).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc = grad_c_n.to(math).clone(at::MemoryFormat::Contiguous);
   const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
-  const bool fused = row_kernels && !s.has_projection;
+  const bool fused = row_kernels && !s.has_projection && !zone_c && !zone_h;
   // The step loop's: the gradients of the gate pre-activations and of LN(c), (N, G) and
   // (N, H) (the fused kernel keeps them per step).
   at::Tensor grad_z = at::empty({fused ? 0 : s.rows, G}, acc);
@@ -407,6 +439,17 @@ BackwardResult layer_norm_backward(
     at::Tensor dh_rows = dh.narrow(0, 0, rows), dc_rows = dc.narrow(0, 0, rows);
     if (grad_c_seq.defined()) dc_rows.add_(grad_c_seq.narrow(0, offset, rows));
     at::Tensor dh_t = grad_y.defined() ? dh_rows + grad_y.narrow(0, offset, rows) : dh_rows;
+    // Zoneout: h_t = d h_{t-1} + (1 - d) h~_t sends d dh to the step before directly and
+    // (1 - d) dh into this step's cell; c likewise.
+    at::Tensor dh_total, dc_total;
+    if (zone_h) {
+      dh_total = dh_t.clone();
+      dh_t = (1 - zoneout_rows(*zone_h, offset, rows)) * dh_total;
+    }
+    if (zone_c) {
+      dc_total = dc_rows.clone();
+      dc_rows.mul_(1 - zoneout_rows(*zone_c, offset, rows));
+    }
     if (W_hr.has_value()) {
       grad_h_all.narrow(0, offset, rows).copy_(dh_t);
       dh_t = at::mm(dh_t, *W_hr);
@@ -455,9 +498,11 @@ BackwardResult layer_norm_backward(
           dz, products.narrow(0, offset, rows), {G}, stat(stats, kMeanH, offset, rows),
           stat(stats, kRstdH, offset, rows), ln.hh_weight, ln.hh_bias, input_only)));
     }
+    if (zone_c) dc_rows.add_(zoneout_rows(*zone_c, offset, rows) * dc_total);
     at::Tensor carried = recurrent(grad_product);
     if (mask.has_value()) carried.mul_(mask->narrow(0, 0, rows));
     dh_rows.copy_(carried);
+    if (zone_h) dh_rows.add_(zoneout_rows(*zone_h, offset, rows) * dh_total);
   }
 
   // The norms' gains and biases: sums over every row of the output's gradient (times the

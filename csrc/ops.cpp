@@ -147,12 +147,14 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
       "bool training, Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, "
       "Tensor ln_hh_bias, Tensor ln_cell_weight, Tensor ln_cell_bias, "
-      "Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
+      "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
       "Tensor cell_prev, Tensor cell, Tensor products, Tensor input_products, Tensor stats, "
       "Tensor hidden_prev, Tensor hidden_raw)");
   // Its gradients: lstm_layer_backward's seven (grad_input empty unless input_grad), then the
   // six norm parameters'. grad_cells: the gradient of `cell` (c after each step, (N, H) in the
-  // math dtype) where forward's cell sequence was returned.
+  // math dtype) where forward's cell sequence was returned; not with zoneout, where `cell`
+  // holds c before zoneout mixes in the previous c (what backward's math needs).
   m.def(
       "lstm_layer_norm_backward(Tensor? grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
@@ -160,7 +162,8 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor ln_cell_weight, Tensor ln_cell_bias, Tensor gates, Tensor cell_prev, "
       "Tensor cell, Tensor products, Tensor input_products, Tensor stats, "
       "Tensor hidden_prev, Tensor hidden_raw, bool reverse, bool has_bias, "
-      "Tensor? recurrent_mask=None, bool input_grad=True, Tensor? grad_cells=None) -> ("
+      "Tensor? recurrent_mask=None, bool input_grad=True, Tensor? grad_cells=None, "
+      "Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) -> ("
       "Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_w_hr, Tensor grad_ln_ih_weight, Tensor grad_ln_ih_bias, "

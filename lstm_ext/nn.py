@@ -176,11 +176,12 @@ def _check_probability(name, value, what):
     return float(value)
 
 
-def _check_layer_norm(layer_norm, zoneout):
+def _check_layer_norm(layer_norm, zoneout, return_cell_sequence=False):
     if not isinstance(layer_norm, bool):
         raise ValueError(f"layer_norm is True or False, got {layer_norm!r}")
-    if layer_norm and any(zoneout):
-        raise ValueError("layer_norm=True does not combine with zoneout yet; use one of them")
+    if layer_norm and any(zoneout) and return_cell_sequence:
+        raise ValueError("layer_norm=True with zoneout does not return the cell sequence yet; "
+                         "drop zoneout or return_cell_sequence")
     return layer_norm
 
 
@@ -286,8 +287,9 @@ class LSTM(_GateInit, nn.RNNBase):
       initialisation) beside nn.LSTM's, whose names and initial values are unchanged. On the
       CPU fused into the recurrence (with a projection, and on other devices, a C++ step
       loop; no Python per step), forward and backward; combines with weight_drop,
-      recurrent_dropout and return_cell_sequence (the cells are c_t before its norm; not yet
-      with zoneout); double backward differentiates ops.reference_layer_norm_forward."""
+      recurrent_dropout, zoneout (through the C++ step loop) and return_cell_sequence (the
+      cells are c_t before its norm; not with zoneout yet); double backward differentiates
+      ops.reference_layer_norm_forward."""
 
     weight_drop = 0.0  # modules pickled before the options existed
     recurrent_dropout = 0.0
@@ -307,7 +309,7 @@ class LSTM(_GateInit, nn.RNNBase):
             raise ValueError(f"return_cell_sequence is True or False, got "
                              f"{return_cell_sequence!r}")
         self.return_cell_sequence = return_cell_sequence
-        self.layer_norm = _check_layer_norm(layer_norm, self.zoneout)
+        self.layer_norm = _check_layer_norm(layer_norm, self.zoneout, return_cell_sequence)
         if layer_norm:
             directions = ["", "_reverse"] if self.bidirectional else [""]
             _make_layer_norms(self, [f"_l{layer}{direction}"
@@ -489,6 +491,13 @@ class LSTM(_GateInit, nn.RNNBase):
                     mask = _recurrent_mask(h0.shape[1], h0.shape[2], self.recurrent_dropout,
                                            layer_input)
                 return_cells = self.return_cell_sequence and layer == self.num_layers - 1
+                zoneout_cell = zoneout_hidden = None
+                if any(self.zoneout):
+                    rows = layer_input.shape[0] * (1 if batch_sizes is not None
+                                                   else h0.shape[1])
+                    zoneout_cell, zoneout_hidden = (
+                        _zoneout_weights(rows, size, z, layer_input, self.training)
+                        for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
                 if self.layer_norm:
                     suffix = "_reverse" if direction else ""
                     norms = [self._parameters[name]
@@ -496,15 +505,8 @@ class LSTM(_GateInit, nn.RNNBase):
                     output, h, c, *cells = ops.layer_norm_forward(
                         layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
                         batch_sizes, direction == 1, training or _needs_saved_state(norms),
-                        norms, mask, return_cells)
+                        norms, mask, return_cells, zoneout_cell, zoneout_hidden)
                 else:
-                    zoneout_cell = zoneout_hidden = None
-                    if any(self.zoneout):
-                        rows = layer_input.shape[0] * (1 if batch_sizes is not None
-                                                       else h0.shape[1])
-                        zoneout_cell, zoneout_hidden = (
-                            _zoneout_weights(rows, size, z, layer_input, self.training)
-                            for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
                     output, h, c, *cells = ops.layer_forward(
                         layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
                         batch_sizes, direction == 1, training, mask, zoneout_cell,
@@ -627,13 +629,15 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
         training = _needs_saved_state([input, *hx, *self.parameters()])
         if not variant:
             return ops.cell_forward(input, hx[0], hx[1], *weights, training)
-        if self.layer_norm:
-            _, h, c = ops.layer_norm_forward(input.unsqueeze(0), hx[0], hx[1], *weights, None,
-                                             None, False, training, norms)
-            return h, c
         zoneout_cell, zoneout_hidden = (
             _zoneout_weights(input.shape[0], self.hidden_size, z, input, self.training)
             for z in self.zoneout)
+        if self.layer_norm:
+            _, h, c = ops.layer_norm_forward(input.unsqueeze(0), hx[0], hx[1], *weights, None,
+                                             None, False, training, norms,
+                                             zoneout_cell=zoneout_cell,
+                                             zoneout_hidden=zoneout_hidden)
+            return h, c
         # Under CPU autocast a cell runs in its inputs' dtype, as nn.LSTMCell does (lstm_cell
         # is not on that list); the layer op alone would be cast.
         with torch.autocast("cpu", enabled=False) if input.device.type == "cpu" else \

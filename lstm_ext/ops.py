@@ -30,14 +30,18 @@ def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, ba
 
 
 def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                       training, norms, recurrent_mask=None, return_cells=False):
+                       training, norms, recurrent_mask=None, return_cells=False,
+                       zoneout_cell=None, zoneout_hidden=None):
     """One LayerNorm-LSTM layer in one direction (csrc/layer_norm_lstm.cpp); `norms` are the
-    gains and biases of the norms of W_ih x, W_hh h (4H each) and c (H). Returns (output, h_n,
-    c_n), and with return_cells the c after every step, laid out as the output: the op's saved
-    cell sequence (kept for that even without training), whose gradient backward takes."""
+    gains and biases of the norms of W_ih x, W_hh h (4H each) and c (H); zoneout's weights as
+    for layer_forward. Returns (output, h_n, c_n), and with return_cells (not with zoneout)
+    the c after every step, laid out as the output: the op's saved cell sequence (kept for
+    that even without training), whose gradient backward takes."""
+    if return_cells and (zoneout_cell is not None or zoneout_hidden is not None):
+        raise ValueError("layer_norm_forward returns no cell sequence with zoneout yet")
     output, h_n, c_n, _, _, cell, *_ = _ops.lstm_layer_norm_forward(
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-        training or return_cells, *norms, recurrent_mask)
+        training or return_cells, *norms, recurrent_mask, zoneout_cell, zoneout_hidden)
     if not return_cells:
         return output, h_n, c_n
     cells = cell.to(input.dtype)
@@ -84,7 +88,8 @@ def _layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
 @torch.library.register_fake("lstm_ext::lstm_layer_norm_forward")
 def _layer_norm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
                              training, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
-                             ln_cell_weight, ln_cell_bias, recurrent_mask=None):
+                             ln_cell_weight, ln_cell_bias, recurrent_mask=None,
+                             zoneout_cell=None, zoneout_hidden=None):
     hidden_size, output_size = w_hh.shape[0] // 4, w_hh.shape[1]
     rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
     saved = rows if training else 0
@@ -106,7 +111,8 @@ def _layer_norm_backward_fake(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh
                               batch_sizes, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                               ln_cell_weight, ln_cell_bias, gates, cell_prev, cell, products,
                               input_products, stats, hidden_prev, hidden_raw, reverse, has_bias,
-                              recurrent_mask=None, input_grad=True, grad_cells=None):
+                              recurrent_mask=None, input_grad=True, grad_cells=None,
+                              zoneout_cell=None, zoneout_hidden=None):
     like = [grad_h_n, grad_c_n, w_ih, w_hh]
     bias = input.new_empty((w_hh.shape[0],) if has_bias else (0,))
     projection = input.new_empty(w_hr.shape if w_hr is not None else (0,))
@@ -238,7 +244,8 @@ def reference_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_h
 
 
 def reference_layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                 reverse, norms, recurrent_mask=None, return_cells=False):
+                                 reverse, norms, recurrent_mask=None, return_cells=False,
+                                 zoneout_cell=None, zoneout_hidden=None):
     """The LayerNorm-LSTM layer op in plain differentiable torch ops, step by step: for double
     backward, as reference_layer_forward is for the plain layer. With return_cells also c
     after every step, (N, H) as the op saves it."""
@@ -259,6 +266,13 @@ def reference_layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ba
         product = F.layer_norm(h_in @ w_hh.t(), (w_hh.shape[0],), hh_weight, hh_bias)
         h_new, c_new = cell_update(gates_x[offsets[t]:offsets[t] + n] + product, c[:n], w_hr,
                                    (cell_weight, cell_bias))
+        for d, old in ((zoneout_cell, c), (zoneout_hidden, h)):
+            if d is not None:
+                d = d[offsets[t]:offsets[t] + n] if d.shape[0] > 1 else d
+                if old is c:
+                    c_new = (d * c[:n] + (1 - d) * c_new).to(c.dtype)
+                else:
+                    h_new = (d * h[:n] + (1 - d) * h_new).to(h.dtype)
         outputs[t], cells[t] = h_new, c_new
         h, c = torch.cat([h_new, h[n:]]), torch.cat([c_new, c[n:]])
     output = torch.cat(outputs)
@@ -380,41 +394,42 @@ torch.library.register_autograd(
 
 def _layer_norm_setup_context(ctx, inputs, output):
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training, *rest) = inputs
-    norms, recurrent_mask = rest[:6], rest[6]
+    norms, (recurrent_mask, zoneout_cell, zoneout_hidden) = rest[:6], rest[6:9]
     saved = output[3:]
     # All but the cell sequence (saved[2]), which layer_norm_forward can return.
     ctx.mark_non_differentiable(*saved[:2], *saved[3:])
     ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *norms,
-                          *saved, recurrent_mask)
+                          *saved, recurrent_mask, zoneout_cell, zoneout_hidden)
 
 
 def _layer_norm_backward(ctx, grad_output, grad_h_n, grad_c_n, *grads_of_saved):
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *rest = ctx.saved_tensors
-    norms, saved, recurrent_mask = rest[:6], rest[6:14], rest[14]
+    norms, saved, (recurrent_mask, zoneout_cell, zoneout_hidden) = rest[:6], rest[6:14], rest[14:]
     grad_cells = grads_of_saved[2]  # of the cell sequence, where it was returned
     if grad_output is None and grad_h_n is None and grad_c_n is None and grad_cells is None:
-        return (None,) * 18
+        return (None,) * 20
     if _creates_graph():
         grads = _differentiable_grads(
             lambda *args: reference_layer_norm_forward(
                 *args[:8], batch_sizes, ctx.reverse, args[8:], recurrent_mask,
-                return_cells=grad_cells is not None),
+                return_cells=grad_cells is not None, zoneout_cell=zoneout_cell,
+                zoneout_hidden=zoneout_hidden),
             (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *norms),
             (grad_output, grad_h_n, grad_c_n, grad_cells))
-        return (*grads[:8], None, None, None, *grads[8:], None)
+        return (*grads[:8], None, None, None, *grads[8:], None, None, None)
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     grads = _ops.lstm_layer_norm_backward(
         grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, *norms, *saved,
         ctx.reverse, b_ih is not None or b_hh is not None, recurrent_mask,
-        ctx.needs_input_grad[0], grad_cells)
+        ctx.needs_input_grad[0], grad_cells, zoneout_cell, zoneout_hidden)
     (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,
      *grad_norms) = grads
     needs = ctx.needs_input_grad
     result = (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias,
-              grad_w_hr, None, None, None, *grad_norms, None)
+              grad_w_hr, None, None, None, *grad_norms, None, None, None)
     return tuple(g if need else None for g, need in zip(result, needs))
 
 

@@ -204,6 +204,22 @@ def test_the_layer_norm_lstm_exports_as_onnx_scans(tmp_path):
         assert max_relative_error(got, want) <= 5e-5
 
 
+def test_the_layer_norm_lstm_with_zoneout_exports_its_eval_update(tmp_path):
+    """layer_norm=True with zoneout: Scans with the norms and zoneout's expectation."""
+    torch.manual_seed(7)
+    lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, layer_norm=True,
+                         zoneout=(0.3, 0.2)).eval()
+    with torch.no_grad():
+        for name, parameter in lstm.named_parameters():
+            if name.startswith("layer_norm_"):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    op_types, outputs, expected, _ = export_dynamic(Wrapper(lstm, with_state=False).eval(),
+                                                    tmp_path / "layer_norm_zoneout.onnx")
+    assert op_types.count("Scan") == 4 and "LSTM" not in op_types
+    for got, want in zip(outputs, expected):
+        assert max_relative_error(got, want) <= 5e-5
+
+
 def test_the_layer_norm_lstm_exports_its_cell_sequence(tmp_path):
     """layer_norm=True with return_cell_sequence=True: the Scans give c of every step too."""
     torch.manual_seed(6)
@@ -221,7 +237,8 @@ def test_the_layer_norm_lstm_exports_its_cell_sequence(tmp_path):
         assert max_relative_error(got, want) <= 5e-5
 
 
-@pytest.mark.parametrize("options", [{"layer_norm": True}, {"zoneout": (0.3, 0.2)}], ids=str)
+@pytest.mark.parametrize("options", [{"layer_norm": True}, {"zoneout": (0.3, 0.2)},
+                                     {"layer_norm": True, "zoneout": (0.3, 0.2)}], ids=str)
 def test_variant_cells_export_as_one_step_scans(tmp_path, options):
     """An LSTMCell with layer_norm or zoneout (its eval update) exports as a one-step Scan
     and matches eager eval."""

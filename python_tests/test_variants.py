@@ -715,9 +715,9 @@ class LayerNormReference(nn.Module):
     b_hh + LN(W_hh (m * h_{t-1})), c_t = f c_{t-1} + i g, h_t = o tanh(LN(c_t)) (then W_hr),
     on nn.LSTM's parameters and copies of the norms' (named as lstm_ext's); padded input."""
 
-    def __init__(self, lstm, norms, masks=None, return_cells=False):
+    def __init__(self, lstm, norms, masks=None, return_cells=False, zones=None):
         super().__init__()
-        self.lstm, self.masks, self.return_cells = lstm, masks, return_cells
+        self.lstm, self.masks, self.return_cells, self.zones = lstm, masks, return_cells, zones
         self.norms = {name: nn.Parameter(value.detach().clone()) for name, value in norms.items()}
 
     def named_parameters(self, *args, **kwargs):
@@ -753,10 +753,20 @@ class LayerNormReference(nn.Module):
                              + params["bias_ih" + suffix] + params["bias_hh" + suffix]
                              + norm(h_in @ params["weight_hh" + suffix].t(), "hh"))
                     i, f, g, o = gates.chunk(4, 1)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    h = torch.sigmoid(o) * torch.tanh(norm(c, "cell"))
+                    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h_new = torch.sigmoid(o) * torch.tanh(norm(c_new, "cell"))
                     if w_hr is not None:
-                        h = h @ w_hr.t()
+                        h_new = h_new @ w_hr.t()
+                    # Zoneout (d per row of data, time-major; one row in eval), h~ from c~.
+                    d_c, d_h = self.zones[index] if self.zones else (None, None)
+                    rows = slice(t * h.shape[0], (t + 1) * h.shape[0])
+                    if d_c is not None:
+                        d = d_c[rows] if len(d_c) > 1 else d_c
+                        c_new = d * c + (1 - d) * c_new
+                    if d_h is not None:
+                        d = d_h[rows] if len(d_h) > 1 else d_h
+                        h_new = d * h + (1 - d) * h_new
+                    h, c = h_new, c_new
                     out[t], cell[t] = h, c
                 outputs.append(torch.stack(out))
                 cells.append(torch.stack(cell))
@@ -845,6 +855,42 @@ def test_layer_norm_lstm_returns_the_cell_sequence(config, path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_layer_norm_lstm_with_zoneout_is_the_cell_loop(config, path, monkeypatch):
+    """layer_norm with zoneout: the masks the module draws in the LayerNorm cell loop
+    (c_t = d c_{t-1} + (1 - d) c~_t, h likewise, h~ from LN(c~)), fp64, outputs and every
+    gradient, on the CPU row kernels' step loop and the ATen one; eval mode is the
+    expectation; gradcheck and gradgradcheck."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "cpu_kernels" else "0")
+    z = (0.3, 0.2)
+    ours, reference, norms = layer_norm_pair(config, zoneout=z)
+    case = Case(reference, "padded", steps=6, batch=4)
+    zones = [masks[1:] for masks in variant_masks(reference, 4, case_rows(case), seed=3,
+                                                  zoneout=z)]
+    torch.manual_seed(3)
+    compare(case.run(ours), case.run(LayerNormReference(reference, norms, zones=zones)), 1e-10)
+    input, state, _ = case.inputs()
+    size = config.get("proj_size") or config["hidden_size"]
+    expectation = [(torch.full((1, config["hidden_size"]), z[0], dtype=torch.float64),
+                    torch.full((1, size), z[1], dtype=torch.float64))] * len(zones)
+    with torch.no_grad():
+        expected = LayerNormReference(reference, norms, zones=expectation)(input, tuple(state))
+        actual = ours.eval()(input, tuple(state))
+    for got, want in zip(torch.utils._pytree.tree_leaves(actual),
+                         torch.utils._pytree.tree_leaves(expected)):
+        assert rel_error(got, want) < 1e-12
+    small = lstm_ext.LSTM(3, 4, layer_norm=True, zoneout=(0.4, 0.3), dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def seeded(x):
+        torch.manual_seed(8)
+        return small(x)[0]
+
+    assert torch.autograd.gradcheck(seeded, (x,))
+    assert torch.autograd.gradgradcheck(seeded, (x,))
+
+
+@pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
 def test_layer_norm_lstm_with_recurrent_dropout_and_packed_input(path, monkeypatch):
     """The recurrent mask enters the normalised product; packed input gives the padded
     result of each sequence at its own length."""
@@ -883,8 +929,8 @@ def test_layer_norm_lstm_parameters_state_dict_and_refusals():
     assert "layer_norm=True" in repr(ours)
     with pytest.raises(ValueError, match="no layer normalisation"):
         ours.to_torch()
-    with pytest.raises(ValueError, match="does not combine with zoneout"):
-        lstm_ext.LSTM(4, 8, layer_norm=True, zoneout=0.1)
+    with pytest.raises(ValueError, match="does not return the cell sequence"):
+        lstm_ext.LSTM(4, 8, layer_norm=True, zoneout=0.1, return_cell_sequence=True)
     with pytest.warns(UserWarning, match="layer_norm=True"):
         assert type(lstm_ext.quantize_dynamic(ours)) is lstm_ext.LSTM
 
@@ -1107,13 +1153,14 @@ def test_layer_norm_cell_is_the_formula(training, batched):
         assert rel_error(a, b) < 1e-10, index
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("batched", [True, False])
-def test_zoneout_cell_is_the_formula_with_fresh_masks_per_call(batched):
+def test_zoneout_cell_is_the_formula_with_fresh_masks_per_call(batched, layer_norm):
     """Training: the masks the cell draws (d^c then d^h, (B, H), from torch's generator) in
     the formula, fp64, outputs and every gradient; a second call draws other masks; eval mode
-    is the expectation."""
+    is the expectation. Alone and with layer_norm."""
     z = (0.3, 0.2)
-    cell = variant_cell(zoneout=z)
+    cell = variant_cell(zoneout=z, layer_norm=layer_norm)
     rows = 3 if batched else 1
 
     def seeded_cell(x, hx):
@@ -1145,7 +1192,8 @@ def test_variant_cells_gradcheck_gradgradcheck_and_compile():
     """gradcheck and gradgradcheck of both variants (zoneout with its masks reseeded for each
     evaluation); torch.compile(fullgraph=True) gives eager's values (zoneout in eval mode:
     compiled code draws its random numbers its own way)."""
-    for options in ({"layer_norm": True}, {"zoneout": (0.4, 0.3)}):
+    for options in ({"layer_norm": True}, {"zoneout": (0.4, 0.3)},
+                    {"layer_norm": True, "zoneout": (0.4, 0.3)}):
         cell = variant_cell(**options)
 
         def step(x, h, c):
@@ -1155,7 +1203,7 @@ def test_variant_cells_gradcheck_gradgradcheck_and_compile():
         inputs = [torch.randn(2, n, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7)]
         assert torch.autograd.gradcheck(step, inputs)
         assert torch.autograd.gradgradcheck(step, inputs)
-        cell.train("layer_norm" in options)
+        cell.train("zoneout" not in options)  # (compiled zoneout draws its own masks)
         compiled = torch.compile(cell, fullgraph=True)
         for got, want in zip(compiled(inputs[0], tuple(inputs[1:])),
                              cell(inputs[0], tuple(inputs[1:]))):
@@ -1182,8 +1230,6 @@ def test_variant_cells_parameters_state_dict_repr_and_refusals():
     for options in ({"layer_norm": True}, {"zoneout": 0.1}):
         with pytest.raises(ValueError, match="to_torch"):
             lstm_ext.LSTMCell(4, 6, **options).to_torch()
-    with pytest.raises(ValueError, match="does not combine"):
-        lstm_ext.LSTMCell(4, 6, layer_norm=True, zoneout=0.1)
     with pytest.raises(ValueError, match="zoneout"):
         lstm_ext.LSTMCell(4, 6, zoneout=1.5)
     with pytest.raises(ValueError, match="layer_norm"):
