@@ -534,8 +534,8 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
       the masks d drawn afresh on every call; in eval mode d is z.
     - ``layer_norm=True`` (Ba, Kiros & Hinton 2016): ``i, f, g, o = LN(W_ih x) + b_ih + b_hh
       + LN(W_hh h)``, ``c' = f c + i g``, ``h' = o tanh(LN(c'))``, parameters
-      ``layer_norm_{ih,hh,cell}_{weight,bias}`` (gains 1, biases 0 at initialisation); not
-      with zoneout.
+      ``layer_norm_{ih,hh,cell}_{weight,bias}`` (gains 1, biases 0 at initialisation); with
+      zoneout too, h' then made from ``tanh(LN(f c + i g))``.
 
     Each runs as a one-step sequence through LSTM's layer ops (the same kernels, forward and
     backward). LSTM's ``recurrent_dropout`` and ``weight_drop`` draw one mask per sequence,
