@@ -7,6 +7,7 @@
 #   tests     python_tests/test_cuda.py (a kernel fault fails its own test, not the rest), then
 #             again with the persistent recurrence wherever it applies
 #             (LSTM_EXT_CUDA_PERSISTENT=1; the first pass has the default, where measured faster)
+#   plants    bugs planted in the CUDA code (LSTM_EXT_TEST_PLANT): each must fail its tests
 #   bench     the CUDA benchmark against cuDNN: fp32 TF32 off, bf16/fp16; the same with the
 #             persistent recurrence wherever it applies; then fp32 TF32 on
 #   memcheck  compute-sanitizer on a planted overrun (it must be reported, or the verdict is
@@ -38,14 +39,14 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" LS
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 PYTHON="${PYTHON:-python3}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-440}"
-STAGES="${GPU_CHECK_STAGES:-build,smoke,tests,bench,memcheck}"
+STAGES="${GPU_CHECK_STAGES:-build,smoke,tests,plants,bench,memcheck}"
 TESTS="${GPU_CHECK_TESTS:-python_tests/test_cuda.py}"
 # GPU_CHECK_DEVICE=cpu (for the script's own tests): run the stages' logic on the CPU, against
 # the lstm_ext already importable, with the CUDA tests' CPU mode, the quick benchmark and no
 # build or memcheck.
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 py=("$PYTHON")
-ALL_STAGES=(build smoke tests bench memcheck)
+ALL_STAGES=(build smoke tests plants bench memcheck)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 failed=0
@@ -197,6 +198,30 @@ if wanted tests; then
   failed_tests="$(echo $failed_tests | tr ' ' '\n' | sort -u | xargs)"
   [ -n "$failed_tests" ] &&
     rerun="GPU_CHECK_STAGES=tests GPU_CHECK_BUDGET_S=150 GPU_CHECK_TESTS='$failed_tests'"
+fi
+
+# -- plants -----------------------------------------------------------------------------------
+# Each planted bug (csrc/cuda/lstm_cuda.cu) against the tests that must catch it: their pytest
+# exits 1 (tests failed), or the bug went unseen. Logged at the end of tests.log.
+if wanted plants && [ "$DEVICE" = cpu ]; then
+  verdict plants "not run (GPU_CHECK_DEVICE=cpu)"
+elif wanted plants; then
+  caught=() missed=()
+  for plant in "default_stream:callers_stream" \
+               "cell:lstmcell_on_the_device or fp32_outputs_and_gradients"; do
+    name=${plant%%:*}
+    echo "== plants: LSTM_EXT_TEST_PLANT=$name, -k '${plant#*:}' (must fail)" >> "$OUT/tests.log"
+    LSTM_EXT_TEST_PLANT=$name timeout "$(limit 60 60)" "${py[@]}" -m pytest -q -p no:cacheprovider \
+      python_tests/test_cuda.py -k "${plant#*:}" >> "$OUT/tests.log" 2>&1
+    status=$?
+    if [ $status -eq 1 ]; then caught+=("$name"); else missed+=("$name (exit $status)"); fi
+  done
+  if [ ${#missed[@]} -eq 0 ]; then
+    verdict plants "ok (caught: ${caught[*]})"
+  else
+    failed=1
+    verdict plants "FAILED (not caught: ${missed[*]}; caught: ${caught[*]:-none})"
+  fi
 fi
 
 # -- bench ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from conftest import load_benchmark_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STAGES = ["build", "smoke", "tests", "bench", "memcheck"]
+STAGES = ["build", "smoke", "tests", "plants", "bench", "memcheck"]
 
 
 def run_script(tmp_path, **env):
@@ -55,8 +55,8 @@ def test_without_a_gpu_every_stage_says_no_gpu_within_seconds(tmp_path):
 def test_an_unknown_stage_is_refused_naming_the_stages(tmp_path):
     result, _, _ = run_script(tmp_path, GPU_CHECK_STAGES="smoke,tset")
     assert result.returncode == 2
-    assert "unknown stage 'tset'" in result.stderr and "build smoke tests bench memcheck" in (
-        result.stderr)
+    assert "unknown stage 'tset'" in result.stderr and (
+        "build smoke tests plants bench memcheck" in result.stderr)
 
 
 def test_the_summary_names_failed_tests_and_how_to_rerun_them(tmp_path):
@@ -97,6 +97,8 @@ def test_the_summary_names_failed_tests_and_how_to_rerun_them(tmp_path):
         report = json.loads((out / f"{name}.json").read_text())
         assert report["complete"] and len(report["rows"]) == 4
     assert not (out / "memcheck.log").exists() and "memcheck" not in text
+    result, out, _ = run_script(tmp_path, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STAGES="plants")
+    assert "plants: not run (GPU_CHECK_DEVICE=cpu)" in (out / "summary.txt").read_text()
 
 
 def test_the_script_returns_no_more_files_than_the_device_tool_brings_back():

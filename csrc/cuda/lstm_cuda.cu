@@ -55,6 +55,39 @@ __global__ void backward_step_kernel(BackwardStep<scalar_t> a) {
 
 __global__ void overrun_kernel(unsigned char* past_end) { *past_end = 1; }
 
+// Planted bugs for gpu_check.sh's plants stage, which checks that the CUDA tests catch each:
+// LSTM_EXT_TEST_PLANT=default_stream queues our kernels on the legacy default stream instead of
+// the caller's, =cell adds 1e-3 to the h each forward step writes (output and state). Unset,
+// as everywhere outside that stage, nothing changes.
+enum class Plant { none, default_stream, cell };
+
+Plant planted() {
+  static const Plant plant = [] {
+    const char* value = std::getenv("LSTM_EXT_TEST_PLANT");
+    if (value == nullptr || *value == '\0') return Plant::none;
+    if (std::strcmp(value, "default_stream") == 0) return Plant::default_stream;
+    TORCH_CHECK(std::strcmp(value, "cell") == 0, "LSTM_EXT_TEST_PLANT is default_stream or cell "
+                "(a bug gpu_check.sh plants), or unset, not '", value, "'");
+    return Plant::cell;
+  }();
+  return plant;
+}
+
+cudaStream_t launch_stream() {
+  return planted() == Plant::default_stream ? cudaStreamLegacy
+                                            : at::cuda::getCurrentCUDAStream().stream();
+}
+
+template <typename scalar_t>
+void plant_in_hidden(scalar_t* hidden, int64_t elements) {
+  if (planted() != Plant::cell) return;
+  at::from_blob(hidden, {elements},
+                at::TensorOptions()
+                    .dtype(c10::CppTypeToScalarType<scalar_t>::value)
+                    .device(at::kCUDA, at::cuda::current_device()))
+      .add_(1e-3);
+}
+
 // The persistent recurrence's barriers (csrc/cuda/persistent.h): the block's, and the grid's,
 // which a cooperative launch provides.
 // (Host-and-device in name only, as the bodies that call them are.)
@@ -135,7 +168,7 @@ bool launch_persistent(void (*kernel)(Args, cuda::PersistentPlan), const Args& a
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
       reinterpret_cast<void*>(kernel), dim3(static_cast<unsigned>(plan.blocks)),
       dim3(static_cast<unsigned>(plan.threads)), params, static_cast<size_t>(plan.smem_bytes),
-      at::cuda::getCurrentCUDAStream()));
+      launch_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -174,8 +207,13 @@ struct CudaKernels {
         !persistent_wanted(/*backward=*/false, a.hidden, a.batch)) {
       return false;
     }
-    return launch_persistent(&persistent_forward_kernel<scalar_t>, a, /*backward=*/false,
-                             sizeof(scalar_t), sizeof(acc_t));
+    if (!launch_persistent(&persistent_forward_kernel<scalar_t>, a, /*backward=*/false,
+                           sizeof(scalar_t), sizeof(acc_t))) {
+      return false;
+    }
+    plant_in_hidden(a.output, a.steps * a.batch * a.hidden);
+    plant_in_hidden(a.hidden_state, a.batch * a.hidden);
+    return true;
   }
   template <typename scalar_t>
   static bool backward_sequence(const SequenceBackward<scalar_t>& a) {
@@ -194,8 +232,10 @@ struct CudaKernels {
     const auto launch = elementwise_launch(a.rows * a.hidden);
     forward_step_kernel<scalar_t>
         <<<static_cast<unsigned>(launch.blocks), static_cast<unsigned>(launch.threads), 0,
-           at::cuda::getCurrentCUDAStream()>>>(a);
+           launch_stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    plant_in_hidden(a.hidden_out, a.rows * a.hidden);
+    if (a.hidden_state) plant_in_hidden(a.hidden_state, a.rows * a.hidden);
   }
 
   template <typename scalar_t>
@@ -203,7 +243,7 @@ struct CudaKernels {
     const auto launch = elementwise_launch(a.rows * a.hidden);
     backward_step_kernel<scalar_t>
         <<<static_cast<unsigned>(launch.blocks), static_cast<unsigned>(launch.threads), 0,
-           at::cuda::getCurrentCUDAStream()>>>(a);
+           launch_stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
