@@ -186,15 +186,20 @@ def test_the_cell_sequence_exports_as_onnx_scans(tmp_path):
         assert max_relative_error(got, want) <= 1e-5
 
 
+@torch.no_grad()
+def randomise_norms(module):
+    """Moves the LayerNorm gains and biases off 1 and 0, so that the export must carry them."""
+    for name, parameter in module.named_parameters():
+        if name.startswith("layer_norm_"):
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+
+
 def test_the_layer_norm_lstm_exports_as_onnx_scans(tmp_path):
     """layer_norm=True: Scans with the norms of both products and of c (ONNX's
     LayerNormalization), matching eager with random gains and biases."""
     torch.manual_seed(4)
     lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, proj_size=3, layer_norm=True).eval()
-    with torch.no_grad():
-        for name, parameter in lstm.named_parameters():
-            if name.startswith("layer_norm_"):
-                parameter.add_(torch.randn_like(parameter) * 0.3)
+    randomise_norms(lstm)
     op_types, outputs, expected, _ = export_dynamic(Wrapper(lstm, with_state=False).eval(),
                                                     tmp_path / "layer_norm.onnx")
     assert op_types.count("Scan") == 4 and "LSTM" not in op_types
@@ -209,10 +214,7 @@ def test_the_layer_norm_lstm_with_zoneout_exports_its_eval_update(tmp_path):
     torch.manual_seed(7)
     lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, layer_norm=True,
                          zoneout=(0.3, 0.2)).eval()
-    with torch.no_grad():
-        for name, parameter in lstm.named_parameters():
-            if name.startswith("layer_norm_"):
-                parameter.add_(torch.randn_like(parameter) * 0.3)
+    randomise_norms(lstm)
     op_types, outputs, expected, _ = export_dynamic(Wrapper(lstm, with_state=False).eval(),
                                                     tmp_path / "layer_norm_zoneout.onnx")
     assert op_types.count("Scan") == 4 and "LSTM" not in op_types
@@ -225,10 +227,7 @@ def test_the_layer_norm_lstm_exports_its_cell_sequence(tmp_path):
     torch.manual_seed(6)
     lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, layer_norm=True,
                          return_cell_sequence=True).eval()
-    with torch.no_grad():
-        for name, parameter in lstm.named_parameters():
-            if name.startswith("layer_norm_"):
-                parameter.add_(torch.randn_like(parameter) * 0.3)
+    randomise_norms(lstm)
     op_types, outputs, expected, _ = export_dynamic(CellsWrapper(lstm).eval(),
                                                     tmp_path / "layer_norm_cells.onnx")
     assert op_types.count("Scan") == 4 and "LSTM" not in op_types
@@ -244,10 +243,7 @@ def test_variant_cells_export_as_one_step_scans(tmp_path, options):
     and matches eager eval."""
     torch.manual_seed(5)
     cell = lstm_ext.LSTMCell(5, 8, **options).eval()
-    with torch.no_grad():
-        for name, parameter in cell.named_parameters():
-            if name.startswith("layer_norm_"):
-                parameter.add_(torch.randn_like(parameter) * 0.3)
+    randomise_norms(cell)
     op_types, outputs, expected = export_cell(cell, tmp_path / "cell.onnx")
     assert "Scan" in op_types and "LSTM" not in op_types
     for got, want in zip(outputs, expected):
