@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace lstm_ext {
 namespace cpu {
@@ -227,28 +228,72 @@ inline void cell_gate_grads(int64_t n, const acc_t* __restrict__ scaled,
   }
 }
 
-// Of the pre-activations' gradient dz, for one product's norm: its gain's gradient and its
-// bias's (unless null) added to, the products' normalised values and dz times the gain (the
-// norm backward's operands).
+// Both product norms' backward operands from the pre-activations' gradient dz, in one pass
+// (dz feeds both norms alike): for each norm, its gain's gradient added to, its input's
+// normalised values (hat) and dz times its gain (dy), and the row sums of dy and of dy * hat
+// added to sums[0..1] (the recurrent norm) and sums[2..3] (the input norm). The recurrent
+// norm's bias gradient is added to as well; the input norm's is the same sum.
 template <typename acc_t>
-inline void product_norm_grads(int64_t n, const acc_t* __restrict__ dz,
-                               const acc_t* __restrict__ product, acc_t mean, acc_t rstd,
-                               const acc_t* __restrict__ gain, acc_t* __restrict__ grad_gain,
-                               acc_t* __restrict__ grad_bias, acc_t* __restrict__ phat,
-                               acc_t* __restrict__ dy) {
-  for (int64_t j = 0; j < n; ++j) {
-    phat[j] = (product[j] - mean) * rstd;
-    grad_gain[j] += dz[j] * phat[j];
-    if (grad_bias) grad_bias[j] += dz[j];
-    dy[j] = dz[j] * gain[j];
-  }
-}
+struct ProductNorm {
+  const acc_t* values;  // the products before the norm
+  acc_t mean, rstd;
+  const acc_t* gain;
+  acc_t* grad_gain;
+  acc_t* hat;  // out
+  acc_t* dy;   // out
+};
 
-// The norm's input gradient in place of dy.
-template <typename acc_t>
-inline void finish_norm_grads(int64_t n, acc_t* __restrict__ dy, const acc_t* __restrict__ xhat,
-                              acc_t rstd, acc_t mean_dy, acc_t mean_dy_xhat) {
-  for (int64_t j = 0; j < n; ++j) dy[j] = norm_grad(dy[j], xhat[j], rstd, mean_dy, mean_dy_xhat);
+template <typename acc_t, int V>
+inline void product_norms_grads(int64_t n, const acc_t* __restrict__ dz,
+                                const ProductNorm<acc_t>& hh, acc_t* __restrict__ grad_hh_bias,
+                                const ProductNorm<acc_t>& ih, acc_t sums[4]) {
+  using vec = typename Vec<acc_t, V>::type;
+#define LSTM_EXT_AT(p) (*reinterpret_cast<vec*>(p))
+#define LSTM_EXT_IN(p) (*reinterpret_cast<const vec*>(p))
+  vec s0{}, s1{}, s2{}, s3{};
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    const vec d = LSTM_EXT_IN(dz + j);
+    const vec ph = (LSTM_EXT_IN(hh.values + j) - hh.mean) * hh.rstd;
+    LSTM_EXT_AT(hh.grad_gain + j) += d * ph;
+    LSTM_EXT_AT(grad_hh_bias + j) += d;
+    const vec y = d * LSTM_EXT_IN(hh.gain + j);
+    LSTM_EXT_AT(hh.hat + j) = ph;
+    LSTM_EXT_AT(hh.dy + j) = y;
+    s0 += y;
+    s1 += y * ph;
+    const vec xh = (LSTM_EXT_IN(ih.values + j) - ih.mean) * ih.rstd;
+    LSTM_EXT_AT(ih.grad_gain + j) += d * xh;
+    const vec yx = d * LSTM_EXT_IN(ih.gain + j);
+    LSTM_EXT_AT(ih.hat + j) = xh;
+    LSTM_EXT_AT(ih.dy + j) = yx;
+    s2 += yx;
+    s3 += yx * xh;
+  }
+#undef LSTM_EXT_AT
+#undef LSTM_EXT_IN
+  for (int v = 0; v < V; ++v) {
+    sums[0] += s0[v];
+    sums[1] += s1[v];
+    sums[2] += s2[v];
+    sums[3] += s3[v];
+  }
+  for (; j < n; ++j) {
+    const acc_t d = dz[j];
+    const acc_t ph = (hh.values[j] - hh.mean) * hh.rstd;
+    hh.grad_gain[j] += d * ph;
+    grad_hh_bias[j] += d;
+    hh.hat[j] = ph;
+    hh.dy[j] = d * hh.gain[j];
+    sums[0] += hh.dy[j];
+    sums[1] += hh.dy[j] * ph;
+    const acc_t xh = (ih.values[j] - ih.mean) * ih.rstd;
+    ih.grad_gain[j] += d * xh;
+    ih.hat[j] = xh;
+    ih.dy[j] = d * ih.gain[j];
+    sums[2] += ih.dy[j];
+    sums[3] += ih.dy[j] * xh;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -445,14 +490,17 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
   }
 }
 
-// A step's rows of a thread's gate columns (rows `stride` apart) into the transposed (G, N)
-// copy, where each column gets the step's rows in one run. Through a small L1 tile, 64 bytes
-// of a row at a time: storing straight down the columns, N apart (a multiple of 4 KB whenever
-// N is a power of two), keeps sixteen lines of one L1 set in flight and misses on every store.
+// A norm's input gradient, finished for a step's rows of a thread's gate columns: in place of
+// dy (rows `stride` apart), rstd (dy - mean(dy) - hat mean(dy hat)) with each row's three
+// coefficients from `coefficients` (rows of 3: rstd, mean(dy), mean(dy hat)); hat has dy's
+// layout. And into the transposed (G, N) copy, where each column gets the step's rows in one
+// run. Through a small L1 tile, 64 bytes of a row at a time: storing straight down the
+// columns, N apart (a multiple of 4 KB whenever N is a power of two), keeps sixteen lines of
+// one L1 set in flight and misses on every store.
 template <typename acc_t>
-inline void transpose_rows(const LayerNormSequence<acc_t>& a, const acc_t* source,
-                           int64_t stride, acc_t* transposed, int64_t rows, int64_t offset,
-                           const Units& own) {
+inline void finish_transposed(const LayerNormSequence<acc_t>& a, acc_t* dy, const acc_t* hat,
+                              int64_t stride, const acc_t* coefficients, acc_t* transposed,
+                              int64_t rows, int64_t offset, const Units& own) {
   constexpr int64_t kLine = 64 / sizeof(acc_t);
   constexpr int64_t kRows = 64;
   const int64_t H = a.hidden;
@@ -464,8 +512,14 @@ inline void transpose_rows(const LayerNormSequence<acc_t>& a, const acc_t* sourc
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int64_t m = std::min(kRows, rows - r0);
         for (int64_t r = 0; r < m; ++r) {
-          const acc_t* line = source + (r0 + r) * stride + j0;
-          for (int64_t v = 0; v < n; ++v) tile[v * kRows + r] = line[v];
+          acc_t* __restrict__ line = dy + (r0 + r) * stride + j0;
+          const acc_t* __restrict__ hat_line = hat + (r0 + r) * stride + j0;
+          const acc_t* c = coefficients + (r0 + r) * 3;
+          for (int64_t v = 0; v < n; ++v) {
+            const acc_t value = norm_grad(line[v], hat_line[v], c[0], c[1], c[2]);
+            line[v] = value;
+            tile[v * kRows + r] = value;
+          }
         }
         for (int64_t v = 0; v < n; ++v) {
           acc_t* __restrict__ column = transposed + (j0 + v) * a.rows + offset + r0;
@@ -512,6 +566,8 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
   acc_t* grad_cell_gain = grad_hh_bias + G;
   acc_t* grad_cell_bias = grad_cell_gain + H;
   acc_t* grad_ih_gain = grad_cell_bias + H;
+  // Per row of a step, the two product norms' backward coefficients (finish_transposed's).
+  std::vector<acc_t> coefficients(2 * B * 3);
 #pragma omp barrier
 
   // Step k (in backward order) first multiplies the previous step's product gradients by
@@ -588,60 +644,50 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       }
       cell_gate_grads(own.count(), s + j, x + j, rstd, mean_dy, mean_dy_xhat, z + j, z + H + j,
                       z + 2 * H + j, c_prev + j, dc + j, dz + j, dz + H + j, dz + 2 * H + j);
-      const acc_t p_mean = a.stats[row * 6 + 2], p_rstd = a.stats[row * 6 + 3];
-      const acc_t* p = a.products + row * G;
-      acc_t* dy = grad_product + r * G;
-      acc_t* phat = product_hat + r * G;
-      acc_t* part = partials.at(kProductSums, thread, r);
-      part[0] = part[1] = 0;
-      // The same for the input products' norm (whose bias gradient is the recurrent one's).
-      const acc_t x_mean = a.stats[row * 6 + 0], x_rstd = a.stats[row * 6 + 1];
-      const acc_t* px = a.input_products + row * G;
-      acc_t* dyx = a.grad_input_products + row * G;
-      acc_t* xhat = input_hat + r * G;
-      acc_t* input_part = partials.at(kInputSums, thread, r);
-      input_part[0] = input_part[1] = 0;
+      // Then both product norms' backward operands and their row sums.
+      const acc_t* stats = a.stats + row * 6;
+      acc_t sums[4] = {};
       for (int g = 0; g < 4; ++g) {
-        const int64_t begin = g * H + own.begin;
-        product_norm_grads(own.count(), dz + begin, p + begin, p_mean, p_rstd,
-                           a.hh_gain + begin, grad_hh_gain + begin, grad_hh_bias + begin,
-                           phat + begin, dy + begin);
-        part[0] += sum_of<acc_t, V>(dy + begin, own.count());
-        part[1] += dot_of<acc_t, V>(dy + begin, phat + begin, own.count());
-        product_norm_grads(own.count(), dz + begin, px + begin, x_mean, x_rstd,
-                           a.ih_gain + begin, grad_ih_gain + begin,
-                           static_cast<acc_t*>(nullptr), xhat + begin, dyx + begin);
-        input_part[0] += sum_of<acc_t, V>(dyx + begin, own.count());
-        input_part[1] += dot_of<acc_t, V>(dyx + begin, xhat + begin, own.count());
+        const int64_t begin = r * G + g * H + own.begin;
+        const int64_t column = g * H + own.begin;
+        const ProductNorm<acc_t> hh{a.products + row * G + column, stats[2], stats[3],
+                                    a.hh_gain + column, grad_hh_gain + column,
+                                    product_hat + begin, grad_product + begin};
+        const ProductNorm<acc_t> ih{a.input_products + row * G + column, stats[0], stats[1],
+                                    a.ih_gain + column, grad_ih_gain + column,
+                                    input_hat + begin, a.grad_input_products + row * G + column};
+        product_norms_grads<acc_t, V>(own.count(), dz + g * H + own.begin, hh,
+                                      grad_hh_bias + column, ih, sums);
       }
+      acc_t* part = partials.at(kProductSums, thread, r);
+      part[0] = sums[0];
+      part[1] = sums[1];
+      acc_t* input_part = partials.at(kInputSums, thread, r);
+      input_part[0] = sums[2];
+      input_part[1] = sums[3];
     }
 #pragma omp barrier
 
-    // The products' gradient.
+    // The products' gradients, in both layouts (the weight gradients' products read them
+    // transposed).
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = offset + r;
-      acc_t sum, sum_phat;
-      combined_sums(partials, kProductSums, r, sum, sum_phat);
-      const acc_t mean_dy = sum / acc_t(G), mean_dy_phat = sum_phat / acc_t(G);
-      const acc_t rstd = a.stats[row * 6 + 3];
-      acc_t* dy = grad_product + r * G;
-      const acc_t* phat = product_hat + r * G;
-      acc_t input_sum, input_sum_xhat;
-      combined_sums(partials, kInputSums, r, input_sum, input_sum_xhat);
-      const acc_t x_rstd = a.stats[row * 6 + 1];
-      acc_t* dyx = a.grad_input_products + row * G;
-      const acc_t* xhat = input_hat + r * G;
-      for (int g = 0; g < 4; ++g) {
-        const int64_t j = g * H + own.begin;
-        finish_norm_grads(own.count(), dy + j, phat + j, rstd, mean_dy, mean_dy_phat);
-        finish_norm_grads(own.count(), dyx + j, xhat + j, x_rstd, input_sum / acc_t(G),
-                          input_sum_xhat / acc_t(G));
-      }
+      const acc_t* stats = a.stats + (offset + r) * 6;
+      acc_t sum, sum_hat;
+      combined_sums(partials, kProductSums, r, sum, sum_hat);
+      acc_t* c = coefficients.data() + r * 3;
+      c[0] = stats[3];
+      c[1] = sum / acc_t(G);
+      c[2] = sum_hat / acc_t(G);
+      combined_sums(partials, kInputSums, r, sum, sum_hat);
+      c = coefficients.data() + (B + r) * 3;
+      c[0] = stats[1];
+      c[1] = sum / acc_t(G);
+      c[2] = sum_hat / acc_t(G);
     }
-    // Both product gradients also transposed, as the weight gradients' products read them.
-    transpose_rows(a, grad_product, G, a.grad_products_t, rows, offset, own);
-    transpose_rows(a, a.grad_input_products + offset * G, G, a.grad_input_products_t, rows,
-                   offset, own);
+    finish_transposed(a, grad_product, product_hat, G, coefficients.data(), a.grad_products_t,
+                      rows, offset, own);
+    finish_transposed(a, a.grad_input_products + offset * G, input_hat, G,
+                      coefficients.data() + B * 3, a.grad_input_products_t, rows, offset, own);
     prev_rows = rows;
 #pragma omp barrier
   }
