@@ -78,7 +78,9 @@ cpu::LayerNormRows<scalar_t> step_rows(int64_t rows, int64_t hidden, const Norms
 template <typename scalar_t>
 cpu::LayerNormSequence<scalar_t> fused_sequence(const LayerShape& s, bool reverse,
                                                 const at::Tensor& w, const Norms& ln,
-                                                const std::optional<at::Tensor>& mask) {
+                                                const std::optional<at::Tensor>& mask,
+                                                const std::optional<at::Tensor>& zone_c,
+                                                const std::optional<at::Tensor>& zone_h) {
   cpu::LayerNormSequence<scalar_t> a{};
   static_cast<SequenceLayout&>(a) = sequence_layout(s, reverse);
   a.w_hh = w.const_data_ptr<scalar_t>();
@@ -87,6 +89,10 @@ cpu::LayerNormSequence<scalar_t> fused_sequence(const LayerShape& s, bool revers
   a.cell_gain = ln.cell_weight.const_data_ptr<scalar_t>();
   a.cell_bias = ln.cell_bias.const_data_ptr<scalar_t>();
   a.recurrent_mask = mask.has_value() ? mask->const_data_ptr<scalar_t>() : nullptr;
+  a.zoneout_cell = zone_c.has_value() ? zone_c->const_data_ptr<scalar_t>() : nullptr;
+  a.zoneout_cell_stride = zoneout_stride(zone_c);
+  a.zoneout_hidden = zone_h.has_value() ? zone_h->const_data_ptr<scalar_t>() : nullptr;
+  a.zoneout_hidden_stride = zoneout_stride(zone_h);
   return a;
 }
 
@@ -180,8 +186,7 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
   if (b_ih.has_value()) input_bias = input_bias + b_ih->to(math);
   if (b_hh.has_value()) input_bias = input_bias + b_hh->to(math);
   const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
-  // With zoneout the step loop mixes each step's new c and h with the previous ones.
-  const bool fused = row_kernels && !s.has_projection && !zone_c && !zone_h;
+  const bool fused = row_kernels && !s.has_projection;
   // Zoneout (Krueger et al.): c_t = d c_{t-1} + (1 - d) c~_t and h likewise, h~ made from
   // c~; `cell` keeps c~, what backward's norm of c reads.
   const auto zone = [&](at::Tensor& c_new, at::Tensor& h_new, const at::Tensor& c_prev,
@@ -213,7 +218,7 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
   if (fused) {
     const at::Tensor w = W_hh.contiguous();
     AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_forward", [&] {
-      auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask);
+      auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask, zone_c, zone_h);
       a.input_products = product_x.const_data_ptr<scalar_t>();
       a.ih_gain = ln.ih_weight.const_data_ptr<scalar_t>();
       a.input_bias = input_bias.const_data_ptr<scalar_t>();
@@ -377,7 +382,7 @@ BackwardResult layer_norm_backward(
   at::Tensor dh = grad_h_n.to(math).clone(at::MemoryFormat::Contiguous);
   at::Tensor dc = grad_c_n.to(math).clone(at::MemoryFormat::Contiguous);
   const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
-  const bool fused = row_kernels && !s.has_projection && !zone_c && !zone_h;
+  const bool fused = row_kernels && !s.has_projection;
   // The step loop's: the gradients of the gate pre-activations and of LN(c), (N, G) and
   // (N, H) (the fused kernel keeps them per step).
   at::Tensor grad_z = at::empty({fused ? 0 : s.rows, G}, acc);
@@ -401,7 +406,7 @@ BackwardResult layer_norm_backward(
     grad_product_x = cpu::workspace(cpu::Workspace::grad_input_products, {s.rows, G}, acc);
     grad_product_x_t = cpu::workspace(cpu::Workspace::grad_input_products_t, {G, s.rows}, acc);
     AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_backward", [&] {
-      auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask);
+      auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask, zone_c, zone_h);
       // Read only (the struct's pointers are writable for forward).
       a.gates = saved[0].data_ptr<scalar_t>();
       a.cell_prev = saved[1].data_ptr<scalar_t>();

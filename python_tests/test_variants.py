@@ -1002,15 +1002,18 @@ def test_layer_norm_double_backward_uses_a_reference_equal_to_the_op():
         assert rel_error(through_reference, from_op) < 1e-10
 
 
+@pytest.mark.parametrize("zoneout", [None, "per row", "one row"])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("packed", [False, True])
-def test_layer_norm_fused_recurrence_split_over_threads(packed, dtype, threads):
+def test_layer_norm_fused_recurrence_split_over_threads(packed, dtype, threads, zoneout):
     """The CPU's fused LayerNorm recurrence at a hidden size of several blocks of units (70:
     partial last blocks at every instruction set's width), so that each thread owns a part of
     every norm's row and the row statistics are combined across threads: outputs and every
     gradient of the op against ops.reference_layer_norm_forward in fp64 (forward and
-    reversed, with a recurrent mask, packed sequences whose rows end at different steps)."""
+    reversed, with a recurrent mask, packed sequences whose rows end at different steps), and
+    with zoneout of c and h: weights in [0, 1] per row of data (training draws 0 or 1; any
+    weight is the same formula) or one row for every step (eval's expectations)."""
     torch.manual_seed(3)
     steps, batch, features, hidden = 7, 5, 6, 70
     previous = torch.get_num_threads()
@@ -1033,17 +1036,25 @@ def test_layer_norm_fused_recurrence_split_over_threads(packed, dtype, threads):
                      for k, n in enumerate((4 * hidden,) * 4 + (hidden,) * 2)]
             mask = (torch.rand(batch, hidden, dtype=torch.float64) >= 0.3).double() / 0.7
             weights = torch.randn(steps * batch, hidden, dtype=torch.float64)
+            zones = [None, None]
+            if zoneout is not None:
+                rows = x.shape[0] if packed else steps * batch
+                zones = [torch.rand(rows if zoneout == "per row" else 1, hidden,
+                                    dtype=torch.float64) for _ in range(2)]
             results = []
             for function in ("op", "reference"):
                 run_dtype = dtype if function == "op" else torch.float64
                 leaves = [t.to(run_dtype).requires_grad_() for t in tensors + norms]
                 arguments = (*leaves[:7], None, batch_sizes, reverse)
+                zone = [z if z is None else z.to(run_dtype) for z in zones]
                 if function == "op":
                     output, h_n, c_n = ops.layer_norm_forward(
-                        *arguments, True, leaves[7:], mask.to(run_dtype))
+                        *arguments, True, leaves[7:], mask.to(run_dtype),
+                        zoneout_cell=zone[0], zoneout_hidden=zone[1])
                 else:
                     output, h_n, c_n = ops.reference_layer_norm_forward(
-                        *arguments, leaves[7:], mask)
+                        *arguments, leaves[7:], mask, zoneout_cell=zone[0],
+                        zoneout_hidden=zone[1])
                 flat = output.reshape(-1, hidden)
                 loss = ((flat * weights[:flat.shape[0]].to(run_dtype)).sum() + h_n.sin().sum()
                         + (c_n * c_n).sum())

@@ -210,21 +210,25 @@ inline void output_gate_grads(int64_t n, const acc_t* __restrict__ dh,
   }
 }
 
-// c's whole gradient (dc carried in plus LN(c)'s backward), the gradients of i, f and g, and
-// dc carried back (in dc).
+// c~'s whole gradient (of dc carried in, the part through c~, plus LN(c~)'s backward), the
+// gradients of i, f and g, and dc carried back (in dc). With zoneout of c (`keep` its d, else
+// null), c = d c_prev + (1 - d) c~ sends (1 - d) of the carried dc through c~ and d straight
+// back.
 template <typename acc_t>
 inline void cell_gate_grads(int64_t n, const acc_t* __restrict__ scaled,
                             const acc_t* __restrict__ xhat, acc_t rstd, acc_t mean_dy,
                             acc_t mean_dy_xhat, const acc_t* __restrict__ in,
                             const acc_t* __restrict__ forget, const acc_t* __restrict__ cell,
-                            const acc_t* __restrict__ c_prev, acc_t* __restrict__ dc,
-                            acc_t* __restrict__ grad_in, acc_t* __restrict__ grad_forget,
-                            acc_t* __restrict__ grad_cell) {
+                            const acc_t* __restrict__ c_prev, const acc_t* __restrict__ keep,
+                            acc_t* __restrict__ dc, acc_t* __restrict__ grad_in,
+                            acc_t* __restrict__ grad_forget, acc_t* __restrict__ grad_cell) {
   for (int64_t j = 0; j < n; ++j) {
-    acc_t total = dc[j] + norm_grad(scaled[j], xhat[j], rstd, mean_dy, mean_dy_xhat);
+    const acc_t d = keep ? keep[j] : acc_t(0);
+    acc_t total = (acc_t(1) - d) * dc[j] + norm_grad(scaled[j], xhat[j], rstd, mean_dy,
+                                                     mean_dy_xhat);
     cell_grads(total, in[j], forget[j], cell[j], c_prev[j], grad_in[j], grad_forget[j],
                grad_cell[j]);
-    dc[j] = total;
+    dc[j] = total + d * dc[j];
   }
 }
 
@@ -367,10 +371,13 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
                                  [&](int64_t row, int64_t k) { return a.w_hh[row * H + k]; });
   }
   // Workspace: the h that W_hh multiplies (h itself without a mask), then in inference one
-  // step's products and gates.
+  // step's products and gates, and the c entering the step (zoneout mixes it in).
   acc_t* h_in = a.recurrent_mask ? a.work : a.hidden_state;
   acc_t* scratch = a.work + (a.recurrent_mask ? B * H : 0);
   const bool training = a.gates != nullptr;
+  acc_t* c_entering = training ? a.cell_prev : scratch + 2 * B * G;
+  // With zoneout of h, h~ of this thread's units of a row.
+  std::vector<acc_t> fresh(a.zoneout_hidden ? own.count() : 0);
   for (int64_t r = 0; a.recurrent_mask && r < B; ++r) {
     for (int64_t j = own.begin; j < own.end; ++j) {
       h_in[r * H + j] = a.hidden_state[r * H + j] * a.recurrent_mask[r * H + j];
@@ -447,8 +454,11 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
                           p + j, mean, rstd, a.hh_gain + j, a.hh_bias + j, z + j);
       }
       acc_t* c = a.cell_state + r * H;
+      if (training || a.zoneout_cell) {
+        std::memcpy(c_entering + (training ? row : r) * H + own.begin, c + own.begin,
+                    own.count() * sizeof(acc_t));
+      }
       if (training) {
-        std::memcpy(a.cell_prev + row * H + own.begin, c + own.begin, own.count() * sizeof(acc_t));
         std::memcpy(a.hidden_prev + row * H + own.begin, h_in + r * H + own.begin,
                     own.count() * sizeof(acc_t));
       }
@@ -465,7 +475,7 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
       const int64_t row = offset + r;
       acc_t mean, rstd;
       combined_moments(partials, kCells, r, H, V, 1, mean, rstd);
-      const acc_t* c = a.cell_state + r * H;
+      acc_t* c = a.cell_state + r * H;
       if (training) {
         if (thread == 0) {
           a.stats[row * 6 + 4] = mean;
@@ -477,8 +487,24 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
       acc_t* y = a.output + row * H;
       acc_t* h = a.hidden_state + r * H;
       const int64_t j = own.begin;
-      hidden_from_cell(own.count(), z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j,
-                       a.cell_bias + j, h + j);
+      if (a.zoneout_hidden) {
+        hidden_from_cell(own.count(), z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j,
+                         a.cell_bias + j, fresh.data());
+        const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride + j;
+        for (int64_t u = 0; u < own.count(); ++u) {
+          h[j + u] = d[u] * h[j + u] + (acc_t(1) - d[u]) * fresh[u];
+        }
+      } else {
+        hidden_from_cell(own.count(), z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j,
+                         a.cell_bias + j, h + j);
+      }
+      if (a.zoneout_cell) {
+        const acc_t* d = a.zoneout_cell + row * a.zoneout_cell_stride;
+        const acc_t* before = c_entering + (training ? row : r) * H;
+        for (int64_t u = own.begin; u < own.end; ++u) {
+          c[u] = d[u] * before[u] + (acc_t(1) - d[u]) * c[u];
+        }
+      }
       std::memcpy(y + j, h + j, own.count() * sizeof(acc_t));
       if (a.recurrent_mask) {
         for (int64_t j = own.begin; j < own.end; ++j) {
@@ -554,13 +580,18 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
   }
   // Workspace: the step's gate gradients, the gradient of the last step's products (what the
   // next W_hh product multiplies), their normalised values and the input products', each
-  // (B, G); d LN(c) times its gain and c's normalised values, each (B, H).
+  // (B, G); d LN(c) times its gain and c's normalised values, and with zoneout of h the d dh
+  // that the step after sends straight to h, each (B, H).
   acc_t* gate_grads = a.work;
   acc_t* grad_product = gate_grads + B * G;
   acc_t* product_hat = grad_product + B * G;
   acc_t* input_hat = product_hat + B * G;
   acc_t* scaled = input_hat + B * G;
   acc_t* cell_hat = scaled + B * H;
+  acc_t* carry = a.zoneout_hidden ? cell_hat + B * H : nullptr;
+  for (int64_t r = 0; carry && r < B; ++r) {
+    std::fill(carry + r * H + own.begin, carry + r * H + own.end, acc_t(0));
+  }
   acc_t* grad_hh_gain = a.grad_norms;
   acc_t* grad_hh_bias = grad_hh_gain + G;
   acc_t* grad_cell_gain = grad_hh_bias + G;
@@ -597,7 +628,11 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
         for (int i = 0; i < n; ++i) {
           acc_t* dh = a.grad_hidden + (r0 + i) * H + j0;
           const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + (r0 + i) * H + j0 : nullptr;
-          for (int64_t u = 0; u < n_units; ++u) dh[u] = mask ? out[i * U + u] * mask[u] : out[i * U + u];
+          const acc_t* straight = carry ? carry + (r0 + i) * H + j0 : nullptr;
+          for (int64_t u = 0; u < n_units; ++u) {
+            dh[u] = (mask ? out[i * U + u] * mask[u] : out[i * U + u]) +
+                    (straight ? straight[u] : acc_t(0));
+          }
         }
       }
     }
@@ -608,8 +643,19 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       const acc_t mean = a.stats[row * 6 + 4], rstd = a.stats[row * 6 + 5];
       const acc_t* z = a.gates + row * G;
       const acc_t* c = a.cell_out + row * H;
-      const acc_t* dh = a.grad_hidden + r * H;
+      acc_t* dh = a.grad_hidden + r * H;
       const acc_t* from_output = a.grad_output ? a.grad_output + row * H : nullptr;
+      // Zoneout of h: of h's whole gradient, d goes straight to the h before (carried into
+      // the next product's result) and 1 - d through h~.
+      if (carry) {
+        const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride;
+        for (int64_t u = own.begin; u < own.end; ++u) {
+          const acc_t total = dh[u] + (from_output ? from_output[u] : acc_t(0));
+          carry[r * H + u] = d[u] * total;
+          dh[u] = (acc_t(1) - d[u]) * total;
+        }
+        from_output = nullptr;
+      }
       acc_t* dz = gate_grads + r * G;
       acc_t* s = scaled + r * H;
       acc_t* x = cell_hat + r * H;
@@ -642,8 +688,11 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
         const acc_t* extra = a.grad_cells + row * H;
         for (int64_t u = own.begin; u < own.end; ++u) dc[u] += extra[u];
       }
+      const acc_t* keep =
+          a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + j : nullptr;
       cell_gate_grads(own.count(), s + j, x + j, rstd, mean_dy, mean_dy_xhat, z + j, z + H + j,
-                      z + 2 * H + j, c_prev + j, dc + j, dz + j, dz + H + j, dz + 2 * H + j);
+                      z + 2 * H + j, c_prev + j, keep, dc + j, dz + j, dz + H + j,
+                      dz + 2 * H + j);
       // Then both product norms' backward operands and their row sums.
       const acc_t* stats = a.stats + row * 6;
       acc_t sums[4] = {};
@@ -781,7 +830,8 @@ void layer_norm_sequence_forward(LayerNormSequence<acc_t> a) {
   const at::Tensor panel = workspace(Workspace::panel, {blocks * V * 4 * H}, math_options<acc_t>());
   const at::Tensor work = workspace(
       Workspace::recurrent_state,
-      {(a.recurrent_mask ? B * H : 0) + (a.gates ? 0 : 2 * B * 4 * H)}, math_options<acc_t>());
+      {(a.recurrent_mask ? B * H : 0) + (a.gates ? 0 : 2 * B * 4 * H + B * H)},
+      math_options<acc_t>());
   const at::Tensor partials =
       workspace(Workspace::carried, {3 * threads * B * 2}, math_options<acc_t>());
   a.panel = panel.data_ptr<acc_t>();
@@ -798,7 +848,7 @@ void layer_norm_sequence_backward(LayerNormSequence<acc_t> a) {
   const int threads = threads_for(blocks);
   const at::Tensor panel = workspace(Workspace::panel, {blocks * U * 4 * H}, math_options<acc_t>());
   const at::Tensor work =
-      workspace(Workspace::recurrent_state, {4 * B * 4 * H + 2 * B * H}, math_options<acc_t>());
+      workspace(Workspace::recurrent_state, {4 * B * 4 * H + 3 * B * H}, math_options<acc_t>());
   const at::Tensor partials =
       workspace(Workspace::carried, {3 * threads * B * 2}, math_options<acc_t>());
   a.panel = panel.data_ptr<acc_t>();

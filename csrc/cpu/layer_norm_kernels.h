@@ -32,6 +32,13 @@ struct LayerNormSequence : SequenceLayout {
   const acc_t* recurrent_mask;  // (B, H): multiplies h before every W_hh product, or null
   const acc_t* input_products;  // (N, G) W_ih x before its norm
   const acc_t* ih_gain;         // (G) that norm's gain
+  // Zoneout (Krueger et al.), or null: c = d c_prev + (1 - d) c~ and h likewise, with d of c
+  // and of h for row n at [n * stride + j] (stride 0: one row for every step, eval's
+  // expectations). c~ is what the norm of c sees and what cell_out keeps.
+  const acc_t* zoneout_cell;
+  int64_t zoneout_cell_stride;
+  const acc_t* zoneout_hidden;
+  int64_t zoneout_hidden_stride;
   // Forward: the saved tensors (what backward reads; layer_norm_lstm.cpp's) are written where
   // given, all null in inference.
   const acc_t* input_bias;  // (G) the input product norm's bias plus b_ih and b_hh
