@@ -72,9 +72,11 @@ inline void cell_grads(acc_t& dc, acc_t i, acc_t f, acc_t g, acc_t c_prev, acc_t
   dc *= f;
 }
 
-// Layer norm's input gradient for one value: rstd (dy - mean(dy) - x^ mean(dy x^)).
-template <typename acc_t>
-inline acc_t norm_grad(acc_t dy, acc_t xhat, acc_t rstd, acc_t mean_dy, acc_t mean_dy_xhat) {
+// Layer norm's input gradient for one value, or a vector of them (one row's):
+// rstd (dy - mean(dy) - x^ mean(dy x^)).
+template <typename value_t, typename acc_t>
+inline value_t norm_grad(value_t dy, value_t xhat, acc_t rstd, acc_t mean_dy,
+                         acc_t mean_dy_xhat) {
   return rstd * (dy - mean_dy - xhat * mean_dy_xhat);
 }
 
@@ -152,17 +154,32 @@ inline void norm_backward(int64_t n, const acc_t* x, acc_t mean, acc_t rstd, con
 // Loops over n units of one row, each pointer at the row's first unit and none overlapping
 // another (so that they vectorize).
 
-// The pre-activations from both products and their norms (the fused recurrence's), with
-// `bias` all the biases of the input side.
+// The fused recurrence's pre-activations from both products and their norms (`bias` all the
+// biases of the input side), their activations and c, in one pass over units [0, n) (each
+// pointer at the row's first unit of gate 0, gate k's H further on): the activations into z,
+// c (c_prev in, c' out).
 template <typename acc_t>
-inline void gates_of_products(int64_t n, const acc_t* __restrict__ input_product, acc_t x_mean,
-                              acc_t x_rstd, const acc_t* __restrict__ ih_gain,
-                              const acc_t* __restrict__ bias, const acc_t* __restrict__ product,
-                              acc_t mean, acc_t rstd, const acc_t* __restrict__ hh_gain,
-                              const acc_t* __restrict__ hh_bias, acc_t* __restrict__ z) {
+inline void cell_of_products(int64_t n, int64_t H, const acc_t* __restrict__ input_product,
+                             acc_t x_mean, acc_t x_rstd, const acc_t* __restrict__ ih_gain,
+                             const acc_t* __restrict__ bias, const acc_t* __restrict__ product,
+                             acc_t mean, acc_t rstd, const acc_t* __restrict__ hh_gain,
+                             const acc_t* __restrict__ hh_bias, acc_t* __restrict__ z,
+                             acc_t* __restrict__ c) {
+  using Math = CpuMath<acc_t>;
   for (int64_t j = 0; j < n; ++j) {
-    z[j] = gate_input(ih_gain[j] * (input_product[j] - x_mean) * x_rstd + bias[j], product[j],
-                      mean, rstd, hh_gain[j], hh_bias[j]);
+    acc_t pre[4];
+    for (int g = 0; g < 4; ++g) {
+      const int64_t k = g * H + j;
+      pre[g] = gate_input(ih_gain[k] * (input_product[k] - x_mean) * x_rstd + bias[k],
+                          product[k], mean, rstd, hh_gain[k], hh_bias[k]);
+    }
+    const acc_t i = sigmoid<Math>(pre[0]), f = sigmoid<Math>(pre[1]);
+    const acc_t g = Math::tanh(pre[2]), o = sigmoid<Math>(pre[3]);
+    z[j] = i;
+    z[H + j] = f;
+    z[2 * H + j] = g;
+    z[3 * H + j] = o;
+    c[j] = f * c[j] + i * g;
   }
 }
 
@@ -448,11 +465,6 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
       const acc_t* p = product_row(r);
       const acc_t* px = a.input_products + row * G;
       acc_t* z = gate_row(r);
-      for (int g = 0; g < 4; ++g) {
-        const int64_t j = g * H + own.begin;
-        gates_of_products(own.count(), px + j, x_mean, x_rstd, a.ih_gain + j, a.input_bias + j,
-                          p + j, mean, rstd, a.hh_gain + j, a.hh_bias + j, z + j);
-      }
       acc_t* c = a.cell_state + r * H;
       if (training || a.zoneout_cell) {
         std::memcpy(c_entering + (training ? row : r) * H + own.begin, c + own.begin,
@@ -462,7 +474,9 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
         std::memcpy(a.hidden_prev + row * H + own.begin, h_in + r * H + own.begin,
                     own.count() * sizeof(acc_t));
       }
-      gates_and_cell(z, c, H, own.begin, own.end);
+      const int64_t j = own.begin;
+      cell_of_products(own.count(), H, px + j, x_mean, x_rstd, a.ih_gain + j, a.input_bias + j,
+                       p + j, mean, rstd, a.hh_gain + j, a.hh_bias + j, z + j, c + j);
       acc_t* part = partials.at(kCells, thread, r);
       part[0] = sum_of<acc_t, V>(c + own.begin, own.count()) /
                 acc_t(std::max<int64_t>(1, own.count()));
@@ -527,17 +541,38 @@ template <typename acc_t>
 inline void finish_transposed(const LayerNormSequence<acc_t>& a, acc_t* dy, const acc_t* hat,
                               int64_t stride, const acc_t* coefficients, acc_t* transposed,
                               int64_t rows, int64_t offset, const Units& own) {
-  constexpr int64_t kLine = 64 / sizeof(acc_t);
-  constexpr int64_t kRows = 64;
+  constexpr int kLine = 64 / sizeof(acc_t);
+  constexpr int64_t kRows = 64;  // a multiple of kLine
+  using vec = typename Vec<acc_t, kLine>::type;
   const int64_t H = a.hidden;
   alignas(64) acc_t tile[kLine * kRows];
   for (int g = 0; g < 4 && rows > 0; ++g) {
     const int64_t end = g * H + own.end;
     for (int64_t j0 = g * H + own.begin; j0 < end; j0 += kLine) {
-      const int64_t n = std::min(kLine, end - j0);
+      const int64_t n = std::min<int64_t>(kLine, end - j0);
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int64_t m = std::min(kRows, rows - r0);
-        for (int64_t r = 0; r < m; ++r) {
+        // A full line: kLine rows at a time, transposed in registers into the tile.
+        for (int64_t rb = 0; n == kLine && rb < m; rb += kLine) {
+          vec block[kLine];
+          for (int64_t q = 0; q < kLine; ++q) {
+            const int64_t r = rb + q;
+            if (r >= m) {
+              block[q] = vec{};
+              continue;
+            }
+            vec* line = reinterpret_cast<vec*>(dy + (r0 + r) * stride + j0);
+            const vec* hat_line = reinterpret_cast<const vec*>(hat + (r0 + r) * stride + j0);
+            const acc_t* c = coefficients + (r0 + r) * 3;
+            *line = norm_grad(*line, *hat_line, c[0], c[1], c[2]);
+            block[q] = *line;
+          }
+          transpose_square<acc_t, kLine>(block);
+          for (int64_t v = 0; v < kLine; ++v) {
+            *reinterpret_cast<vec*>(tile + v * kRows + rb) = block[v];
+          }
+        }
+        for (int64_t r = 0; n < kLine && r < m; ++r) {
           acc_t* __restrict__ line = dy + (r0 + r) * stride + j0;
           const acc_t* __restrict__ hat_line = hat + (r0 + r) * stride + j0;
           const acc_t* c = coefficients + (r0 + r) * 3;
