@@ -453,6 +453,40 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   }
 }
 
+// Rows [0, rows) of a backward block's columns (n_units of each gate) from row-major gate
+// gradients (`rows` G apart, gate g's columns H further on) into staged, column c of the
+// block's 4U at staged[c * B] with its rows in one run: whole lines of rows transposed in
+// registers (fp32 and fp64), the rest one value at a time.
+template <typename scalar_t, int64_t U>
+inline void stage_columns(const scalar_t* rows_in, int64_t G, int64_t H, int64_t n_units,
+                          int64_t rows, int64_t B, scalar_t* staged) {
+  int64_t r0 = 0;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    constexpr int kLine = 64 / sizeof(scalar_t);
+    static_assert(U % kLine == 0, "a block is whole lines");
+    using vec = typename Vec<scalar_t, kLine>::type;
+    for (; n_units == U && r0 + kLine <= rows; r0 += kLine) {
+      for (int g = 0; g < 4; ++g) {
+        for (int64_t u = 0; u < U; u += kLine) {
+          vec block[kLine];
+          for (int q = 0; q < kLine; ++q) {
+            block[q] = *reinterpret_cast<const vec*>(rows_in + (r0 + q) * G + g * H + u);
+          }
+          transpose_square<scalar_t, kLine>(block);
+          for (int v = 0; v < kLine; ++v) {
+            *reinterpret_cast<vec*>(staged + (g * U + u + v) * B + r0) = block[v];
+          }
+        }
+      }
+    }
+  }
+  for (int g = 0; g < 4; ++g) {
+    for (int64_t u = 0; u < n_units; ++u) {
+      for (int64_t i = r0; i < rows; ++i) staged[(g * U + u) * B + i] = rows_in[i * G + g * H + u];
+    }
+  }
+}
+
 // Rows of the backward's 4H-long sums per chunk: a chunk of a block's panel is 128 KB.
 template <typename acc_t, int64_t U>
 constexpr int64_t kBackwardChunk = (128 << 10) / (U * static_cast<int64_t>(sizeof(acc_t)));
@@ -640,21 +674,12 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             convert_n(grad_row + g * H + u0, work_row + g * H + u0, n_units);
           }
         }
-        // The same gradients transposed, staged so that each (gate, unit) row of the
-        // transposed (4H, N) copy gets this step's rows in one contiguous run below.
-        const int64_t n_active = std::clamp<int64_t>(rows - r0, 0, n);
-        if (a.grad_gates_t) {
-          for (int g = 0; g < 4; ++g) {
-            for (int64_t u = 0; u < n_units; ++u) {
-              for (int64_t i = 0; i < n_active; ++i) {
-                staged[(g * U + u) * B + r0 + i] =
-                    a.grad_gates[(offset + r0 + i) * G + g * H + u0 + u];
-              }
-            }
-          }
-        }
       }
+      // The same gradients transposed, staged so that each (gate, unit) row of the transposed
+      // (4H, N) copy gets this step's rows in one contiguous run.
       if (a.grad_gates_t && rows > 0) {
+        stage_columns<scalar_t, U>(a.grad_gates + offset * G + u0, G, H, n_units, rows, B,
+                                   staged);
         for (int g = 0; g < 4; ++g) {
           for (int64_t u = 0; u < n_units; ++u) {
             std::memcpy(a.grad_gates_t + (g * H + u0 + u) * a.rows + offset,
