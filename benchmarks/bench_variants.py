@@ -60,8 +60,9 @@ def _zoneout_loop(module, x):
                            zoneout_hidden=kept[1])
 
 
-def _layer_norm_loop(module, x):
-    """The LayerNorm LSTM cell in torch ops, step by step (the input products' norm once)."""
+def _layer_norm_loop(module, x, zones=None):
+    """The LayerNorm LSTM cell in torch ops, step by step (the input products' norm once);
+    with zones (the per-row keep masks of c and h, (T * B, H) each), zoneout as well."""
     w_ih, w_hh, b_ih, b_hh = _weights(module)
 
     def norm(value, part):
@@ -74,10 +75,23 @@ def _layer_norm_loop(module, x):
     outputs = []
     for t in range(x.shape[0]):
         i, f, g, o = (gates_x[t] + norm(h @ w_hh.t(), "hh")).chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(norm(c, "cell"))
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(norm(c_new, "cell"))
+        if zones is not None:
+            rows = slice(t * x.shape[1], (t + 1) * x.shape[1])
+            d_c, d_h = zones[0][rows], zones[1][rows]
+            c_new = d_c * c + (1 - d_c) * c_new
+            h_new = d_h * h + (1 - d_h) * h_new
+        h, c = h_new, c_new
         outputs.append(h)
     return torch.stack(outputs), (h, c)
+
+
+def _layer_norm_zoneout_loop(module, x):
+    rows = x.shape[0] * x.shape[1]
+    kept = [(torch.rand(rows, module.hidden_size, dtype=x.dtype) < z).to(x.dtype)
+            for z in (0.1, 0.05)]
+    return _layer_norm_loop(module, x, kept)
 
 
 # Each variant: the module's keyword options, and the same computation as a pure-PyTorch cell
@@ -88,6 +102,8 @@ VARIANTS = {
     "recurrent_dropout=0.25": ({"recurrent_dropout": 0.25}, _recurrent_dropout_loop),
     "zoneout=(0.1,0.05)": ({"zoneout": (0.1, 0.05)}, _zoneout_loop),
     "layer_norm": ({"layer_norm": True}, _layer_norm_loop),
+    "layer_norm+zoneout=(0.1,0.05)": ({"layer_norm": True, "zoneout": (0.1, 0.05)},
+                                      _layer_norm_zoneout_loop),
 }
 # (H, B, T), one layer, input size H. At B 32 the loop's per-step products are most of its
 # time; at B 4 its per-op overhead is.
