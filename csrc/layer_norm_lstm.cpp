@@ -188,12 +188,13 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
   const bool row_kernels = input.device().is_cpu() && cpu::recurrence_enabled();
   const bool fused = row_kernels && !s.has_projection;
   // Zoneout (Krueger et al.): c_t = d c_{t-1} + (1 - d) c~_t and h likewise, h~ made from
-  // c~; `cell` keeps c~, what backward's norm of c reads.
+  // c~; `cell` keeps c_t, the cell sequence (backward makes c~ again from the gates).
   const auto zone = [&](at::Tensor& c_new, at::Tensor& h_new, const at::Tensor& c_prev,
                         const at::Tensor& h_prev, int64_t offset, int64_t rows) {
     if (zone_c) {
       const at::Tensor d = zoneout_rows(*zone_c, offset, rows);
       c_new = d * c_prev + (1 - d) * c_new;
+      if (training) cell.narrow(0, offset, rows).copy_(c_new);
     }
     if (zone_h) {
       const at::Tensor d = zoneout_rows(*zone_h, offset, rows);
@@ -353,9 +354,6 @@ BackwardResult layer_norm_backward(
       checked_zoneout(op, s, input, zoneout_cell, s.hidden_size, "zoneout_cell");
   const std::optional<at::Tensor> zone_h =
       checked_zoneout(op, s, input, zoneout_hidden, s.output_size, "zoneout_hidden");
-  TORCH_CHECK(!grad_cells.has_value() || !(zone_c || zone_h), op,
-              ": with zoneout the saved cell sequence is c before zoneout, not an output; "
-              "pass no grad_cells");
   const Norms ln = checked_norms(
       op, s, input,
       {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias}, math);
@@ -437,6 +435,14 @@ BackwardResult layer_norm_backward(
 
   // Otherwise the step loop.
   const StepGemm recurrent(W_hh.t());
+  // c~ of a step's rows, what the norm of c saw: with zoneout of c `cell` holds c after it, so
+  // c~ = f c_prev + i g again from the saved gates.
+  const auto cell_before_zoneout = [&](int64_t offset, int64_t rows) {
+    if (!zone_c) return cell.narrow(0, offset, rows);
+    const at::Tensor z = gates.narrow(0, offset, rows);
+    return (z.narrow(1, H, H) * cell_prev.narrow(0, offset, rows) +
+            z.narrow(1, 0, H) * z.narrow(1, 2 * H, H)).contiguous();
+  };
   const std::array<bool, 3> input_only{true, false, false};
   for (int64_t k = 0; !fused && k < s.steps; ++k) {
     const int64_t t = reverse ? k : s.steps - 1 - k;
@@ -464,6 +470,7 @@ BackwardResult layer_norm_backward(
     at::Tensor grad_norm = grad_cell_norm.narrow(0, offset, rows);
     if (row_kernels) {
       const at::Tensor dh_in = dh_t.contiguous();
+      const at::Tensor c_tilde = cell_before_zoneout(offset, rows);
       AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_backward", [&] {
         auto a = step_rows<scalar_t>(rows, H, ln);
         a.product = products.narrow(0, offset, rows).const_data_ptr<scalar_t>();
@@ -471,7 +478,7 @@ BackwardResult layer_norm_backward(
         a.stats = stats.narrow(0, offset, rows).data_ptr<scalar_t>();
         a.cell_prev = cell_prev.narrow(0, offset, rows).const_data_ptr<scalar_t>();
         a.gates = gates.narrow(0, offset, rows).data_ptr<scalar_t>();
-        a.cell = cell.narrow(0, offset, rows).data_ptr<scalar_t>();
+        a.cell = c_tilde.data_ptr<scalar_t>();
         a.grad_hidden = dh_in.const_data_ptr<scalar_t>();
         a.grad_cell = dc_rows.data_ptr<scalar_t>();
         a.grad_gates = dz.data_ptr<scalar_t>();
@@ -483,7 +490,7 @@ BackwardResult layer_norm_backward(
       const at::Tensor z = gates.narrow(0, offset, rows);
       const at::Tensor in = z.narrow(1, 0, H), forget = z.narrow(1, H, H);
       const at::Tensor cell_in = z.narrow(1, 2 * H, H), out = z.narrow(1, 3 * H, H);
-      const at::Tensor c_new = cell.narrow(0, offset, rows);
+      const at::Tensor c_new = cell_before_zoneout(offset, rows);
       const at::Tensor tanh_c =  // LN(c) as forward made it
           std::get<0>(at::native_layer_norm(c_new, {H}, ln.cell_weight, ln.cell_bias, kEps))
               .tanh_();
@@ -518,7 +525,8 @@ BackwardResult layer_norm_backward(
   if (!fused) {
     grad_hh_weight = (grad_z * normalised(products, kMeanH, kRstdH)).sum(0);
     grad_hh_bias = grad_z.sum(0);
-    grad_cell_weight = (grad_cell_norm * normalised(cell, kMeanC, kRstdC)).sum(0);
+    grad_cell_weight =
+        (grad_cell_norm * normalised(cell_before_zoneout(0, s.rows), kMeanC, kRstdC)).sum(0);
     grad_cell_bias = grad_cell_norm.sum(0);
   }
 

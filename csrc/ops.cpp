@@ -152,9 +152,8 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor cell_prev, Tensor cell, Tensor products, Tensor input_products, Tensor stats, "
       "Tensor hidden_prev, Tensor hidden_raw)");
   // Its gradients: lstm_layer_backward's seven (grad_input empty unless input_grad), then the
-  // six norm parameters'. grad_cells: the gradient of `cell` (c after each step, (N, H) in the
-  // math dtype) where forward's cell sequence was returned; not with zoneout, where `cell`
-  // holds c before zoneout mixes in the previous c (what backward's math needs).
+  // six norm parameters'. grad_cells: the gradient of `cell` (c after each step and after any
+  // zoneout, (N, H) in the math dtype) where forward's cell sequence was returned.
   m.def(
       "lstm_layer_norm_backward(Tensor? grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "

@@ -176,12 +176,9 @@ def _check_probability(name, value, what):
     return float(value)
 
 
-def _check_layer_norm(layer_norm, zoneout, return_cell_sequence=False):
+def _check_layer_norm(layer_norm):
     if not isinstance(layer_norm, bool):
         raise ValueError(f"layer_norm is True or False, got {layer_norm!r}")
-    if layer_norm and any(zoneout) and return_cell_sequence:
-        raise ValueError("layer_norm=True with zoneout does not return the cell sequence yet; "
-                         "drop zoneout or return_cell_sequence")
     return layer_norm
 
 
@@ -287,8 +284,8 @@ class LSTM(_GateInit, nn.RNNBase):
       initialisation) beside nn.LSTM's, whose names and initial values are unchanged. On the
       CPU fused into the recurrence (with a projection, and on other devices, a C++ step
       loop; no Python per step), forward and backward; combines with weight_drop,
-      recurrent_dropout, zoneout (through the C++ step loop) and return_cell_sequence (the
-      cells are c_t before its norm; not with zoneout yet); double backward differentiates
+      recurrent_dropout, zoneout (fused as well) and return_cell_sequence (the
+      cells are c_t before its norm, after zoneout); double backward differentiates
       ops.reference_layer_norm_forward."""
 
     weight_drop = 0.0  # modules pickled before the options existed
@@ -309,7 +306,7 @@ class LSTM(_GateInit, nn.RNNBase):
             raise ValueError(f"return_cell_sequence is True or False, got "
                              f"{return_cell_sequence!r}")
         self.return_cell_sequence = return_cell_sequence
-        self.layer_norm = _check_layer_norm(layer_norm, self.zoneout, return_cell_sequence)
+        self.layer_norm = _check_layer_norm(layer_norm)
         if layer_norm:
             directions = ["", "_reverse"] if self.bidirectional else [""]
             _make_layer_norms(self, [f"_l{layer}{direction}"
@@ -550,7 +547,7 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
                  layer_norm=False):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
         self.zoneout = _check_zoneout(zoneout)
-        self.layer_norm = _check_layer_norm(layer_norm, self.zoneout)
+        self.layer_norm = _check_layer_norm(layer_norm)
         if layer_norm:
             _make_layer_norms(self, [""])
         self._set_gate_init(forget_bias, init, chrono_max_len)

@@ -34,11 +34,9 @@ def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
                        zoneout_cell=None, zoneout_hidden=None):
     """One LayerNorm-LSTM layer in one direction (csrc/layer_norm_lstm.cpp); `norms` are the
     gains and biases of the norms of W_ih x, W_hh h (4H each) and c (H); zoneout's weights as
-    for layer_forward. Returns (output, h_n, c_n), and with return_cells (not with zoneout)
-    the c after every step, laid out as the output: the op's saved cell sequence (kept for
-    that even without training), whose gradient backward takes."""
-    if return_cells and (zoneout_cell is not None or zoneout_hidden is not None):
-        raise ValueError("layer_norm_forward returns no cell sequence with zoneout yet")
+    for layer_forward. Returns (output, h_n, c_n), and with return_cells the c after every
+    step (after zoneout), laid out as the output: the op's saved cell sequence (kept for that
+    even without training), whose gradient backward takes."""
     output, h_n, c_n, _, _, cell, *_ = _ops.lstm_layer_norm_forward(
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
         training or return_cells, *norms, recurrent_mask, zoneout_cell, zoneout_hidden)

@@ -891,6 +891,33 @@ def test_layer_norm_lstm_with_zoneout_is_the_cell_loop(config, path, monkeypatch
 
 
 @pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_layer_norm_lstm_with_zoneout_returns_the_cell_sequence(config, path, monkeypatch):
+    """layer_norm with zoneout and return_cell_sequence: the cells are c_t after zoneout (the
+    state the next step starts from), against the cell loop in fp64 with the module's masks,
+    with every gradient flowing through them as well; the fused kernel, the row kernels (with
+    a projection) and the ATen step loop; gradcheck through the cells."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "cpu_kernels" else "0")
+    z = (0.3, 0.2)
+    ours, reference, norms = layer_norm_pair(config, zoneout=z, return_cell_sequence=True)
+    case = Case(reference, "padded", steps=6, batch=4)
+    zones = [masks[1:] for masks in variant_masks(reference, 4, case_rows(case), seed=3,
+                                                  zoneout=z)]
+    torch.manual_seed(3)
+    expected = LayerNormReference(reference, norms, zones=zones, return_cells=True)
+    compare(run_with_cells(ours, case), run_with_cells(expected, case), 1e-10)
+    small = lstm_ext.LSTM(3, 4, layer_norm=True, zoneout=(0.4, 0.3), return_cell_sequence=True,
+                          proj_size=2 if config.get("proj_size") else 0, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def seeded(x):
+        torch.manual_seed(8)
+        return small(x)[2]
+
+    assert torch.autograd.gradcheck(seeded, (x,))
+
+
+@pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
 def test_layer_norm_lstm_with_recurrent_dropout_and_packed_input(path, monkeypatch):
     """The recurrent mask enters the normalised product; packed input gives the padded
     result of each sequence at its own length."""
@@ -929,8 +956,6 @@ def test_layer_norm_lstm_parameters_state_dict_and_refusals():
     assert "layer_norm=True" in repr(ours)
     with pytest.raises(ValueError, match="no layer normalisation"):
         ours.to_torch()
-    with pytest.raises(ValueError, match="does not return the cell sequence"):
-        lstm_ext.LSTM(4, 8, layer_norm=True, zoneout=0.1, return_cell_sequence=True)
     with pytest.warns(UserWarning, match="layer_norm=True"):
         assert type(lstm_ext.quantize_dynamic(ours)) is lstm_ext.LSTM
 
@@ -1047,18 +1072,24 @@ def test_layer_norm_fused_recurrence_split_over_threads(packed, dtype, threads, 
                 leaves = [t.to(run_dtype).requires_grad_() for t in tensors + norms]
                 arguments = (*leaves[:7], None, batch_sizes, reverse)
                 zone = [z if z is None else z.to(run_dtype) for z in zones]
+                # With zoneout the cell sequence too (c after it), its gradient through the op.
+                cells = zoneout is not None
                 if function == "op":
-                    output, h_n, c_n = ops.layer_norm_forward(
-                        *arguments, True, leaves[7:], mask.to(run_dtype),
+                    returned = ops.layer_norm_forward(
+                        *arguments, True, leaves[7:], mask.to(run_dtype), return_cells=cells,
                         zoneout_cell=zone[0], zoneout_hidden=zone[1])
                 else:
-                    output, h_n, c_n = ops.reference_layer_norm_forward(
-                        *arguments, leaves[7:], mask, zoneout_cell=zone[0],
+                    returned = ops.reference_layer_norm_forward(
+                        *arguments, leaves[7:], mask, return_cells=cells, zoneout_cell=zone[0],
                         zoneout_hidden=zone[1])
+                output, h_n, c_n = returned[:3]
                 flat = output.reshape(-1, hidden)
                 loss = ((flat * weights[:flat.shape[0]].to(run_dtype)).sum() + h_n.sin().sum()
                         + (c_n * c_n).sum())
-                results.append([output, h_n, c_n, *torch.autograd.grad(loss, leaves)])
+                sequence = returned[3].reshape(-1, hidden) if cells else output
+                if cells:
+                    loss = loss + (sequence * weights[:sequence.shape[0]].to(run_dtype)).cos().sum()
+                results.append([output, h_n, c_n, sequence, *torch.autograd.grad(loss, leaves)])
             tolerance = 1e-10 if dtype == torch.float64 else 1e-5
             for index, (got, want) in enumerate(zip(*results)):
                 error = rel_error(got, want)

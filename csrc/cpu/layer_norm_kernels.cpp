@@ -495,7 +495,11 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
           a.stats[row * 6 + 4] = mean;
           a.stats[row * 6 + 5] = rstd;
         }
-        std::memcpy(a.cell_out + row * H + own.begin, c + own.begin, own.count() * sizeof(acc_t));
+        // With zoneout of c the saved sequence is c after it (below).
+        if (!a.zoneout_cell) {
+          std::memcpy(a.cell_out + row * H + own.begin, c + own.begin,
+                      own.count() * sizeof(acc_t));
+        }
       }
       const acc_t* z = gate_row(r);
       acc_t* y = a.output + row * H;
@@ -517,6 +521,10 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
         const acc_t* before = c_entering + (training ? row : r) * H;
         for (int64_t u = own.begin; u < own.end; ++u) {
           c[u] = d[u] * before[u] + (acc_t(1) - d[u]) * c[u];
+        }
+        if (training) {
+          std::memcpy(a.cell_out + row * H + own.begin, c + own.begin,
+                      own.count() * sizeof(acc_t));
         }
       }
       std::memcpy(y + j, h + j, own.count() * sizeof(acc_t));
@@ -632,8 +640,10 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
   acc_t* grad_cell_gain = grad_hh_bias + G;
   acc_t* grad_cell_bias = grad_cell_gain + H;
   acc_t* grad_ih_gain = grad_cell_bias + H;
-  // Per row of a step, the two product norms' backward coefficients (finish_transposed's).
+  // Per row of a step, the two product norms' backward coefficients (finish_transposed's), and
+  // with zoneout of c a row's c~.
   std::vector<acc_t> coefficients(2 * B * 3);
+  std::vector<acc_t> cell_fresh(a.zoneout_cell ? H : 0);
 #pragma omp barrier
 
   // Step k (in backward order) first multiplies the previous step's product gradients by
@@ -678,6 +688,14 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       const acc_t mean = a.stats[row * 6 + 4], rstd = a.stats[row * 6 + 5];
       const acc_t* z = a.gates + row * G;
       const acc_t* c = a.cell_out + row * H;
+      // With zoneout of c the saved sequence is c after it; the norm saw c~ = f c_prev + i g.
+      if (a.zoneout_cell) {
+        const acc_t* c_prev = a.cell_prev + row * H;
+        for (int64_t u = own.begin; u < own.end; ++u) {
+          cell_fresh[u] = z[H + u] * c_prev[u] + z[u] * z[2 * H + u];
+        }
+        c = cell_fresh.data();
+      }
       acc_t* dh = a.grad_hidden + r * H;
       const acc_t* from_output = a.grad_output ? a.grad_output + row * H : nullptr;
       // Zoneout of h: of h's whole gradient, d goes straight to the h before (carried into

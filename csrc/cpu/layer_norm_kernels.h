@@ -34,7 +34,8 @@ struct LayerNormSequence : SequenceLayout {
   const acc_t* ih_gain;         // (G) that norm's gain
   // Zoneout (Krueger et al.), or null: c = d c_prev + (1 - d) c~ and h likewise, with d of c
   // and of h for row n at [n * stride + j] (stride 0: one row for every step, eval's
-  // expectations). c~ is what the norm of c sees and what cell_out keeps.
+  // expectations). The norm of c sees c~; cell_out keeps c after zoneout (the cell sequence),
+  // and backward makes c~ again from the gates and cell_prev.
   const acc_t* zoneout_cell;
   int64_t zoneout_cell_stride;
   const acc_t* zoneout_hidden;
