@@ -264,56 +264,48 @@ struct ProductNorm {
   acc_t* dy;   // out
 };
 
+// One step of product_norms_grads over W units at j (W = V, then 1 for the tail), adding to
+// the sums' W-lane accumulators.
+template <typename acc_t, int W>
+inline void product_norms_step(int64_t j, const acc_t* __restrict__ dz,
+                               const ProductNorm<acc_t>& hh, acc_t* __restrict__ grad_hh_bias,
+                               const ProductNorm<acc_t>& ih,
+                               typename Vec<acc_t, W>::type (&sums)[4]) {
+  using vec = typename Vec<acc_t, W>::type;
+  const auto at = [j](acc_t* p) -> vec& { return *reinterpret_cast<vec*>(p + j); };
+  const auto in = [j](const acc_t* p) -> const vec& {
+    return *reinterpret_cast<const vec*>(p + j);
+  };
+  const vec d = in(dz);
+  const vec ph = (in(hh.values) - hh.mean) * hh.rstd;
+  at(hh.grad_gain) += d * ph;
+  at(grad_hh_bias) += d;
+  const vec y = d * in(hh.gain);
+  at(hh.hat) = ph;
+  at(hh.dy) = y;
+  sums[0] += y;
+  sums[1] += y * ph;
+  const vec xh = (in(ih.values) - ih.mean) * ih.rstd;
+  at(ih.grad_gain) += d * xh;
+  const vec yx = d * in(ih.gain);
+  at(ih.hat) = xh;
+  at(ih.dy) = yx;
+  sums[2] += yx;
+  sums[3] += yx * xh;
+}
+
 template <typename acc_t, int V>
 inline void product_norms_grads(int64_t n, const acc_t* __restrict__ dz,
                                 const ProductNorm<acc_t>& hh, acc_t* __restrict__ grad_hh_bias,
                                 const ProductNorm<acc_t>& ih, acc_t sums[4]) {
-  using vec = typename Vec<acc_t, V>::type;
-#define LSTM_EXT_AT(p) (*reinterpret_cast<vec*>(p))
-#define LSTM_EXT_IN(p) (*reinterpret_cast<const vec*>(p))
-  vec s0{}, s1{}, s2{}, s3{};
+  typename Vec<acc_t, V>::type wide[4] = {};
+  typename Vec<acc_t, 1>::type narrow[4] = {};
   int64_t j = 0;
-  for (; j + V <= n; j += V) {
-    const vec d = LSTM_EXT_IN(dz + j);
-    const vec ph = (LSTM_EXT_IN(hh.values + j) - hh.mean) * hh.rstd;
-    LSTM_EXT_AT(hh.grad_gain + j) += d * ph;
-    LSTM_EXT_AT(grad_hh_bias + j) += d;
-    const vec y = d * LSTM_EXT_IN(hh.gain + j);
-    LSTM_EXT_AT(hh.hat + j) = ph;
-    LSTM_EXT_AT(hh.dy + j) = y;
-    s0 += y;
-    s1 += y * ph;
-    const vec xh = (LSTM_EXT_IN(ih.values + j) - ih.mean) * ih.rstd;
-    LSTM_EXT_AT(ih.grad_gain + j) += d * xh;
-    const vec yx = d * LSTM_EXT_IN(ih.gain + j);
-    LSTM_EXT_AT(ih.hat + j) = xh;
-    LSTM_EXT_AT(ih.dy + j) = yx;
-    s2 += yx;
-    s3 += yx * xh;
-  }
-#undef LSTM_EXT_AT
-#undef LSTM_EXT_IN
-  for (int v = 0; v < V; ++v) {
-    sums[0] += s0[v];
-    sums[1] += s1[v];
-    sums[2] += s2[v];
-    sums[3] += s3[v];
-  }
-  for (; j < n; ++j) {
-    const acc_t d = dz[j];
-    const acc_t ph = (hh.values[j] - hh.mean) * hh.rstd;
-    hh.grad_gain[j] += d * ph;
-    grad_hh_bias[j] += d;
-    hh.hat[j] = ph;
-    hh.dy[j] = d * hh.gain[j];
-    sums[0] += hh.dy[j];
-    sums[1] += hh.dy[j] * ph;
-    const acc_t xh = (ih.values[j] - ih.mean) * ih.rstd;
-    ih.grad_gain[j] += d * xh;
-    ih.hat[j] = xh;
-    ih.dy[j] = d * ih.gain[j];
-    sums[2] += ih.dy[j];
-    sums[3] += ih.dy[j] * xh;
+  for (; j + V <= n; j += V) product_norms_step<acc_t, V>(j, dz, hh, grad_hh_bias, ih, wide);
+  for (; j < n; ++j) product_norms_step<acc_t, 1>(j, dz, hh, grad_hh_bias, ih, narrow);
+  for (int k = 0; k < 4; ++k) {
+    for (int v = 0; v < V; ++v) sums[k] += wide[k][v];
+    sums[k] += narrow[k][0];
   }
 }
 
@@ -505,16 +497,13 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
       acc_t* y = a.output + row * H;
       acc_t* h = a.hidden_state + r * H;
       const int64_t j = own.begin;
+      hidden_from_cell(own.count(), z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j,
+                       a.cell_bias + j, a.zoneout_hidden ? fresh.data() : h + j);
       if (a.zoneout_hidden) {
-        hidden_from_cell(own.count(), z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j,
-                         a.cell_bias + j, fresh.data());
         const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride + j;
         for (int64_t u = 0; u < own.count(); ++u) {
           h[j + u] = d[u] * h[j + u] + (acc_t(1) - d[u]) * fresh[u];
         }
-      } else {
-        hidden_from_cell(own.count(), z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j,
-                         a.cell_bias + j, h + j);
       }
       if (a.zoneout_cell) {
         const acc_t* d = a.zoneout_cell + row * a.zoneout_cell_stride;
