@@ -303,7 +303,16 @@ GEMM_EVENTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "lstm_ext
                "mkldnn::_linear_pointwise"}
 
 
-def profile_split(run):
+def recurrence_kernels(dtype):
+    """The instructions the fused recurrence multiplies with for `dtype`: the kernel set in
+    use, except that under amx only bf16 runs on the tiles (the rest is AVX-512)."""
+    isa = torch.ops.lstm_ext.cpu_isa()
+    if isa == "amx" and dtype != torch.bfloat16:
+        return "avx512"
+    return isa
+
+
+def profile_split(run, dtype=torch.float32):
     """Where one call of `run` spends its time: GEMMs (the whole-sequence products, and the
     per-step ones where the step loop runs), the recurrence (the fused CPU kernel, or the
     step loop's elementwise passes), and everything else (allocation, copies, dispatch,
@@ -324,7 +333,7 @@ def profile_split(run):
     libraries = []
     if "lstm_ext::recurrence" in keys:
         libraries.append(f"per-step products in lstm_ext's fused recurrence "
-                         f"({torch.ops.lstm_ext.cpu_isa()})")
+                         f"({recurrence_kernels(dtype)})")
     if "lstm_ext::step_gemm" in keys:
         libraries.append("per-step products in the step loop's GEMM ("
                          + ("MKL packed" if torch.ops.lstm_ext.cpu_packed_gemm_enabled()
@@ -375,7 +384,7 @@ def measure(row, device, repeats, warmup, profile=False):
         result["speedup_over_fp32"] = result["ours_fp32_ms"] / result["ours_ms"]
     result["baseline_kernel"] = baseline_kernel(runs["torch"])
     if profile:
-        result["profile"] = profile_split(runs["ours"])
+        result["profile"] = profile_split(runs["ours"], getattr(torch, row.dtype))
     if row.mode == "decode" or row.batch <= SMALL_BATCH:
         weight_bytes, working_set = bytes_read(row, ours, rows_of_data)
         bandwidth = read_bandwidth(working_set, device)

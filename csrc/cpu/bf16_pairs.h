@@ -1,7 +1,8 @@
 // bf16 products on the CPU's bf16 dot-product instruction (vdpbf16ps: 16 fp32 lanes, each
-// adding the products of one pair of bf16 numbers), for bf16 recurrences under avx512_bf16.
-// Weights are packed in pairs of consecutive k (the VNNI layout); the rows they multiply are the
-// bf16 tensors themselves, read a pair at a time.
+// adding the products of one pair of bf16 numbers), for bf16 recurrences under avx512_bf16, and
+// on AMX tiles (tdpbf16ps: a 16 x 32 bf16 tile times a 16-pair x 16 tile, into 16 x 16 fp32)
+// under amx. Weights are packed in pairs of consecutive k (the VNNI layout, which is also the
+// layout of an AMX right-hand tile); the rows they multiply are the bf16 tensors themselves.
 #pragma once
 
 #include "isa.h"
@@ -70,6 +71,68 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_produ
     if (n < R) return pair_tile_product_n<R - 1>(n, pairs, in, panel, ld, out, accumulate);
   }
   pair_tile_product<R>(pairs, in, panel, ld, out, accumulate);
+}
+
+// AMX: rows per tile, and pairs of k per step of the tile product.
+constexpr int kAmxRows = 16;
+constexpr int kAmxPairs = 16;
+
+// The tile shapes amx_product uses, loaded into this thread's tile registers: tiles 0-3 the
+// four 16 x 16 fp32 accumulators (64 output columns), 4 the rows (16 x 32 bf16), 5-7 the
+// panel (16 pairs x 16 columns). Released with amx_release() before the thread leaves the
+// kernel, so that other code sees the tiles as it left them (unconfigured).
+__attribute__((target("amx-tile"))) inline void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  // ldtilecfg reads all 64 bytes, though its operand names fewer: keep every store.
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+__attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
+
+// out[r][c] = sum_k in[r][k] * W[k][c] for kAmxRows rows r of `in` (row_stride values apart,
+// all readable) and 64 columns c (out's rows 64 apart), k over 2 * pairs values, pairs a
+// multiple of kAmxPairs; with accumulate, out += the same. The panel is pair_tile_product's
+// (ld 64). Needs amx_configure() on this thread.
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_product(
+    int64_t pairs, const c10::BFloat16* in, int64_t row_stride, const uint32_t* panel,
+    float* out, bool accumulate) {
+  constexpr int64_t ld = 64, out_bytes = 64 * sizeof(float), panel_bytes = ld * 4;
+  const int64_t in_bytes = row_stride * 2;
+  if (accumulate) {
+    _tile_loadd(0, out, out_bytes);
+    _tile_loadd(1, out + 16, out_bytes);
+    _tile_loadd(2, out + 32, out_bytes);
+    _tile_loadd(3, out + 48, out_bytes);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t p = 0; p < pairs; p += kAmxPairs) {
+    const uint32_t* w = panel + p * ld;
+    _tile_loadd(4, in + 2 * p, in_bytes);
+    _tile_loadd(5, w, panel_bytes);
+    _tile_loadd(6, w + 16, panel_bytes);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(7, w + 32, panel_bytes);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, w + 48, panel_bytes);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, out, out_bytes);
+  _tile_stored(1, out + 16, out_bytes);
+  _tile_stored(2, out + 32, out_bytes);
+  _tile_stored(3, out + 48, out_bytes);
 }
 #endif
 

@@ -14,15 +14,36 @@
 #include <cstring>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace lstm_ext {
 namespace cpu {
 namespace {
+
+#if LSTM_EXT_X86_VARIANTS
+// Whether Linux lets this process use the AMX tile data (it must be asked for once per process;
+// a kernel that does not know AMX says no).
+bool amx_permitted() {
+#if defined(__linux__)
+  constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+  return false;
+#endif
+}
+#endif
 
 Isa best_supported_isa() {
 #if LSTM_EXT_X86_VARIANTS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) {
-    return __builtin_cpu_supports("avx512bf16") ? Isa::avx512_bf16 : Isa::avx512;
+    if (!__builtin_cpu_supports("avx512bf16")) return Isa::avx512;
+    const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
+    return amx && amx_permitted() ? Isa::amx : Isa::avx512_bf16;
   }
   if (__builtin_cpu_supports("x86-64-v3")) return Isa::avx2;
 #endif
@@ -35,7 +56,9 @@ Isa choose_isa() {
   if (setting == nullptr || *setting == '\0') return best;
   const std::string name(setting);
   Isa wanted;
-  if (name == "avx512_bf16") {
+  if (name == "amx") {
+    wanted = Isa::amx;
+  } else if (name == "avx512_bf16") {
     wanted = Isa::avx512_bf16;
   } else if (name == "avx512") {
     wanted = Isa::avx512;
@@ -45,9 +68,8 @@ Isa choose_isa() {
     wanted = Isa::baseline;
   } else {
     TORCH_CHECK(false, "LSTM_EXT_CPU_ISA=", name,
-                " is not an instruction set lstm_ext knows; use avx512_bf16, avx512, avx2 or "
-                "baseline, or "
-                "leave it unset for the best this CPU supports");
+                " is not an instruction set lstm_ext knows; use amx, avx512_bf16, avx512, "
+                "avx2 or baseline, or leave it unset for the best this CPU supports");
   }
   TORCH_CHECK(wanted <= best, "LSTM_EXT_CPU_ISA=", name, " asks for instructions this CPU lacks; "
               "it supports up to ", isa_name(best));
@@ -55,12 +77,12 @@ Isa choose_isa() {
 }
 
 // One wrapper per instruction set and pass; flatten compiles the whole template for it.
-LSTM_EXT_KERNEL_VARIANTS(forward_kernel, forward_thread,
-                         (const SequenceForward<T>& a, int thread, int threads),
-                         (a, thread, threads))
-LSTM_EXT_KERNEL_VARIANTS(backward_kernel, backward_thread,
-                         (const SequenceBackward<T>& a, int thread, int threads),
-                         (a, thread, threads))
+LSTM_EXT_KERNEL_VARIANTS_AMX(forward_kernel, forward_thread,
+                             (const SequenceForward<T>& a, int thread, int threads),
+                             (a, thread, threads))
+LSTM_EXT_KERNEL_VARIANTS_AMX(backward_kernel, backward_thread,
+                             (const SequenceBackward<T>& a, int thread, int threads),
+                             (a, thread, threads))
 
 // out (M, N) = x (M, K) w (N, K)^T [+ bias] for M <= kDirectRows, on output columns
 // [begin, end): dot products over w's rows in place, four at a time.
@@ -111,6 +133,7 @@ LSTM_EXT_KERNEL_VARIANTS(small_linear_kernel, small_linear_columns,
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::amx: return "amx";
     case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";

@@ -65,6 +65,7 @@ struct Tiling {
 template <typename acc_t>
 int64_t lanes(Isa isa) {
   switch (isa) {
+    case Isa::amx:
     case Isa::avx512_bf16:
     case Isa::avx512: return Tiling<Isa::avx512, acc_t>::V;
     case Isa::avx2: return Tiling<Isa::avx2, acc_t>::V;
@@ -219,16 +220,20 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 
   // Without a panel the weights are read in place by dot products (small batches).
   const bool direct = a.panel == nullptr;
-  constexpr int RT = std::max(R, kDirectRows);  // rows per tile, either way
-  const int64_t tile_rows = direct ? kDirectRows : R;
 
   // bf16 under avx512_bf16 multiplies bf16 pairs (bf16_pairs.h): panels of pairs of k, and
   // the bf16 h itself (the previous step's output rows, or h0) as the rows. An odd H, whose
   // last pair would run past a row, takes the fp32 panels.
-  constexpr bool kPairKernel = isa == Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool kPairKernel = isa >= Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
   // A recurrent-dropout mask takes the fp32 panels too: the pair kernel reads h where it is
   // stored, unmasked.
   const bool pairs = kPairKernel && !direct && H % 2 == 0 && a.recurrent_mask == nullptr;
+  // Under amx the same panels are multiplied on AMX tiles, kAmxRows rows at a time, where H is
+  // whole steps of the tile product (otherwise by the dot-product instruction).
+  constexpr bool kAmxKernel = isa == Isa::amx && kPairKernel;
+  const bool amx = kAmxKernel && pairs && H % (2 * kAmxPairs) == 0;
+  constexpr int RT = std::max({R, kDirectRows, kAmxKernel ? kAmxRows : 0});  // rows per tile
+  const int64_t tile_rows = direct ? kDirectRows : amx ? kAmxRows : R;
   // Panel rows written per pass over a block's rows of W_hh when packing (see below).
   constexpr int64_t kPackChunk = 16;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
@@ -280,6 +285,15 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 #pragma omp barrier
 
   const int64_t G = 4 * H;
+  // AMX tiles read kAmxRows rows of h in place where a step's rows are that many and come from
+  // one tensor, else from this copy of them.
+  std::vector<c10::BFloat16> amx_rows_copy;
+  if constexpr (kAmxKernel) {
+    if (amx) {
+      amx_rows_copy.resize(std::max<int64_t>(B, kAmxRows) * H);
+      amx_configure();
+    }
+  }
   // int8 weights read in place multiply each step's h rows (and, with the input projection
   // fused, its x rows) rounded to int16; each thread rounds all of them for itself.
   const bool int8 = direct && a.w_hh_int8 != nullptr;
@@ -295,6 +309,23 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     if (rows == 0) continue;
     const acc_t* h_prev = a.h_work + (1 + ((processed + 1) & 1)) * B * H;
     acc_t* h_next = a.h_work + (1 + (processed & 1)) * B * H;
+    // Under amx: the step's rows of h, kAmxRows readable from each row.
+    const c10::BFloat16* amx_rows = nullptr;
+    if constexpr (kAmxKernel) {
+      if (amx) {
+        const scalar_t* from_output = a.output + prev_offset * H;
+        if (rows >= kAmxRows && (prev_rows == 0 || rows <= prev_rows)) {
+          amx_rows = prev_rows == 0 ? a.hidden_state : from_output;
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            std::memcpy(amx_rows_copy.data() + r * H,
+                        (r < prev_rows ? from_output : a.hidden_state) + r * H,
+                        H * sizeof(scalar_t));
+          }
+          amx_rows = amx_rows_copy.data();
+        }
+      }
+    }
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (int64_t r = 0; int8 && r < rows; ++r) {
         h_int16.set(r, (r < prev_rows ? h_prev : h0) + r * H);
@@ -320,6 +351,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           for (int g = 0; g < 4; ++g) __builtin_prefetch(gate_row + g * H, 1);
         }
         alignas(64) acc_t products[RT * 4 * V];
+        int64_t shift = 0;  // the tile's first row in products
         if (direct) {
           // Unit j's four gate rows of W_hh are H rows apart.
           const acc_t* w = in_place_weight<acc_t>(a.w_hh);
@@ -363,6 +395,15 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
               }
             }
           }
+        } else if (amx) {
+          if constexpr (kAmxKernel) {
+            // Where the step has kAmxRows rows or more, the tile product starts early enough
+            // to stay inside them (rows before r0 computed again, and not used).
+            const int64_t first = std::max<int64_t>(0, std::min(r0, rows - kAmxRows));
+            shift = r0 - first;
+            amx_product(H / 2, amx_rows + first * H, H, pair_panels + jb * (H / 2) * 4 * V,
+                        products, false);
+          }
         } else if (pairs) {
           if constexpr (kPairKernel) {
             const scalar_t* in_pairs[R] = {};
@@ -379,7 +420,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         }
         for (int i = 0; i < n; ++i) {
           const int64_t r = r0 + i, row = offset + r;
-          const acc_t* p = products + i * 4 * V;
+          const acc_t* p = products + (shift + i) * 4 * V;
           scalar_t* gate_row = a.gates ? a.gates + row * G : nullptr;
           alignas(64) acc_t z[4 * V];
           alignas(64) acc_t h[V];
@@ -439,6 +480,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     prev_offset = offset;
     ++processed;
 #pragma omp barrier
+  }
+  if constexpr (kAmxKernel) {
+    if (amx) amx_release();
   }
 
   // h_n: each sequence's h after its last step. Forward, the sequences of step t that step
@@ -503,8 +547,12 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
 
   // bf16 under avx512_bf16 multiplies bf16 pairs (bf16_pairs.h): panels of pairs of rows of
   // W_hh, and the previous step's bf16 gate gradients themselves as the rows.
-  constexpr bool kPairKernel = isa == Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool kPairKernel = isa >= Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
   const bool pairs = kPairKernel;
+  // Under amx the same panels are multiplied on AMX tiles, where 4H is whole steps of the tile
+  // product.
+  constexpr bool kAmxKernel = isa == Isa::amx && kPairKernel;
+  const bool amx = kAmxKernel && G % (2 * kAmxPairs) == 0;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
   if constexpr (kPairKernel) {
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
@@ -537,6 +585,15 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     }
   }
 #pragma omp barrier
+  // AMX tiles read kAmxRows rows of the gate gradients in place where a step has that many,
+  // else from this copy of them.
+  std::vector<c10::BFloat16> amx_rows_copy;
+  if constexpr (kAmxKernel) {
+    if (amx) {
+      amx_rows_copy.resize(kAmxRows * G);
+      amx_configure();
+    }
+  }
 
   // Step k (in backward order) first finishes the product of the previous step's gate
   // gradients with W_hh, dh carried into this step; rows of the previous step that this step
@@ -554,6 +611,16 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     const acc_t* grad_prev = a.grad_work + ((processed + 1) & 1) * B * G;
     acc_t* grad_next = a.grad_work + (processed & 1) * B * G;
     const int64_t span = std::max(rows, prev_rows);
+    const c10::BFloat16* amx_rows = nullptr;
+    if constexpr (kAmxKernel) {
+      if (amx) {
+        amx_rows = a.grad_gates + prev_offset * G;
+        if (prev_rows < kAmxRows) {
+          std::memcpy(amx_rows_copy.data(), amx_rows, prev_rows * G * sizeof(scalar_t));
+          amx_rows = amx_rows_copy.data();
+        }
+      }
+    }
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
       const bool in_place = jb < a.in_place_blocks;
@@ -563,7 +630,24 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       // that a chunk of the panel and of the rows' gradients stay in L2 across all the tiles.
       acc_t* carried = a.carry_work + thread * B * U;
       scalar_t* staged = a.transpose_work + thread * 4 * U * B;
-      const Tiles carried_tiles(prev_rows, R);
+      if constexpr (kAmxKernel) {
+        // The whole 4H-long sum per tile (the tiles keep it); where the step has kAmxRows
+        // rows or more, the last tile starts early enough to stay inside them and writes
+        // rows before r0 again with the same values.
+        const Tiles amx_tiles(amx ? prev_rows : 0, kAmxRows);
+        for (int64_t tile = 0; tile < amx_tiles.count; ++tile) {
+          const uint32_t* panel = pair_panels + jb * (G / 2) * U;
+          if (prev_rows < kAmxRows) {
+            alignas(64) float products[kAmxRows * U];
+            amx_product(G / 2, amx_rows, G, panel, products, false);
+            std::memcpy(carried, products, prev_rows * U * sizeof(float));
+            continue;
+          }
+          const int64_t first = std::min(amx_tiles.begin(tile), prev_rows - kAmxRows);
+          amx_product(G / 2, amx_rows + first * G, G, panel, carried + first * U, false);
+        }
+      }
+      const Tiles carried_tiles(amx ? 0 : prev_rows, R);
       for (int64_t k0 = 0; k0 < G; k0 += kBackwardChunk<acc_t, U>) {
         const int64_t kn = std::min<int64_t>(kBackwardChunk<acc_t, U>, G - k0);
         for (int64_t tile = 0; tile < carried_tiles.count; ++tile) {
@@ -692,6 +776,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     prev_offset = offset;
     ++processed;
 #pragma omp barrier
+  }
+  if constexpr (kAmxKernel) {
+    if (amx) amx_release();
   }
 }
 
