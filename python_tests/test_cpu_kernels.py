@@ -124,6 +124,15 @@ def test_fused_recurrence_matches_the_step_loop():
         assert stepwise["errors"][name] <= TOLERANCE[dtype_of(name)]
 
 
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_whole_sequence_products_through_either_library(onednn):
+    """The input projection, dx and dW go through torch's oneDNN or ATen (MKL) depending on the
+    CPU's vendor; both routes, forced, against fp64, whatever this machine would pick."""
+    result = run_variant(OPS.cpu_isa(), {"LSTM_EXT_ONEDNN_LINEAR": onednn})
+    for name, error in result["errors"].items():
+        assert error <= TOLERANCE[dtype_of(name)], (onednn, name, error)
+
+
 def layer_call(dtype, hidden=130, batch=37, steps=6, input_size=11, reverse=False):
     generator = torch.Generator().manual_seed(7)
 

@@ -32,10 +32,29 @@ const c10::TypedOperatorHandle<LinearPointwise>* onednn_linear() {
   return handle.has_value() ? &*handle : nullptr;
 }
 
-// Whether oneDNN takes products of this dtype: fp32 everywhere, bf16 where the CPU multiplies
+// Whether oneDNN takes the fp32 products. MKL (behind at::mm on x86 wheels) picks its kernels
+// by CPU vendor: on AMD it ran at about half of oneDNN's speed (Zen 4 and Zen 5), on Intel it
+// measured as fast or up to 20 % faster for the LSTM's shapes (Emerald Rapids), and it reads
+// the backward's transposed operands in place where oneDNN takes copies. So: oneDNN except on
+// Intel CPUs; LSTM_EXT_ONEDNN_LINEAR=1 or =0 forces either (=0 for bf16 too).
+bool onednn_for_fp32() {
+  static const bool use = [] {
+    const char* setting = std::getenv("LSTM_EXT_ONEDNN_LINEAR");
+    if (setting && *setting) return std::strcmp(setting, "0") != 0;
+#if LSTM_EXT_X86_VARIANTS
+    __builtin_cpu_init();
+    return !__builtin_cpu_is("intel");
+#else
+    return true;
+#endif
+  }();
+  return use;
+}
+
+// Whether oneDNN takes products of this dtype: fp32 as above, bf16 where the CPU multiplies
 // bf16 natively (on an AVX-512 CPU without it oneDNN emulates bf16, and at::addmm is no slower).
 bool onednn_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat ||
+  return (dtype == at::kFloat && onednn_for_fp32()) ||
          (dtype == at::kBFloat16 && cpu::active_isa() >= cpu::Isa::avx512_bf16);
 }
 
