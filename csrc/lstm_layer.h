@@ -211,6 +211,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
                             const std::optional<at::Tensor>& zoneout_cell,
                             const std::optional<at::Tensor>& zoneout_hidden, bool return_cells) {
   constexpr const char* op = "lstm_layer_forward";
+  // The products inside run in the dtypes the op was given (under torch.autocast, the ones
+  // ops.cpp's autocast wrapper chose), never recast by autocast on their way to ATen.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const LayerShape s =
       checked_forward_args(op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   const std::optional<at::Tensor> mask = checked_recurrent_mask(op, s, input, recurrent_mask);
@@ -389,6 +392,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
                               const std::optional<at::Tensor>& zoneout_hidden,
                               const std::optional<at::Tensor>& grad_cells) {
   constexpr const char* op = "lstm_layer_backward";
+  // As in layer_forward: a backward run inside an autocast region (the engine carries the
+  // caller's autocast state) keeps the forward's dtypes.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // The kernels read the saved tensors through raw row pointers, so any other layout (a caller,
   // or a compiled graph, may pass one) is made contiguous first: a no-op for what forward saved.
   const SavedForBackward saved{gates.contiguous(), cell_prev.contiguous(), hidden_prev,

@@ -147,6 +147,25 @@ def test_autocast_cpu_bf16_like_nn_lstm():
     compare(ours_result, exact, 3e-2)
 
 
+@pytest.mark.parametrize("proj_size", [0, 4])
+def test_backward_inside_autocast_keeps_the_forwards_dtype(proj_size):
+    """A forward run outside autocast and its backward run inside it (the engine carries the
+    caller's autocast state into the backward): the backward's products stay in fp32, bit for
+    bit as outside, whichever library takes them (with a projection, ATen's at::mm on any
+    CPU)."""
+    torch.manual_seed(5)
+    module = lstm_ext.LSTM(8, 16, proj_size=proj_size)
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    output, _ = module(x)
+    grad = torch.randn_like(output)
+    leaves = [x, *module.parameters()]
+    expected = torch.autograd.grad(output, leaves, grad, retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = torch.autograd.grad(output, leaves, grad)
+    for got, want in zip(result, expected):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("module_type", [lstm_ext.LSTM, lstm_ext.LSTMCell])
 def test_autocast_leaves_fp64_alone_like_nn_lstm(module_type):
     """Autocast casts fp32 only: an fp64 module with fp64 input runs in fp64, bit for bit as

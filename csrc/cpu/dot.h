@@ -70,10 +70,15 @@ inline void dot_rows(int64_t K, const weight_t* w, int64_t w_step, const acc_t* 
       for (int g = 0; g < 4; ++g) acc[g][i] += wv[g] * xv;
     }
   }
+  // The 4N accumulators' lanes summed by vector folds (vec.h), padded to a power of two.
+  constexpr int M = std::bit_ceil(unsigned{4 * N});
+  vec all[M];
+  for (int m = 0; m < M; ++m) all[m] = m < 4 * N ? acc[m / N][m % N] : vec{};
+  acc_t sums[M];
+  lane_sums<acc_t, V, M>(all, 4 * N, sums);
   for (int g = 0; g < 4; ++g) {
     for (int i = 0; i < N; ++i) {
-      acc_t sum = 0;
-      for (int lane = 0; lane < V; ++lane) sum += acc[g][i][lane];
+      acc_t sum = sums[g * N + i];
       for (int64_t kk = k; kk < K; ++kk) sum += static_cast<acc_t>(w[g * w_step + kk]) * x[i][kk];
       out[g * N + i] = sum;
     }

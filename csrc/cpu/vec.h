@@ -42,5 +42,38 @@ inline void transpose_square(typename Vec<T, n>::type* rows) {
   }
 }
 
+// Sums of the lanes of M vectors of n lanes (M a power of two), the vectors overwritten: folded
+// in pairs as transpose_square pairs them, the two halves of each swap added instead of kept,
+// so that the vectors left halve each round (one left is folded with itself). Afterwards lane c
+// of vector j holds the sum of vector j * n + c (M >= n), or lane c of vector 0 that of vector c
+// (M < n): M - 1 vector adds and twice as many shuffles, against M * n dependent scalar adds
+// (GCC keeps a plain loop over the lanes in order, as IEEE addition asks).
+template <typename T, int n, int M, int s = 1>
+inline void fold_lanes(typename Vec<T, n>::type* v) {
+  if constexpr (s < n) {
+    constexpr auto lanes = std::make_index_sequence<n>{};
+    if constexpr (M > 1) {
+      for (int i = 0; i < M / 2; ++i) {
+        auto a = v[2 * i], b = v[2 * i + 1];
+        swap_blocks<s>(a, b, lanes);
+        v[i] = a + b;
+      }
+      fold_lanes<T, n, M / 2, 2 * s>(v);
+    } else {
+      auto a = v[0], b = v[0];
+      swap_blocks<s>(a, b, lanes);
+      v[0] = a + b;
+      fold_lanes<T, n, 1, 2 * s>(v);
+    }
+  }
+}
+
+// out[m] = the sum of the lanes of v[m] for m < count <= M, by fold_lanes (v overwritten).
+template <typename T, int n, int M>
+inline void lane_sums(typename Vec<T, n>::type* v, int count, T* out) {
+  fold_lanes<T, n, M>(v);
+  for (int m = 0; m < count; ++m) out[m] = M >= n ? v[m / n][m % n] : v[0][m];
+}
+
 }  // namespace cpu
 }  // namespace lstm_ext
