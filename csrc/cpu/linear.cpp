@@ -61,7 +61,7 @@ bool onednn_dtype(at::ScalarType dtype) {
 }  // namespace
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
-                      const std::optional<at::Tensor>& bias) {
+                      const std::optional<at::Tensor>& bias, std::optional<cpu::Workspace> into) {
   // A few rows (a decode step) are bound by reading w once, which dot products on w in place
   // do; oneDNN would reorder w first.
   if (auto small = cpu::small_linear(x, w, bias)) return *small;
@@ -84,6 +84,10 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                         bias.has_value() ? std::optional<at::Tensor>(bias->contiguous())
                                          : std::nullopt,
                         "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  if (into.has_value()) {
+    at::Tensor out = cpu::workspace(*into, {x.size(0), w.size(0)}, x.options());
+    return bias.has_value() ? at::addmm_out(out, *bias, x, w.t()) : at::mm_out(out, x, w.t());
   }
   if (bias.has_value()) return at::addmm(*bias, x, w.t());
   return at::mm(x, w.t());

@@ -1,6 +1,8 @@
 // The CPU's whole-sequence products (input projection, dx, dW): x @ w^T + bias.
 #pragma once
 
+#include "workspace.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -13,7 +15,11 @@ namespace lstm_ext {
 // which runs at the CPU's own vector width on any vendor's x86 CPU (the MKL behind at::mm ran at
 // about half of it on AMD, and at::addmm first copies the broadcast bias into its output); other
 // dtypes, empty products, a torch without oneDNN, or LSTM_EXT_ONEDNN_LINEAR=0 use at::addmm.
+// With a workspace slot, a result that never leaves the caller's call is written into that
+// slot's kept memory where the product can write into given memory (at::addmm's route; oneDNN
+// allocates its own), instead of fresh pages.
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
-                      const std::optional<at::Tensor>& bias);
+                      const std::optional<at::Tensor>& bias,
+                      std::optional<cpu::Workspace> into = std::nullopt);
 
 }  // namespace lstm_ext
