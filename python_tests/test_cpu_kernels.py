@@ -237,8 +237,10 @@ def test_inference_does_not_fault_in_fresh_pages_for_its_input_projection():
     """A fresh allocation of 64 MB comes as pages the OS zeroes on first touch (0.4 ms per MB on
     the development VMs); an inference forward's input projection (T B x 4H: here 64 MB in
     fp64, over glibc's largest mmap threshold, so never recycled by malloc) is kept memory
-    instead, and repeated calls fault in next to none. fp64, whose product always writes into
-    given memory (fp32 on a non-Intel CPU goes through oneDNN, which allocates its own)."""
+    instead. The output, a quarter of its size, is a fresh allocation that malloc recycles or
+    not depending on what ran before in the process, so repeated calls may fault in up to that
+    many pages, and must stay well below the projection's. fp64, whose product always writes
+    into given memory (fp32 on a non-Intel CPU goes through oneDNN, which allocates its own)."""
     import resource
 
     torch.manual_seed(4)
@@ -251,7 +253,7 @@ def test_inference_does_not_fault_in_fresh_pages_for_its_input_projection():
         for _ in range(3):
             model(inputs)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
-    assert faults < pages / 4, (faults, pages)
+    assert faults < pages / 2, (faults, pages)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"H{c['hidden_size']}")
