@@ -234,8 +234,8 @@ def test_inference_results_do_not_share_the_kept_scratch_memory():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
 def test_inference_does_not_fault_in_fresh_pages_for_its_input_projection():
-    """A fresh allocation of 64 MB comes as pages the OS zeroes on first touch (0.4 ms per MB on
-    the development VMs); an inference forward's input projection (T B x 4H: here 64 MB in
+    """A fresh allocation of 64 MB comes as pages the OS zeroes on first touch (workspace.h);
+    an inference forward's input projection (T B x 4H: here 64 MB in
     fp64, over glibc's largest mmap threshold, so never recycled by malloc) is kept memory
     instead. The output, a quarter of its size, is a fresh allocation that malloc recycles or
     not depending on what ran before in the process, so repeated calls may fault in up to that

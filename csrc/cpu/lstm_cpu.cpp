@@ -109,8 +109,7 @@ struct CpuKernels {
   }
 
   // An inference forward's input projection is dropped when the call returns: kept memory
-  // (fresh pages for it cost 0.4 ms per MB on the development VMs, and it is 32 MB at H 256,
-  // B 64, T 128).
+  // (see workspace.h; it is 32 MB at H 256, B 64, T 128).
   static at::Tensor inference_linear(const at::Tensor& x, const at::Tensor& w,
                                      const std::optional<at::Tensor>& bias) {
     return cpu_linear(x, w, bias, cpu::Workspace::inference_gates);

@@ -15,9 +15,9 @@ class TrainConfig:
     # The README's main job is these defaults with --layer-norm --max-steps 560: a 2 x 256
     # character model, about 2.8 passes over the default corpus in under 5 minutes on 2 cores
     # of the slower of our CPUs, valid about 1.76 bits/char, samples of Python with real
-    # identifiers. The LayerNorm leaves
-    # the early plateau at once: the plain model at the same rate sat there for hundreds of
-    # steps under some seeds (valid 2.5 after 1000 steps with --seed 1, 1.8 with the default).
+    # identifiers. The LayerNorm leaves the early plateau at once: the plain model at the same
+    # rate sat there for hundreds of steps under some seeds (valid 2.5 after 1000 steps with
+    # --seed 1, 1.8 with the default).
     # The rate is high because the runs are short: at 4e-3 the plain 1000 steps ended at 2.16.
     data: str = None
     level: str = "char"
