@@ -376,8 +376,9 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
   enum { kProducts, kInputs, kCells };
 
   for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
-    pack_forward_block<acc_t, V>(a.panel + jb * H * 4 * V, H, jb,
-                                 [&](int64_t row, int64_t k) { return a.w_hh[row * H + k]; });
+    pack_forward_block<acc_t, V>(
+        a.panel + jb * H * 4 * V, H, jb,
+        [&](int64_t row, int64_t k) { return a.w_hh[row * H + k]; }, a.w_hh, H);
   }
   // Workspace: the h that W_hh multiplies (h itself without a mask), then in inference one
   // step's products and gates, and the c entering the step (zoneout mixes it in).

@@ -143,14 +143,36 @@ inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t
   tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate);
 }
 
+// Panel columns [column, column + V) of rows [k0, k0 + V) (panel rows ld apart) from V rows of a
+// weight (rows row_stride apart, k contiguous), values [k0, k0 + V) of each: one V x V square
+// transposed in registers. T is any 4- or 8-byte type; only its bits move.
+template <typename T, int V>
+inline void pack_square(const T* rows, int64_t row_stride, int64_t k0, T* panel, int64_t ld) {
+  using vec = typename Vec<T, V>::type;
+  vec square[V];
+  for (int v = 0; v < V; ++v) square[v] = *reinterpret_cast<const vec*>(rows + v * row_stride + k0);
+  transpose_square<T, V>(square);
+  for (int k = 0; k < V; ++k) *reinterpret_cast<vec*>(panel + (k0 + k) * ld) = square[k];
+}
+
 // Writes block jb of the forward panels (see the top of this file) for a hidden size H, from
-// value(row, k), W_hh[row, k] in the math type; units past H get zeros. In chunks of
-// kPackChunk values of k: each of the block's rows of W_hh is read 64 bytes at a time, and the
-// panel rows being written stay in L1 until they are whole.
+// value(row, k), W_hh[row, k] in the math type; units past H get zeros. Given `rows` (W_hh
+// itself in the math type, rows row_stride apart, k contiguous), a block of whole units is
+// copied V x V squares at a time (pack_square) and only a last partial square through value().
+// Otherwise in chunks of kPackChunk values of k: each of the block's rows of W_hh is read 64
+// bytes at a time, and the panel rows being written stay in L1 until they are whole.
 template <typename acc_t, int V, typename Value>
-inline void pack_forward_block(acc_t* panel, int64_t H, int64_t jb, Value value) {
+inline void pack_forward_block(acc_t* panel, int64_t H, int64_t jb, Value value,
+                               const acc_t* rows = nullptr, int64_t row_stride = 0) {
   constexpr int64_t kPackChunk = 16;
-  for (int64_t k0 = 0; k0 < H; k0 += kPackChunk) {
+  const int64_t squares_end = rows != nullptr && (jb + 1) * V <= H ? H / V * V : 0;
+  for (int g = 0; g < 4; ++g) {
+    for (int64_t k0 = 0; k0 < squares_end; k0 += V) {
+      pack_square<acc_t, V>(rows + (g * H + jb * V) * row_stride, row_stride, k0,
+                            panel + g * V, 4 * V);
+    }
+  }
+  for (int64_t k0 = squares_end; k0 < H; k0 += kPackChunk) {
     const int64_t kn = std::min(kPackChunk, H - k0);
     for (int g = 0; g < 4; ++g) {
       for (int v = 0; v < V; ++v) {
@@ -238,10 +260,20 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   constexpr int64_t kPackChunk = 16;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
   if constexpr (kPairKernel) {
-    // In chunks of kPackChunk pairs, as pack_forward_block does.
+    // As pack_forward_block does: W_hh's rows as rows of pairs, V x V squares of them
+    // transposed in registers where they are contiguous, the rest in chunks of kPackChunk.
+    const bool pair_rows = a.w_stride1 == 1 && a.w_stride0 % 2 == 0 &&
+                           reinterpret_cast<uintptr_t>(a.w_hh) % sizeof(uint32_t) == 0;
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
       uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
-      for (int64_t p0 = 0; p0 < H / 2; p0 += kPackChunk) {
+      const int64_t squares_end = pair_rows && (jb + 1) * V <= H ? H / 2 / V * V : 0;
+      for (int g = 0; g < 4; ++g) {
+        const uint32_t* rows = reinterpret_cast<const uint32_t*>(a.w_hh + (g * H + jb * V) * a.w_stride0);
+        for (int64_t p0 = 0; p0 < squares_end; p0 += V) {
+          pack_square<uint32_t, V>(rows, a.w_stride0 / 2, p0, panel + g * V, 4 * V);
+        }
+      }
+      for (int64_t p0 = squares_end; p0 < H / 2; p0 += kPackChunk) {
         const int64_t pn = std::min(kPackChunk, H / 2 - p0);
         for (int g = 0; g < 4; ++g) {
           for (int v = 0; v < V; ++v) {
@@ -263,12 +295,16 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 
   // This thread's panels and its columns of h0 in the math type.
   for (int64_t jb = mine.begin; jb < mine.end && !direct && !pairs; ++jb) {
-    pack_forward_block<acc_t, V>(a.panel + jb * H * 4 * V, H, jb, [&](int64_t row, int64_t k) {
-      const int64_t at = row * a.w_stride0 + k * a.w_stride1;
-      // int8 rows are dequantized into the panel.
-      return a.w_hh_int8 != nullptr ? a.w_hh_int8[at] * a.w_hh_scale[row]
-                                    : cast<acc_t>(a.w_hh[at]);
-    });
+    pack_forward_block<acc_t, V>(
+        a.panel + jb * H * 4 * V, H, jb,
+        [&](int64_t row, int64_t k) {
+          const int64_t at = row * a.w_stride0 + k * a.w_stride1;
+          // int8 rows are dequantized into the panel.
+          return a.w_hh_int8 != nullptr ? a.w_hh_int8[at] * a.w_hh_scale[row]
+                                        : cast<acc_t>(a.w_hh[at]);
+        },
+        a.w_hh_int8 == nullptr && a.w_stride1 == 1 ? in_place_weight<acc_t>(a.w_hh) : nullptr,
+        a.w_stride0);
   }
   const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
   // h as W_hh multiplies it: times the recurrent-dropout mask, rounded to the storage type
