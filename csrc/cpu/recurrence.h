@@ -143,8 +143,8 @@ inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t
   tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate);
 }
 
-// Panel columns [column, column + V) of rows [k0, k0 + V) (panel rows ld apart) from V rows of a
-// weight (rows row_stride apart, k contiguous), values [k0, k0 + V) of each: one V x V square
+// Panel rows [k0, k0 + V) (ld apart) of the V columns starting at `panel`, from values
+// [k0, k0 + V) of V rows of a weight (row_stride apart, k contiguous): one V x V square
 // transposed in registers. T is any 4- or 8-byte type; only its bits move.
 template <typename T, int V>
 inline void pack_square(const T* rows, int64_t row_stride, int64_t k0, T* panel, int64_t ld) {
