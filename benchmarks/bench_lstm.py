@@ -527,7 +527,8 @@ def table(rows, summary, machine, command):
         "limit is the GEMM roof in the row's dtype (the better of torch.mm and torch's "
         "oneDNN, measured in the same run) or, for batches of at most "
         f"{SMALL_BATCH} and decode, the weight-read floor (the weights a call must read, over "
-        "the read bandwidth of a working set that size measured in the same run).",
+        "the read bandwidth of a working set that size measured in the same run) where that "
+        "floor is the tighter bound.",
         "" if machine.get("gpu") else cpu_line(machine),
         "",
         "| group | rows | median ratio | target | met |",
@@ -562,11 +563,13 @@ def table(rows, summary, machine, command):
 
 
 def limit_text(results):
-    """Where a row stands against its limit: the weight-read floor for small batches and
-    decode, the GEMM roof otherwise."""
-    if "bound_fraction" in results:
+    """Where a row stands against its limit: the GEMM roof, or for small batches and decode the
+    weight-read floor, unless the roof is the tighter of the two there (a CPU whose multiply-adds,
+    not its reads, bound a batch of 4: the larger fraction is the limit that binds)."""
+    roof = results["roof_fraction"]
+    if "bound_fraction" in results and results["bound_fraction"] >= roof:
         return f"{100 * results['bound_fraction']:.0f} % of floor"
-    return f"{100 * results['roof_fraction']:.0f} % of roof"
+    return f"{100 * roof:.0f} % of roof"
 
 
 def cpu_line(machine):

@@ -161,7 +161,9 @@ def test_flops_and_limit_columns_are_the_hand_computed_ones(bench):
     # layer 0: 2*1*16*(2+3) + 2*1*4*3; layer 1 takes the projected 3 as input.
     assert bench.flops(projected, rows_of_data=1) == (160 + 24) + (2 * 16 * (3 + 3) + 24)
     assert bench.limit_text({"roof_fraction": 0.5}) == "50 % of roof"
-    assert bench.limit_text({"roof_fraction": 0.5, "bound_fraction": 0.25}) == "25 % of floor"
+    assert bench.limit_text({"roof_fraction": 0.2, "bound_fraction": 0.25}) == "25 % of floor"
+    # A small batch bound by the multiply-adds rather than the reads: the roof binds.
+    assert bench.limit_text({"roof_fraction": 0.75, "bound_fraction": 0.25}) == "75 % of roof"
 
 
 def test_roof_is_the_better_of_torch_mm_and_onednn(bench, monkeypatch):
