@@ -45,6 +45,7 @@ class Row:
     packed: bool = False       # variable lengths as a PackedSequence
     autocast: bool = False     # fp32 module under torch.autocast in `dtype`
     int8: bool = False         # int8 weights: ours quantize_dynamic'd, torch's likewise
+    input_grad: bool = False   # training with an input that requires grad (as after an embedding)
     results: dict = field(default_factory=dict)
 
     @property
@@ -61,6 +62,8 @@ class Row:
         parts.append(("autocast-" if self.autocast else "") + self.dtype)
         if self.int8:
             parts.append("int8")
+        if self.input_grad:
+            parts.append("input-grad")
         return " ".join(parts)
 
 
@@ -90,6 +93,9 @@ SUITES = {
     "bidirectional": [Row("training", 256, 16, 50, bidirectional=True),
                       Row("training", 512, 32, 50, layers=2, bidirectional=True)],
     "decode": [Row("decode", 512, 1, 1, layers=2)],
+    # Training rows whose input requires grad, so that both sides compute dx (torch's oneDNN
+    # computes it either way; ours only when asked).
+    "input-grad": [Row("training", h, 32, 50, input_grad=True) for h in (256, 512, 1024)],
     # int8 weights (lstm_ext.quantize_dynamic) against torch's quantize_dynamic(nn.LSTM), and
     # against our own fp32 in the same run (the serving issue's target: 2x our fp32 decode).
     "int8": [Row("decode", 512, 1, 1, layers=2, int8=True),
@@ -152,23 +158,31 @@ def group_of(row):
         return f"fp64 {row.mode}"
     if row.bidirectional or row.layers > 1:
         return f"multi-layer/bidirectional {row.mode}"
+    if row.input_grad:
+        return f"{row.mode} fp32, input requires grad"
     return f"{row.mode} fp32"
 
 
 def flops(row, rows_of_data):
-    """FLOPs of the forward pass: 2·N·4H·(I+R) per layer and direction, + 2·N·H·P for
-    projections, where N is the number of (step, sequence) pairs; training counts 3×."""
+    """FLOPs of the products a call computes: the forward's 2·N·4H·(I+R) per layer and
+    direction, + 2·N·H·P for projections, where N is the number of (step, sequence) pairs;
+    training 3× that (each product again for the gradient of each operand), less the first
+    layer's input gradient 2·N·4H·I per direction where the input does not require grad."""
     state = row.proj_size or row.hidden
     directions = 2 if row.bidirectional else 1
     total = 0
     input_size = row.input_size or row.hidden
+    first_input_size = input_size
     for _ in range(row.layers):
         per_direction = 2 * rows_of_data * 4 * row.hidden * (input_size + state)
         if row.proj_size:
             per_direction += 2 * rows_of_data * row.hidden * row.proj_size
         total += directions * per_direction
         input_size = state * directions
-    return total * (3 if row.mode == "training" else 1)
+    if row.mode != "training":
+        return total
+    input_gradient = directions * 2 * rows_of_data * 4 * row.hidden * first_input_size
+    return 3 * total - (0 if row.input_grad else input_gradient)
 
 
 def synchronize(device):
@@ -239,6 +253,7 @@ def build(row, device, generator):
         rows_of_data = int(lengths.sum())
     else:
         x = torch.randn(row.steps, row.batch, input_size, generator=generator).to(device, module_dtype)
+        x.requires_grad_(row.input_grad)
         make_input = lambda: x  # noqa: E731
         rows_of_data = row.steps * row.batch
     return baseline, ours, make_input, rows_of_data
@@ -257,8 +272,11 @@ def step_function(row, module, make_input, device):
     elif row.mode == "training":
         def run():
             module.zero_grad(set_to_none=True)
+            data_in = make_input()
+            if isinstance(data_in, torch.Tensor):
+                data_in.grad = None
             with autocast:
-                output, (h, c) = module(make_input())
+                output, (h, c) = module(data_in)
             data = output.data if hasattr(output, "batch_sizes") else output
             (data.float().sum() + h.float().sum()).backward()
     else:  # decode: one token at a time, state carried, as in generation

@@ -55,6 +55,18 @@ def test_forward_rows_time_both_implementations(bench):
     assert results["ratio"] == pytest.approx(results["torch_ms"] / results["ours_ms"])
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_training_rows_ask_for_the_input_gradient_only_where_the_row_says(bench, input_grad):
+    row = bench.Row("training", 8, 2, 3, input_grad=input_grad)
+    baseline, ours, make_input, _ = bench.build(row, torch.device("cpu"), torch.Generator())
+    for module in (ours, baseline):
+        run = bench.step_function(row, module, make_input, torch.device("cpu"))
+        run()
+        assert (make_input().grad is not None) == input_grad
+    assert bench.group_of(row) == ("training fp32, input requires grad" if input_grad
+                                   else "training fp32")
+
+
 def test_gpu_report_names_the_software_and_tf32(bench):
     row = bench.Row("training", 256, 16, 25)
     row.results = {"ours_ms": 1.0, "torch_ms": 2.0, "ratio": 2.0, "ours_gflops": 10.0,
@@ -155,8 +167,15 @@ def test_int8_rows_count_int8_bytes_and_time_our_fp32_too(bench):
 
 def test_flops_and_limit_columns_are_the_hand_computed_ones(bench):
     # One layer, H = 3, I = 5: 2 * N * 4H * (I + H) = 2 * 7 * 12 * 8 forward, 3x for training.
+    # The input does not require grad: no 2 * 7 * 12 * 5 for its gradient; with it, 3x.
     row = bench.Row("training", 3, 7, 1, input_size=5)
+    assert bench.flops(row, rows_of_data=7) == 3 * 2 * 7 * 12 * 8 - 2 * 7 * 12 * 5
+    row = bench.Row("training", 3, 7, 1, input_size=5, input_grad=True)
     assert bench.flops(row, rows_of_data=7) == 3 * 2 * 7 * 12 * 8
+    # Two layers, bidirectional: only the first layer's two directions skip their input's.
+    row = bench.Row("training", 3, 7, 1, input_size=5, layers=2, bidirectional=True)
+    forward = 2 * (2 * 7 * 12 * (5 + 3)) + 2 * (2 * 7 * 12 * (6 + 3))
+    assert bench.flops(row, rows_of_data=7) == 3 * forward - 2 * (2 * 7 * 12 * 5)
     projected = bench.Row("inference", 4, 1, 1, input_size=2, proj_size=3, layers=2)
     # layer 0: 2*1*16*(2+3) + 2*1*4*3; layer 1 takes the projected 3 as input.
     assert bench.flops(projected, rows_of_data=1) == (160 + 24) + (2 * 16 * (3 + 3) + 24)
