@@ -268,7 +268,8 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
       uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
       const int64_t squares_end = pair_rows && (jb + 1) * V <= H ? H / 2 / V * V : 0;
       for (int g = 0; g < 4; ++g) {
-        const uint32_t* rows = reinterpret_cast<const uint32_t*>(a.w_hh + (g * H + jb * V) * a.w_stride0);
+        const uint32_t* rows =
+            reinterpret_cast<const uint32_t*>(a.w_hh + (g * H + jb * V) * a.w_stride0);
         for (int64_t p0 = 0; p0 < squares_end; p0 += V) {
           pack_square<uint32_t, V>(rows, a.w_stride0 / 2, p0, panel + g * V, 4 * V);
         }
