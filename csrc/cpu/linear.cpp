@@ -63,22 +63,16 @@ bool onednn_dtype(at::ScalarType dtype) {
 
 // out (rows, cols), contiguous, from `in` holding it column by column (element (r, c) at
 // in[c * rows + r]), rows [r_begin, r_end): squares of a cache line's values transposed in
-// registers (vec.h), the edges one value at a time.
+// registers (recurrence.h's pack_square), the edges one value at a time.
 template <cpu::Isa, typename T>
 void transpose_kernel(const T* in, T* out, int64_t rows, int64_t cols, int64_t r_begin,
                       int64_t r_end) {
   constexpr int L = 64 / sizeof(T);
-  using vec = typename cpu::Vec<T, L>::type;
   const int64_t whole_cols = cols / L * L;
   for (int64_t r0 = r_begin; r0 < r_end; r0 += L) {
     if (r0 + L <= r_end) {
       for (int64_t c0 = 0; c0 < whole_cols; c0 += L) {
-        vec square[L];
-        for (int i = 0; i < L; ++i) {
-          square[i] = *reinterpret_cast<const vec*>(in + (c0 + i) * rows + r0);
-        }
-        cpu::transpose_square<T, L>(square);
-        for (int i = 0; i < L; ++i) *reinterpret_cast<vec*>(out + (r0 + i) * cols + c0) = square[i];
+        cpu::pack_square<T, L>(in + c0 * rows, rows, r0, out + c0, cols);
       }
     }
     const int64_t c_from = r0 + L <= r_end ? whole_cols : 0;
@@ -110,7 +104,8 @@ at::Tensor contiguous_in(const at::Tensor& t, cpu::Workspace slot) {
     const scalar_t* in = t.const_data_ptr<scalar_t>();
     scalar_t* to = out.data_ptr<scalar_t>();
     // Blocks of L rows; a task of at least 64 K values.
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, L * cols));
+    const int64_t grain =
+        std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, L * cols));
     at::parallel_for(0, (rows + L - 1) / L, grain, [&](int64_t b0, int64_t b1) {
       kernel(in, to, rows, cols, b0 * L, std::min(b1 * L, rows));
     });
