@@ -153,14 +153,11 @@ struct SequenceBackward : SequenceLayout {
   int64_t zoneout_hidden_stride;
   acc_t* zoneout_carry;  // with zoneout_hidden, (B, H): d * dh of the step after, per sequence
   const scalar_t* grad_cells;  // (N, H): gradient of the c after each step, or null
-  // Workspace: the backward panels of blocks [in_place_blocks, blocks) (the first ones read
-  // W_hh in place), the gate gradients of the last two steps in the math type, 2 x (B, 4H),
-  // and per thread the dh carried into a step for one block of units.
-  int64_t in_place_blocks;
+  // Workspace: the backward panels, the gate gradients of the last two steps in the math
+  // type, 2 x (B, 4H), and per thread the dh carried into a step for one block of units.
   acc_t* panel;
   acc_t* grad_work;
   acc_t* carry_work;
-  scalar_t* transpose_work;  // per thread, (4 * block, B): a step's gradients, transposed
 };
 
 // out (rows, N) = in (rows, K) @ weight (K, N), or out += ... with accumulate. `in` and `out` are

@@ -199,23 +199,14 @@ void run_backward(SequenceBackward<scalar_t> a) {
   const int64_t U = 4 * lanes<acc_t>(isa);
   const int64_t blocks = ceil_div(a.hidden, U);
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  // W_hh serves as its own panel for whole blocks where its rows are contiguous and in the
-  // math type; otherwise (and for a partial last block) each thread copies its columns once.
-  const bool in_place = std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1;
-  a.in_place_blocks = in_place ? a.hidden / U : 0;
-  const at::Tensor panel = workspace(
-      Workspace::panel, {(blocks - a.in_place_blocks) * 4 * a.hidden * U}, options);
+  const at::Tensor panel = workspace(Workspace::panel, {blocks * 4 * a.hidden * U}, options);
   const int threads = threads_for(blocks);
   const at::Tensor grad_work =
       workspace(Workspace::recurrent_state, {2 * a.batch * 4 * a.hidden}, options);
   const at::Tensor carry_work = workspace(Workspace::carried, {threads * a.batch * U}, options);
-  const at::Tensor transpose_work =
-      workspace(Workspace::staged, {a.grad_gates_t ? threads * 4 * U * a.batch : 0},
-                options.dtype(c10::CppTypeToScalarType<scalar_t>::value));
   a.panel = panel.data_ptr<acc_t>();
   a.grad_work = grad_work.data_ptr<acc_t>();
   a.carry_work = carry_work.data_ptr<acc_t>();
-  a.transpose_work = transpose_work.data_ptr<scalar_t>();
   run_parallel(a, backward_kernel<scalar_t>(isa), threads);
 }
 

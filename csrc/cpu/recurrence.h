@@ -10,9 +10,7 @@
 //             block's units j, gate by gate, so that a tile of rows of h times the panel
 //             gives the block's four gate pre-activations (V = lanes of one vector);
 //   backward: per block of 4V units, a (4H, 4V) panel: row kk holds W_hh[kk, j], so that a tile
-//             of gate-gradient rows times the panel gives the block's dh. Where W_hh's rows are
-//             contiguous and already in the math type, the panel of every whole block is W_hh
-//             itself (row stride H), and only a partial last block is copied.
+//             of gate-gradient rows times the panel gives the block's dh.
 //
 // The micro-kernel multiplies up to R rows by a panel with R x 4 vector accumulators kept in
 // registers (one broadcast and four fused multiply-adds per row and k). Two other forms: a
@@ -535,12 +533,13 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 }
 
 // Rows [0, rows) of a backward block's columns (n_units of each gate) from row-major gate
-// gradients (`rows` G apart, gate g's columns H further on) into staged, column c of the
-// block's 4U at staged[c * B] with its rows in one run: whole lines of rows transposed in
-// registers (fp32 and fp64), the rest one value at a time.
+// gradients (`rows` G apart, gate g's columns H further on) into their transposed copy, row i
+// of unit u of gate g at out[g * gate_stride + u * unit_stride + i]: whole lines of rows
+// transposed in registers (fp32 and fp64), the rest one value at a time.
 template <typename scalar_t, int64_t U>
-inline void stage_columns(const scalar_t* rows_in, int64_t G, int64_t H, int64_t n_units,
-                          int64_t rows, int64_t B, scalar_t* staged) {
+inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int64_t n_units,
+                              int64_t rows, scalar_t* out, int64_t gate_stride,
+                              int64_t unit_stride) {
   int64_t r0 = 0;
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     constexpr int kLine = 64 / sizeof(scalar_t);
@@ -555,7 +554,8 @@ inline void stage_columns(const scalar_t* rows_in, int64_t G, int64_t H, int64_t
           }
           transpose_square<scalar_t, kLine>(block);
           for (int v = 0; v < kLine; ++v) {
-            *reinterpret_cast<vec*>(staged + (g * U + u + v) * B + r0) = block[v];
+            *reinterpret_cast<vec*>(out + g * gate_stride + (u + v) * unit_stride + r0) =
+                block[v];
           }
         }
       }
@@ -563,7 +563,9 @@ inline void stage_columns(const scalar_t* rows_in, int64_t G, int64_t H, int64_t
   }
   for (int g = 0; g < 4; ++g) {
     for (int64_t u = 0; u < n_units; ++u) {
-      for (int64_t i = r0; i < rows; ++i) staged[(g * U + u) * B + i] = rows_in[i * G + g * H + u];
+      for (int64_t i = r0; i < rows; ++i) {
+        out[g * gate_stride + u * unit_stride + i] = rows_in[i * G + g * H + u];
+      }
     }
   }
 }
@@ -604,20 +606,26 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       }
     }
   }
-  // Blocks [0, in_place_blocks) read W_hh itself; the others (a partial last block, or all
-  // where W_hh is not in the math type with contiguous rows) are packed here.
-  const auto packed_panel = [&](int64_t jb) {
-    return a.panel + (jb - a.in_place_blocks) * G * U;
-  };
+  // Every block is packed, even where W_hh's rows could serve as the panel in place: read in
+  // place, a block's rows are H apart, which for the usual power-of-two H puts them in a few
+  // cache sets (and a page apart), so that a chunk of the panel does not stay in L2 across the
+  // tiles and the prefetchers cannot follow it. Row kk of every panel of this thread comes from
+  // one run of W_hh's row kk, so W_hh is read in order.
+  acc_t* const panels = a.panel;
   if (!pairs) {
-    for (int64_t jb = std::max(mine.begin, a.in_place_blocks); jb < mine.end; ++jb) {
-      acc_t* panel = packed_panel(jb);
-      for (int64_t kk = 0; kk < G; ++kk) {
-        for (int64_t u = 0; u < U; ++u) {
-          const int64_t j = jb * U + u;
-          panel[kk * U + u] =
-              j < H ? cast<acc_t>(a.w_hh[kk * a.w_stride0 + j * a.w_stride1]) : acc_t(0);
+    for (int64_t kk = 0; kk < G; ++kk) {
+      const scalar_t* w_row = a.w_hh + kk * a.w_stride0;
+      for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+        acc_t* out = panels + (jb * G + kk) * U;
+        const int64_t n_units = std::min<int64_t>(U, H - jb * U);
+        if (a.w_stride1 == 1) {
+          convert_n(w_row + jb * U, out, n_units);
+        } else {
+          for (int64_t u = 0; u < n_units; ++u) {
+            out[u] = cast<acc_t>(w_row[(jb * U + u) * a.w_stride1]);
+          }
         }
+        std::fill(out + n_units, out + U, acc_t(0));
       }
     }
   }
@@ -660,13 +668,10 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     }
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
-      const bool in_place = jb < a.in_place_blocks;
-      const acc_t* panel = in_place ? in_place_weight<acc_t>(a.w_hh) + u0 : packed_panel(jb);
-      const int64_t ld = in_place ? a.w_stride0 : U;
+      const acc_t* panel = panels + jb * G * U;
       // dh carried into this step, for rows [0, prev_rows), in chunks of the 4H-long sum, so
       // that a chunk of the panel and of the rows' gradients stay in L2 across all the tiles.
       acc_t* carried = a.carry_work + thread * B * U;
-      scalar_t* staged = a.transpose_work + thread * 4 * U * B;
       if constexpr (kAmxKernel) {
         // The whole 4H-long sum per tile (the tiles keep it); where the step has kAmxRows
         // rows or more, the last tile starts early enough to stay inside them and writes
@@ -701,7 +706,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           }
           const acc_t* in[R] = {};
           for (int i = 0; i < n; ++i) in[i] = grad_prev + (r0 + i) * G + k0;
-          tile_product_n<acc_t, V, R>(n, kn, in, panel + k0 * ld, ld, carried + r0 * U,
+          tile_product_n<acc_t, V, R>(n, kn, in, panel + k0 * U, U, carried + r0 * U,
                                       /*accumulate=*/k0 > 0);
         }
       }
@@ -796,17 +801,12 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           }
         }
       }
-      // The same gradients transposed, staged so that each (gate, unit) row of the transposed
-      // (4H, N) copy gets this step's rows in one contiguous run.
+      // The same gradients transposed: each (gate, unit) row of the (4H, N) copy gets this
+      // step's rows in one run.
       if (a.grad_gates_t && rows > 0) {
-        stage_columns<scalar_t, U>(a.grad_gates + offset * G + u0, G, H, n_units, rows, B,
-                                   staged);
-        for (int g = 0; g < 4; ++g) {
-          for (int64_t u = 0; u < n_units; ++u) {
-            std::memcpy(a.grad_gates_t + (g * H + u0 + u) * a.rows + offset,
-                        staged + (g * U + u) * B, rows * sizeof(scalar_t));
-          }
-        }
+        transpose_columns<scalar_t, U>(a.grad_gates + offset * G + u0, G, H, n_units, rows,
+                                       a.grad_gates_t + u0 * a.rows + offset, H * a.rows,
+                                       a.rows);
       }
     }
     prev_rows = rows;

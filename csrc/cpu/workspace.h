@@ -15,7 +15,7 @@ namespace cpu {
 
 enum class Workspace {
   grad_gates, grad_gates_t, operand_x, operand_w,  // the layer's backward and its products
-  panel, recurrent_state, carried, staged,         // the recurrence's (recurrence.cpp)
+  panel, recurrent_state, carried,  // the recurrence's (recurrence.cpp)
   grad_products_t, grad_input_products, grad_input_products_t,  // the LayerNorm backward's
   inference_gates,  // an inference forward's input projection (no backward keeps it)
   count
