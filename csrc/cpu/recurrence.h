@@ -535,7 +535,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 // Rows [0, rows) of a backward block's columns (n_units of each gate) from row-major gate
 // gradients (`rows` G apart, gate g's columns H further on) into their transposed copy, row i
 // of unit u of gate g at out[g * gate_stride + u * unit_stride + i]: whole lines of rows
-// transposed in registers (fp32 and fp64), the rest one value at a time.
+// transposed in registers (pack_square; fp32 and fp64), the rest one value at a time.
 template <typename scalar_t, int64_t U>
 inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int64_t n_units,
                               int64_t rows, scalar_t* out, int64_t gate_stride,
@@ -544,19 +544,11 @@ inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     constexpr int kLine = 64 / sizeof(scalar_t);
     static_assert(U % kLine == 0, "a block is whole lines");
-    using vec = typename Vec<scalar_t, kLine>::type;
     for (; n_units == U && r0 + kLine <= rows; r0 += kLine) {
       for (int g = 0; g < 4; ++g) {
         for (int64_t u = 0; u < U; u += kLine) {
-          vec block[kLine];
-          for (int q = 0; q < kLine; ++q) {
-            block[q] = *reinterpret_cast<const vec*>(rows_in + (r0 + q) * G + g * H + u);
-          }
-          transpose_square<scalar_t, kLine>(block);
-          for (int v = 0; v < kLine; ++v) {
-            *reinterpret_cast<vec*>(out + g * gate_stride + (u + v) * unit_stride + r0) =
-                block[v];
-          }
+          pack_square<scalar_t, kLine>(rows_in + r0 * G + g * H, G, u,
+                                       out + g * gate_stride + r0, unit_stride);
         }
       }
     }
