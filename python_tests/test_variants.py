@@ -993,7 +993,7 @@ def test_the_drivers_layer_norm():
 @pytest.mark.parametrize("proj_size", [0, 24])
 @pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
 def test_layer_norm_lstm_in_fp32_follows_the_fp64_reference(path, proj_size, monkeypatch):
-    """The CPU kernels' fast fp32 exp/tanh, with many rows (many tiles per thread in the
+    """The CPU kernels' fast fp32 sigmoid/tanh, with many rows (many tiles per thread in the
     fused recurrence; with a projection, more rows than one task of the row kernels)."""
     monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "cpu_kernels" else "0")
     config = dict(input_size=16, hidden_size=48, num_layers=1, bidirectional=True,

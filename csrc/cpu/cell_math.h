@@ -1,5 +1,5 @@
-// The CPU's gate math: fast branch-free exp/tanh/reciprocal policies for lstm_common.h's cell
-// formulas, and the loops over the cells of one row that the elementwise passes and the fused
+// The CPU's gate math: fast branch-free tanh/sigmoid (fp32) and exp/tanh (fp64) policies for
+// lstm_common.h's cell formulas, and the loops over the cells of one row that the elementwise passes and the fused
 // recurrence (recurrence.h) both run. Everything is inlined into its caller, which is compiled
 // once per instruction set, so the loops vectorize for each.
 #pragma once
@@ -15,47 +15,25 @@
 namespace lstm_ext {
 namespace cpu {
 
-// exp, tanh and 1/x for fp32 without calls, branches or divisions, so loops over them vectorize
-// and stay on the FMA units (a vector division costs as much as a dozen FMAs). Relative error
-// about 2e-7, on the order of fp32 rounding. exp: Cody-Waite range reduction and a degree-6
-// polynomial; tanh: an odd polynomial near zero, 1 - 2 / (e^{2|x|} + 1) elsewhere; 1/x: Newton
-// steps from a bit-level first guess.
+// tanh and sigmoid for fp32 without calls or branches, so loops over them vectorize. tanh is a
+// rational minimax approximation, x P(x^2) / Q(x^2) on [-8, 8] (fitted for this project; beyond
+// 8, tanh rounds to within 2 ulp of +-1 and the argument is clamped), and sigmoid is
+// (1 + tanh(x/2)) / 2: about 20 vector operations per value including one division, against 40
+// for exp and Newton reciprocals. tanh is within 3.3e-7 of its value with FMA (4.5e-7 without:
+// the baseline build), sigmoid within 2.5e-7 absolute, and |tanh| never exceeds 1, so sigmoid
+// stays within [0, 1] (csrc/tests/cell_math_test.cpp checks each build over the floats).
 struct FastFloatMath {
-  static LSTM_HOST_DEVICE float exp(float x) {
-    // Capped at e^80 so that 1 + e^x stays inside reciprocal()'s range; sigmoid and tanh are
-    // exactly 0 or +-1 in fp32 long before that.
-    x = std::min(std::max(x, -87.3f), 80.0f);
-    // Round to nearest by adding and subtracting 1.5 * 2^23, which needs no rounding
-    // instruction (baseline x86-64 has none).
-    constexpr float kRound = 12582912.0f;
-    const float n = (x * 1.44269504088896341f + kRound) - kRound;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    const float p =
-        ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-            4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r) +
-        r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    return p * std::bit_cast<float>(bits);
-  }
-  // For 1 <= x <= e^80 (all its callers need): the first guess is within 12.5 %, and each
-  // Newton step squares the error, so three reach fp32 precision.
-  static LSTM_HOST_DEVICE float reciprocal(float x) {
-    float r = std::bit_cast<float>(0x7EF311C3 - std::bit_cast<int32_t>(x));
-    r = r * (2.0f - x * r);
-    r = r * (2.0f - x * r);
-    r = r * (2.0f - x * r);
-    return r;
-  }
   static LSTM_HOST_DEVICE float tanh(float x) {
+    x = std::min(std::max(x, -8.0f), 8.0f);
     const float z = x * x;
-    const float small =
-        ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-          1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
-    const float e = exp(2.0f * std::abs(x));
-    const float large = std::copysign(1.0f - 2.0f * reciprocal(e + 1.0f), x);
-    return std::abs(x) < 0.625f ? small : large;
+    const float p = ((((2.5333794191097948e-11f * z - 1.5470153407212586e-08f) * z +
+                       1.0148936273082023e-05f) * z + 3.016539360569811e-03f) * z +
+                     1.3008111605669334e-01f) * z + 9.99999952315118e-01f;
+    const float q = ((2.4138202075433434e-04f * z + 2.41546088735804e-02f) * z +
+                     4.634144964402002e-01f) * z + 1.0f;
+    return (x * p) / q;
   }
+  static LSTM_HOST_DEVICE float sigmoid(float x) { return 0.5f * tanh(0.5f * x) + 0.5f; }
   template <typename T>
   static LSTM_HOST_DEVICE T constant(double value) {
     return static_cast<T>(value);
