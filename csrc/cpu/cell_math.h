@@ -1,7 +1,7 @@
 // The CPU's gate math: fast branch-free tanh/sigmoid (fp32) and exp/tanh (fp64) policies for
-// lstm_common.h's cell formulas, and the loops over the cells of one row that the elementwise passes and the fused
-// recurrence (recurrence.h) both run. Everything is inlined into its caller, which is compiled
-// once per instruction set, so the loops vectorize for each.
+// lstm_common.h's cell formulas, and the loops over the cells of one row that the elementwise
+// passes and the fused recurrence (recurrence.h) both run. Everything is inlined into its caller,
+// which is compiled once per instruction set, so the loops vectorize for each.
 #pragma once
 
 #include "../lstm_common.h"
@@ -17,7 +17,7 @@ namespace cpu {
 
 // tanh and sigmoid for fp32 without calls or branches, so loops over them vectorize. tanh is a
 // rational minimax approximation, x P(x^2) / Q(x^2) on [-8, 8] (fitted for this project; beyond
-// 8, tanh rounds to within 2 ulp of +-1 and the argument is clamped), and sigmoid is
+// 8, where tanh is within 2.3e-7 of +-1, the argument is clamped), and sigmoid is
 // (1 + tanh(x/2)) / 2: about 20 vector operations per value including one division, against 40
 // for exp and Newton reciprocals. tanh is within 3.3e-7 of its value with FMA (4.5e-7 without:
 // the baseline build), sigmoid within 2.5e-7 absolute, and |tanh| never exceeds 1, so sigmoid
