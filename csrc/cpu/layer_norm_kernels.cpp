@@ -20,6 +20,10 @@ namespace cpu {
 namespace {
 
 constexpr double kEps = 1e-5;
+// Floats (a cache line) between the backward's per-step arrays, which are otherwise often a
+// multiple of 4 KB apart: the same offset in each would share one L1 set, and a load at the
+// same 4 KB offset as an earlier store waits for it (4K aliasing).
+constexpr int64_t kSkew = 16;
 
 // ---------------------------------------------------------------------------------------------
 // The math of one unit, shared by both kernels.
@@ -249,23 +253,22 @@ inline void cell_gate_grads(int64_t n, const acc_t* __restrict__ scaled,
   }
 }
 
-// Both product norms' backward operands from the pre-activations' gradient dz, in one pass
-// (dz feeds both norms alike): for each norm, its gain's gradient added to, its input's
-// normalised values (hat) and dz times its gain (dy), and the row sums of dy and of dy * hat
-// added to sums[0..1] (the recurrent norm) and sums[2..3] (the input norm). The recurrent
-// norm's bias gradient is added to as well; the input norm's is the same sum.
+// Both product norms' row sums from the pre-activations' gradient dz, in one pass (dz feeds
+// both norms alike): with dy = dz times the norm's gain and hat its input normalised, the sums of
+// dy and of dy * hat added to sums[0..1] (the recurrent norm) and sums[2..3] (the input norm),
+// and dz * hat to each gain's gradient. The recurrent norm's bias gradient is added to as well;
+// the input norm's is the same sum. Nothing row-sized is written: finish_transposed makes dy
+// and hat again from the same rows, still in cache.
 template <typename acc_t>
 struct ProductNorm {
   const acc_t* values;  // the products before the norm
   acc_t mean, rstd;
   const acc_t* gain;
   acc_t* grad_gain;
-  acc_t* hat;  // out
-  acc_t* dy;   // out
 };
 
-// One step of product_norms_grads over W units at j (W = V, then 1 for the tail), adding to
-// the sums' W-lane accumulators.
+// One step of product_norm_sums over W units at j (W = V, then 1 for the tail), adding to the
+// sums' W-lane accumulators.
 template <typename acc_t, int W>
 inline void product_norms_step(int64_t j, const acc_t* __restrict__ dz,
                                const ProductNorm<acc_t>& hh, acc_t* __restrict__ grad_hh_bias,
@@ -281,23 +284,19 @@ inline void product_norms_step(int64_t j, const acc_t* __restrict__ dz,
   at(hh.grad_gain) += d * ph;
   at(grad_hh_bias) += d;
   const vec y = d * in(hh.gain);
-  at(hh.hat) = ph;
-  at(hh.dy) = y;
   sums[0] += y;
   sums[1] += y * ph;
   const vec xh = (in(ih.values) - ih.mean) * ih.rstd;
   at(ih.grad_gain) += d * xh;
   const vec yx = d * in(ih.gain);
-  at(ih.hat) = xh;
-  at(ih.dy) = yx;
   sums[2] += yx;
   sums[3] += yx * xh;
 }
 
 template <typename acc_t, int V>
-inline void product_norms_grads(int64_t n, const acc_t* __restrict__ dz,
-                                const ProductNorm<acc_t>& hh, acc_t* __restrict__ grad_hh_bias,
-                                const ProductNorm<acc_t>& ih, acc_t sums[4]) {
+inline void product_norm_sums(int64_t n, const acc_t* __restrict__ dz,
+                              const ProductNorm<acc_t>& hh, acc_t* __restrict__ grad_hh_bias,
+                              const ProductNorm<acc_t>& ih, acc_t sums[4]) {
   typename Vec<acc_t, V>::type wide[4] = {};
   typename Vec<acc_t, 1>::type narrow[4] = {};
   int64_t j = 0;
@@ -528,22 +527,29 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
   }
 }
 
-// A norm's input gradient, finished for a step's rows of a thread's gate columns: in place of
-// dy (rows `stride` apart), rstd (dy - mean(dy) - hat mean(dy hat)) with each row's three
-// coefficients from `coefficients` (rows of 3: rstd, mean(dy), mean(dy hat)); hat has dy's
-// layout. And into the transposed (G, N) copy, where each column gets the step's rows in one
-// run. Through a small L1 tile, 64 bytes of a row at a time: storing straight down the
-// columns, N apart (a multiple of 4 KB whenever N is a power of two), keeps sixteen lines of
+// A norm's input gradient for a step's rows of a thread's gate columns, from dz (the gate
+// pre-activations' gradient) and the norm's input `values`: rstd (dy - mean(dy) - hat
+// mean(dy hat)) with dy = dz gain and hat = (values - mean) rstd, each row's four coefficients
+// from `coefficients` (rows of 4: mean, rstd, mean(dy), mean(dy hat)); dz, values and out have
+// rows G apart. Into `out` and the transposed (G, N) copy, where each column gets the step's
+// rows in one run. Through a small L1 tile, 64 bytes of a row at a time: storing straight down
+// the columns, N apart (a multiple of 4 KB whenever N is a power of two), keeps sixteen lines of
 // one L1 set in flight and misses on every store.
 template <typename acc_t>
-inline void finish_transposed(const LayerNormSequence<acc_t>& a, acc_t* dy, const acc_t* hat,
-                              int64_t stride, const acc_t* coefficients, acc_t* transposed,
-                              int64_t rows, int64_t offset, const Units& own) {
+inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz,
+                              const acc_t* values, const acc_t* gain, const acc_t* coefficients,
+                              acc_t* out, acc_t* transposed, int64_t rows, int64_t offset,
+                              const Units& own) {
   constexpr int kLine = 64 / sizeof(acc_t);
   constexpr int64_t kRows = 64;  // a multiple of kLine
   using vec = typename Vec<acc_t, kLine>::type;
-  const int64_t H = a.hidden;
+  const int64_t H = a.hidden, G = 4 * H;
   alignas(64) acc_t tile[kLine * kRows];
+  // Row r's gradient from dz, values and the gain (a value each, or a line of each).
+  const auto grad = [&](int64_t r, const auto& d, const auto& v, const auto& g) {
+    const acc_t* c = coefficients + r * 4;
+    return norm_grad(d * g, (v - c[0]) * c[1], c[1], c[2], c[3]);
+  };
   for (int g = 0; g < 4 && rows > 0; ++g) {
     const int64_t end = g * H + own.end;
     for (int64_t j0 = g * H + own.begin; j0 < end; j0 += kLine) {
@@ -552,32 +558,30 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, acc_t* dy, cons
         const int64_t m = std::min(kRows, rows - r0);
         // A full line: kLine rows at a time, transposed in registers into the tile.
         for (int64_t rb = 0; n == kLine && rb < m; rb += kLine) {
+          const vec g_line = *reinterpret_cast<const vec*>(gain + j0);
           vec block[kLine];
           for (int64_t q = 0; q < kLine; ++q) {
-            const int64_t r = rb + q;
-            if (r >= m) {
+            const int64_t r = r0 + rb + q;
+            if (rb + q >= m) {
               block[q] = vec{};
               continue;
             }
-            vec* line = reinterpret_cast<vec*>(dy + (r0 + r) * stride + j0);
-            const vec* hat_line = reinterpret_cast<const vec*>(hat + (r0 + r) * stride + j0);
-            const acc_t* c = coefficients + (r0 + r) * 3;
-            *line = norm_grad(*line, *hat_line, c[0], c[1], c[2]);
-            block[q] = *line;
+            block[q] = grad(r, *reinterpret_cast<const vec*>(dz + r * G + j0),
+                            *reinterpret_cast<const vec*>(values + r * G + j0), g_line);
+            *reinterpret_cast<vec*>(out + r * G + j0) = block[q];
           }
           transpose_square<acc_t, kLine>(block);
           for (int64_t v = 0; v < kLine; ++v) {
             *reinterpret_cast<vec*>(tile + v * kRows + rb) = block[v];
           }
         }
-        for (int64_t r = 0; n < kLine && r < m; ++r) {
-          acc_t* __restrict__ line = dy + (r0 + r) * stride + j0;
-          const acc_t* __restrict__ hat_line = hat + (r0 + r) * stride + j0;
-          const acc_t* c = coefficients + (r0 + r) * 3;
+        for (int64_t i = 0; n < kLine && i < m; ++i) {
+          const int64_t r = r0 + i;
           for (int64_t v = 0; v < n; ++v) {
-            const acc_t value = norm_grad(line[v], hat_line[v], c[0], c[1], c[2]);
-            line[v] = value;
-            tile[v * kRows + r] = value;
+            const int64_t j = j0 + v;
+            const acc_t value = grad(r, dz[r * G + j], values[r * G + j], gain[j]);
+            out[r * G + j] = value;
+            tile[v * kRows + i] = value;
           }
         }
         for (int64_t v = 0; v < n; ++v) {
@@ -601,39 +605,34 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
   const Partials<acc_t> partials{a.partials, B, threads};
   enum { kCellSums, kProductSums, kInputSums };
 
-  // Block jb's panel: (G, U), row kk holding W_hh[kk, jb U + u] (zeros past H).
-  for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
-    acc_t* panel = a.panel + jb * G * U;
-    for (int64_t kk = 0; kk < G; ++kk) {
-      for (int64_t u = 0; u < U; ++u) {
-        const int64_t j = jb * U + u;
-        panel[kk * U + u] = j < H ? a.w_hh[kk * H + j] : acc_t(0);
-      }
-    }
-  }
-  // Workspace: the step's gate gradients, the gradient of the last step's products (what the
-  // next W_hh product multiplies), their normalised values and the input products', each
-  // (B, G); d LN(c) times its gain and c's normalised values, and with zoneout of h the d dh
-  // that the step after sends straight to h, each (B, H).
+  pack_backward_panels<U>(a.panel, a.w_hh, H, int64_t(1), H, mine);
+  // Workspace: the step's gate gradients and the gradient of the last step's products (what
+  // the next W_hh product multiplies), each (B, G); d LN(c) times its gain and c's normalised
+  // values, and with zoneout of h the d dh that the step after sends straight to h, each (B, H).
   acc_t* gate_grads = a.work;
-  acc_t* grad_product = gate_grads + B * G;
-  acc_t* product_hat = grad_product + B * G;
-  acc_t* input_hat = product_hat + B * G;
-  acc_t* scaled = input_hat + B * G;
-  acc_t* cell_hat = scaled + B * H;
-  acc_t* carry = a.zoneout_hidden ? cell_hat + B * H : nullptr;
+  acc_t* grad_product = gate_grads + B * G + kSkew;
+  acc_t* scaled = grad_product + B * G + kSkew;
+  acc_t* cell_hat = scaled + B * H + kSkew;
+  acc_t* carry = a.zoneout_hidden ? cell_hat + B * H + kSkew : nullptr;
   for (int64_t r = 0; carry && r < B; ++r) {
     std::fill(carry + r * H + own.begin, carry + r * H + own.end, acc_t(0));
   }
-  acc_t* grad_hh_gain = a.grad_norms;
-  acc_t* grad_hh_bias = grad_hh_gain + G;
-  acc_t* grad_cell_gain = grad_hh_bias + G;
-  acc_t* grad_cell_bias = grad_cell_gain + H;
-  acc_t* grad_ih_gain = grad_cell_bias + H;
+  std::vector<acc_t> norm_grads(3 * G + 2 * H + 4 * kSkew);
+  acc_t* grad_hh_gain = norm_grads.data();
+  acc_t* grad_hh_bias = grad_hh_gain + G + kSkew;
+  acc_t* grad_cell_gain = grad_hh_bias + G + kSkew;
+  acc_t* grad_cell_bias = grad_cell_gain + H + kSkew;
+  acc_t* grad_ih_gain = grad_cell_bias + H + kSkew;
   // Per row of a step, the two product norms' backward coefficients (finish_transposed's), and
   // with zoneout of c a row's c~.
-  std::vector<acc_t> coefficients(2 * B * 3);
+  std::vector<acc_t> coefficients(2 * B * 4);
   std::vector<acc_t> cell_fresh(a.zoneout_cell ? H : 0);
+  // A block's product of the previous step's product gradients with W_hh, (B, U).
+  struct alignas(64) Row {
+    acc_t units[U];
+  };
+  std::vector<Row> carried_rows(B);
+  acc_t* const carried = carried_rows.data()->units;
 #pragma omp barrier
 
   // Step k (in backward order) first multiplies the previous step's product gradients by
@@ -652,22 +651,20 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const acc_t* panel = a.panel + jb * G * U;
       const int64_t j0 = jb * U, n_units = std::min<int64_t>(U, H - j0);
-      const Tiles tiles(prev_rows, R);
-      for (int64_t tile = 0; tile < tiles.count; ++tile) {
-        const int64_t r0 = tiles.begin(tile);
-        const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
+      for_backward_tiles<acc_t, U>(prev_rows, G, R, [&](int64_t k0, int64_t kn, int64_t r0,
+                                                        int n) {
         const acc_t* in[R] = {};
-        for (int i = 0; i < n; ++i) in[i] = grad_product + (r0 + i) * G;
-        alignas(64) acc_t out[R * U];
-        tile_product_n<acc_t, V, R>(n, G, in, panel, U, out);
-        for (int i = 0; i < n; ++i) {
-          acc_t* dh = a.grad_hidden + (r0 + i) * H + j0;
-          const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + (r0 + i) * H + j0 : nullptr;
-          const acc_t* straight = carry ? carry + (r0 + i) * H + j0 : nullptr;
-          for (int64_t u = 0; u < n_units; ++u) {
-            dh[u] = (mask ? out[i * U + u] * mask[u] : out[i * U + u]) +
-                    (straight ? straight[u] : acc_t(0));
-          }
+        for (int i = 0; i < n; ++i) in[i] = grad_product + (r0 + i) * G + k0;
+        tile_product_n<acc_t, V, R>(n, kn, in, panel + k0 * U, U, carried + r0 * U,
+                                    /*accumulate=*/k0 > 0);
+      });
+      for (int64_t r = 0; r < prev_rows; ++r) {
+        const acc_t* sum = carried + r * U;
+        acc_t* dh = a.grad_hidden + r * H + j0;
+        const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + r * H + j0 : nullptr;
+        const acc_t* straight = carry ? carry + r * H + j0 : nullptr;
+        for (int64_t u = 0; u < n_units; ++u) {
+          dh[u] = (mask ? sum[u] * mask[u] : sum[u]) + (straight ? straight[u] : acc_t(0));
         }
       }
     }
@@ -736,20 +733,17 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       cell_gate_grads(own.count(), s + j, x + j, rstd, mean_dy, mean_dy_xhat, z + j, z + H + j,
                       z + 2 * H + j, c_prev + j, keep, dc + j, dz + j, dz + H + j,
                       dz + 2 * H + j);
-      // Then both product norms' backward operands and their row sums.
+      // Then both product norms' row sums.
       const acc_t* stats = a.stats + row * 6;
       acc_t sums[4] = {};
       for (int g = 0; g < 4; ++g) {
-        const int64_t begin = r * G + g * H + own.begin;
         const int64_t column = g * H + own.begin;
         const ProductNorm<acc_t> hh{a.products + row * G + column, stats[2], stats[3],
-                                    a.hh_gain + column, grad_hh_gain + column,
-                                    product_hat + begin, grad_product + begin};
+                                    a.hh_gain + column, grad_hh_gain + column};
         const ProductNorm<acc_t> ih{a.input_products + row * G + column, stats[0], stats[1],
-                                    a.ih_gain + column, grad_ih_gain + column,
-                                    input_hat + begin, a.grad_input_products + row * G + column};
-        product_norms_grads<acc_t, V>(own.count(), dz + g * H + own.begin, hh,
-                                      grad_hh_bias + column, ih, sums);
+                                    a.ih_gain + column, grad_ih_gain + column};
+        product_norm_sums<acc_t, V>(own.count(), dz + column, hh, grad_hh_bias + column, ih,
+                                    sums);
       }
       acc_t* part = partials.at(kProductSums, thread, r);
       part[0] = sums[0];
@@ -766,22 +760,37 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       const acc_t* stats = a.stats + (offset + r) * 6;
       acc_t sum, sum_hat;
       combined_sums(partials, kProductSums, r, sum, sum_hat);
-      acc_t* c = coefficients.data() + r * 3;
-      c[0] = stats[3];
-      c[1] = sum / acc_t(G);
-      c[2] = sum_hat / acc_t(G);
+      acc_t* c = coefficients.data() + r * 4;
+      c[0] = stats[2];
+      c[1] = stats[3];
+      c[2] = sum / acc_t(G);
+      c[3] = sum_hat / acc_t(G);
       combined_sums(partials, kInputSums, r, sum, sum_hat);
-      c = coefficients.data() + (B + r) * 3;
-      c[0] = stats[1];
-      c[1] = sum / acc_t(G);
-      c[2] = sum_hat / acc_t(G);
+      c = coefficients.data() + (B + r) * 4;
+      c[0] = stats[0];
+      c[1] = stats[1];
+      c[2] = sum / acc_t(G);
+      c[3] = sum_hat / acc_t(G);
     }
-    finish_transposed(a, grad_product, product_hat, G, coefficients.data(), a.grad_products_t,
-                      rows, offset, own);
-    finish_transposed(a, a.grad_input_products + offset * G, input_hat, G,
-                      coefficients.data() + B * 3, a.grad_input_products_t, rows, offset, own);
+    finish_transposed(a, gate_grads, a.products + offset * G, a.hh_gain, coefficients.data(),
+                      grad_product, a.grad_products_t, rows, offset, own);
+    finish_transposed(a, gate_grads, a.input_products + offset * G, a.ih_gain,
+                      coefficients.data() + B * 4, a.grad_input_products + offset * G,
+                      a.grad_input_products_t, rows, offset, own);
     prev_rows = rows;
 #pragma omp barrier
+  }
+  // This thread's columns of the norms' gradients, into the caller's (G + G + H + H + G).
+  for (int g = 0; g < 4; ++g) {
+    for (int64_t j = g * H + own.begin; j < g * H + own.end; ++j) {
+      a.grad_norms[j] += grad_hh_gain[j];
+      a.grad_norms[G + j] += grad_hh_bias[j];
+      a.grad_norms[2 * G + 2 * H + j] += grad_ih_gain[j];
+    }
+  }
+  for (int64_t j = own.begin; j < own.end; ++j) {
+    a.grad_norms[2 * G + j] += grad_cell_gain[j];
+    a.grad_norms[2 * G + H + j] += grad_cell_bias[j];
   }
 }
 
@@ -891,7 +900,7 @@ void layer_norm_sequence_backward(LayerNormSequence<acc_t> a) {
   const int threads = threads_for(blocks);
   const at::Tensor panel = workspace(Workspace::panel, {blocks * U * 4 * H}, math_options<acc_t>());
   const at::Tensor work =
-      workspace(Workspace::recurrent_state, {4 * B * 4 * H + 3 * B * H}, math_options<acc_t>());
+      workspace(Workspace::recurrent_state, {2 * B * 4 * H + 3 * B * H + 4 * kSkew}, math_options<acc_t>());
   const at::Tensor partials =
       workspace(Workspace::carried, {3 * threads * B * 2}, math_options<acc_t>());
   a.panel = panel.data_ptr<acc_t>();

@@ -566,6 +566,47 @@ inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int
 template <typename acc_t, int64_t U>
 constexpr int64_t kBackwardChunk = (128 << 10) / (U * static_cast<int64_t>(sizeof(acc_t)));
 
+// Writes the backward panels (see the top of this file) of a thread's blocks `mine` of U units
+// from W_hh (G = 4H rows, strides in elements); units past H get zeros. Every block is packed,
+// even where W_hh's rows could serve as the panel in place: read in place, a block's rows are H
+// apart, which for the usual power-of-two H puts them in a few cache sets (and a page apart), so
+// that a chunk of the panel does not stay in L2 across the tiles and the prefetchers cannot
+// follow it. Row kk of every panel of the thread comes from one run of W_hh's row kk, so W_hh
+// is read in order.
+template <int64_t U, typename scalar_t, typename acc_t>
+inline void pack_backward_panels(acc_t* panels, const scalar_t* w_hh, int64_t stride0,
+                                 int64_t stride1, int64_t H, Share mine) {
+  for (int64_t kk = 0; kk < 4 * H; ++kk) {
+    const scalar_t* w_row = w_hh + kk * stride0;
+    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+      acc_t* out = panels + (jb * 4 * H + kk) * U;
+      const int64_t n_units = std::min<int64_t>(U, H - jb * U);
+      if (stride1 == 1) {
+        convert_n(w_row + jb * U, out, n_units);
+      } else {
+        for (int64_t u = 0; u < n_units; ++u) out[u] = cast<acc_t>(w_row[(jb * U + u) * stride1]);
+      }
+      std::fill(out + n_units, out + U, acc_t(0));
+    }
+  }
+}
+
+// The order of a backward block's product of `rows` rows of gate gradients (each 4H = G long)
+// by its panel: tile(k0, kn, r0, n) multiplies rows [r0, r0 + n) over k in [k0, k0 + kn), in
+// chunks of the 4H-long sum, so that a chunk of the panel and of the rows' gradients stay in L2
+// across all the tiles (each tile accumulates from its second chunk on).
+template <typename acc_t, int64_t U, typename Tile>
+inline void for_backward_tiles(int64_t rows, int64_t G, int64_t R, Tile tile) {
+  const Tiles tiles(rows, R);
+  for (int64_t k0 = 0; k0 < G; k0 += kBackwardChunk<acc_t, U>) {
+    const int64_t kn = std::min<int64_t>(kBackwardChunk<acc_t, U>, G - k0);
+    for (int64_t t = 0; t < tiles.count; ++t) {
+      const int64_t r0 = tiles.begin(t);
+      tile(k0, kn, r0, static_cast<int>(tiles.begin(t + 1) - r0));
+    }
+  }
+}
+
 template <Isa isa, typename scalar_t>
 void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int threads) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -598,29 +639,8 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       }
     }
   }
-  // Every block is packed, even where W_hh's rows could serve as the panel in place: read in
-  // place, a block's rows are H apart, which for the usual power-of-two H puts them in a few
-  // cache sets (and a page apart), so that a chunk of the panel does not stay in L2 across the
-  // tiles and the prefetchers cannot follow it. Row kk of every panel of this thread comes from
-  // one run of W_hh's row kk, so W_hh is read in order.
   acc_t* const panels = a.panel;
-  if (!pairs) {
-    for (int64_t kk = 0; kk < G; ++kk) {
-      const scalar_t* w_row = a.w_hh + kk * a.w_stride0;
-      for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
-        acc_t* out = panels + (jb * G + kk) * U;
-        const int64_t n_units = std::min<int64_t>(U, H - jb * U);
-        if (a.w_stride1 == 1) {
-          convert_n(w_row + jb * U, out, n_units);
-        } else {
-          for (int64_t u = 0; u < n_units; ++u) {
-            out[u] = cast<acc_t>(w_row[(jb * U + u) * a.w_stride1]);
-          }
-        }
-        std::fill(out + n_units, out + U, acc_t(0));
-      }
-    }
-  }
+  if (!pairs) pack_backward_panels<U>(panels, a.w_hh, a.w_stride0, a.w_stride1, H, mine);
 #pragma omp barrier
   // AMX tiles read kAmxRows rows of the gate gradients in place where a step has that many,
   // else from this copy of them.
@@ -661,8 +681,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
       const acc_t* panel = panels + jb * G * U;
-      // dh carried into this step, for rows [0, prev_rows), in chunks of the 4H-long sum, so
-      // that a chunk of the panel and of the rows' gradients stay in L2 across all the tiles.
+      // dh carried into this step, for rows [0, prev_rows).
       acc_t* carried = a.carry_work + thread * B * U;
       if constexpr (kAmxKernel) {
         // The whole 4H-long sum per tile (the tiles keep it); where the step has kAmxRows
@@ -681,27 +700,22 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           amx_product(G / 2, amx_rows + first * G, G, panel, carried + first * U, false);
         }
       }
-      const Tiles carried_tiles(amx ? 0 : prev_rows, R);
-      for (int64_t k0 = 0; k0 < G; k0 += kBackwardChunk<acc_t, U>) {
-        const int64_t kn = std::min<int64_t>(kBackwardChunk<acc_t, U>, G - k0);
-        for (int64_t tile = 0; tile < carried_tiles.count; ++tile) {
-          const int64_t r0 = carried_tiles.begin(tile);
-          const int n = static_cast<int>(carried_tiles.begin(tile + 1) - r0);
-          if constexpr (kPairKernel) {
-            if (pairs) {
-              const scalar_t* in[R] = {};
-              for (int i = 0; i < n; ++i) in[i] = a.grad_gates + (prev_offset + r0 + i) * G + k0;
-              pair_tile_product_n<R>(n, kn / 2, in, pair_panels + jb * (G / 2) * U + k0 / 2 * U,
-                                     U, carried + r0 * U, /*accumulate=*/k0 > 0);
-              continue;
-            }
+      for_backward_tiles<acc_t, U>(amx ? 0 : prev_rows, G, R, [&](int64_t k0, int64_t kn,
+                                                                  int64_t r0, int n) {
+        if constexpr (kPairKernel) {
+          if (pairs) {
+            const scalar_t* in[R] = {};
+            for (int i = 0; i < n; ++i) in[i] = a.grad_gates + (prev_offset + r0 + i) * G + k0;
+            pair_tile_product_n<R>(n, kn / 2, in, pair_panels + jb * (G / 2) * U + k0 / 2 * U,
+                                   U, carried + r0 * U, /*accumulate=*/k0 > 0);
+            return;
           }
-          const acc_t* in[R] = {};
-          for (int i = 0; i < n; ++i) in[i] = grad_prev + (r0 + i) * G + k0;
-          tile_product_n<acc_t, V, R>(n, kn, in, panel + k0 * U, U, carried + r0 * U,
-                                      /*accumulate=*/k0 > 0);
         }
-      }
+        const acc_t* in[R] = {};
+        for (int i = 0; i < n; ++i) in[i] = grad_prev + (r0 + i) * G + k0;
+        tile_product_n<acc_t, V, R>(n, kn, in, panel + k0 * U, U, carried + r0 * U,
+                                    /*accumulate=*/k0 > 0);
+      });
       const Tiles tiles(span, R);
       for (int64_t tile = 0; tile < tiles.count; ++tile) {
         const int64_t r0 = tiles.begin(tile);
