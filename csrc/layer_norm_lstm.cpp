@@ -433,8 +433,9 @@ BackwardResult layer_norm_backward(
     grad_ih_bias = grad_hh_bias;
   }
 
-  // Otherwise the step loop.
-  const StepGemm recurrent(W_hh.t());
+  // Otherwise the step loop (its W_hh^T, a contiguous copy, only where it runs).
+  const std::optional<StepGemm> recurrent =
+      fused ? std::nullopt : std::optional<StepGemm>(W_hh.t());
   // c~ of a step's rows, what the norm of c saw: with zoneout of c `cell` holds c after it, so
   // c~ = f c_prev + i g again from the saved gates.
   const auto cell_before_zoneout = [&](int64_t offset, int64_t rows) {
@@ -511,7 +512,7 @@ BackwardResult layer_norm_backward(
           stat(stats, kRstdH, offset, rows), ln.hh_weight, ln.hh_bias, input_only)));
     }
     if (zone_c) dc_rows.add_(zoneout_rows(*zone_c, offset, rows) * dc_total);
-    at::Tensor carried = recurrent(grad_product);
+    at::Tensor carried = (*recurrent)(grad_product);
     if (mask.has_value()) carried.mul_(mask->narrow(0, 0, rows));
     dh_rows.copy_(carried);
     if (zone_h) dh_rows.add_(zoneout_rows(*zone_h, offset, rows) * dh_total);
