@@ -4,6 +4,7 @@
 // composes layers, directions and dropout. Their device kernels live in cpu/ and cuda/; their
 // fake (shape) functions and autograd formulas are registered from lstm_ext/ops.py.
 #include "cpu/isa.h"
+#include "cpu/random_mask.h"
 #include "cpu/step_product.h"
 #include "lstm_common.h"
 #include "op_signatures.h"
@@ -199,6 +200,12 @@ TORCH_LIBRARY_FRAGMENT(lstm_ext, m) {
   // (AddressSanitizer on the CPU, compute-sanitizer on CUDA) can be shown to report an overrun
   // before its clean verdict is trusted. Refused unless LSTM_EXT_TEST_OVERRUN=1.
   m.def("_test_overrun(Tensor(a!) target) -> ()");
+  // The variants' masks on the CPU (cpu/random_mask.h): a new (size) tensor of fp32 or fp64,
+  // each entry `value` with probability `probability`, else 0, from torch's default CPU
+  // generator. Tagged as a random op, so that a compiler never merges two equal calls.
+  m.def("bernoulli_mask(SymInt[] size, float probability, float value, ScalarType dtype) -> "
+        "Tensor",
+        {at::Tag::nondeterministic_seeded});
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
@@ -221,6 +228,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CompositeExplicitAutograd, m) {
+  // No tensor argument to dispatch on: the mask is always made on the CPU.
+  m.impl("bernoulli_mask", &cpu::bernoulli_mask);
   m.impl("lstm_cell_forward", &cell_forward);
   m.impl("lstm_cell_backward", &cell_backward);
 }

@@ -126,14 +126,12 @@ def initialize_gates(module, forget_bias=0.0, init="default", chrono_max_len=Non
 
 
 def _dropout_mask(shape, p, like):
-    """Entries 1 / (1 - p) with probability 1 - p, else 0, drawn as (uniform >= p) (on the CPU
-    a third of the cost of F.dropout's bernoulli_), in the math dtype of `like` (fp32 for
-    bf16/fp16, so that the scale is not rounded to 8 bits)."""
+    """Entries 1 / (1 - p) with probability 1 - p, else 0, in the math dtype of `like` (fp32
+    for bf16/fp16, so that the scale is not rounded to 8 bits)."""
     dtype = ops.math_dtype(like.dtype)
     if p >= 1:
         return torch.zeros(shape, dtype=dtype, device=like.device)
-    keep = torch.rand(shape, dtype=dtype, device=like.device) >= p
-    return keep.to(dtype) * (1 / (1 - p))
+    return ops.bernoulli_mask(shape, 1 - p, 1 / (1 - p), dtype, like.device)
 
 
 def _drop_connect(weight, p):
@@ -150,14 +148,14 @@ def _recurrent_mask(batch, size, p, like):
 
 def _zoneout_weights(rows, size, z, like, training):
     """Zoneout's d for one layer-direction: in training (rows, size), 1 with probability z (the
-    unit keeps its previous value at that step), else 0, drawn as (uniform < z); in eval one
-    row of z (the expectation), used at every step. None where z is 0."""
+    unit keeps its previous value at that step), else 0; in eval one row of z (the
+    expectation), used at every step. None where z is 0."""
     if not z:
         return None
     dtype = ops.math_dtype(like.dtype)
     if not training:
         return torch.full((1, size), z, dtype=dtype, device=like.device)
-    return (torch.rand(rows, size, dtype=dtype, device=like.device) < z).to(dtype)
+    return ops.bernoulli_mask((rows, size), z, 1.0, dtype, like.device)
 
 
 def _check_zoneout(zoneout):

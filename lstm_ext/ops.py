@@ -48,6 +48,17 @@ def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
     return output, h_n, c_n, cells
 
 
+def bernoulli_mask(size, probability, value, dtype, device):
+    """A new tensor of `size`, each entry `value` with probability `probability`, else 0, drawn
+    from torch's generator for `device`: on the CPU by the library's Philox kernel
+    (csrc/cpu/random_mask.h; several times faster than torch.rand there), elsewhere as
+    torch.rand(size) < probability."""
+    if torch.device(device).type == "cpu":
+        return _ops.bernoulli_mask(list(size), probability, value, dtype)
+    mask = (torch.rand(size, dtype=dtype, device=device) < probability).to(dtype)
+    return mask if value == 1 else mask * value
+
+
 def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
     """One LSTMCell step. Returns (h, c)."""
     h, c, *_ = _ops.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
@@ -56,6 +67,11 @@ def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True)
 
 # ---------------------------------------------------------------------------------------------
 # Shape functions
+
+
+@torch.library.register_fake("lstm_ext::bernoulli_mask")
+def _bernoulli_mask_fake(size, probability, value, dtype):
+    return torch.empty(size, dtype=dtype)
 
 
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")
