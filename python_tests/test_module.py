@@ -157,18 +157,66 @@ def test_gradient_penalty_matches_nn_lstm():
 
 
 class DropoutSpy:
-    """Records the masks F.dropout applies inside the module."""
+    """Records the masks the module's dropout applies inside it."""
 
     def __init__(self, monkeypatch):
         self.zero_fractions = []
-        original = torch.nn.functional.dropout
+        original = lstm_nn.dropout
 
         def spy(input, p, training=True, inplace=False):
             output = original(input, p, training, inplace)
             self.zero_fractions.append((output == 0).double().mean().item())
             return output
 
-        monkeypatch.setattr(lstm_nn.F, "dropout", spy)
+        monkeypatch.setattr(lstm_nn, "dropout", spy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_is_f_dropouts_function(p, dtype):
+    """Zeros at the rate asked, every other entry x times 1 / (1 - p) (in fp32 for bf16),
+    gradients through the same mask, on a non-contiguous input too; masks that follow the
+    seed; the input itself in eval mode and with p 0, zeros with p 1."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 700, dtype=torch.float64).to(dtype).t().requires_grad_()
+    torch.manual_seed(1)
+    y = lstm_nn.dropout(x, p)
+    assert y.shape == x.shape and y.dtype == dtype
+    kept = y != 0
+    fraction = 1 - kept.double().mean().item()
+    assert abs(fraction - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    math = torch.float32 if dtype == torch.bfloat16 else dtype
+    expected = (x.detach().to(math) * torch.tensor(1 / (1 - p), dtype=math)).to(dtype)
+    assert torch.equal(y[kept], expected[kept])
+    weights = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    (grad,) = torch.autograd.grad((y * weights).sum(), x)
+    assert torch.equal(grad != 0, kept)
+    assert rel_error(grad[kept], weights[kept].double() / (1 - p)) < 2**-7
+    torch.manual_seed(1)
+    assert torch.equal(lstm_nn.dropout(x, p), y)
+    assert not torch.equal(lstm_nn.dropout(x, p), y)
+    assert lstm_nn.dropout(x, p, training=False) is x
+    assert torch.equal(lstm_nn.dropout(x, 0.0), x)
+    assert torch.equal(lstm_nn.dropout(x, 1.0), torch.zeros_like(x))
+    inplace = x.detach().clone()
+    torch.manual_seed(1)
+    assert lstm_nn.dropout(inplace, p, inplace=True) is inplace
+    assert torch.equal(inplace, y.detach())
+
+
+def test_dropout_module_is_a_drop_in_for_nn_dropout():
+    ours, reference = lstm_ext.Dropout(0.3), nn.Dropout(0.3)
+    assert isinstance(ours, nn.Dropout) and repr(ours) == repr(reference)
+    assert ours.state_dict() == reference.state_dict() == {}
+    x = torch.randn(64, 1000)
+    fraction = (ours(x) == 0).double().mean().item()
+    assert abs(fraction - 0.3) < 0.01
+    assert torch.equal(ours.eval()(x), x)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+            lstm_ext.Dropout(bad)
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+            lstm_nn.dropout(x, bad)
 
 
 def test_dropout_between_layers_in_training_only(monkeypatch):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..nn import LSTM, initialize_gates
+from ..nn import LSTM, Dropout, initialize_gates
 
 IMPLEMENTATIONS = {"ext": LSTM, "torch": nn.LSTM}
 
@@ -37,7 +37,7 @@ class LanguageModel(nn.Module):
                 f"({embedding_size}); add --proj-size {embedding_size} or set --emb {output_size}"
             )
         self.embedding = nn.Embedding(vocab_size, embedding_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.lstm = IMPLEMENTATIONS[impl](
             embedding_size, hidden_size, layers, dropout=dropout if layers > 1 else 0.0,
             proj_size=proj_size, **variants,
