@@ -27,8 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_lstm  # noqa: E402  (the machine's description and the report helpers)
 
 def _keep(shape, p, like):
-    """1 / (1 - p) where a uniform draw is at least p, else 0: the module's own draw."""
-    return (torch.rand(shape, dtype=like.dtype) >= p).to(like.dtype) / (1 - p)
+    """1 / (1 - p) with probability 1 - p, else 0: the module's own draw (on the CPU the
+    library's bernoulli_mask, which the loop then gets as fast as the module does)."""
+    return ops.bernoulli_mask(shape, 1 - p, 1 / (1 - p), like.dtype, like.device)
+
+
+def _zones(x, module):
+    """Zoneout's d of c and of h, (T * B, H) each, 1 with probability 0.1 and 0.05."""
+    rows = x.shape[0] * x.shape[1]
+    return [ops.bernoulli_mask((rows, module.hidden_size), z, 1.0, x.dtype, x.device)
+            for z in (0.1, 0.05)]
 
 
 def _weights(module):
@@ -53,9 +61,7 @@ def _recurrent_dropout_loop(module, x):
 
 
 def _zoneout_loop(module, x):
-    rows = x.shape[0] * x.shape[1]
-    kept = [(torch.rand(rows, module.hidden_size, dtype=x.dtype) < z).to(x.dtype)
-            for z in (0.1, 0.05)]
+    kept = _zones(x, module)
     return _reference_loop(module, x, _weights(module), zoneout_cell=kept[0],
                            zoneout_hidden=kept[1])
 
@@ -88,10 +94,7 @@ def _layer_norm_loop(module, x, zones=None):
 
 
 def _layer_norm_zoneout_loop(module, x):
-    rows = x.shape[0] * x.shape[1]
-    kept = [(torch.rand(rows, module.hidden_size, dtype=x.dtype) < z).to(x.dtype)
-            for z in (0.1, 0.05)]
-    return _layer_norm_loop(module, x, kept)
+    return _layer_norm_loop(module, x, _zones(x, module))
 
 
 # Each variant: the module's keyword options, and the same computation as a pure-PyTorch cell
