@@ -16,6 +16,6 @@ from .quantized import QuantizedLSTM, QuantizedLSTMCell, quantize_dynamic  # noq
 # no other global (tested).
 _torch.serialization.add_safe_globals([LSTM, LSTMCell, QuantizedLSTM, QuantizedLSTMCell])
 
-__all__ = ["Dropout", "LSTM", "LSTMCell", "QuantizedLSTM", "QuantizedLSTMCell", "initialize_gates", "ops",
-           "quantize_dynamic"]
+__all__ = ["Dropout", "LSTM", "LSTMCell", "QuantizedLSTM", "QuantizedLSTMCell", "initialize_gates",
+           "ops", "quantize_dynamic"]
 __version__ = "0.1.0"

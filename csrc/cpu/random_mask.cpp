@@ -9,11 +9,10 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <bit>
 #include <cstring>
-#include <type_traits>
 #include <mutex>
+#include <type_traits>
 
 namespace lstm_ext {
 namespace cpu {
@@ -37,6 +36,10 @@ struct MaskFill {
 
 template <Isa isa, typename T>
 inline void fill_chunks(const MaskFill<T>& a, int64_t begin, int64_t end) {
+  // Branch-free: the comparison's all-ones lanes select value's bits.
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  using BitLanes = typename Vec<Bits, 8>::type;
+  const Bits value = std::bit_cast<Bits>(a.value);
   for (int64_t c = begin; c < end; ++c) {
     PhiloxLanes x[4][kVectors] = {};
     for (int v = 0; v < kVectors; ++v) {
@@ -48,10 +51,6 @@ inline void fill_chunks(const MaskFill<T>& a, int64_t begin, int64_t end) {
     philox4x32_10(x, a.key0, a.key1);
     T* out = a.out + c * kChunk;
     if ((c + 1) * kChunk <= a.numel) {
-      // Branch-free: the comparison's all-ones lanes select value's bits.
-      using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-      using BitLanes = typename Vec<Bits, 8>::type;
-      const Bits value = std::bit_cast<Bits>(a.value);
       for (int w = 0; w < 4; ++w) {
         for (int v = 0; v < kVectors; ++v) {
           const BitLanes kept =
