@@ -129,7 +129,8 @@ def step(model, x, parameters):
 
 
 def measure(contenders, repeats, warmup):
-    """Median seconds of each contender (name -> zero-argument callable), interleaved."""
+    """Seconds of each contender (name -> zero-argument callable) per iteration, interleaved:
+    name -> list of `repeats` times."""
     times = {name: [] for name in contenders}
     for iteration in range(warmup + repeats):
         for name, run in contenders.items():
@@ -137,7 +138,14 @@ def measure(contenders, repeats, warmup):
             run()
             if iteration >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(times, over, under):
+    """The median over iterations of times[over][i] / times[under][i]: the two ran one after
+    the other, so a slow phase of the machine (this VM's speed drifts by 1.5x within minutes)
+    slows both and cancels, where a ratio of the two medians keeps it."""
+    return statistics.median(a / b for a, b in zip(times[over], times[under]))
 
 
 def measure_variant(name, shape, compile_too, repeats, warmup):
@@ -163,12 +171,15 @@ def measure_variant(name, shape, compile_too, repeats, warmup):
         compiled_loop = torch.compile(loop)
         contenders["variant compiled"] = lambda: step(compiled_variant, x, parameters)
         contenders["loop compiled"] = lambda: step(compiled_loop, x, parameters)
-    seconds = measure(contenders, repeats, warmup)
-    result = {key.replace(" ", "_") + "_ms": value * 1e3 for key, value in seconds.items()}
-    result["cost"] = seconds["variant"] / seconds["plain"]
-    result["speedup"] = seconds["loop"] / seconds["variant"]
+    times = measure(contenders, repeats, warmup)
+    result = {key.replace(" ", "_") + "_ms": statistics.median(values) * 1e3
+              for key, values in times.items()}
+    result["times_ms"] = {key.replace(" ", "_"): [round(value * 1e3, 4) for value in values]
+                          for key, values in times.items()}
+    result["cost"] = paired_ratio(times, "variant", "plain")
+    result["speedup"] = paired_ratio(times, "loop", "variant")
     if compile_too:
-        result["compiled_speedup"] = seconds["loop compiled"] / seconds["variant compiled"]
+        result["compiled_speedup"] = paired_ratio(times, "loop compiled", "variant compiled")
     result["met"] = result["cost"] <= TARGET_COST and result["speedup"] >= TARGET_SPEEDUP
     return result
 
@@ -177,7 +188,8 @@ def table(rows, machine, command):
     lines = [f"# lstm_ext variants — {machine.get('device', 'cpu')}", "",
              f"`{command}` on {machine['date']}: torch {machine['torch']}, "
              f"{machine['threads']} threads. Forward + backward of one layer (input size H), "
-             f"medians, interleaved. cost = variant / plain lstm_ext.LSTM (target ≤ "
+             f"interleaved; times are medians, and each ratio is the median of the ratios of "
+             f"back-to-back runs. cost = variant / plain lstm_ext.LSTM (target ≤ "
              f"{TARGET_COST}); speedup = eager pure-PyTorch cell loop / variant (target ≥ "
              f"{TARGET_SPEEDUP:g}); compiled speedup = both under torch.compile.",
              bench_lstm.cpu_line(machine), "",

@@ -2,6 +2,7 @@
 the speedup compares like with like), and a quick run reports every column."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -29,12 +30,17 @@ def test_each_variants_cell_loop_is_the_variant(bench):
 
 def test_a_quick_run_reports_cost_and_speedup_of_every_variant(bench, tmp_path, capsys):
     report = tmp_path / "variants.json"
-    assert bench.main(["--quick", "--no-compile", "--repeats", "1", "--json", str(report)]) == 0
+    assert bench.main(["--quick", "--no-compile", "--repeats", "3", "--json", str(report)]) == 0
     saved = json.loads(report.read_text())
     assert [row["variant"] for row in saved["rows"]] == list(bench.VARIANTS)
     for row in saved["rows"]:
-        results = row["results"]
-        assert results["cost"] == pytest.approx(results["variant_ms"] / results["plain_ms"])
-        assert results["speedup"] == pytest.approx(results["loop_ms"] / results["variant_ms"])
+        results, times = row["results"], row["results"]["times_ms"]
+        assert all(len(values) == 3 for values in times.values())
+        for name in ("plain", "variant", "loop"):
+            assert results[name + "_ms"] == pytest.approx(statistics.median(times[name]), 1e-3)
+        # Each ratio pairs the runs of one iteration.
+        for ratio, over, under in (("cost", "variant", "plain"), ("speedup", "loop", "variant")):
+            paired = statistics.median(a / b for a, b in zip(times[over], times[under]))
+            assert results[ratio] == pytest.approx(paired, 1e-3)
     assert saved["machine"]["kernel_isa"] == torch.ops.lstm_ext.cpu_isa()
     assert "| weight_drop=0.3 |" in capsys.readouterr().out
