@@ -2,7 +2,7 @@
 
 Each row runs both implementations on the same weights and inputs, interleaved (ours, theirs,
 ours, ...) after a warm-up, and reports medians, the ratio (baseline time / our time, so > 1
-means we are faster), GFLOP/s and the fraction of this machine's GEMM roof measured in the same
+means we are faster; the median of the ratios of back-to-back runs), GFLOP/s and the fraction of this machine's GEMM roof measured in the same
 run with a large torch.mm in the row's dtype. Absolute times on a shared machine move between
 runs; the ratios measured side by side are what to compare.
 
@@ -365,6 +365,13 @@ def profile_split(run, dtype=torch.float32):
             "libraries": libraries}
 
 
+def paired_ratio(times, over, under):
+    """The median over iterations of times[over][i] / times[under][i]. The two ran one after
+    the other, so a slow phase of a shared machine (a VM's speed drifts by 1.5x within
+    minutes) slows both and cancels, where the ratio of two medians keeps it."""
+    return statistics.median(a / b for a, b in zip(times[over], times[under]))
+
+
 def measure(row, device, repeats, warmup, profile=False):
     generator = torch.Generator().manual_seed(0)
     baseline, ours, make_input, rows_of_data = build(row, device, generator)
@@ -394,12 +401,14 @@ def measure(row, device, repeats, warmup, profile=False):
     result = {
         "ours_ms": ours_s * 1e3,
         "torch_ms": torch_s * 1e3,
-        "ratio": torch_s / ours_s,
+        "ratio": paired_ratio(times, "torch", "ours"),
         "ours_gflops": flops(row, rows_of_data) / ours_s / 1e9,
     }
+    result["times_ms"] = {name.replace(" ", "_"): [round(t * 1e3, 4) for t in values]
+                          for name, values in times.items()}
     if row.int8:
         result["ours_fp32_ms"] = statistics.median(times["ours fp32"]) * 1e3
-        result["speedup_over_fp32"] = result["ours_fp32_ms"] / result["ours_ms"]
+        result["speedup_over_fp32"] = paired_ratio(times, "ours fp32", "ours")
     result["baseline_kernel"] = baseline_kernel(runs["torch"])
     if profile:
         result["profile"] = profile_split(runs["ours"], getattr(torch, row.dtype))

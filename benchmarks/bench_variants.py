@@ -141,13 +141,6 @@ def measure(contenders, repeats, warmup):
     return times
 
 
-def paired_ratio(times, over, under):
-    """The median over iterations of times[over][i] / times[under][i]: the two ran one after
-    the other, so a slow phase of the machine (this VM's speed drifts by 1.5x within minutes)
-    slows both and cancels, where a ratio of the two medians keeps it."""
-    return statistics.median(a / b for a, b in zip(times[over], times[under]))
-
-
 def measure_variant(name, shape, compile_too, repeats, warmup):
     options, weights_for = VARIANTS[name]
     hidden, batch, steps = shape
@@ -176,10 +169,11 @@ def measure_variant(name, shape, compile_too, repeats, warmup):
               for key, values in times.items()}
     result["times_ms"] = {key.replace(" ", "_"): [round(value * 1e3, 4) for value in values]
                           for key, values in times.items()}
-    result["cost"] = paired_ratio(times, "variant", "plain")
-    result["speedup"] = paired_ratio(times, "loop", "variant")
+    result["cost"] = bench_lstm.paired_ratio(times, "variant", "plain")
+    result["speedup"] = bench_lstm.paired_ratio(times, "loop", "variant")
     if compile_too:
-        result["compiled_speedup"] = paired_ratio(times, "loop compiled", "variant compiled")
+        result["compiled_speedup"] = bench_lstm.paired_ratio(times, "loop compiled",
+                                                             "variant compiled")
     result["met"] = result["cost"] <= TARGET_COST and result["speedup"] >= TARGET_SPEEDUP
     return result
 
