@@ -154,7 +154,8 @@ struct SequenceBackward : SequenceLayout {
   acc_t* zoneout_carry;  // with zoneout_hidden, (B, H): d * dh of the step after, per sequence
   const scalar_t* grad_cells;  // (N, H): gradient of the c after each step, or null
   // Workspace: the backward panels, the gate gradients of the last two steps in the math
-  // type, 2 x (B, 4H), and per thread the dh carried into a step for one block of units.
+  // type, 2 x (B, 4H) (bf16 storage only), and per thread the dh carried into a step for one
+  // block of units.
   acc_t* panel;
   acc_t* grad_work;
   acc_t* carry_work;

@@ -201,8 +201,10 @@ void run_backward(SequenceBackward<scalar_t> a) {
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor panel = workspace(Workspace::panel, {blocks * 4 * a.hidden * U}, options);
   const int threads = threads_for(blocks);
+  // Only gradients stored in bf16 need their math-type copy (see backward_thread).
+  const int64_t work_rows = std::is_same_v<scalar_t, acc_t> ? 0 : 2 * a.batch;
   const at::Tensor grad_work =
-      workspace(Workspace::recurrent_state, {2 * a.batch * 4 * a.hidden}, options);
+      workspace(Workspace::recurrent_state, {work_rows * 4 * a.hidden}, options);
   const at::Tensor carry_work = workspace(Workspace::carried, {threads * a.batch * U}, options);
   a.panel = panel.data_ptr<acc_t>();
   a.grad_work = grad_work.data_ptr<acc_t>();

@@ -657,6 +657,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   // does not have are sequences whose first step that was, and get their grad of h0. One more
   // pass after the last step does the same for the rows of the last one.
   int64_t processed = 0, prev_rows = 0, prev_offset = 0;
+  // Gradients stored in the math type are the next product's rows as they are; stored in bf16,
+  // the product reads them back rounded from a math-type copy (or as bf16 pairs).
+  constexpr bool kStoredInMathType = std::is_same_v<scalar_t, acc_t>;
   for (int64_t k = 0; k <= a.steps; ++k) {
     int64_t rows = 0, offset = 0;
     if (k < a.steps) {
@@ -665,8 +668,14 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       offset = a.step_offset[t];
       if (rows == 0) continue;
     }
-    const acc_t* grad_prev = a.grad_work + ((processed + 1) & 1) * B * G;
-    acc_t* grad_next = a.grad_work + (processed & 1) * B * G;
+    const acc_t* grad_prev;
+    acc_t* grad_next = nullptr;
+    if constexpr (kStoredInMathType) {
+      grad_prev = a.grad_gates + prev_offset * G;
+    } else {
+      grad_prev = a.grad_work + ((processed + 1) & 1) * B * G;
+      grad_next = a.grad_work + (processed & 1) * B * G;
+    }
     const int64_t span = std::max(rows, prev_rows);
     const c10::BFloat16* amx_rows = nullptr;
     if constexpr (kAmxKernel) {
@@ -798,12 +807,14 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           if (d_cell) {
             for (int64_t u = 0; u < n_units; ++u) dc[u] += d_cell[u] * dc_total[u];
           }
-          // Stored in the storage type, and read back rounded for the next step's product.
+          // Stored in the storage type; in bf16 also read back rounded into the math-type copy
+          // that the next step's product reads.
           scalar_t* grad_row = a.grad_gates + row * G;
-          acc_t* work_row = grad_next + r * G;
           for (int g = 0; g < 4; ++g) {
             convert_n(dz + g * U, grad_row + g * H + u0, n_units);
-            convert_n(grad_row + g * H + u0, work_row + g * H + u0, n_units);
+            if constexpr (!kStoredInMathType) {
+              convert_n(grad_row + g * H + u0, grad_next + r * G + g * H + u0, n_units);
+            }
           }
         }
       }
