@@ -401,7 +401,9 @@ BackwardResult layer_norm_backward(
                                 cell.contiguous(),     products.contiguous(),
                                 stats.contiguous(),    input_products.contiguous()};
     // These never leave the call: kept memory, not fresh pages (see cpu/workspace.h).
-    grad_product_x = cpu::workspace(cpu::Workspace::grad_input_products, {s.rows, G}, acc);
+    // Row-major, they are only dx's operand: not written where the input needs no gradient.
+    grad_product_x = cpu::workspace(cpu::Workspace::grad_input_products,
+                                    {input_grad ? s.rows : 0, G}, acc);
     grad_product_x_t = cpu::workspace(cpu::Workspace::grad_input_products_t, {G, s.rows}, acc);
     AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_backward", [&] {
       auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask, zone_c, zone_h);
@@ -413,7 +415,7 @@ BackwardResult layer_norm_backward(
       a.stats = saved[4].data_ptr<scalar_t>();
       a.input_products = saved[5].const_data_ptr<scalar_t>();
       a.ih_gain = ln.ih_weight.const_data_ptr<scalar_t>();
-      a.grad_input_products = grad_product_x.data_ptr<scalar_t>();
+      a.grad_input_products = input_grad ? grad_product_x.data_ptr<scalar_t>() : nullptr;
       a.grad_input_products_t = grad_product_x_t.data_ptr<scalar_t>();
       a.grad_output = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
       a.grad_cells = grad_c_seq.defined() ? grad_c_seq.const_data_ptr<scalar_t>() : nullptr;

@@ -531,10 +531,10 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
 // pre-activations' gradient) and the norm's input `values`: rstd (dy - mean(dy) - hat
 // mean(dy hat)) with dy = dz gain and hat = (values - mean) rstd, each row's four coefficients
 // from `coefficients` (rows of 4: mean, rstd, mean(dy), mean(dy hat)); dz, values and out have
-// rows G apart. Into `out` and the transposed (G, N) copy, where each column gets the step's
-// rows in one run. Through a small L1 tile, 64 bytes of a row at a time: storing straight down
-// the columns, N apart (a multiple of 4 KB whenever N is a power of two), keeps sixteen lines of
-// one L1 set in flight and misses on every store.
+// rows G apart. Into `out` (unless null) and the transposed (G, N) copy, where each column gets
+// the step's rows in one run. Through a small L1 tile, 64 bytes of a row at a time: storing
+// straight down the columns, N apart (a multiple of 4 KB whenever N is a power of two), keeps
+// sixteen lines of one L1 set in flight and misses on every store.
 template <typename acc_t>
 inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz,
                               const acc_t* values, const acc_t* gain, const acc_t* coefficients,
@@ -568,7 +568,7 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz
             }
             block[q] = grad(r, *reinterpret_cast<const vec*>(dz + r * G + j0),
                             *reinterpret_cast<const vec*>(values + r * G + j0), g_line);
-            *reinterpret_cast<vec*>(out + r * G + j0) = block[q];
+            if (out) *reinterpret_cast<vec*>(out + r * G + j0) = block[q];
           }
           transpose_square<acc_t, kLine>(block);
           for (int64_t v = 0; v < kLine; ++v) {
@@ -580,7 +580,7 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz
           for (int64_t v = 0; v < n; ++v) {
             const int64_t j = j0 + v;
             const acc_t value = grad(r, dz[r * G + j], values[r * G + j], gain[j]);
-            out[r * G + j] = value;
+            if (out) out[r * G + j] = value;
             tile[v * kRows + i] = value;
           }
         }
@@ -775,7 +775,8 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
     finish_transposed(a, gate_grads, a.products + offset * G, a.hh_gain, coefficients.data(),
                       grad_product, a.grad_products_t, rows, offset, own);
     finish_transposed(a, gate_grads, a.input_products + offset * G, a.ih_gain,
-                      coefficients.data() + B * 4, a.grad_input_products + offset * G,
+                      coefficients.data() + B * 4,
+                      a.grad_input_products ? a.grad_input_products + offset * G : nullptr,
                       a.grad_input_products_t, rows, offset, own);
     prev_rows = rows;
 #pragma omp barrier

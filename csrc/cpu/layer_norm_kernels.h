@@ -59,7 +59,8 @@ struct LayerNormSequence : SequenceLayout {
   acc_t* grad_hidden;        // (B, H): grad of h_n in, of h0 out
   acc_t* grad_cell;          // (B, H): grad of c_n in, of c0 out
   acc_t* grad_products_t;    // (G, N) out: of the products before their norm, transposed
-  acc_t* grad_input_products;    // (N, G) out: of the input products before their norm
+  acc_t* grad_input_products;    // (N, G) out: of the input products before their norm, or
+                                 // null where dx is not wanted
   acc_t* grad_input_products_t;  // (G, N) out: the same transposed
   int64_t rows;              // N
   // (G + G + H + H + G), added to: gradients of the recurrent product norm's gain and bias,
