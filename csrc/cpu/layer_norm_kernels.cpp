@@ -220,15 +220,18 @@ inline void output_gate_grads(int64_t n, const acc_t* __restrict__ dh,
                               const acc_t* __restrict__ bias, acc_t* __restrict__ grad_out,
                               acc_t* __restrict__ grad_gain, acc_t* __restrict__ grad_bias,
                               acc_t* __restrict__ scaled, acc_t* __restrict__ xhat) {
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t d = dh[j] + (from_output ? from_output[j] : acc_t(0));
-    xhat[j] = (c[j] - mean) * rstd;
-    acc_t grad_norm;
-    output_grads(d, out[j], tanh_cell_norm(xhat[j], gain[j], bias[j]), grad_out[j], grad_norm);
-    grad_gain[j] += grad_norm * xhat[j];
-    grad_bias[j] += grad_norm;
-    scaled[j] = grad_norm * gain[j];
-  }
+  with_optional(from_output, [&](auto has_output) {
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t d = dh[j] + (has_output ? from_output[j] : acc_t(0));
+      xhat[j] = (c[j] - mean) * rstd;
+      acc_t grad_norm;
+      output_grads(d, out[j], tanh_cell_norm(xhat[j], gain[j], bias[j]), grad_out[j],
+                   grad_norm);
+      grad_gain[j] += grad_norm * xhat[j];
+      grad_bias[j] += grad_norm;
+      scaled[j] = grad_norm * gain[j];
+    }
+  });
 }
 
 // c~'s whole gradient (of dc carried in, the part through c~, plus LN(c~)'s backward), the
@@ -243,14 +246,16 @@ inline void cell_gate_grads(int64_t n, const acc_t* __restrict__ scaled,
                             const acc_t* __restrict__ c_prev, const acc_t* __restrict__ keep,
                             acc_t* __restrict__ dc, acc_t* __restrict__ grad_in,
                             acc_t* __restrict__ grad_forget, acc_t* __restrict__ grad_cell) {
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t d = keep ? keep[j] : acc_t(0);
-    acc_t total = (acc_t(1) - d) * dc[j] + norm_grad(scaled[j], xhat[j], rstd, mean_dy,
-                                                     mean_dy_xhat);
-    cell_grads(total, in[j], forget[j], cell[j], c_prev[j], grad_in[j], grad_forget[j],
-               grad_cell[j]);
-    dc[j] = total + d * dc[j];
-  }
+  with_optional(keep, [&](auto zoneout) {
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t d = zoneout ? keep[j] : acc_t(0);
+      acc_t total = (acc_t(1) - d) * dc[j] + norm_grad(scaled[j], xhat[j], rstd, mean_dy,
+                                                       mean_dy_xhat);
+      cell_grads(total, in[j], forget[j], cell[j], c_prev[j], grad_in[j], grad_forget[j],
+                 grad_cell[j]);
+      dc[j] = total + d * dc[j];
+    }
+  });
 }
 
 // Both product norms' row sums from the pre-activations' gradient dz, in one pass (dz feeds
@@ -663,9 +668,14 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
         acc_t* dh = a.grad_hidden + r * H + j0;
         const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + r * H + j0 : nullptr;
         const acc_t* straight = carry ? carry + r * H + j0 : nullptr;
-        for (int64_t u = 0; u < n_units; ++u) {
-          dh[u] = (mask ? sum[u] * mask[u] : sum[u]) + (straight ? straight[u] : acc_t(0));
-        }
+        with_optional(mask, [&](auto masked) {
+          with_optional(straight, [&](auto zoneout) {
+            for (int64_t u = 0; u < n_units; ++u) {
+              dh[u] = (masked ? sum[u] * mask[u] : sum[u]) +
+                      (zoneout ? straight[u] : acc_t(0));
+            }
+          });
+        });
       }
     }
 
@@ -689,11 +699,13 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       // the next product's result) and 1 - d through h~.
       if (carry) {
         const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride;
-        for (int64_t u = own.begin; u < own.end; ++u) {
-          const acc_t total = dh[u] + (from_output ? from_output[u] : acc_t(0));
-          carry[r * H + u] = d[u] * total;
-          dh[u] = (acc_t(1) - d[u]) * total;
-        }
+        with_optional(from_output, [&](auto has_output) {
+          for (int64_t u = own.begin; u < own.end; ++u) {
+            const acc_t total = dh[u] + (has_output ? from_output[u] : acc_t(0));
+            carry[r * H + u] = d[u] * total;
+            dh[u] = (acc_t(1) - d[u]) * total;
+          }
+        });
         from_output = nullptr;
       }
       acc_t* dz = gate_grads + r * G;

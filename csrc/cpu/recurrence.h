@@ -758,23 +758,30 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + r * H + u0 : nullptr;
           // With zoneout of h, d dh of the step after reaches h directly too.
           acc_t* carry = a.zoneout_carry ? a.zoneout_carry + r * H + u0 : nullptr;
+          // The dh carried back through the product of unit u (the optional operands tested
+          // outside the loops: see with_optional).
+          alignas(64) acc_t through[U];
+          with_optional(mask, [&](auto masked) {
+            with_optional(carry, [&](auto zoneout) {
+              for (int64_t u = 0; u < n_units; ++u) {
+                through[u] = (masked ? p[u] * mask[u] : p[u]) +
+                             (zoneout ? carry[u] : acc_t(0));
+              }
+            });
+          });
           if (r >= rows) {  // this sequence's first step is behind us: p is its grad of h0
-            for (int64_t u = 0; u < n_units; ++u) {
-              grad_h[u] = cast<scalar_t>((mask ? p[u] * mask[u] : p[u]) +
-                                         (carry ? carry[u] : acc_t(0)));
-            }
+            for (int64_t u = 0; u < n_units; ++u) grad_h[u] = cast<scalar_t>(through[u]);
             continue;
           }
           const int64_t row = offset + r;
+          const scalar_t* from_output = a.grad_output ? a.grad_output + row * H + u0 : nullptr;
           alignas(64) acc_t dh[U];
-          for (int64_t u = 0; u < n_units; ++u) {
-            const acc_t from_output =
-                a.grad_output ? cast<acc_t>(a.grad_output[row * H + u0 + u]) : acc_t(0);
-            const acc_t carried_u =
-                (mask ? p[u] * mask[u] : p[u]) + (carry ? carry[u] : acc_t(0));
-            const acc_t from_next = r < prev_rows ? carried_u : cast<acc_t>(grad_h[u]);
-            dh[u] = from_output + from_next;
-          }
+          with_optional(from_output, [&](auto has_output) {
+            for (int64_t u = 0; u < n_units; ++u) {
+              const acc_t from_next = r < prev_rows ? through[u] : cast<acc_t>(grad_h[u]);
+              dh[u] = (has_output ? cast<acc_t>(from_output[u]) : acc_t(0)) + from_next;
+            }
+          });
           // Zoneout: of dh, d goes straight to the previous step's h and 1 - d into this
           // step's cell; of dc, d to the previous c, and 1 - d through the cell update.
           if (carry) {
