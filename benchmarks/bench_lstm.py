@@ -2,9 +2,10 @@
 
 Each row runs both implementations on the same weights and inputs, interleaved (ours, theirs,
 ours, ...) after a warm-up, and reports medians, the ratio (baseline time / our time, so > 1
-means we are faster; the median of the ratios of back-to-back runs), GFLOP/s and the fraction of this machine's GEMM roof measured in the same
-run with a large torch.mm in the row's dtype. Absolute times on a shared machine move between
-runs; the ratios measured side by side are what to compare.
+means we are faster; the median of the ratios of back-to-back runs), GFLOP/s and the fraction
+of this machine's GEMM roof measured in the same run with a large torch.mm in the row's dtype.
+Absolute times on a shared machine move between runs; the ratios measured side by side are what
+to compare.
 
     python benchmarks/bench_lstm.py --quick              # a few rows, seconds
     python benchmarks/bench_lstm.py --json out.json      # the default suite
@@ -372,6 +373,13 @@ def paired_ratio(times, over, under):
     return statistics.median(a / b for a, b in zip(times[over], times[under]))
 
 
+def times_in_ms(times):
+    """Every iteration's seconds per contender, as the JSON keeps them: ms, keys without
+    spaces."""
+    return {name.replace(" ", "_"): [round(t * 1e3, 4) for t in values]
+            for name, values in times.items()}
+
+
 def measure(row, device, repeats, warmup, profile=False):
     generator = torch.Generator().manual_seed(0)
     baseline, ours, make_input, rows_of_data = build(row, device, generator)
@@ -404,8 +412,7 @@ def measure(row, device, repeats, warmup, profile=False):
         "ratio": paired_ratio(times, "torch", "ours"),
         "ours_gflops": flops(row, rows_of_data) / ours_s / 1e9,
     }
-    result["times_ms"] = {name.replace(" ", "_"): [round(t * 1e3, 4) for t in values]
-                          for name, values in times.items()}
+    result["times_ms"] = times_in_ms(times)
     if row.int8:
         result["ours_fp32_ms"] = statistics.median(times["ours fp32"]) * 1e3
         result["speedup_over_fp32"] = paired_ratio(times, "ours fp32", "ours")

@@ -167,8 +167,7 @@ def measure_variant(name, shape, compile_too, repeats, warmup):
     times = measure(contenders, repeats, warmup)
     result = {key.replace(" ", "_") + "_ms": statistics.median(values) * 1e3
               for key, values in times.items()}
-    result["times_ms"] = {key.replace(" ", "_"): [round(value * 1e3, 4) for value in values]
-                          for key, values in times.items()}
+    result["times_ms"] = bench_lstm.times_in_ms(times)
     result["cost"] = bench_lstm.paired_ratio(times, "variant", "plain")
     result["speedup"] = bench_lstm.paired_ratio(times, "loop", "variant")
     if compile_too:

@@ -167,9 +167,11 @@ class Case:
         moved.state = None if self.state is None else [t.to(device) for t in self.state]
         return moved
 
-    def inputs(self, dtype=None):
-        """(input, hx) made from leaves of this case, converted to dtype, requiring grad."""
-        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in self.leaves]
+    def inputs(self, dtype=None, input_grad=True):
+        """(input, hx) made from leaves of this case, converted to dtype; the state requires
+        grad, the input where input_grad says."""
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_(input_grad)
+                  for t in self.leaves]
         state = None
         if self.state is not None:
             state = [t.detach().to(dtype or t.dtype).requires_grad_() for t in self.state]
@@ -181,10 +183,11 @@ class Case:
             input = leaves[0]
         return input, state, leaves
 
-    def run(self, module, dtype=None, autocast=False):
+    def run(self, module, dtype=None, autocast=False, input_grad=True):
         """Forward and backward of a random weighting of every output; returns a dict of the
-        outputs and of every gradient (inputs, states, each parameter by name)."""
-        input, state, leaves = self.inputs(dtype)
+        outputs and of every gradient (inputs where input_grad, states, each parameter by
+        name)."""
+        input, state, leaves = self.inputs(dtype, input_grad)
         with torch.autocast("cpu", enabled=autocast):
             output, (h_n, c_n) = module(input, None if state is None else tuple(state))
         if isinstance(output, PackedSequence):
@@ -198,7 +201,7 @@ class Case:
         module.zero_grad(set_to_none=True)
         loss.backward()
         result = {"output": output, "h_n": h_n, "c_n": c_n}
-        for index, leaf in enumerate(leaves):
+        for index, leaf in enumerate(leaves if input_grad else []):
             result[f"grad_input{index}"] = leaf.grad
         if state is not None:
             result["grad_h0"], result["grad_c0"] = state[0].grad, state[1].grad

@@ -758,17 +758,19 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + r * H + u0 : nullptr;
           // With zoneout of h, d dh of the step after reaches h directly too.
           acc_t* carry = a.zoneout_carry ? a.zoneout_carry + r * H + u0 : nullptr;
-          // The dh carried back through the product of unit u (the optional operands tested
-          // outside the loops: see with_optional).
+          // The dh carried back through the product, for rows the previous step had (the
+          // optional operands tested outside the loops: see with_optional).
           alignas(64) acc_t through[U];
-          with_optional(mask, [&](auto masked) {
-            with_optional(carry, [&](auto zoneout) {
-              for (int64_t u = 0; u < n_units; ++u) {
-                through[u] = (masked ? p[u] * mask[u] : p[u]) +
-                             (zoneout ? carry[u] : acc_t(0));
-              }
+          if (r < prev_rows) {
+            with_optional(mask, [&](auto masked) {
+              with_optional(carry, [&](auto zoneout) {
+                for (int64_t u = 0; u < n_units; ++u) {
+                  through[u] = (masked ? p[u] * mask[u] : p[u]) +
+                               (zoneout ? carry[u] : acc_t(0));
+                }
+              });
             });
-          });
+          }
           if (r >= rows) {  // this sequence's first step is behind us: p is its grad of h0
             for (int64_t u = 0; u < n_units; ++u) grad_h[u] = cast<scalar_t>(through[u]);
             continue;
