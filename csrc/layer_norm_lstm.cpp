@@ -171,12 +171,16 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
       w_hr.has_value() ? std::optional<StepGemm>(w_hr->to(math)) : std::nullopt;
 
   const int64_t saved = training ? s.rows : 0;
-  at::Tensor gates = at::empty({saved, G}, acc);
-  at::Tensor cell_prev = at::empty({saved, H}, acc);
-  at::Tensor cell = at::empty({saved, H}, acc);
-  at::Tensor products = at::empty({saved, G}, acc);
-  at::Tensor stats = at::empty({saved, 6}, acc);
-  at::Tensor hidden_prev = at::empty({saved, R}, acc);
+  // Held by autograd until the backward: kept memory on the CPU (cpu::saved_buffer).
+  const auto kept = [&](cpu::Saved kind, at::IntArrayRef sizes) {
+    return input.device().is_cpu() ? cpu::saved_buffer(kind, sizes, acc) : at::empty(sizes, acc);
+  };
+  at::Tensor gates = kept(cpu::Saved::gates, {saved, G});
+  at::Tensor cell_prev = kept(cpu::Saved::cell_prev, {saved, H});
+  at::Tensor cell = kept(cpu::Saved::cell, {saved, H});
+  at::Tensor products = kept(cpu::Saved::products, {saved, G});
+  at::Tensor stats = kept(cpu::Saved::stats, {saved, 6});
+  at::Tensor hidden_prev = kept(cpu::Saved::hidden_prev, {saved, R});
   at::Tensor hidden_raw = at::empty({training && s.has_projection ? s.rows : 0, H}, acc);
 
   // The input products of every step at once, normalised, with both biases (added to the

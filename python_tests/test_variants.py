@@ -916,6 +916,59 @@ def test_layer_norm_lstm_without_an_input_gradient(config, monkeypatch):
             case.run(LayerNormReference(reference, norms), input_grad=False), 1e-10)
 
 
+def test_layer_norm_saved_sequences_reuse_memory_only_once_freed():
+    """The CPU forward's saved sequences (which autograd holds until the backward) come from
+    memory kept across calls: one still held is never handed out again, one freed is (the next
+    training step's forward then writes no fresh pages), and each storage is its own size."""
+    torch.manual_seed(0)
+    steps, batch, inputs, hidden = 7, 3, 5, 37  # sizes only this test asks for
+    gates = 4 * hidden
+    weights = [torch.randn(gates, inputs), torch.randn(gates, hidden) * 0.2,
+               torch.randn(gates), torch.randn(gates)]
+    norms = [torch.rand(n) + 0.5 if i % 2 == 0 else torch.randn(n)
+             for i, n in enumerate([gates, gates, gates, gates, hidden, hidden])]
+    zeros = torch.zeros(batch, hidden)
+
+    def forward(x):
+        return torch.ops.lstm_ext.lstm_layer_norm_forward(
+            x, zeros, zeros, *weights, None, None, False, True, *norms)
+
+    # gates, cell_prev, cell, products, stats, hidden_prev (the input products are oneDNN's)
+    kept = [3, 4, 5, 6, 8, 9]
+    x1, x2 = torch.randn(steps, batch, inputs), torch.randn(steps, batch, inputs)
+    first = forward(x1)
+    expected = [t.clone() for t in first]
+    second = forward(x2)
+    for i in kept:
+        assert first[i].data_ptr() != second[i].data_ptr()
+        assert torch.equal(first[i], expected[i])  # not overwritten by the second call
+    freed = [first[i].data_ptr() for i in kept]
+    del first
+    third = forward(x1)
+    assert [third[i].data_ptr() for i in kept] == freed
+    for i in kept:
+        assert third[i].untyped_storage().nbytes() == third[i].nbytes
+        assert torch.equal(third[i], expected[i])
+    assert all(second[i].data_ptr() != third[i].data_ptr() for i in kept)
+
+
+def test_layer_norm_lstm_gradients_accumulate_over_forwards_before_a_backward():
+    """Two forwards, then both backwards (gradient accumulation): each backward still reads
+    its own forward's saved sequences, whatever memory the second forward took."""
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(6, 11, num_layers=2, layer_norm=True, dtype=torch.float64)
+    xs = [torch.randn(5, 3, 6, dtype=torch.float64) for _ in range(2)]
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for x in xs:
+        grads = torch.autograd.grad(model(x)[0].square().sum(), list(model.parameters()))
+        expected = [e + g for e, g in zip(expected, grads)]
+    losses = [model(x)[0].square().sum() for x in xs]
+    for loss in reversed(losses):
+        loss.backward()
+    for parameter, want in zip(model.parameters(), expected):
+        assert rel_error(parameter.grad, want) < 1e-12
+
+
 @pytest.mark.parametrize("path", ["cpu_kernels", "aten"])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_layer_norm_lstm_returns_the_cell_sequence(config, path, monkeypatch):

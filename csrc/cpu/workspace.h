@@ -21,12 +21,26 @@ enum class Workspace {
   count
 };
 
+// What a training forward saves for its backward, which autograd holds past the call.
+enum class Saved {
+  gates, products, cell_prev, cell, hidden_prev, stats,  // the LayerNorm forward's
+  count
+};
+
 constexpr int64_t kMaxWorkspaceBytes = int64_t{1} << 30;
 
 // A contiguous tensor of these sizes and options in the slot's memory: uninitialized, only
 // valid until the slot is asked for again on this thread (a slot still in use, or too small,
 // is replaced).
 at::Tensor workspace(Workspace slot, at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// A contiguous tensor of these sizes and options, uninitialized, that may outlive the call: in
+// one of a few buffers kept per kind on this thread, each handed out again, for a request of
+// its exact size, once nothing but the pool holds it (a training loop's next forward, after the
+// backward freed the last one's), so that each step's saved sequences do not come as fresh
+// pages. The buffers of a kind hold at most kMaxWorkspaceBytes together; beyond that, a plain
+// allocation.
+at::Tensor saved_buffer(Saved kind, at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace cpu
 }  // namespace lstm_ext
