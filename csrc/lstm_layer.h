@@ -26,6 +26,7 @@
 // lstm_ext::step_elementwise (free when no profiler runs).
 #pragma once
 
+#include "cpu/workspace.h"
 #include "gemm_plan.h"
 #include "lstm_common.h"
 #include "op_signatures.h"
@@ -249,8 +250,10 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   at::Tensor h_state = h0.contiguous().clone();
   at::Tensor c_state = c0.to(acc_options, /*non_blocking=*/false, /*copy=*/true).contiguous();
   SavedForBackward saved;
-  saved.cell_prev = at::empty({training ? s.rows : 0, H}, acc_options);
-  saved.hidden_prev = at::empty({training ? s.rows : 0, s.output_size}, options);
+  saved.cell_prev =
+      Kernels::saved_sequence(cpu::Saved::cell_prev, {training ? s.rows : 0, H}, acc_options);
+  saved.hidden_prev = Kernels::saved_sequence(
+      cpu::Saved::hidden_prev, {training ? s.rows : 0, s.output_size}, options);
   at::Tensor cells = at::empty({return_cells ? s.rows : 0, H}, options);
   // Without training only the current step's h before projection is needed.
   at::Tensor hidden_raw =

@@ -916,7 +916,8 @@ def test_layer_norm_lstm_without_an_input_gradient(config, monkeypatch):
             case.run(LayerNormReference(reference, norms), input_grad=False), 1e-10)
 
 
-def test_layer_norm_saved_sequences_reuse_memory_only_once_freed():
+@pytest.mark.parametrize("layer", ["plain", "layer_norm"])
+def test_saved_sequences_reuse_memory_only_once_freed(layer):
     """The CPU forward's saved sequences (which autograd holds until the backward) come from
     memory kept across calls: one still held is never handed out again, one freed is (the next
     training step's forward then writes no fresh pages), and each storage is its own size."""
@@ -930,11 +931,15 @@ def test_layer_norm_saved_sequences_reuse_memory_only_once_freed():
     zeros = torch.zeros(batch, hidden)
 
     def forward(x):
+        if layer == "plain":
+            return torch.ops.lstm_ext.lstm_layer_forward(
+                x, zeros, zeros, *weights, None, None, False, True, None, None, None, False)
         return torch.ops.lstm_ext.lstm_layer_norm_forward(
             x, zeros, zeros, *weights, None, None, False, True, *norms)
 
-    # gates, cell_prev, cell, products, stats, hidden_prev (the input products are oneDNN's)
-    kept = [3, 4, 5, 6, 8, 9]
+    # The plain layer's cell_prev and hidden_prev (its gates are oneDNN's input products); the
+    # LayerNorm layer's gates, cell_prev, cell, products, stats and hidden_prev.
+    kept = [4, 5] if layer == "plain" else [3, 4, 5, 6, 8, 9]
     x1, x2 = torch.randn(steps, batch, inputs), torch.randn(steps, batch, inputs)
     first = forward(x1)
     expected = [t.clone() for t in first]
@@ -952,11 +957,12 @@ def test_layer_norm_saved_sequences_reuse_memory_only_once_freed():
     assert all(second[i].data_ptr() != third[i].data_ptr() for i in kept)
 
 
-def test_layer_norm_lstm_gradients_accumulate_over_forwards_before_a_backward():
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_gradients_accumulate_over_forwards_before_a_backward(layer_norm):
     """Two forwards, then both backwards (gradient accumulation): each backward still reads
     its own forward's saved sequences, whatever memory the second forward took."""
     torch.manual_seed(0)
-    model = lstm_ext.LSTM(6, 11, num_layers=2, layer_norm=True, dtype=torch.float64)
+    model = lstm_ext.LSTM(6, 11, num_layers=2, layer_norm=layer_norm, dtype=torch.float64)
     xs = [torch.randn(5, 3, 6, dtype=torch.float64) for _ in range(2)]
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for x in xs:

@@ -122,6 +122,13 @@ struct CpuKernels {
                           sizes, options);
   }
 
+  // The forward's saved c and h entering each step, which autograd holds until the backward:
+  // kept memory too, handed out again once freed (see workspace.h).
+  static at::Tensor saved_sequence(cpu::Saved kind, at::IntArrayRef sizes,
+                                   const at::TensorOptions& options) {
+    return cpu::saved_buffer(kind, sizes, options);
+  }
+
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>& a) {
     if (!cpu::recurrence_enabled()) return false;

@@ -21,9 +21,10 @@ enum class Workspace {
   count
 };
 
-// What a training forward saves for its backward, which autograd holds past the call.
+// What a training forward saves for its backward, which autograd holds past the call (gates,
+// products, cell and stats: the LayerNorm forward's only).
 enum class Saved {
-  gates, products, cell_prev, cell, hidden_prev, stats,  // the LayerNorm forward's
+  gates, products, cell_prev, cell, hidden_prev, stats,
   count
 };
 

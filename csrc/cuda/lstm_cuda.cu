@@ -202,6 +202,11 @@ struct CudaKernels {
     return at::empty(sizes, options);  // the caching allocator keeps memory already
   }
 
+  static at::Tensor saved_sequence(cpu::Saved, at::IntArrayRef sizes,
+                                   const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
+
   // The persistent recurrence where it applies and is wanted (see persistent_wanted): uniform
   // batches without recurrent dropout or zoneout, the input projection already made.
   template <typename scalar_t>
