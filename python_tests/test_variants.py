@@ -940,6 +940,10 @@ def test_saved_sequences_reuse_memory_only_once_freed(layer):
     # The plain layer's cell_prev and hidden_prev (its gates are oneDNN's input products); the
     # LayerNorm layer's gates, cell_prev, cell, products, stats and hidden_prev.
     kept = [4, 5] if layer == "plain" else [3, 4, 5, 6, 8, 9]
+    # Calls of another length still held (as by other graphs alive) fill the pool: it lets go
+    # of the oldest, and keeps the newest.
+    crowd = [forward(torch.randn(steps + 1, batch, inputs)) for _ in range(8)]
+    crowd_values = [[t[i].clone() for i in kept] for t in crowd]
     x1, x2 = torch.randn(steps, batch, inputs), torch.randn(steps, batch, inputs)
     first = forward(x1)
     expected = [t.clone() for t in first]
@@ -955,6 +959,8 @@ def test_saved_sequences_reuse_memory_only_once_freed(layer):
         assert third[i].untyped_storage().nbytes() == third[i].nbytes
         assert torch.equal(third[i], expected[i])
     assert all(second[i].data_ptr() != third[i].data_ptr() for i in kept)
+    for t, values in zip(crowd, crowd_values):  # let go of, never handed out while held
+        assert all(torch.equal(t[i], v) for i, v in zip(kept, values))
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])

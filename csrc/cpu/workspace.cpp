@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -35,29 +36,29 @@ at::Tensor saved_buffer(Saved kind, at::IntArrayRef sizes, const at::TensorOptio
                                     c10::typeMetaToScalarType(options.dtype())));
   if (bytes == 0 || bytes > kMaxWorkspaceBytes) return at::empty(sizes, options);
   std::vector<at::Tensor>& pool = pools[static_cast<size_t>(kind)];
+  const auto is_free = [](const at::Tensor& buffer) {
+    return buffer.storage().use_count() == 1;  // nothing outside the pool holds it
+  };
   // Only a buffer of exactly this size is handed out again, so that a tensor's storage is its
   // own size (torch.save writes whole storages) and holds nothing from an earlier call.
-  at::Tensor* spare = nullptr;  // a free buffer of another size
   int64_t held = 0;
   for (at::Tensor& buffer : pool) {
-    held += static_cast<int64_t>(buffer.nbytes());
-    if (buffer.storage().use_count() != 1) continue;  // still held outside the pool
-    if (static_cast<int64_t>(buffer.nbytes()) == bytes) {
+    if (is_free(buffer) && static_cast<int64_t>(buffer.nbytes()) == bytes) {
       return at::empty({0}, options).set_(buffer.storage(), 0, sizes);
     }
-    spare = &buffer;
+    held += static_cast<int64_t>(buffer.nbytes());
   }
-  at::Tensor* slot = nullptr;
-  if (spare != nullptr &&
-      held - static_cast<int64_t>(spare->nbytes()) + bytes <= kMaxWorkspaceBytes) {
-    slot = spare;  // its old pages go back
-  } else if (pool.size() < kBuffers && held + bytes <= kMaxWorkspaceBytes) {
-    slot = &pool.emplace_back();
-  } else {
-    return at::empty(sizes, options);
+  // Otherwise a new buffer, kept as the newest: to make room in count and bytes the pool lets
+  // go of free buffers of other sizes first, then of the oldest ones still held (their holders
+  // free them in time), so that what a training loop's next forward asks for is always kept.
+  while (!pool.empty() && (pool.size() >= kBuffers || held + bytes > kMaxWorkspaceBytes)) {
+    auto gone = std::find_if(pool.begin(), pool.end(), is_free);
+    if (gone == pool.end()) gone = pool.begin();
+    held -= static_cast<int64_t>(gone->nbytes());
+    pool.erase(gone);
   }
-  *slot = at::empty({bytes}, options.dtype(at::kByte));
-  return at::empty({0}, options).set_(slot->storage(), 0, sizes);
+  pool.push_back(at::empty({bytes}, options.dtype(at::kByte)));
+  return at::empty({0}, options).set_(pool.back().storage(), 0, sizes);
 }
 
 }  // namespace cpu

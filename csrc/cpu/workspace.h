@@ -36,11 +36,10 @@ constexpr int64_t kMaxWorkspaceBytes = int64_t{1} << 30;
 at::Tensor workspace(Workspace slot, at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // A contiguous tensor of these sizes and options, uninitialized, that may outlive the call: in
-// one of a few buffers kept per kind on this thread, each handed out again, for a request of
-// its exact size, once nothing but the pool holds it (a training loop's next forward, after the
-// backward freed the last one's), so that each step's saved sequences do not come as fresh
-// pages. The buffers of a kind hold at most kMaxWorkspaceBytes together; beyond that, a plain
-// allocation.
+// one of the last few buffers of its kind made on this thread, each handed out again, for a
+// request of its exact size, once nothing but the pool holds it (a training loop's next
+// forward, after the backward freed the last one's), so that each step's saved sequences do
+// not come as fresh pages. A kind's pool holds at most kMaxWorkspaceBytes.
 at::Tensor saved_buffer(Saved kind, at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace cpu
