@@ -212,26 +212,37 @@ inline void hidden_from_cell(int64_t n, const acc_t* __restrict__ out,
 
 // From dh (plus the output's gradient, if any): the output gate's gradient, LN(c)'s added to
 // its gain's and bias's gradients, and LN(c)'s times the gain with c's normalised values (the
-// norm backward's operands).
+// norm backward's operands). The loops are functions of their own, their pointers restrict
+// parameters: inside with_optional's lambda they are captured references, and GCC left such
+// loops scalar.
+template <typename acc_t, typename HasOutput>
+inline void output_gate_grads_loop(HasOutput has_output, int64_t n,
+                                   const acc_t* __restrict__ dh,
+                                   const acc_t* __restrict__ from_output,
+                                   const acc_t* __restrict__ out, const acc_t* __restrict__ c,
+                                   acc_t mean, acc_t rstd, const acc_t* __restrict__ gain,
+                                   const acc_t* __restrict__ bias, acc_t* __restrict__ grad_out,
+                                   acc_t* __restrict__ grad_gain, acc_t* __restrict__ grad_bias,
+                                   acc_t* __restrict__ scaled, acc_t* __restrict__ xhat) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = dh[j] + (has_output ? from_output[j] : acc_t(0));
+    xhat[j] = (c[j] - mean) * rstd;
+    acc_t grad_norm;
+    output_grads(d, out[j], tanh_cell_norm(xhat[j], gain[j], bias[j]), grad_out[j], grad_norm);
+    grad_gain[j] += grad_norm * xhat[j];
+    grad_bias[j] += grad_norm;
+    scaled[j] = grad_norm * gain[j];
+  }
+}
+
 template <typename acc_t>
-inline void output_gate_grads(int64_t n, const acc_t* __restrict__ dh,
-                              const acc_t* __restrict__ from_output,
-                              const acc_t* __restrict__ out, const acc_t* __restrict__ c,
-                              acc_t mean, acc_t rstd, const acc_t* __restrict__ gain,
-                              const acc_t* __restrict__ bias, acc_t* __restrict__ grad_out,
-                              acc_t* __restrict__ grad_gain, acc_t* __restrict__ grad_bias,
-                              acc_t* __restrict__ scaled, acc_t* __restrict__ xhat) {
+inline void output_gate_grads(int64_t n, const acc_t* dh, const acc_t* from_output,
+                              const acc_t* out, const acc_t* c, acc_t mean, acc_t rstd,
+                              const acc_t* gain, const acc_t* bias, acc_t* grad_out,
+                              acc_t* grad_gain, acc_t* grad_bias, acc_t* scaled, acc_t* xhat) {
   with_optional(from_output, [&](auto has_output) {
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t d = dh[j] + (has_output ? from_output[j] : acc_t(0));
-      xhat[j] = (c[j] - mean) * rstd;
-      acc_t grad_norm;
-      output_grads(d, out[j], tanh_cell_norm(xhat[j], gain[j], bias[j]), grad_out[j],
-                   grad_norm);
-      grad_gain[j] += grad_norm * xhat[j];
-      grad_bias[j] += grad_norm;
-      scaled[j] = grad_norm * gain[j];
-    }
+    output_gate_grads_loop(has_output, n, dh, from_output, out, c, mean, rstd, gain, bias,
+                           grad_out, grad_gain, grad_bias, scaled, xhat);
   });
 }
 
@@ -239,23 +250,35 @@ inline void output_gate_grads(int64_t n, const acc_t* __restrict__ dh,
 // gradients of i, f and g, and dc carried back (in dc). With zoneout of c (`keep` its d, else
 // null), c = d c_prev + (1 - d) c~ sends (1 - d) of the carried dc through c~ and d straight
 // back.
+template <typename acc_t, typename Zoneout>
+inline void cell_gate_grads_loop(Zoneout zoneout, int64_t n, const acc_t* __restrict__ scaled,
+                                 const acc_t* __restrict__ xhat, acc_t rstd, acc_t mean_dy,
+                                 acc_t mean_dy_xhat, const acc_t* __restrict__ in,
+                                 const acc_t* __restrict__ forget,
+                                 const acc_t* __restrict__ cell,
+                                 const acc_t* __restrict__ c_prev,
+                                 const acc_t* __restrict__ keep, acc_t* __restrict__ dc,
+                                 acc_t* __restrict__ grad_in, acc_t* __restrict__ grad_forget,
+                                 acc_t* __restrict__ grad_cell) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = zoneout ? keep[j] : acc_t(0);
+    acc_t total = (acc_t(1) - d) * dc[j] +
+                  norm_grad(scaled[j], xhat[j], rstd, mean_dy, mean_dy_xhat);
+    cell_grads(total, in[j], forget[j], cell[j], c_prev[j], grad_in[j], grad_forget[j],
+               grad_cell[j]);
+    dc[j] = total + d * dc[j];
+  }
+}
+
 template <typename acc_t>
-inline void cell_gate_grads(int64_t n, const acc_t* __restrict__ scaled,
-                            const acc_t* __restrict__ xhat, acc_t rstd, acc_t mean_dy,
-                            acc_t mean_dy_xhat, const acc_t* __restrict__ in,
-                            const acc_t* __restrict__ forget, const acc_t* __restrict__ cell,
-                            const acc_t* __restrict__ c_prev, const acc_t* __restrict__ keep,
-                            acc_t* __restrict__ dc, acc_t* __restrict__ grad_in,
-                            acc_t* __restrict__ grad_forget, acc_t* __restrict__ grad_cell) {
+inline void cell_gate_grads(int64_t n, const acc_t* scaled, const acc_t* xhat, acc_t rstd,
+                            acc_t mean_dy, acc_t mean_dy_xhat, const acc_t* in,
+                            const acc_t* forget, const acc_t* cell, const acc_t* c_prev,
+                            const acc_t* keep, acc_t* dc, acc_t* grad_in, acc_t* grad_forget,
+                            acc_t* grad_cell) {
   with_optional(keep, [&](auto zoneout) {
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t d = zoneout ? keep[j] : acc_t(0);
-      acc_t total = (acc_t(1) - d) * dc[j] + norm_grad(scaled[j], xhat[j], rstd, mean_dy,
-                                                       mean_dy_xhat);
-      cell_grads(total, in[j], forget[j], cell[j], c_prev[j], grad_in[j], grad_forget[j],
-                 grad_cell[j]);
-      dc[j] = total + d * dc[j];
-    }
+    cell_gate_grads_loop(zoneout, n, scaled, xhat, rstd, mean_dy, mean_dy_xhat, in, forget, cell,
+                         c_prev, keep, dc, grad_in, grad_forget, grad_cell);
   });
 }
 
