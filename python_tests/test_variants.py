@@ -1195,16 +1195,21 @@ def test_layer_norm_double_backward_uses_a_reference_equal_to_the_op():
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("packed", [False, True])
-def test_layer_norm_fused_recurrence_split_over_threads(packed, dtype, threads, zoneout):
-    """The CPU's fused LayerNorm recurrence at a hidden size of several blocks of units (70:
-    partial last blocks at every instruction set's width), so that each thread owns a part of
-    every norm's row and the row statistics are combined across threads: outputs and every
-    gradient of the op against ops.reference_layer_norm_forward in fp64 (forward and
-    reversed, with a recurrent mask, packed sequences whose rows end at different steps), and
-    with zoneout of c and h: weights in [0, 1] per row of data (training draws 0 or 1; any
-    weight is the same formula) or one row for every step (eval's expectations)."""
+@pytest.mark.parametrize("split", ["units", "rows"])
+def test_layer_norm_fused_recurrence_split_over_threads(split, packed, dtype, threads, zoneout):
+    """The CPU's fused LayerNorm recurrence on several threads, split both ways (see
+    row_split in layer_norm_kernels.cpp): by units at H 150 and 2-3 rows a thread, where each
+    thread owns a part of every norm's row and the row statistics are combined across
+    threads; by rows at H 70 (a W_hh small enough for 2 rows a thread), where each thread has
+    whole rows, steps where it has none, and one thread's bits. Both hidden sizes leave
+    partial last blocks at every instruction set's width. Outputs and every gradient of the op
+    against ops.reference_layer_norm_forward in fp64 (forward and reversed, with a recurrent
+    mask, packed sequences whose rows end at different steps), and with zoneout of c and h:
+    weights in [0, 1] per row of data (training draws 0 or 1; any weight is the same formula)
+    or one row for every step (eval's expectations)."""
     torch.manual_seed(3)
-    steps, batch, features, hidden = 7, 5, 6, 70
+    steps, batch, features = 7, 5, 6
+    hidden = 150 if split == "units" else 70
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -1231,14 +1236,15 @@ def test_layer_norm_fused_recurrence_split_over_threads(packed, dtype, threads, 
                 zones = [torch.rand(rows if zoneout == "per row" else 1, hidden,
                                     dtype=torch.float64) for _ in range(2)]
             results = []
-            for function in ("op", "reference"):
-                run_dtype = dtype if function == "op" else torch.float64
+            for function in ("op", "reference", "op on one thread"):
+                run_dtype = dtype if function != "reference" else torch.float64
+                torch.set_num_threads(1 if function == "op on one thread" else threads)
                 leaves = [t.to(run_dtype).requires_grad_() for t in tensors + norms]
                 arguments = (*leaves[:7], None, batch_sizes, reverse)
                 zone = [z if z is None else z.to(run_dtype) for z in zones]
                 # With zoneout the cell sequence too (c after it), its gradient through the op.
                 cells = zoneout is not None
-                if function == "op":
+                if function != "reference":
                     returned = ops.layer_norm_forward(
                         *arguments, True, leaves[7:], mask.to(run_dtype), return_cells=cells,
                         zoneout_cell=zone[0], zoneout_hidden=zone[1])
@@ -1255,9 +1261,14 @@ def test_layer_norm_fused_recurrence_split_over_threads(packed, dtype, threads, 
                     loss = loss + (sequence * weights[:sequence.shape[0]].to(run_dtype)).cos().sum()
                 results.append([output, h_n, c_n, sequence, *torch.autograd.grad(loss, leaves)])
             tolerance = 1e-10 if dtype == torch.float64 else 1e-5
-            for index, (got, want) in enumerate(zip(*results)):
+            for index, (got, want) in enumerate(zip(*results[:2])):
                 error = rel_error(got, want)
                 assert error < tolerance, (reverse, index, error)
+            # Which split ran: rows give one thread's bits, units combine per-thread sums of
+            # the row statistics. (Gradients summed over rows, the biases' and the norms',
+            # add per-thread sums under either.)
+            same_bits = all(torch.equal(a, b) for a, b in zip(results[0][:9], results[2][:9]))
+            assert same_bits == (split == "rows"), (reverse, same_bits)
     finally:
         torch.set_num_threads(previous)
 

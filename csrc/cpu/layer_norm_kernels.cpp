@@ -393,8 +393,118 @@ inline void combined_sums(const Partials<acc_t>& p, int slot, int64_t r, acc_t& 
   }
 }
 
+// A barrier among the threads that share a step's rows (none where a thread has them alone).
+inline void step_barrier(int threads) {
+  if (threads > 1) {
+#pragma omp barrier
+  }
+}
+
+// How the threads share a step. Splitting the units (each thread all rows of its units) keeps a
+// thread's slice of W_hh in its own cache, but every norm spans a whole row, which costs three
+// barriers a step forward and four backward and moves h and the row statistics between cores.
+// Splitting the rows (each thread all units of its rows) shares nothing within the time loop,
+// but each thread reads all of W_hh every step. On an AMD EPYC Zen 4 with 2 threads the row
+// split was 6-20 % faster at 4 or more rows a thread up to H 512 (W_hh of 4 MB in fp32), and
+// with W_hh within 256 KB at 2 rows too; at 2 rows a thread and H 256-512 the tile product,
+// with too few rows for each weight it loads, was 10-20 % slower, and at H 1024 neither won.
+struct RowSplit {
+  bool on;
+  int64_t rows;  // the most rows a thread has (each thread's workspace slice)
+};
+template <typename acc_t>
+RowSplit row_split(int64_t B, int64_t H, int threads) {
+  constexpr int64_t kMinRows = 4;               // a thread's rows, at the least
+  constexpr int64_t kMaxWeights = 4 << 20;      // bytes of W_hh, at the most
+  constexpr int64_t kSmallWeights = 256 << 10;  // bytes of W_hh within which 2 rows will do
+  const int64_t rows = ceil_div(B, std::max(threads, 1));
+  const int64_t weights = 4 * H * H * static_cast<int64_t>(sizeof(acc_t));
+  const bool on = threads > 1 && rows >= 2 && weights <= kMaxWeights &&
+                  (rows >= kMinRows || weights <= kSmallWeights);
+  return {on, on ? rows : B};
+}
+
+// The sequence as one thread of a row split sees it: rows [begin, end) of each step's, with
+// its own state rows and workspace slice (work_size and partials_size values per thread).
+template <typename acc_t>
+struct RowSlice {
+  LayerNormSequence<acc_t> a;
+  std::vector<int64_t> size, offset;
+  RowSlice(const LayerNormSequence<acc_t>& whole, int thread, int threads, int64_t work_size,
+           int64_t partials_size)
+      : a(whole), size(whole.steps), offset(whole.steps) {
+    const Share s = share_of(whole.batch, thread, threads);
+    const int64_t H = whole.hidden;
+    for (int64_t t = 0; t < whole.steps; ++t) {
+      size[t] = std::clamp<int64_t>(whole.step_size[t] - s.begin, 0, s.end - s.begin);
+      offset[t] = whole.step_offset[t] + s.begin;
+    }
+    a.batch = s.end - s.begin;
+    a.step_size = size.data();
+    a.step_offset = offset.data();
+    const auto shift = [&](auto* p) { return p ? p + s.begin * H : p; };
+    a.recurrent_mask = shift(whole.recurrent_mask);
+    a.hidden_state = shift(whole.hidden_state);
+    a.cell_state = shift(whole.cell_state);
+    a.grad_hidden = shift(whole.grad_hidden);
+    a.grad_cell = shift(whole.grad_cell);
+    a.work = whole.work + thread * work_size;
+    a.partials = whole.partials + thread * partials_size;
+  }
+};
+
+// Values of forward workspace for B rows (the h that W_hh multiplies under a mask; in
+// inference a step's products and gates and the c entering it).
+inline int64_t forward_work_size(int64_t B, int64_t H, bool masked, bool training) {
+  return (masked ? B * H : 0) + (training ? 0 : 2 * B * 4 * H + B * H);
+}
+inline int64_t backward_work_size(int64_t B, int64_t H) {
+  return 2 * B * 4 * H + 3 * B * H + 4 * kSkew;
+}
+// Per-thread partial sums: three reductions in flight, a pair per row.
+inline int64_t partials_size(int64_t B, int threads) { return 3 * threads * B * 2; }
+
+// Values of a workspace that a team of up to `threads` needs (OpenMP may start fewer than
+// asked, which may change the split), given per_rows(n, team): what n rows need, of a slice
+// shared by a team of that many threads.
+template <typename acc_t, typename PerRows>
+int64_t team_workspace(int64_t B, int64_t H, int threads, PerRows per_rows) {
+  int64_t size = per_rows(B, threads);
+  for (int team = 2; team <= threads; ++team) {
+    const RowSplit split = row_split<acc_t>(B, H, team);
+    if (split.on) size = std::max(size, team * per_rows(split.rows, 1));
+  }
+  return size;
+}
+
+template <Isa isa, typename acc_t>
+void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads);
+
 template <Isa isa, typename acc_t>
 void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int threads) {
+  constexpr int V = Tiling<isa, acc_t>::V;
+  const int64_t H = a.hidden;
+  const Share mine = share_of(ceil_div(H, V), thread, threads);
+  for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+    pack_forward_block<acc_t, V>(
+        a.panel + jb * H * 4 * V, H, jb,
+        [&](int64_t row, int64_t k) { return a.w_hh[row * H + k]; }, a.w_hh, H);
+  }
+  step_barrier(threads);
+  const RowSplit split = row_split<acc_t>(a.batch, H, threads);
+  if (split.on) {
+    const RowSlice<acc_t> slice(
+        a, thread, threads, forward_work_size(split.rows, H, a.recurrent_mask, a.gates),
+        partials_size(split.rows, 1));
+    forward_steps<isa>(slice.a, 0, 1);
+  } else {
+    forward_steps<isa>(a, thread, threads);
+  }
+}
+
+// The time loop of the forward, for a thread's units of every row.
+template <Isa isa, typename acc_t>
+void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
   constexpr int V = Tiling<isa, acc_t>::V;
   constexpr int R = Tiling<isa, acc_t>::R;
   const int64_t H = a.hidden, B = a.batch, G = 4 * H;
@@ -403,11 +513,6 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
   const Partials<acc_t> partials{a.partials, B, threads};
   enum { kProducts, kInputs, kCells };
 
-  for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
-    pack_forward_block<acc_t, V>(
-        a.panel + jb * H * 4 * V, H, jb,
-        [&](int64_t row, int64_t k) { return a.w_hh[row * H + k]; }, a.w_hh, H);
-  }
   // Workspace: the h that W_hh multiplies (h itself without a mask), then in inference one
   // step's products and gates, and the c entering the step (zoneout mixes it in).
   acc_t* h_in = a.recurrent_mask ? a.work : a.hidden_state;
@@ -421,7 +526,7 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
       h_in[r * H + j] = a.hidden_state[r * H + j] * a.recurrent_mask[r * H + j];
     }
   }
-#pragma omp barrier
+  step_barrier(threads);
 
   for (int64_t k = 0; k < a.steps; ++k) {
     const int64_t t = a.reverse ? a.steps - 1 - k : k;
@@ -477,7 +582,7 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
       own_moments(product_row(r), partials.at(kProducts, thread, r));
       own_moments(a.input_products + (offset + r) * G, partials.at(kInputs, thread, r));
     }
-#pragma omp barrier
+    step_barrier(threads);
 
     // Gates and c of this thread's units, and c's moments per row.
     for (int64_t r = 0; r < rows; ++r) {
@@ -512,7 +617,7 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
                 acc_t(std::max<int64_t>(1, own.count()));
       part[1] = squares_about<acc_t, V>(c + own.begin, own.count(), part[0]);
     }
-#pragma omp barrier
+    step_barrier(threads);
 
     // h of this thread's units.
     for (int64_t r = 0; r < rows; ++r) {
@@ -561,7 +666,7 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
         }
       }
     }
-#pragma omp barrier
+    step_barrier(threads);
   }
 }
 
@@ -633,7 +738,59 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz
 }
 
 template <Isa isa, typename acc_t>
+std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads);
+
+// The units [begin, end) of a thread's gradients of the norms' gains and biases (as
+// backward_steps returns them, each part kSkew apart), into the caller's (G + G + H + H + G).
+template <typename acc_t>
+void add_norm_grads(const LayerNormSequence<acc_t>& a, const std::vector<acc_t>& norm_grads,
+                    const Units& units) {
+  const int64_t H = a.hidden, G = 4 * H;
+  const acc_t* grad_hh_gain = norm_grads.data();
+  const acc_t* grad_hh_bias = grad_hh_gain + G + kSkew;
+  const acc_t* grad_cell_gain = grad_hh_bias + G + kSkew;
+  const acc_t* grad_cell_bias = grad_cell_gain + H + kSkew;
+  const acc_t* grad_ih_gain = grad_cell_bias + H + kSkew;
+  for (int g = 0; g < 4; ++g) {
+    for (int64_t j = g * H + units.begin; j < g * H + units.end; ++j) {
+      a.grad_norms[j] += grad_hh_gain[j];
+      a.grad_norms[G + j] += grad_hh_bias[j];
+      a.grad_norms[2 * G + 2 * H + j] += grad_ih_gain[j];
+    }
+  }
+  for (int64_t j = units.begin; j < units.end; ++j) {
+    a.grad_norms[2 * G + j] += grad_cell_gain[j];
+    a.grad_norms[2 * G + H + j] += grad_cell_bias[j];
+  }
+}
+
+template <Isa isa, typename acc_t>
 void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int threads) {
+  constexpr int64_t U = 4 * Tiling<isa, acc_t>::V;
+  const int64_t H = a.hidden;
+  pack_backward_panels<U>(a.panel, a.w_hh, H, int64_t(1), H,
+                          share_of(ceil_div(H, U), thread, threads));
+  step_barrier(threads);
+  const RowSplit split = row_split<acc_t>(a.batch, H, threads);
+  if (split.on) {
+    const RowSlice<acc_t> slice(a, thread, threads, backward_work_size(split.rows, H),
+                                partials_size(split.rows, 1));
+    const std::vector<acc_t> norm_grads = backward_steps<isa>(slice.a, 0, 1);
+    // Every thread has all units: added in thread order, so a run's bits repeat.
+    for (int t = 0; t < threads; ++t) {
+      if (t == thread) add_norm_grads(a, norm_grads, Units{0, H});
+      step_barrier(threads);
+    }
+  } else {
+    add_norm_grads(a, backward_steps<isa>(a, thread, threads),
+                   units_of(H, U, thread, threads));
+  }
+}
+
+// The time loop of the backward, for a thread's units of every row; returns its sums of the
+// norms' gain and bias gradients over its units.
+template <Isa isa, typename acc_t>
+std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
   constexpr int V = Tiling<isa, acc_t>::V;
   constexpr int R = Tiling<isa, acc_t>::R;
   constexpr int64_t U = 4 * V;  // units per block: a tile's four vectors of columns
@@ -643,7 +800,6 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
   const Partials<acc_t> partials{a.partials, B, threads};
   enum { kCellSums, kProductSums, kInputSums };
 
-  pack_backward_panels<U>(a.panel, a.w_hh, H, int64_t(1), H, mine);
   // Workspace: the step's gate gradients and the gradient of the last step's products (what
   // the next W_hh product multiplies), each (B, G); d LN(c) times its gain and c's normalised
   // values, and with zoneout of h the d dh that the step after sends straight to h, each (B, H).
@@ -671,7 +827,6 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
   };
   std::vector<Row> carried_rows(B);
   acc_t* const carried = carried_rows.data()->units;
-#pragma omp barrier
 
   // Step k (in backward order) first multiplies the previous step's product gradients by
   // W_hh: the dh carried into this step, and for rows of that step this one lacks (sequences
@@ -752,7 +907,7 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       part[0] = sum_of<acc_t, V>(s + own.begin, own.count());
       part[1] = dot_of<acc_t, V>(s + own.begin, x + own.begin, own.count());
     }
-#pragma omp barrier
+    step_barrier(threads);
 
     // c's whole gradient, the other gates' and dc carried back; then the products' gradient
     // before their norm's backward, and its sums per row.
@@ -797,7 +952,7 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
       input_part[0] = sums[2];
       input_part[1] = sums[3];
     }
-#pragma omp barrier
+    step_barrier(threads);
 
     // The products' gradients, in both layouts (the weight gradients' products read them
     // transposed).
@@ -824,20 +979,9 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
                       a.grad_input_products ? a.grad_input_products + offset * G : nullptr,
                       a.grad_input_products_t, rows, offset, own);
     prev_rows = rows;
-#pragma omp barrier
+    step_barrier(threads);
   }
-  // This thread's columns of the norms' gradients, into the caller's (G + G + H + H + G).
-  for (int g = 0; g < 4; ++g) {
-    for (int64_t j = g * H + own.begin; j < g * H + own.end; ++j) {
-      a.grad_norms[j] += grad_hh_gain[j];
-      a.grad_norms[G + j] += grad_hh_bias[j];
-      a.grad_norms[2 * G + 2 * H + j] += grad_ih_gain[j];
-    }
-  }
-  for (int64_t j = own.begin; j < own.end; ++j) {
-    a.grad_norms[2 * G + j] += grad_cell_gain[j];
-    a.grad_norms[2 * G + H + j] += grad_cell_bias[j];
-  }
+  return norm_grads;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -927,11 +1071,13 @@ void layer_norm_sequence_forward(LayerNormSequence<acc_t> a) {
   const int threads = threads_for(blocks);
   const at::Tensor panel = workspace(Workspace::panel, {blocks * V * 4 * H}, math_options<acc_t>());
   const at::Tensor work = workspace(
-      Workspace::recurrent_state,
-      {(a.recurrent_mask ? B * H : 0) + (a.gates ? 0 : 2 * B * 4 * H + B * H)},
+      Workspace::recurrent_state, {team_workspace<acc_t>(B, H, threads, [&](int64_t n, int) {
+        return forward_work_size(n, H, a.recurrent_mask, a.gates);
+      })},
       math_options<acc_t>());
-  const at::Tensor partials =
-      workspace(Workspace::carried, {3 * threads * B * 2}, math_options<acc_t>());
+  const at::Tensor partials = workspace(
+      Workspace::carried, {team_workspace<acc_t>(B, H, threads, partials_size)},
+      math_options<acc_t>());
   a.panel = panel.data_ptr<acc_t>();
   a.work = work.data_ptr<acc_t>();
   a.partials = partials.data_ptr<acc_t>();
@@ -945,10 +1091,15 @@ void layer_norm_sequence_backward(LayerNormSequence<acc_t> a) {
   const int64_t blocks = ceil_div(H, U);
   const int threads = threads_for(blocks);
   const at::Tensor panel = workspace(Workspace::panel, {blocks * U * 4 * H}, math_options<acc_t>());
-  const at::Tensor work =
-      workspace(Workspace::recurrent_state, {2 * B * 4 * H + 3 * B * H + 4 * kSkew}, math_options<acc_t>());
-  const at::Tensor partials =
-      workspace(Workspace::carried, {3 * threads * B * 2}, math_options<acc_t>());
+  const at::Tensor work = workspace(
+      Workspace::recurrent_state,
+      {team_workspace<acc_t>(B, H, threads, [&](int64_t n, int) {
+        return backward_work_size(n, H);
+      })},
+      math_options<acc_t>());
+  const at::Tensor partials = workspace(
+      Workspace::carried, {team_workspace<acc_t>(B, H, threads, partials_size)},
+      math_options<acc_t>());
   a.panel = panel.data_ptr<acc_t>();
   a.work = work.data_ptr<acc_t>();
   a.partials = partials.data_ptr<acc_t>();

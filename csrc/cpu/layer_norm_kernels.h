@@ -2,12 +2,13 @@
 // whole-sequence products and the input product's norm:
 //
 // - the fused recurrence (no projection): the whole time loop of one layer-direction in one
-//   parallel region, as recurrence.h's, threads splitting the hidden units and multiplying
-//   their own panels of W_hh. A norm spans a whole row, so each step takes three barriers
-//   instead of one: after the products (each thread's mean and squared deviations of its
-//   columns, combined by every thread as Chan et al.'s pairwise update), after the cell
-//   update (the same for c), and after h. Backward the same for its two norm gradients, and
-//   the norms' gains and biases are summed per thread over its own columns.
+//   parallel region, as recurrence.h's. Where each thread gets enough of a step's rows the
+//   threads split the rows and share nothing inside the loop. Otherwise they split the hidden
+//   units and multiply their own panels of W_hh; a norm spans a whole row, so each step then
+//   takes three barriers instead of one: after the products (each thread's mean and squared
+//   deviations of its columns, combined by every thread as Chan et al.'s pairwise update),
+//   after the cell update (the same for c), and after h. Backward the same for its two norm
+//   gradients. The norms' gains and biases are summed per thread and added in thread order.
 // - per-step row kernels for a layer with a projection, whose step products go through ATen.
 //
 // Compiled per instruction set (isa.h) with the branch-free gate math of cell_math.h.
