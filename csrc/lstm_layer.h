@@ -89,9 +89,9 @@ inline SequenceLayout sequence_layout(const LayerShape& s, bool reverse) {
 }
 
 // The whole forward recurrence of one layer-direction. gates holds the input projection with
-// both biases, (N, 4H); the W_hh h products are added here. Or, for one step in inference (a
-// decode step), gates is null and the kernel multiplies x by W_ih itself (see
-// fused_input): the step then makes no (N, 4H) tensor and needs no separate product.
+// both biases, (N, 4H); the W_hh h products are added here. Or, in inference, gates is null and
+// the kernel multiplies x by W_ih itself where it can (a decode step; bf16 panels on the CPU),
+// so that no (N, 4H) tensor is made and no separate product runs.
 template <typename scalar_t>
 struct SequenceForward : SequenceLayout {
   using acc_t = at::opmath_type<scalar_t>;
@@ -238,10 +238,11 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
     return training ? Kernels::linear(x, w_ih, bias).contiguous()
                     : Kernels::inference_linear(x, w_ih, bias).contiguous();
   };
-  // A decode step (one step, inference) is offered to the sequence kernel with the input
-  // projection left to it; where that kernel declines, the projection is made here after all.
+  // Inference is offered to the sequence kernel with the input projection left to it (a
+  // decode step, or bf16 panels: see the CPU's run_forward); where that kernel declines, the
+  // projection is made here after all.
   const bool offer_fused_input =
-      s.steps == 1 && !training && !s.has_projection && x.stride(1) == 1 &&
+      !training && !s.has_projection && x.stride(1) == 1 &&
       w_ih.stride(1) == 1 && (!b_ih.has_value() || b_ih->is_contiguous()) &&
       (!b_hh.has_value() || b_hh->is_contiguous());
   at::Tensor gates = offer_fused_input ? at::Tensor() : input_projection();

@@ -277,6 +277,68 @@ def test_inference_without_grad_matches_fp64_nn_lstm(config, kind, batch):
                 assert rel_error(actual, wanted) <= TOLERANCE[dtype], (dtype, kind)
 
 
+# Even input sizes, as bf16 inference needs to multiply x in the recurrence's pair panels
+# (avx512_bf16): H 18 ends in a partial block, H 64 is whole blocks, H 130 both; two layers
+# feed the second one the first's output, both directions read x backwards too.
+EVEN_CONFIGS = [
+    dict(input_size=6, hidden_size=18, num_layers=2, bidirectional=True),
+    dict(input_size=8, hidden_size=64, num_layers=1, bidirectional=True),
+    dict(input_size=10, hidden_size=130, num_layers=1, bidirectional=False),
+]
+
+
+def bf16_inference(reference, kind, batch):
+    """(ours, expected) outputs and final states of a bf16 inference forward, against fp64
+    nn.LSTM on the same bf16-rounded weights, inputs and states."""
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16))
+    case = Case(reference, kind, steps=6, batch=batch)
+    case.leaves = [t.to(torch.bfloat16).double() for t in case.leaves]
+    case.state = [t.to(torch.bfloat16).double() for t in case.state]
+    ours = lstm_ext.LSTM.from_torch(reference).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        input, state, _ = case.inputs()
+        expected, (h_ref, c_ref) = reference(input, tuple(state))
+        input, state, _ = case.inputs(torch.bfloat16)
+        output, (h_n, c_n) = ours(input, tuple(state))
+    unpack = lambda t: t.data if hasattr(t, "batch_sizes") else t  # noqa: E731
+    return [unpack(t) for t in (output, h_n, c_n)], [unpack(t) for t in (expected, h_ref, c_ref)]
+
+
+@pytest.mark.parametrize("config", EVEN_CONFIGS, ids=lambda c: f"H{c['hidden_size']}")
+@pytest.mark.parametrize("kind,batch", KINDS + WIDE_KINDS)
+def test_bf16_inference_with_the_input_projection_fused_matches_fp64(config, kind, batch):
+    """bf16 inference multiplies x by W_ih inside the recurrence, in the same tiles as h by
+    W_hh, with the biases added in the gate math (under avx512_bf16; the separate projection
+    elsewhere): outputs and final states against fp64 nn.LSTM, in every layout."""
+    torch.manual_seed(5)
+    reference = nn.LSTM(**config, dtype=torch.float64).eval()
+    actual, expected = bf16_inference(reference, kind, batch)
+    for got, wanted in zip(actual, expected):
+        assert rel_error(got, wanted) <= TOLERANCE[torch.bfloat16], (kind, batch)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_inference_gives_the_same_bits_on_any_thread_count(bias):
+    """Each hidden unit of the fused bf16 inference is one thread's, computed by the same code
+    whatever the split: bit-identical outputs for 1, 2, 3 and 5 threads."""
+    torch.manual_seed(6)
+    reference = nn.LSTM(32, 130, bias=bias, bidirectional=True, dtype=torch.float64).eval()
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            torch.manual_seed(7)
+            results.append(bf16_inference(reference, "packed_unsorted", 37)[0])
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            assert torch.equal(got, first)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count(dtype):
     """With a projection the step loop runs, and its elementwise passes split each step's rows

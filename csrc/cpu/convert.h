@@ -59,5 +59,17 @@ inline void convert_n(const from_t* __restrict__ from, to_t* __restrict__ to, in
   if (j < n) run(j, n - j);
 }
 
+// to[j] += from[j] for n values, in runs of 16 as convert_n (a plain loop over a count of 16
+// known at compile time is left as 16 scalar adds, whose stores stall the vector read after).
+template <typename T>
+inline void add_n(const T* __restrict__ from, T* __restrict__ to, int64_t n) {
+  const auto run = [&](int64_t begin, auto count) {
+    for (int64_t j = begin; j < begin + count; ++j) to[j] += from[j];
+  };
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) run(j, std::integral_constant<int64_t, 16>());
+  if (j < n) run(j, n - j);
+}
+
 }  // namespace cpu
 }  // namespace lstm_ext

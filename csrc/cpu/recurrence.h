@@ -17,8 +17,10 @@
 // batch of one row (or up to four over a short sequence) skips the forward panels and reads
 // W_hh's rows in place by dot products (dot.h), since packing would cost as much as the steps;
 // bf16 under avx512_bf16 packs k in pairs and multiplies with the bf16 dot-product instruction
-// (bf16_pairs.h). Everything here is a template inlined into the per-instruction-set wrappers
-// of recurrence.cpp (see isa.h).
+// (bf16_pairs.h); in inference it also packs W_ih so, and each tile multiplies its rows of x
+// and then of h into the same accumulators (the input projection fused: no separate GEMM and no
+// (N, 4H) gates in memory). Everything here is a template inlined into the per-instruction-set
+// wrappers of recurrence.cpp (see isa.h).
 //
 // Sequences follow lstm_common.h's LayerShape: step t owns rows [offset[t], offset[t] + size[t])
 // and sizes never grow with t. The h entering a step is read in the math type from a
@@ -229,6 +231,44 @@ struct Int16Rows {
   int16_t* row(int64_t r) { return values.data() + r * width; }
 };
 
+// Writes block jb of the bf16 pair panels of a weight of 4H rows and K columns (K even; strides
+// in elements): panel row p holds, for the block's V units of each gate in turn, the pair
+// (W[row, 2p], W[row, 2p + 1]); units past H get zeros. As pack_forward_block does: V x V
+// squares of pairs transposed in registers where the rows are whole pairs in place, the rest
+// in chunks of kPackChunk pairs.
+template <int V>
+inline void pack_pair_block(uint32_t* panel, const c10::BFloat16* w, int64_t stride0,
+                            int64_t stride1, int64_t H, int64_t K, int64_t jb) {
+  constexpr int64_t kPackChunk = 16;
+  const int64_t pairs = K / 2;
+  const bool pair_rows = stride1 == 1 && stride0 % 2 == 0 &&
+                         reinterpret_cast<uintptr_t>(w) % sizeof(uint32_t) == 0;
+  const int64_t squares_end = pair_rows && (jb + 1) * V <= H ? pairs / V * V : 0;
+  for (int g = 0; g < 4; ++g) {
+    const uint32_t* rows = reinterpret_cast<const uint32_t*>(w + (g * H + jb * V) * stride0);
+    for (int64_t p0 = 0; p0 < squares_end; p0 += V) {
+      pack_square<uint32_t, V>(rows, stride0 / 2, p0, panel + g * V, 4 * V);
+    }
+  }
+  for (int64_t p0 = squares_end; p0 < pairs; p0 += kPackChunk) {
+    const int64_t pn = std::min(kPackChunk, pairs - p0);
+    for (int g = 0; g < 4; ++g) {
+      for (int v = 0; v < V; ++v) {
+        const int64_t j = jb * V + v;
+        uint32_t* column = panel + p0 * 4 * V + g * V + v;
+        if (j >= H) {
+          for (int64_t p = 0; p < pn; ++p) column[p * 4 * V] = 0;
+          continue;
+        }
+        const c10::BFloat16* row = w + (g * H + j) * stride0 + 2 * p0 * stride1;
+        for (int64_t p = 0; p < pn; ++p) {
+          column[p * 4 * V] = bf16_pair(row[2 * p * stride1], row[(2 * p + 1) * stride1]);
+        }
+      }
+    }
+  }
+}
+
 template <Isa isa, typename scalar_t>
 void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -251,43 +291,23 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   // Under amx the same panels are multiplied on AMX tiles, kAmxRows rows at a time, where H is
   // whole steps of the tile product (otherwise by the dot-product instruction).
   constexpr bool kAmxKernel = isa == Isa::amx && kPairKernel;
-  const bool amx = kAmxKernel && pairs && H % (2 * kAmxPairs) == 0;
+  const bool amx = kAmxKernel && pairs && a.gates != nullptr && H % (2 * kAmxPairs) == 0;
   constexpr int RT = std::max({R, kDirectRows, kAmxKernel ? kAmxRows : 0});  // rows per tile
   const int64_t tile_rows = direct ? kDirectRows : amx ? kAmxRows : R;
-  // Panel rows written per pass over a block's rows of W_hh when packing (see below).
-  constexpr int64_t kPackChunk = 16;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
+  // With the input projection fused (gates null, inference), W_ih's pair panels follow the
+  // fp32-sized room of W_hh's (run_forward sizes the workspace for both).
+  const bool fused_input = pairs && a.gates == nullptr;
+  uint32_t* const input_panels =
+      fused_input ? reinterpret_cast<uint32_t*>(a.panel + blocks * H * 4 * V) : nullptr;
+  const int64_t input_pairs = a.input_size / 2;
   if constexpr (kPairKernel) {
-    // As pack_forward_block does: W_hh's rows as rows of pairs, V x V squares of them
-    // transposed in registers where they are contiguous, the rest in chunks of kPackChunk.
-    const bool pair_rows = a.w_stride1 == 1 && a.w_stride0 % 2 == 0 &&
-                           reinterpret_cast<uintptr_t>(a.w_hh) % sizeof(uint32_t) == 0;
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
-      uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
-      const int64_t squares_end = pair_rows && (jb + 1) * V <= H ? H / 2 / V * V : 0;
-      for (int g = 0; g < 4; ++g) {
-        const uint32_t* rows =
-            reinterpret_cast<const uint32_t*>(a.w_hh + (g * H + jb * V) * a.w_stride0);
-        for (int64_t p0 = 0; p0 < squares_end; p0 += V) {
-          pack_square<uint32_t, V>(rows, a.w_stride0 / 2, p0, panel + g * V, 4 * V);
-        }
-      }
-      for (int64_t p0 = squares_end; p0 < H / 2; p0 += kPackChunk) {
-        const int64_t pn = std::min(kPackChunk, H / 2 - p0);
-        for (int g = 0; g < 4; ++g) {
-          for (int v = 0; v < V; ++v) {
-            const int64_t j = jb * V + v;
-            uint32_t* column = panel + p0 * 4 * V + g * V + v;
-            if (j >= H) {
-              for (int64_t p = 0; p < pn; ++p) column[p * 4 * V] = 0;
-              continue;
-            }
-            const scalar_t* w = a.w_hh + (g * H + j) * a.w_stride0 + 2 * p0 * a.w_stride1;
-            for (int64_t p = 0; p < pn; ++p) {
-              column[p * 4 * V] = bf16_pair(w[2 * p * a.w_stride1], w[(2 * p + 1) * a.w_stride1]);
-            }
-          }
-        }
+      pack_pair_block<V>(pair_panels + jb * (H / 2) * 4 * V, a.w_hh, a.w_stride0, a.w_stride1,
+                         H, H, jb);
+      if (fused_input) {
+        pack_pair_block<V>(input_panels + jb * input_pairs * 4 * V, a.w_ih, a.w_ih_stride, 1,
+                           H, a.input_size, jb);
       }
     }
   }
@@ -315,6 +335,13 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   for (int64_t r = 0; r < B; ++r) {
     for (int64_t j = unit_begin; j < unit_end; ++j) {
       h0[r * H + j] = recurrent_input(r, j, cast<acc_t>(a.hidden_state[r * H + j]));
+    }
+  }
+  // With the input projection fused: b_ih + b_hh of this thread's columns.
+  std::vector<acc_t> biases(a.gates ? 0 : 4 * H);
+  for (int64_t g = 0; g < 4 && !a.gates; ++g) {
+    for (int64_t j = unit_begin; j < unit_end; ++j) {
+      biases[g * H + j] = fused_bias<acc_t>(a, g * H + j);
     }
   }
 #pragma omp barrier
@@ -447,13 +474,23 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
               in_pairs[i] = r < prev_rows ? a.output + (prev_offset + r) * H
                                           : a.hidden_state + r * H;
             }
+            if (fused_input) {  // x W_ih^T first, then h W_hh^T added to it
+              const scalar_t* x_pairs[R] = {};
+              for (int i = 0; i < n; ++i) x_pairs[i] = a.input + (offset + r0 + i) * a.input_stride;
+              pair_tile_product_n<R>(n, input_pairs, x_pairs,
+                                     input_panels + jb * input_pairs * 4 * V, 4 * V, products,
+                                     false);
+            }
             pair_tile_product_n<R>(n, H / 2, in_pairs, pair_panels + jb * (H / 2) * 4 * V,
-                                   4 * V, products, false);
+                                   4 * V, products, fused_input);
           }
         } else {
           tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products);
         }
-        for (int i = 0; i < n; ++i) {
+        // One row's gate math; a whole block's count of units is a constant, so that its loops
+        // compile to straight vector code (with a count known only at run time GCC leaves
+        // scalar tails and stores that stall the vector reads after them).
+        const auto row_cells = [&](int i, auto n_units) {
           const int64_t r = r0 + i, row = offset + r;
           const acc_t* p = products + (shift + i) * 4 * V;
           scalar_t* gate_row = a.gates ? a.gates + row * G : nullptr;
@@ -463,11 +500,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
             if (a.gates) {
               convert_n(gate_row + g * H + j0, z + g * V, n_units);
             } else {
-              for (int64_t v = 0; v < n_units; ++v) {
-                z[g * V + v] = fused_bias<acc_t>(a, g * H + j0 + v);
-              }
+              convert_n(biases.data() + g * H + j0, z + g * V, n_units);
             }
-            for (int64_t v = 0; v < n_units; ++v) z[g * V + v] += p[g * V + v];
+            add_n(p + g * V, z + g * V, n_units);
           }
           acc_t* c = a.cell + r * H + j0;
           if (a.cell_prev_saved) {
@@ -507,6 +542,13 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           }
           if (a.hidden_prev_saved) {
             convert_n(in[i] + j0, a.hidden_prev_saved + row * H + j0, n_units);
+          }
+        };
+        for (int i = 0; i < n; ++i) {
+          if (n_units != V) {
+            row_cells(i, n_units);
+          } else {
+            row_cells(i, std::integral_constant<int64_t, V>());
           }
         }
       }
@@ -750,7 +792,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             }
           }
         }
-        for (int i = 0; i < n; ++i) {
+        // One row's cell gradients, with a whole block's count of units a constant (as the
+        // forward's row_cells).
+        const auto row_cells = [&](int i, auto n_units) {
           const int64_t r = r0 + i;
           const acc_t* p = carried + r * U;
           scalar_t* grad_h = a.grad_hidden + r * H + u0;
@@ -773,7 +817,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           }
           if (r >= rows) {  // this sequence's first step is behind us: p is its grad of h0
             for (int64_t u = 0; u < n_units; ++u) grad_h[u] = cast<scalar_t>(through[u]);
-            continue;
+            return;
           }
           const int64_t row = offset + r;
           const scalar_t* from_output = a.grad_output ? a.grad_output + row * H + u0 : nullptr;
@@ -824,6 +868,13 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             if constexpr (!kStoredInMathType) {
               convert_n(grad_row + g * H + u0, grad_next + r * G + g * H + u0, n_units);
             }
+          }
+        };
+        for (int i = 0; i < n; ++i) {
+          if (n_units != U) {
+            row_cells(i, n_units);
+          } else {
+            row_cells(i, std::integral_constant<int64_t, U>());
           }
         }
       }
