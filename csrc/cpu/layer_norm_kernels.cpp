@@ -487,7 +487,7 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
   const Share mine = share_of(ceil_div(H, V), thread, threads);
   for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
     pack_forward_block<acc_t, V>(
-        a.panel + jb * H * 4 * V, H, jb,
+        a.panel + jb * H * 4 * V, H, H, jb,
         [&](int64_t row, int64_t k) { return a.w_hh[row * H + k]; }, a.w_hh, H);
   }
   step_barrier(threads);

@@ -155,31 +155,32 @@ inline void pack_square(const T* rows, int64_t row_stride, int64_t k0, T* panel,
   for (int k = 0; k < V; ++k) *reinterpret_cast<vec*>(panel + (k0 + k) * ld) = square[k];
 }
 
-// Writes block jb of the forward panels (see the top of this file) for a hidden size H, from
-// value(row, k), W_hh[row, k] in the math type; units past H get zeros. Given `rows` (W_hh
-// itself in the math type, rows row_stride apart, k contiguous), a block of whole units is
+// Writes block jb of the forward panels (see the top of this file) for a hidden size H from a
+// weight of 4H rows and K columns, value(row, k) (W_hh[row, k] in the math type; or any element
+// type T, as pack_pair_block's pairs); units past H get zeros. Given `rows` (the weight itself
+// in T, rows row_stride apart, k contiguous), a block of whole units is
 // copied V x V squares at a time (pack_square) and only a last partial square through value().
 // Otherwise in chunks of kPackChunk values of k: each of the block's rows of W_hh is read 64
 // bytes at a time, and the panel rows being written stay in L1 until they are whole.
-template <typename acc_t, int V, typename Value>
-inline void pack_forward_block(acc_t* panel, int64_t H, int64_t jb, Value value,
-                               const acc_t* rows = nullptr, int64_t row_stride = 0) {
+template <typename T, int V, typename Value>
+inline void pack_forward_block(T* panel, int64_t H, int64_t K, int64_t jb, Value value,
+                               const T* rows = nullptr, int64_t row_stride = 0) {
   constexpr int64_t kPackChunk = 16;
-  const int64_t squares_end = rows != nullptr && (jb + 1) * V <= H ? H / V * V : 0;
+  const int64_t squares_end = rows != nullptr && (jb + 1) * V <= H ? K / V * V : 0;
   for (int g = 0; g < 4; ++g) {
     for (int64_t k0 = 0; k0 < squares_end; k0 += V) {
-      pack_square<acc_t, V>(rows + (g * H + jb * V) * row_stride, row_stride, k0,
-                            panel + g * V, 4 * V);
+      pack_square<T, V>(rows + (g * H + jb * V) * row_stride, row_stride, k0, panel + g * V,
+                        4 * V);
     }
   }
-  for (int64_t k0 = squares_end; k0 < H; k0 += kPackChunk) {
-    const int64_t kn = std::min(kPackChunk, H - k0);
+  for (int64_t k0 = squares_end; k0 < K; k0 += kPackChunk) {
+    const int64_t kn = std::min(kPackChunk, K - k0);
     for (int g = 0; g < 4; ++g) {
       for (int v = 0; v < V; ++v) {
         const int64_t j = jb * V + v;
-        acc_t* column = panel + k0 * 4 * V + g * V + v;
+        T* column = panel + k0 * 4 * V + g * V + v;
         for (int64_t k = 0; k < kn; ++k) {
-          column[k * 4 * V] = j < H ? value(g * H + j, k0 + k) : acc_t(0);
+          column[k * 4 * V] = j < H ? value(g * H + j, k0 + k) : T(0);
         }
       }
     }
@@ -232,41 +233,20 @@ struct Int16Rows {
 };
 
 // Writes block jb of the bf16 pair panels of a weight of 4H rows and K columns (K even; strides
-// in elements): panel row p holds, for the block's V units of each gate in turn, the pair
-// (W[row, 2p], W[row, 2p + 1]); units past H get zeros. As pack_forward_block does: V x V
-// squares of pairs transposed in registers where the rows are whole pairs in place, the rest
-// in chunks of kPackChunk pairs.
+// in elements): pack_forward_block over pairs of k, panel row p holding (W[row, 2p],
+// W[row, 2p + 1]) for each column, with the rows read in place as rows of pairs where they are.
 template <int V>
 inline void pack_pair_block(uint32_t* panel, const c10::BFloat16* w, int64_t stride0,
                             int64_t stride1, int64_t H, int64_t K, int64_t jb) {
-  constexpr int64_t kPackChunk = 16;
-  const int64_t pairs = K / 2;
   const bool pair_rows = stride1 == 1 && stride0 % 2 == 0 &&
                          reinterpret_cast<uintptr_t>(w) % sizeof(uint32_t) == 0;
-  const int64_t squares_end = pair_rows && (jb + 1) * V <= H ? pairs / V * V : 0;
-  for (int g = 0; g < 4; ++g) {
-    const uint32_t* rows = reinterpret_cast<const uint32_t*>(w + (g * H + jb * V) * stride0);
-    for (int64_t p0 = 0; p0 < squares_end; p0 += V) {
-      pack_square<uint32_t, V>(rows, stride0 / 2, p0, panel + g * V, 4 * V);
-    }
-  }
-  for (int64_t p0 = squares_end; p0 < pairs; p0 += kPackChunk) {
-    const int64_t pn = std::min(kPackChunk, pairs - p0);
-    for (int g = 0; g < 4; ++g) {
-      for (int v = 0; v < V; ++v) {
-        const int64_t j = jb * V + v;
-        uint32_t* column = panel + p0 * 4 * V + g * V + v;
-        if (j >= H) {
-          for (int64_t p = 0; p < pn; ++p) column[p * 4 * V] = 0;
-          continue;
-        }
-        const c10::BFloat16* row = w + (g * H + j) * stride0 + 2 * p0 * stride1;
-        for (int64_t p = 0; p < pn; ++p) {
-          column[p * 4 * V] = bf16_pair(row[2 * p * stride1], row[(2 * p + 1) * stride1]);
-        }
-      }
-    }
-  }
+  pack_forward_block<uint32_t, V>(
+      panel, H, K / 2, jb,
+      [&](int64_t row, int64_t p) {
+        const c10::BFloat16* pair = w + row * stride0 + 2 * p * stride1;
+        return bf16_pair(pair[0], pair[stride1]);
+      },
+      pair_rows ? reinterpret_cast<const uint32_t*>(w) : nullptr, stride0 / 2);
 }
 
 template <Isa isa, typename scalar_t>
@@ -315,7 +295,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   // This thread's panels and its columns of h0 in the math type.
   for (int64_t jb = mine.begin; jb < mine.end && !direct && !pairs; ++jb) {
     pack_forward_block<acc_t, V>(
-        a.panel + jb * H * 4 * V, H, jb,
+        a.panel + jb * H * 4 * V, H, H, jb,
         [&](int64_t row, int64_t k) {
           const int64_t at = row * a.w_stride0 + k * a.w_stride1;
           // int8 rows are dequantized into the panel.
