@@ -392,6 +392,15 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           const scalar_t* gate_row = a.gates + (offset + r0 + i) * G + j0;
           for (int g = 0; g < 4; ++g) __builtin_prefetch(gate_row + g * H, 1);
         }
+        // The tile's rows of the outputs and saved states are lines no step has touched: owned
+        // before the gate math stores to them, their stores do not wait on reads from memory.
+        for (int i = 0; i < n; ++i) {
+          const int64_t at = (offset + r0 + i) * H + j0;
+          __builtin_prefetch(a.output + at, 1);
+          if (a.cell_prev_saved) __builtin_prefetch(a.cell_prev_saved + at, 1);
+          if (a.hidden_prev_saved) __builtin_prefetch(a.hidden_prev_saved + at, 1);
+          if (a.cells) __builtin_prefetch(a.cells + at, 1);
+        }
         alignas(64) acc_t products[RT * 4 * V];
         int64_t shift = 0;  // the tile's first row in products
         if (direct) {
