@@ -386,16 +386,15 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           const int64_t r = r0 + i;
           in[i] = (r < prev_rows ? h_prev : h0) + r * H;
         }
-        // The tile's pre-activations were written by the input projection long before and
-        // come from memory: ask for them now, so they arrive while the products run.
-        for (int i = 0; i < n && a.gates; ++i) {
-          const scalar_t* gate_row = a.gates + (offset + r0 + i) * G + j0;
-          for (int g = 0; g < 4; ++g) __builtin_prefetch(gate_row + g * H, 1);
-        }
-        // The tile's rows of the outputs and saved states are lines no step has touched: owned
-        // before the gate math stores to them, their stores do not wait on reads from memory.
+        // The tile's pre-activations, written by the input projection long before, come from
+        // memory, and its rows of the outputs and saved states are lines no step has touched:
+        // asked for now (for ownership), they arrive while the products run and the gate math's
+        // stores do not wait on reads.
         for (int i = 0; i < n; ++i) {
-          const int64_t at = (offset + r0 + i) * H + j0;
+          const int64_t row = offset + r0 + i, at = row * H + j0;
+          for (int g = 0; g < 4 && a.gates; ++g) {
+            __builtin_prefetch(a.gates + row * G + j0 + g * H, 1);
+          }
           __builtin_prefetch(a.output + at, 1);
           if (a.cell_prev_saved) __builtin_prefetch(a.cell_prev_saved + at, 1);
           if (a.hidden_prev_saved) __builtin_prefetch(a.hidden_prev_saved + at, 1);
