@@ -235,7 +235,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
     } else if (b_ih.has_value() || b_hh.has_value()) {
       bias = b_ih.has_value() ? *b_ih : *b_hh;
     }
-    return training ? Kernels::linear(x, w_ih, bias).contiguous()
+    return training ? Kernels::training_linear(x, w_ih, bias).contiguous()
                     : Kernels::inference_linear(x, w_ih, bias).contiguous();
   };
   // Inference is offered to the sequence kernel with the input projection left to it (a

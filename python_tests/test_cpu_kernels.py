@@ -256,6 +256,29 @@ def test_inference_does_not_fault_in_fresh_pages_for_its_input_projection():
     assert faults < pages / 2, (faults, pages)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
+def test_training_forward_does_not_fault_in_fresh_pages_for_its_input_projection():
+    """A training forward's input projection becomes the gates saved for the backward: a saved
+    buffer (workspace.h) that the next forward gets again once the last one's graph is gone,
+    not 64 MB of fresh pages per call. The sizes and the bound are the inference test's: the
+    output, a quarter of the projection, may come fresh."""
+    import resource
+
+    torch.manual_seed(5)
+    model = lstm_ext.LSTM(16, 256, dtype=torch.float64)
+    inputs = torch.randn(128, 64, 16, dtype=torch.float64)
+    pages = 128 * 64 * 4 * 256 * 8 // 4096
+    for _ in range(2):
+        model(inputs)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        output, _ = model(inputs)
+        assert output.requires_grad
+        del output
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+    assert faults < pages / 2, (faults, pages)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"H{c['hidden_size']}")
 @pytest.mark.parametrize("kind,batch", KINDS)
 def test_inference_without_grad_matches_fp64_nn_lstm(config, kind, batch):

@@ -10,8 +10,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
+#include <variant>
 
 namespace lstm_ext {
 namespace {
@@ -116,7 +118,7 @@ at::Tensor contiguous_in(const at::Tensor& t, cpu::Workspace slot) {
 }  // namespace
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
-                      const std::optional<at::Tensor>& bias, std::optional<cpu::Workspace> into) {
+                      const std::optional<at::Tensor>& bias, LinearInto into) {
   // A few rows (a decode step) are bound by reading w once, which dot products on w in place
   // do; oneDNN would reorder w first.
   if (auto small = cpu::small_linear(x, w, bias)) return *small;
@@ -137,8 +139,11 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                                          : std::nullopt,
                         "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
   }
-  if (into.has_value()) {
-    at::Tensor out = cpu::workspace(*into, {x.size(0), w.size(0)}, x.options());
+  if (!std::holds_alternative<std::monostate>(into)) {
+    const std::array<int64_t, 2> sizes{x.size(0), w.size(0)};
+    at::Tensor out = std::holds_alternative<cpu::Workspace>(into)
+                         ? cpu::workspace(std::get<cpu::Workspace>(into), sizes, x.options())
+                         : cpu::saved_buffer(std::get<cpu::Saved>(into), sizes, x.options());
     return bias.has_value() ? at::addmm_out(out, *bias, x, w.t()) : at::mm_out(out, x, w.t());
   }
   if (bias.has_value()) return at::addmm(*bias, x, w.t());

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <variant>
 
 namespace lstm_ext {
 
@@ -15,11 +16,12 @@ namespace lstm_ext {
 // which runs at the CPU's own vector width on any vendor's x86 CPU (the MKL behind at::mm ran at
 // about half of it on AMD, and at::addmm first copies the broadcast bias into its output); other
 // dtypes, empty products, a torch without oneDNN, or LSTM_EXT_ONEDNN_LINEAR=0 use at::addmm.
-// With a workspace slot, a result that never leaves the caller's call is written into that
-// slot's kept memory where the product can write into given memory (at::addmm's route; oneDNN
-// allocates its own), instead of fresh pages.
+// With a workspace slot (a result that never leaves the caller's call) or a saved-buffer kind
+// (one autograd keeps until the backward), the result is written into kept memory where the
+// product can write into given memory (at::addmm's route; oneDNN allocates its own), instead
+// of fresh pages.
+using LinearInto = std::variant<std::monostate, cpu::Workspace, cpu::Saved>;
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
-                      const std::optional<at::Tensor>& bias,
-                      std::optional<cpu::Workspace> into = std::nullopt);
+                      const std::optional<at::Tensor>& bias, LinearInto into = {});
 
 }  // namespace lstm_ext

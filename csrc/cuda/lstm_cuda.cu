@@ -193,9 +193,15 @@ struct CudaKernels {
     return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
   }
 
+  // The caching allocator keeps memory already.
+  static at::Tensor training_linear(const at::Tensor& x, const at::Tensor& w,
+                                    const std::optional<at::Tensor>& bias) {
+    return linear(x, w, bias);
+  }
+
   static at::Tensor inference_linear(const at::Tensor& x, const at::Tensor& w,
                                      const std::optional<at::Tensor>& bias) {
-    return linear(x, w, bias);  // the caching allocator keeps memory already
+    return linear(x, w, bias);
   }
 
   static at::Tensor gate_gradients(bool, at::IntArrayRef sizes, const at::TensorOptions& options) {
