@@ -233,49 +233,32 @@ def test_inference_results_do_not_share_the_kept_scratch_memory():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
-def test_inference_does_not_fault_in_fresh_pages_for_its_input_projection():
-    """A fresh allocation of 64 MB comes as pages the OS zeroes on first touch (workspace.h);
-    an inference forward's input projection (T B x 4H: here 64 MB in
-    fp64, over glibc's largest mmap threshold, so never recycled by malloc) is kept memory
-    instead. The output, a quarter of its size, is a fresh allocation that malloc recycles or
-    not depending on what ran before in the process, so repeated calls may fault in up to that
-    many pages, and must stay well below the projection's. fp64, whose product always writes
-    into given memory (fp32 on a non-Intel CPU goes through oneDNN, which allocates its own)."""
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_forward_does_not_fault_in_fresh_pages_for_its_input_projection(training):
+    """A fresh allocation of 64 MB comes as pages the OS zeroes on first touch (workspace.h).
+    The input projection (T B x 4H: here 64 MB in fp64, over glibc's largest mmap threshold, so
+    never recycled by malloc) is kept memory instead: a workspace slot under no_grad, and in
+    training the saved buffer that becomes the gates saved for the backward, which the next
+    forward gets again once the last one's graph is gone. The output, a quarter of its size, is
+    a fresh allocation that malloc recycles or not depending on what ran before in the process,
+    so repeated calls may fault in up to that many pages, and must stay well below the
+    projection's. fp64, whose product always writes into given memory (fp32 on a non-Intel CPU
+    goes through oneDNN, which allocates its own)."""
     import resource
 
-    torch.manual_seed(4)
-    model = lstm_ext.LSTM(16, 256, dtype=torch.float64).eval()
+    torch.manual_seed(5 if training else 4)
+    model = lstm_ext.LSTM(16, 256, dtype=torch.float64).train(training)
     inputs = torch.randn(128, 64, 16, dtype=torch.float64)
     pages = 128 * 64 * 4 * 256 * 8 // 4096
-    with torch.no_grad():
-        model(inputs)
+    with torch.set_grad_enabled(training):
+        for _ in range(2):
+            model(inputs)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(3):
-            model(inputs)
+            output, _ = model(inputs)
+            assert output.requires_grad == training
+            del output
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
-    assert faults < pages / 2, (faults, pages)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
-def test_training_forward_does_not_fault_in_fresh_pages_for_its_input_projection():
-    """A training forward's input projection becomes the gates saved for the backward: a saved
-    buffer (workspace.h) that the next forward gets again once the last one's graph is gone,
-    not 64 MB of fresh pages per call. The sizes and the bound are the inference test's: the
-    output, a quarter of the projection, may come fresh."""
-    import resource
-
-    torch.manual_seed(5)
-    model = lstm_ext.LSTM(16, 256, dtype=torch.float64)
-    inputs = torch.randn(128, 64, 16, dtype=torch.float64)
-    pages = 128 * 64 * 4 * 256 * 8 // 4096
-    for _ in range(2):
-        model(inputs)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        output, _ = model(inputs)
-        assert output.requires_grad
-        del output
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
     assert faults < pages / 2, (faults, pages)
 
 
