@@ -197,6 +197,31 @@ def test_every_thread_count_gives_the_same_bits(dtype, reverse, batch, hidden):
     check_same_bits_on_any_thread_count(args, dtype)
 
 
+@pytest.mark.parametrize("hidden", [128, 130])
+@pytest.mark.parametrize("lengths", [[5] * 32, [5] * 16 + [3] * 16], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_weight_gradients_from_the_streamed_transposed_gradients_match_fp64(dtype, lengths,
+                                                                             hidden):
+    """Where the gate gradients' transposed copy is whole aligned cache lines (N rows a
+    multiple of 16, 16 or more rows a step, whole blocks of units: 128 units are all whole
+    blocks, 130 leave a partial one), the backward streams it around the caches
+    (recurrence.h's transpose_columns); the weight and bias gradients are products of it."""
+    torch.manual_seed(11)
+    reference = nn.LSTM(7, hidden, dtype=torch.float64)
+    ours = lstm_ext.LSTM.from_torch(reference).to(dtype)
+    leaves = [torch.randn(n, 7, dtype=torch.float64) for n in lengths]
+    outputs = []
+    for module, cast in ((reference, torch.float64), (ours, dtype)):
+        packed = nn.utils.rnn.pack_sequence([t.to(cast) for t in leaves], enforce_sorted=False)
+        output, (h_n, c_n) = module(packed)
+        weights = torch.randn_like(output.data, dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed(2))
+        ((output.data.double() * weights).sum() + h_n.sum() + c_n.sum()).backward()
+        outputs.append([p.grad for p in module.parameters()])
+    for wanted, actual in zip(*outputs):
+        assert rel_error(actual, wanted) <= TOLERANCE[dtype]
+
+
 def test_results_do_not_share_the_kept_scratch_memory():
     """The backward keeps its large temporaries across calls (csrc/cpu/workspace.h); nothing it
     returns may live there, or the next call would overwrite the previous call's gradients."""

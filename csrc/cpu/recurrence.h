@@ -143,16 +143,38 @@ inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t
   tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate);
 }
 
+#if LSTM_EXT_X86_VARIANTS
+// One aligned 64-byte line stored around the caches (AVX-512 variants only).
+template <typename vec>
+__attribute__((target("arch=x86-64-v4"))) inline void stream_line(vec* to, vec value) {
+  static_assert(sizeof(vec) == 64, "one cache line");
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(to), (__m512i)value);
+}
+#else
+template <typename vec>
+inline void stream_line(vec* to, vec value) {
+  *to = value;
+}
+#endif
+
 // Panel rows [k0, k0 + V) (ld apart) of the V columns starting at `panel`, from values
 // [k0, k0 + V) of V rows of a weight (row_stride apart, k contiguous): one V x V square
-// transposed in registers. T is any 4- or 8-byte type; only its bits move.
-template <typename T, int V>
+// transposed in registers. T is any 4- or 8-byte type; only its bits move. kStream writes
+// around the caches (the panel rows then must be whole aligned lines).
+template <typename T, int V, bool kStream = false>
 inline void pack_square(const T* rows, int64_t row_stride, int64_t k0, T* panel, int64_t ld) {
   using vec = typename Vec<T, V>::type;
   vec square[V];
   for (int v = 0; v < V; ++v) square[v] = *reinterpret_cast<const vec*>(rows + v * row_stride + k0);
   transpose_square<T, V>(square);
-  for (int k = 0; k < V; ++k) *reinterpret_cast<vec*>(panel + (k0 + k) * ld) = square[k];
+  for (int k = 0; k < V; ++k) {
+    vec* to = reinterpret_cast<vec*>(panel + (k0 + k) * ld);
+    if constexpr (kStream) {
+      stream_line(to, square[k]);
+    } else {
+      *to = square[k];
+    }
+  }
 }
 
 // Writes block jb of the forward panels (see the top of this file) for a hidden size H from a
@@ -565,8 +587,11 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 // Rows [0, rows) of a backward block's columns (n_units of each gate) from row-major gate
 // gradients (`rows` G apart, gate g's columns H further on) into their transposed copy, row i
 // of unit u of gate g at out[g * gate_stride + u * unit_stride + i]: whole lines of rows
-// transposed in registers (pack_square; fp32 and fp64), the rest one value at a time.
-template <typename scalar_t, int64_t U>
+// transposed in registers (pack_square; fp32 and fp64), the rest one value at a time. Only the
+// weight-gradient products read the copy, after the whole backward, and it outgrows the caches,
+// so under AVX-512 whole aligned lines of it are streamed around them: no read for ownership of
+// lines that are wholly overwritten, and no eviction of the panels the steps reuse.
+template <Isa isa, typename scalar_t, int64_t U>
 inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int64_t n_units,
                               int64_t rows, scalar_t* out, int64_t gate_stride,
                               int64_t unit_stride) {
@@ -574,11 +599,18 @@ inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     constexpr int kLine = 64 / sizeof(scalar_t);
     static_assert(U % kLine == 0, "a block is whole lines");
+    const bool stream = isa >= Isa::avx512 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
+                        gate_stride % kLine == 0 && unit_stride % kLine == 0;
     for (; n_units == U && r0 + kLine <= rows; r0 += kLine) {
       for (int g = 0; g < 4; ++g) {
         for (int64_t u = 0; u < U; u += kLine) {
-          pack_square<scalar_t, kLine>(rows_in + r0 * G + g * H, G, u,
-                                       out + g * gate_stride + r0, unit_stride);
+          if (stream) {
+            pack_square<scalar_t, kLine, isa >= Isa::avx512>(
+                rows_in + r0 * G + g * H, G, u, out + g * gate_stride + r0, unit_stride);
+          } else {
+            pack_square<scalar_t, kLine>(rows_in + r0 * G + g * H, G, u,
+                                         out + g * gate_stride + r0, unit_stride);
+          }
         }
       }
     }
@@ -869,14 +901,18 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       // The same gradients transposed: each (gate, unit) row of the (4H, N) copy gets this
       // step's rows in one run.
       if (a.grad_gates_t && rows > 0) {
-        transpose_columns<scalar_t, U>(a.grad_gates + offset * G + u0, G, H, n_units, rows,
-                                       a.grad_gates_t + u0 * a.rows + offset, H * a.rows,
-                                       a.rows);
+        transpose_columns<isa, scalar_t, U>(a.grad_gates + offset * G + u0, G, H, n_units,
+                                            rows, a.grad_gates_t + u0 * a.rows + offset,
+                                            H * a.rows, a.rows);
       }
     }
     prev_rows = rows;
     prev_offset = offset;
     ++processed;
+#if defined(__x86_64__)
+    // Streamed stores (transpose_columns) are weakly ordered: fenced before others may read.
+    __builtin_ia32_sfence();
+#endif
 #pragma omp barrier
   }
   if constexpr (kAmxKernel) {
