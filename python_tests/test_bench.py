@@ -109,6 +109,27 @@ def test_a_failing_row_is_recorded_and_the_run_goes_on(bench, capsys):
         rows, bench.summarize(rows, "cuda"), machine, "cmd")
 
 
+def test_a_row_above_the_roof_has_the_roof_measured_again_for_every_row_of_its_dtype(bench):
+    rows = [bench.Row("training", 8, 2, 3), bench.Row("training", 8, 2, 3, dtype="float64"),
+            bench.Row("forward", 8, 2, 3)]
+    gflops = {"float32": iter([2.0, 4.0]), "float64": iter([1.0])}
+    measured = []
+
+    def measure_roof(dtype):
+        measured.append(dtype)
+        return {torch.float32: [3.0, 5.0, 9.0], torch.float64: [2.0]}[dtype][
+            measured.count(dtype) - 1]
+
+    bench.run_rows(rows, lambda row: {"ours_ms": 1.0, "torch_ms": 1.0, "ratio": 1.0,
+                                      "ours_gflops": next(gflops[row.dtype])},
+                   bench.roof_keeper(measure_roof, {}))
+    # The second fp32 row (4) beat the first roof (3): measured again (5), and the first row's
+    # fraction follows; the fp64 roof (2) was measured once.
+    assert measured == [torch.float32, torch.float64, torch.float32]
+    assert [row.results["roof_fraction"] for row in rows] == [0.4, 0.5, 0.8]
+    assert rows[0].results["roof_gflops"] == 5.0
+
+
 CPUINFO_ZEN5 = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 26
