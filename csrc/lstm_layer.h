@@ -88,10 +88,13 @@ inline SequenceLayout sequence_layout(const LayerShape& s, bool reverse) {
   return {s.steps, s.batch, s.hidden_size, s.step_size.data(), s.step_offset.data(), reverse};
 }
 
-// The whole forward recurrence of one layer-direction. gates holds the input projection with
-// both biases, (N, 4H); the W_hh h products are added here. Or, in inference, gates is null and
-// the kernel multiplies x by W_ih itself where it can (a decode step; bf16 panels on the CPU),
-// so that no (N, 4H) tensor is made and no separate product runs.
+// The whole forward recurrence of one layer-direction. gates holds the input projection,
+// (N, 4H), with both biases, or without them where b_ih and b_hh are given: the kernel adds
+// them (where the Kernels policy's static bool sequence_handles_biases() says its kernels add
+// the biases forward and sum their gradient backward). The W_hh h products are added here.
+// Or, in inference, gates is null and the kernel multiplies x by W_ih itself where it can (a
+// decode step; bf16 panels on the CPU), so that no (N, 4H) tensor is made and no separate
+// product runs.
 template <typename scalar_t>
 struct SequenceForward : SequenceLayout {
   using acc_t = at::opmath_type<scalar_t>;
@@ -100,7 +103,7 @@ struct SequenceForward : SequenceLayout {
   int64_t input_size, input_stride;
   const scalar_t* w_ih;        // with gates null: (4H, I), rows w_ih_stride apart
   int64_t w_ih_stride;
-  const scalar_t* b_ih;        // with gates null: the biases (4H,), or null
+  const scalar_t* b_ih;        // the biases (4H,) the kernel adds, or null
   const scalar_t* b_hh;
   // int8 weights (the CPU's int8 LSTM, fp32 only: read in place by the dot products of small
   // batches, dequantized into the panels of larger ones): W_hh and, with gates null, W_ih as
@@ -144,6 +147,7 @@ struct SequenceBackward : SequenceLayout {
   acc_t* grad_cell;            // (B, H): grad of c_n in, grad of c0 out
   scalar_t* grad_gates;        // (N, 4H) out
   scalar_t* grad_gates_t;      // (4H, N) out, the same transposed, or null
+  acc_t* grad_bias;            // (4H,) out: the gate gradients summed over all N rows, or null
   int64_t rows;                // N
   const scalar_t* w_hh;        // (4H, H)
   int64_t w_stride0, w_stride1;
@@ -227,14 +231,19 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   const auto acc_options = options.dtype(at::toOpMathType(input.scalar_type()));
   const at::Tensor x = input.reshape({s.rows, s.input_size});
 
-  // gates: (N, 4H) = x W_ih^T + b_ih + b_hh, then per step += h W_hh^T.
+  // gates: (N, 4H) = x W_ih^T + b_ih + b_hh, then per step += h W_hh^T. Where the sequence
+  // kernel adds the biases itself (the CPU's, to its pre-activations as it reads them), the
+  // product leaves them out: at::addmm would first copy the broadcast bias into all N rows.
+  const bool bias_in_sequence = !s.has_projection && Kernels::sequence_handles_biases() &&
+                                (b_ih.has_value() || b_hh.has_value()) &&
+                                (!b_ih.has_value() || b_ih->is_contiguous()) &&
+                                (!b_hh.has_value() || b_hh->is_contiguous());
+  const auto biases = [&]() -> std::optional<at::Tensor> {
+    if (b_ih.has_value() && b_hh.has_value()) return *b_ih + *b_hh;
+    return b_ih.has_value() ? b_ih : b_hh;
+  };
   const auto input_projection = [&] {
-    std::optional<at::Tensor> bias;
-    if (b_ih.has_value() && b_hh.has_value()) {
-      bias = *b_ih + *b_hh;
-    } else if (b_ih.has_value() || b_hh.has_value()) {
-      bias = b_ih.has_value() ? *b_ih : *b_hh;
-    }
+    const std::optional<at::Tensor> bias = bias_in_sequence ? std::nullopt : biases();
     return training ? Kernels::training_linear(x, w_ih, bias).contiguous()
                     : Kernels::inference_linear(x, w_ih, bias).contiguous();
   };
@@ -280,21 +289,27 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       sequence.zoneout_hidden = zone_h.has_value() ? zone_h->const_data_ptr<acc_t>() : nullptr;
       sequence.zoneout_hidden_stride = zoneout_stride(zone_h);
       sequence.cells = return_cells ? cells.data_ptr<scalar_t>() : nullptr;
+      const auto biases_for_kernel = [&](bool wanted) {
+        sequence.b_ih = wanted && b_ih.has_value() ? b_ih->const_data_ptr<scalar_t>() : nullptr;
+        sequence.b_hh = wanted && b_hh.has_value() ? b_hh->const_data_ptr<scalar_t>() : nullptr;
+      };
       if (offer_fused_input) {
+        biases_for_kernel(true);
         sequence.input = x.const_data_ptr<scalar_t>();
         sequence.input_size = s.input_size;
         sequence.input_stride = x.stride(0);
         sequence.w_ih = w_ih.const_data_ptr<scalar_t>();
         sequence.w_ih_stride = w_ih.stride(0);
-        sequence.b_ih = b_ih.has_value() ? b_ih->const_data_ptr<scalar_t>() : nullptr;
-        sequence.b_hh = b_hh.has_value() ? b_hh->const_data_ptr<scalar_t>() : nullptr;
         if (Kernels::template forward_sequence<scalar_t>(sequence)) return;
         gates = input_projection();
       }
       sequence.gates = gates.data_ptr<scalar_t>();
       sequence.input = nullptr;
+      biases_for_kernel(bias_in_sequence);
       if (Kernels::template forward_sequence<scalar_t>(sequence)) return;
     }
+    // The step loop reads the biases from the gates.
+    if (bias_in_sequence) gates.add_(*biases());
     const auto recurrent = Kernels::step_product(w_hh.t(), s.steps, s.batch);
     const auto projection =
         s.has_projection ? Kernels::step_product(w_hr->t(), s.steps, s.batch) : nullptr;
@@ -439,8 +454,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
 
   at::Tensor grad_gates = Kernels::gate_gradients(false, {s.rows, kNumGates * H}, options);
   // The same transposed, where the device's recurrence writes it (the weight gradients
-  // contract over N, which BLAS-style "linear" products want innermost).
-  at::Tensor grad_gates_t;
+  // contract over N, which BLAS-style "linear" products want innermost), and their sum over N
+  // (the bias gradient, in the math type) where it sums them as it goes.
+  at::Tensor grad_gates_t, grad_bias_sum;
   // With a projection, dh of every step is kept for dW_hr, and dh W_hr feeds the cell.
   at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, options);
   at::Tensor grad_h_raw = at::empty({s.has_projection ? s.batch : 0, H}, options);
@@ -460,6 +476,10 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
         grad_gates_t = Kernels::gate_gradients(true, {kNumGates * H, s.rows}, options);
         sequence.grad_gates_t = grad_gates_t.data_ptr<scalar_t>();
       }
+      if (weight_grads && has_bias && Kernels::sequence_handles_biases()) {
+        grad_bias_sum = at::empty({kNumGates * H}, acc_options);
+        sequence.grad_bias = grad_bias_sum.data_ptr<acc_t>();
+      }
       sequence.rows = s.rows;
       sequence.w_hh = w_hh.const_data_ptr<scalar_t>();
       sequence.w_stride0 = w_hh.stride(0);
@@ -473,7 +493,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.zoneout_carry = zone_h.has_value() ? carry.data_ptr<acc_t>() : nullptr;
       sequence.grad_cells = grad_c_seq.defined() ? grad_c_seq.const_data_ptr<scalar_t>() : nullptr;
       if (Kernels::template backward_sequence<scalar_t>(sequence)) return;
-      grad_gates_t = at::Tensor();  // not written: the step loop below runs instead
+      // Not written: the step loop below runs instead.
+      grad_gates_t = at::Tensor();
+      grad_bias_sum = at::Tensor();
     }
     const auto recurrent = Kernels::step_product(w_hh, s.steps, s.batch);
     const auto projection =
@@ -560,7 +582,9 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
     grad_w_hh = Kernels::linear(gates_t, saved.hidden_prev.t(), std::nullopt);
     // ATen's sums of bf16/fp16 accumulate in fp32 (on the CPU and CUDA alike), so the small
     // steps are kept without an fp32 copy of the (4H, N) gradients.
-    grad_bias = has_bias ? at::sum(gates_t, {1}) : none();
+    grad_bias = !has_bias                 ? none()
+                : grad_bias_sum.defined() ? grad_bias_sum.to(input.scalar_type())
+                                          : at::sum(gates_t, {1});
     grad_w_hr = s.has_projection ? at::mm(grad_h_all.t(), saved.hidden_raw) : none();
   } else {
     grad_w_ih = none();

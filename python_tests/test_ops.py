@@ -319,3 +319,26 @@ def test_gate_activations_over_the_whole_range(dtype, tolerance):
         nan_input, zeros, zeros, eye, torch.zeros(4 * hidden, hidden, dtype=dtype), None, None,
         None, None, False, True)
     assert torch.isnan(nan_gates[0, 0])
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("batch,steps", [(1, 6), (3, 6), (3, 60), (9, 6)],
+                         ids=["one row", "few rows", "few rows, long", "panels"])
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("biases", ["both", "b_ih", "b_hh"])
+def test_the_recurrence_adds_either_bias_to_the_products(biases, training, batch, steps, dtype,
+                                                         tolerance):
+    """The CPU recurrence adds b_ih and b_hh to the input projection as it reads it (the
+    product leaves them out): each bias alone, and both, in every form of the kernel (dot
+    products at one row or a few over a short sequence, panels otherwise), against the
+    differentiable reference in fp64."""
+    torch.manual_seed(batch * 100 + steps)
+    args = layer_args(steps=steps, batch=batch, input_size=19, hidden=37, training=training,
+                      dtype=dtype, requires_grad=False)
+    args[5:7] = [args[5] if biases != "b_hh" else None, args[6] if biases != "b_ih" else None]
+    output, h_n, c_n = ops.layer_forward(*args)
+    expected = ops.reference_layer_forward(*[a.double() if isinstance(a, torch.Tensor) else a
+                                             for a in args[:10]])
+    for actual, reference in zip((output, h_n, c_n), expected):
+        error = ((actual.double() - reference).abs().max() / reference.abs().max()).item()
+        assert error < tolerance, f"{error:.2e}"

@@ -136,6 +136,8 @@ struct CpuKernels {
     return cpu::saved_buffer(kind, sizes, options);
   }
 
+  static bool sequence_handles_biases() { return cpu::recurrence_enabled(); }
+
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>& a) {
     if (!cpu::recurrence_enabled()) return false;

@@ -97,18 +97,13 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
       a.w_ih_int8 = w_ih_rows.const_data_ptr<int8_t>();
       a.w_ih_scale = ih_scale.const_data_ptr<float>();
       a.w_ih_stride = s.input_size;
-      a.b_ih = bias_ih.has_value() ? bias_ih->const_data_ptr<float>() : nullptr;
-      a.b_hh = bias_hh.has_value() ? bias_hh->const_data_ptr<float>() : nullptr;
     } else {
-      std::optional<at::Tensor> bias;
-      if (bias_ih.has_value() || bias_hh.has_value()) {
-        bias = bias_ih.has_value() && bias_hh.has_value() ? *bias_ih + *bias_hh
-                                                          : (bias_ih.has_value() ? *bias_ih
-                                                                                 : *bias_hh);
-      }
-      gates = cpu_linear(x, dequantized(w_ih_rows, ih_scale), bias).contiguous();
+      // The kernel adds the biases to the gates as it reads them.
+      gates = cpu_linear(x, dequantized(w_ih_rows, ih_scale), std::nullopt).contiguous();
       a.gates = gates.data_ptr<float>();
     }
+    a.b_ih = bias_ih.has_value() ? bias_ih->const_data_ptr<float>() : nullptr;
+    a.b_hh = bias_hh.has_value() ? bias_hh->const_data_ptr<float>() : nullptr;
     RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
     TORCH_CHECK(cpu::run_forward(a), kOp, ": the recurrence declined the int8 weights");
     return {s.packed ? output : output.view({s.steps, s.batch, H}), h_state, c_state};

@@ -105,7 +105,8 @@ inline Share share_of(int64_t blocks, int thread, int threads) {
 // 4V apart); with accumulate, out += the same.
 template <typename acc_t, int V, int N>
 inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, int64_t ld,
-                         acc_t* out, bool accumulate = false) {
+                         acc_t* out, bool accumulate = false, const void* const* ahead = nullptr,
+                         int n_ahead = 0) {
   using vec = typename Vec<acc_t, V>::type;
   vec acc[N][4];
   for (int r = 0; r < N; ++r) {
@@ -115,7 +116,7 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
   }
   const acc_t* rows[N];
   for (int r = 0; r < N; ++r) rows[r] = in[r];
-  for (int64_t k = 0; k < K; ++k) {
+  const auto step = [&](int64_t k) {
     const vec* w = reinterpret_cast<const vec*>(panel + k * ld);
     const vec w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
 #pragma GCC unroll 8
@@ -126,7 +127,15 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
       acc[r][2] += w2 * x;
       acc[r][3] += w3 * x;
     }
+  };
+  // Lines asked for ahead (for writing), one every few k over the first three quarters of the
+  // sum: asked all at once they fill the line-fill buffers the panel's own reads need.
+  int64_t k = 0;
+  for (int p = 0; p < n_ahead; ++p) {
+    __builtin_prefetch(ahead[p], 1);
+    for (const int64_t end = 3 * K * (p + 1) / (4 * n_ahead); k < end; ++k) step(k);
   }
+  for (; k < K; ++k) step(k);
   vec* o = reinterpret_cast<vec*>(out);
   for (int r = 0; r < N; ++r) {
     for (int g = 0; g < 4; ++g) o[r * 4 + g] = acc[r][g];
@@ -136,11 +145,15 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
 // tile_product for n <= R rows, n known only at run time.
 template <typename acc_t, int V, int R>
 inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t* panel,
-                           int64_t ld, acc_t* out, bool accumulate = false) {
+                           int64_t ld, acc_t* out, bool accumulate = false,
+                           const void* const* ahead = nullptr, int n_ahead = 0) {
   if constexpr (R > 1) {
-    if (n < R) return tile_product_n<acc_t, V, R - 1>(n, K, in, panel, ld, out, accumulate);
+    if (n < R) {
+      return tile_product_n<acc_t, V, R - 1>(n, K, in, panel, ld, out, accumulate, ahead,
+                                             n_ahead);
+    }
   }
-  tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate);
+  tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate, ahead, n_ahead);
 }
 
 #if LSTM_EXT_X86_VARIANTS
@@ -219,7 +232,7 @@ inline const acc_t* in_place_weight(const scalar_t* w) {
   }
 }
 
-// With the input projection fused (gates null): b_ih + b_hh of one gate column.
+// b_ih + b_hh of one gate column, as the kernel adds them.
 template <typename acc_t, typename scalar_t>
 inline acc_t fused_bias(const SequenceForward<scalar_t>& a, int64_t column) {
   return (a.b_ih ? cast<acc_t>(a.b_ih[column]) : acc_t(0)) +
@@ -339,9 +352,11 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
       h0[r * H + j] = recurrent_input(r, j, cast<acc_t>(a.hidden_state[r * H + j]));
     }
   }
-  // With the input projection fused: b_ih + b_hh of this thread's columns.
-  std::vector<acc_t> biases(a.gates ? 0 : 4 * H);
-  for (int64_t g = 0; g < 4 && !a.gates; ++g) {
+  // b_ih + b_hh of this thread's columns, where the gates lack them (or there are no gates:
+  // the input projection fused).
+  const bool add_biases = !a.gates || a.b_ih || a.b_hh;
+  std::vector<acc_t> biases(add_biases ? 4 * H : 0);
+  for (int64_t g = 0; g < 4 && add_biases; ++g) {
     for (int64_t j = unit_begin; j < unit_end; ++j) {
       biases[g * H + j] = fused_bias<acc_t>(a, g * H + j);
     }
@@ -412,16 +427,19 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         // memory, and its rows of the outputs and saved states are lines no step has touched:
         // asked for now (for ownership), they arrive while the products run and the gate math's
         // stores do not wait on reads.
+        const void* ahead[RT * 8];
+        int n_ahead = 0;
         for (int i = 0; i < n; ++i) {
           const int64_t row = offset + r0 + i, at = row * H + j0;
-          for (int g = 0; g < 4 && a.gates; ++g) {
-            __builtin_prefetch(a.gates + row * G + j0 + g * H, 1);
-          }
-          __builtin_prefetch(a.output + at, 1);
-          if (a.cell_prev_saved) __builtin_prefetch(a.cell_prev_saved + at, 1);
-          if (a.hidden_prev_saved) __builtin_prefetch(a.hidden_prev_saved + at, 1);
-          if (a.cells) __builtin_prefetch(a.cells + at, 1);
+          for (int g = 0; g < 4 && a.gates; ++g) ahead[n_ahead++] = a.gates + row * G + j0 + g * H;
+          ahead[n_ahead++] = a.output + at;
+          if (a.cell_prev_saved) ahead[n_ahead++] = a.cell_prev_saved + at;
+          if (a.hidden_prev_saved) ahead[n_ahead++] = a.hidden_prev_saved + at;
+          if (a.cells) ahead[n_ahead++] = a.cells + at;
         }
+        // The panel product asks for them as it goes; the other forms at once.
+        const bool spread = !direct && !amx && !pairs;
+        for (int p = 0; p < n_ahead && !spread; ++p) __builtin_prefetch(ahead[p], 1);
         alignas(64) acc_t products[RT * 4 * V];
         int64_t shift = 0;  // the tile's first row in products
         if (direct) {
@@ -495,7 +513,8 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
                                    4 * V, products, fused_input);
           }
         } else {
-          tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products);
+          tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products, false, ahead,
+                                      spread ? n_ahead : 0);
         }
         // One row's gate math; a whole block's count of units is a constant, so that its loops
         // compile to straight vector code (with a count known only at run time GCC leaves
@@ -509,6 +528,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           for (int g = 0; g < 4; ++g) {
             if (a.gates) {
               convert_n(gate_row + g * H + j0, z + g * V, n_units);
+              if (add_biases) add_n(biases.data() + g * H + j0, z + g * V, n_units);
             } else {
               convert_n(biases.data() + g * H + j0, z + g * V, n_units);
             }
@@ -703,6 +723,8 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   }
   acc_t* const panels = a.panel;
   if (!pairs) pack_backward_panels<U>(panels, a.w_hh, a.w_stride0, a.w_stride1, H, mine);
+  // The bias gradient of this thread's blocks, summed as the gate gradients are made.
+  std::vector<acc_t> bias_sums(a.grad_bias ? (mine.end - mine.begin) * 4 * U : 0);
 #pragma omp barrier
   // AMX tiles read kAmxRows rows of the gate gradients in place where a step has that many,
   // else from this copy of them.
@@ -877,6 +899,10 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           const scalar_t* gate_row = a.gates + row * G;
           for (int g = 0; g < 4; ++g) convert_n(gate_row + g * H + u0, z + g * U, n_units);
           backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh, dc, dz);
+          if (a.grad_bias) {
+            acc_t* sums = bias_sums.data() + (jb - mine.begin) * 4 * U;
+            for (int g = 0; g < 4; ++g) add_n(dz + g * U, sums + g * U, n_units);
+          }
           if (d_cell) {
             for (int64_t u = 0; u < n_units; ++u) dc[u] += d_cell[u] * dc_total[u];
           }
@@ -917,6 +943,13 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   }
   if constexpr (kAmxKernel) {
     if (amx) amx_release();
+  }
+  for (int64_t jb = mine.begin; jb < mine.end && a.grad_bias; ++jb) {
+    const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
+    for (int g = 0; g < 4; ++g) {
+      std::memcpy(a.grad_bias + g * H + u0, bias_sums.data() + ((jb - mine.begin) * 4 + g) * U,
+                  n_units * sizeof(acc_t));
+    }
   }
 }
 

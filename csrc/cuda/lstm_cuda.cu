@@ -213,6 +213,9 @@ struct CudaKernels {
     return at::empty(sizes, options);
   }
 
+  // The persistent kernels read pre-activations with the biases in them.
+  static bool sequence_handles_biases() { return false; }
+
   // The persistent recurrence where it applies and is wanted (see persistent_wanted): uniform
   // batches without recurrent dropout or zoneout, the input projection already made.
   template <typename scalar_t>
