@@ -35,8 +35,8 @@ namespace lstm_ext {
 constexpr int kNumGates = 4;
 
 // Scalar math for float/double, usable on host and device: exp, tanh, reciprocal, constant.
-// The CPU kernels pass faster policies (cpu/cell_math.h; the fp32 one brings its own sigmoid
-// in place of exp and reciprocal), so the formulas below exist once.
+// The CPU kernels pass faster policies (cpu/cell_math.h, which bring their own sigmoid in place
+// of exp and reciprocal), so the formulas below exist once.
 struct ScalarMath {
   template <typename T>
   static LSTM_HOST_DEVICE T exp(T x) {
@@ -65,7 +65,7 @@ struct ScalarMath {
 };
 
 // 1 / (1 + e^-x): for very negative x, e^-x overflows to inf and the result is an exact 0,
-// never NaN. A policy with a sigmoid of its own (the CPU's fp32 one) uses that instead.
+// never NaN. A policy with a sigmoid of its own (the CPU's) uses that instead.
 template <typename Math, typename T>
 LSTM_HOST_DEVICE T sigmoid(T x) {
   if constexpr (requires { Math::sigmoid(x); }) {

@@ -1,4 +1,4 @@
-// The CPU's gate math: fast branch-free tanh/sigmoid (fp32) and exp/tanh (fp64) policies for
+// The CPU's gate math: fast branch-free tanh and sigmoid policies (fp32 and fp64) for
 // lstm_common.h's cell formulas, and the loops over the cells of one row that the elementwise
 // passes and the fused recurrence (recurrence.h) both run. Everything is inlined into its caller,
 // which is compiled once per instruction set, so the loops vectorize for each.
@@ -40,10 +40,17 @@ struct FastFloatMath {
   }
 };
 
-// exp and tanh for fp64 without calls or branches (Cephes' rational approximations, relative
-// error about 2e-16), so that fp64 loops vectorize too.
+// sigmoid and tanh for fp64 without calls or branches (relative error about 3e-16), so that
+// fp64 loops vectorize too. Both come from Cephes' rational approximation of exp, kept as a
+// fraction: e^x = (q + p) / (q - p) * s, with p odd and q even in the reduced argument and s a
+// power of two. Each function ends in one division and chooses nothing per value: a vector
+// division costs as much as a dozen other operations, and GCC turns a choice between two
+// quotients into two masked divisions.
 struct FastDoubleMath {
-  static LSTM_HOST_DEVICE double exp(double x) {
+  struct ExpFraction {
+    double p, q, s;
+  };
+  static LSTM_HOST_DEVICE ExpFraction exp_fraction(double x) {
     x = std::min(std::max(x, -708.0), 709.0);
     constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: round to nearest
     const double n = (x * 1.4426950408889634073599 + kRound) - kRound;
@@ -54,22 +61,21 @@ struct FastDoubleMath {
                           9.99999999999999999910e-1);
     const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
                       2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
-    const double e = 1.0 + 2.0 * (p / (q - p));
     // Through int32: double -> int64 conversion has no vector instruction before AVX-512DQ.
     const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(n) + 1023) << 52;
-    return e * std::bit_cast<double>(bits);
+    return {p, q, std::bit_cast<double>(bits)};
   }
-  static LSTM_HOST_DEVICE double reciprocal(double x) { return 1.0 / x; }
+  // 1 / (1 + e^-x); where e^-x overflows the result is an exact 0.
+  static LSTM_HOST_DEVICE double sigmoid(double x) {
+    const ExpFraction e = exp_fraction(-x);
+    return (e.q - e.p) / ((e.q - e.p) + (e.q + e.p) * e.s);
+  }
+  // (e^2x - 1) / (e^2x + 1) with e^2x as above. Near 0 (|x| < ln 2 / 4, where s = 1) that is
+  // exactly 2p / 2q, so small values keep their relative accuracy; beyond |x| = 20 tanh
+  // rounds to +-1.
   static LSTM_HOST_DEVICE double tanh(double x) {
-    const double z = x * x;
-    const double p = (-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z -
-                     1.61468768441708447952e3;
-    const double q = ((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z +
-                     4.84406305325125486048e3;
-    const double small = x + x * z * (p / q);
-    const double e = exp(2.0 * std::abs(x));
-    const double large = std::copysign(1.0 - 2.0 / (e + 1.0), x);
-    return std::abs(x) < 0.625 ? small : large;
+    const ExpFraction e = exp_fraction(2.0 * std::min(std::max(x, -20.0), 20.0));
+    return (e.q * (e.s - 1.0) + e.p * (e.s + 1.0)) / (e.q * (e.s + 1.0) + e.p * (e.s - 1.0));
   }
   template <typename T>
   static LSTM_HOST_DEVICE T constant(double value) {
