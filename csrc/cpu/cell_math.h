@@ -53,7 +53,8 @@ struct FastDoubleMath {
   static LSTM_HOST_DEVICE ExpFraction exp_fraction(double x) {
     x = std::min(std::max(x, -708.0), 709.0);
     constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: round to nearest
-    const double n = (x * 1.4426950408889634073599 + kRound) - kRound;
+    const double shifted = x * 1.4426950408889634073599 + kRound;
+    const double n = shifted - kRound;
     double r = x - n * 6.93145751953125e-1;
     r = r - n * 1.42860682030941723212e-6;
     const double rr = r * r;
@@ -61,8 +62,11 @@ struct FastDoubleMath {
                           9.99999999999999999910e-1);
     const double q = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
                       2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
-    // Through int32: double -> int64 conversion has no vector instruction before AVX-512DQ.
-    const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(n) + 1023) << 52;
+    // shifted's low bits hold n as an integer (shifted = 1.5 * 2^52 + n), so 2^n takes 64-bit
+    // integer operations only: no conversion, and no 32-bit lanes, which would keep GCC from
+    // filling 512-bit vectors.
+    const int64_t bits =
+        (std::bit_cast<int64_t>(shifted) - std::bit_cast<int64_t>(kRound) + 1023) << 52;
     return {p, q, std::bit_cast<double>(bits)};
   }
   // 1 / (1 + e^-x); where e^-x overflows the result is an exact 0.
