@@ -46,6 +46,7 @@
 #include <cstring>
 #include <omp.h>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace lstm_ext {
@@ -101,16 +102,17 @@ inline Share share_of(int64_t blocks, int thread, int threads) {
   return {blocks * thread / threads, blocks * (thread + 1) / threads};
 }
 
-// out[r][c] = sum_k in[r][k] * panel[k * ld + c] for r < N rows and c < 4V columns (out's rows
-// 4V apart); with accumulate, out += the same.
-template <typename acc_t, int V, int N>
+// out[r][c] = sum_k in[r][k] * panel[k * ld + c] for r < N rows and c < NV * V columns (out's
+// rows 4V apart, as the panel's widest); with accumulate, out += the same.
+template <typename acc_t, int V, int N, int NV = 4>
 inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, int64_t ld,
                          acc_t* out, bool accumulate = false, const void* const* ahead = nullptr,
                          int n_ahead = 0) {
+  static_assert(NV >= 1 && NV <= 4);
   using vec = typename Vec<acc_t, V>::type;
-  vec acc[N][4];
+  vec acc[N][NV];
   for (int r = 0; r < N; ++r) {
-    for (int g = 0; g < 4; ++g) {
+    for (int g = 0; g < NV; ++g) {
       acc[r][g] = accumulate ? reinterpret_cast<const vec*>(out)[r * 4 + g] : vec{};
     }
   }
@@ -118,14 +120,14 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
   for (int r = 0; r < N; ++r) rows[r] = in[r];
   const auto step = [&](int64_t k) {
     const vec* w = reinterpret_cast<const vec*>(panel + k * ld);
-    const vec w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    vec wk[NV];
+#pragma GCC unroll 4
+    for (int g = 0; g < NV; ++g) wk[g] = w[g];
 #pragma GCC unroll 8
     for (int r = 0; r < N; ++r) {
       const acc_t x = rows[r][k];
-      acc[r][0] += w0 * x;
-      acc[r][1] += w1 * x;
-      acc[r][2] += w2 * x;
-      acc[r][3] += w3 * x;
+#pragma GCC unroll 4
+      for (int g = 0; g < NV; ++g) acc[r][g] += wk[g] * x;
     }
   };
   // Lines asked for ahead (for writing), one every few k over the first three quarters of the
@@ -138,22 +140,33 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
   for (; k < K; ++k) step(k);
   vec* o = reinterpret_cast<vec*>(out);
   for (int r = 0; r < N; ++r) {
-    for (int g = 0; g < 4; ++g) o[r * 4 + g] = acc[r][g];
+    for (int g = 0; g < NV; ++g) o[r * 4 + g] = acc[r][g];
   }
 }
 
 // tile_product for n <= R rows, n known only at run time.
-template <typename acc_t, int V, int R>
+template <typename acc_t, int V, int R, int NV = 4>
 inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t* panel,
                            int64_t ld, acc_t* out, bool accumulate = false,
                            const void* const* ahead = nullptr, int n_ahead = 0) {
   if constexpr (R > 1) {
     if (n < R) {
-      return tile_product_n<acc_t, V, R - 1>(n, K, in, panel, ld, out, accumulate, ahead,
-                                             n_ahead);
+      return tile_product_n<acc_t, V, R - 1, NV>(n, K, in, panel, ld, out, accumulate, ahead,
+                                                 n_ahead);
     }
   }
-  tile_product<acc_t, V, R>(K, in, panel, ld, out, accumulate, ahead, n_ahead);
+  tile_product<acc_t, V, R, NV>(K, in, panel, ld, out, accumulate, ahead, n_ahead);
+}
+
+// fn(std::integral_constant<int, vectors>()) for vectors in [1, 4] known only at run time.
+template <typename Fn>
+inline void with_vectors(int vectors, Fn fn) {
+  switch (vectors) {
+    case 1: return fn(std::integral_constant<int, 1>());
+    case 2: return fn(std::integral_constant<int, 2>());
+    case 3: return fn(std::integral_constant<int, 3>());
+    default: return fn(std::integral_constant<int, 4>());
+  }
 }
 
 #if LSTM_EXT_X86_VARIANTS
@@ -697,12 +710,18 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   constexpr int64_t U = 4 * V;  // units per block
   const int64_t H = a.hidden, B = a.batch, G = 4 * H;
   const int64_t blocks = ceil_div(H, U);
-  const Share mine = share_of(blocks, thread, threads);
 
   // bf16 under avx512_bf16 multiplies bf16 pairs (bf16_pairs.h): panels of pairs of rows of
   // W_hh, and the previous step's bf16 gate gradients themselves as the rows.
   constexpr bool kPairKernel = isa >= Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
   const bool pairs = kPairKernel;
+  // Otherwise a block's product takes only the vectors its units fill: the last block's may be
+  // fewer than four, so the last thread (whose share of an uneven count is the larger) is not
+  // a whole block's work behind the others.
+  const auto vectors = [&](int64_t n_units) {
+    return pairs ? 4 : static_cast<int>(ceil_div(n_units, V));
+  };
+  const Share mine = share_of(blocks, thread, threads);
   // Under amx the same panels are multiplied on AMX tiles, where 4H is whole steps of the tile
   // product.
   constexpr bool kAmxKernel = isa == Isa::amx && kPairKernel;
@@ -806,8 +825,11 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
         }
         const acc_t* in[R] = {};
         for (int i = 0; i < n; ++i) in[i] = grad_prev + (r0 + i) * G + k0;
-        tile_product_n<acc_t, V, R>(n, kn, in, panel + k0 * U, U, carried + r0 * U,
-                                    /*accumulate=*/k0 > 0);
+        with_vectors(vectors(n_units), [&](auto nv) {
+          tile_product_n<acc_t, V, R, decltype(nv)::value>(n, kn, in, panel + k0 * U, U,
+                                                           carried + r0 * U,
+                                                           /*accumulate=*/k0 > 0);
+        });
       });
       const Tiles tiles(span, R);
       for (int64_t tile = 0; tile < tiles.count; ++tile) {
