@@ -710,18 +710,12 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   constexpr int64_t U = 4 * V;  // units per block
   const int64_t H = a.hidden, B = a.batch, G = 4 * H;
   const int64_t blocks = ceil_div(H, U);
+  const Share mine = share_of(blocks, thread, threads);
 
   // bf16 under avx512_bf16 multiplies bf16 pairs (bf16_pairs.h): panels of pairs of rows of
   // W_hh, and the previous step's bf16 gate gradients themselves as the rows.
   constexpr bool kPairKernel = isa >= Isa::avx512_bf16 && std::is_same_v<scalar_t, c10::BFloat16>;
   const bool pairs = kPairKernel;
-  // Otherwise a block's product takes only the vectors its units fill: the last block's may be
-  // fewer than four, so the last thread (whose share of an uneven count is the larger) is not
-  // a whole block's work behind the others.
-  const auto vectors = [&](int64_t n_units) {
-    return pairs ? 4 : static_cast<int>(ceil_div(n_units, V));
-  };
-  const Share mine = share_of(blocks, thread, threads);
   // Under amx the same panels are multiplied on AMX tiles, where 4H is whole steps of the tile
   // product.
   constexpr bool kAmxKernel = isa == Isa::amx && kPairKernel;
@@ -825,7 +819,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
         }
         const acc_t* in[R] = {};
         for (int i = 0; i < n; ++i) in[i] = grad_prev + (r0 + i) * G + k0;
-        with_vectors(vectors(n_units), [&](auto nv) {
+        // Only the vectors the block's units fill: the last block's may be fewer than four,
+        // so the last thread (the larger share of an uneven count) is not a whole block behind.
+        with_vectors(static_cast<int>(ceil_div(n_units, V)), [&](auto nv) {
           tile_product_n<acc_t, V, R, decltype(nv)::value>(n, kn, in, panel + k0 * U, U,
                                                            carried + r0 * U,
                                                            /*accumulate=*/k0 > 0);
