@@ -146,6 +146,18 @@ Isa active_isa() {
   return isa;
 }
 
+bool panels_outgrow_l2(int64_t bytes) {
+  // A CPU (or a VM) that does not say gets the smallest L2 of the x86 cores we target.
+  static const int64_t l2_bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (size > 0) return static_cast<int64_t>(size);
+#endif
+    return int64_t{1} << 20;
+  }();
+  return 2 * bytes > l2_bytes;
+}
+
 bool recurrence_enabled() {
   const char* setting = std::getenv("LSTM_EXT_CPU_RECURRENCE");
   return !(setting && std::strcmp(setting, "0") == 0);

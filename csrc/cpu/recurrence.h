@@ -104,10 +104,29 @@ inline Share share_of(int64_t blocks, int thread, int threads) {
 
 // out[r][c] = sum_k in[r][k] * panel[k * ld + c] for r < N rows and c < NV * V columns (out's
 // rows 4V apart, as the panel's widest); with accumulate, out += the same.
+// Whole lines of a panel that later products read, asked into L2 while a tile product runs: a
+// thread's panels can outgrow its L2, and the first tile to read one would otherwise wait on
+// L3 at every step (the hardware prefetchers do not follow a jump to another panel).
+struct PanelAhead {
+  const char* begin = nullptr;
+  int64_t lines = 0;
+};
+// Tile `tile` of `count`'s share of the `bytes` at `region`.
+inline PanelAhead panel_ahead(const void* region, int64_t bytes, int64_t tile, int64_t count) {
+  const int64_t lines = bytes / 64;
+  const int64_t l0 = lines * tile / count, l1 = lines * (tile + 1) / count;
+  return {static_cast<const char*>(region) + l0 * 64, l1 - l0};
+}
+
+// Whether a thread's panels of `bytes` outgrow half its L2 (the step's other data passes through
+// it too), where asking for the next panel ahead pays; below that it costs a few percent
+// (recurrence.cpp).
+bool panels_outgrow_l2(int64_t bytes);
+
 template <typename acc_t, int V, int N, int NV = 4>
 inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, int64_t ld,
                          acc_t* out, bool accumulate = false, const void* const* ahead = nullptr,
-                         int n_ahead = 0) {
+                         int n_ahead = 0, PanelAhead next = {}) {
   static_assert(NV >= 1 && NV <= 4);
   using vec = typename Vec<acc_t, V>::type;
   vec acc[N][NV];
@@ -118,7 +137,12 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
   }
   const acc_t* rows[N];
   for (int r = 0; r < N; ++r) rows[r] = in[r];
+  // The next panel's lines, a few per k from the first.
+  const int64_t next_per_k = (next.lines + K - 1) / std::max<int64_t>(K, 1);
   const auto step = [&](int64_t k) {
+    for (int64_t l = k * next_per_k, e = std::min(l + next_per_k, next.lines); l < e; ++l) {
+      __builtin_prefetch(next.begin + 64 * l, 0, 2);
+    }
     const vec* w = reinterpret_cast<const vec*>(panel + k * ld);
     vec wk[NV];
 #pragma GCC unroll 4
@@ -148,14 +172,15 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
 template <typename acc_t, int V, int R, int NV = 4>
 inline void tile_product_n(int n, int64_t K, const acc_t* const* in, const acc_t* panel,
                            int64_t ld, acc_t* out, bool accumulate = false,
-                           const void* const* ahead = nullptr, int n_ahead = 0) {
+                           const void* const* ahead = nullptr, int n_ahead = 0,
+                           PanelAhead next = {}) {
   if constexpr (R > 1) {
     if (n < R) {
       return tile_product_n<acc_t, V, R - 1, NV>(n, K, in, panel, ld, out, accumulate, ahead,
-                                                 n_ahead);
+                                                 n_ahead, next);
     }
   }
-  tile_product<acc_t, V, R, NV>(K, in, panel, ld, out, accumulate, ahead, n_ahead);
+  tile_product<acc_t, V, R, NV>(K, in, panel, ld, out, accumulate, ahead, n_ahead, next);
 }
 
 // fn(std::integral_constant<int, vectors>()) for vectors in [1, 4] known only at run time.
@@ -353,6 +378,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         a.w_hh_int8 == nullptr && a.w_stride1 == 1 ? in_place_weight<acc_t>(a.w_hh) : nullptr,
         a.w_stride0);
   }
+  const int64_t panel_bytes = H * 4 * V * static_cast<int64_t>(sizeof(acc_t));
+  const bool fetch_panels =
+      !direct && !pairs && panels_outgrow_l2((mine.end - mine.begin) * panel_bytes);
   const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
   // h as W_hh multiplies it: times the recurrent-dropout mask, rounded to the storage type
   // (the step loop of lstm_layer.h multiplies the same values).
@@ -526,8 +554,15 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
                                    4 * V, products, fused_input);
           }
         } else {
+          // The panel after this one (the thread's first again after its last, for the next
+          // step), a share per tile.
+          const int64_t next_block = jb + 1 < mine.end ? jb + 1 : mine.begin;
+          const PanelAhead next =
+              fetch_panels ? panel_ahead(a.panel + next_block * H * 4 * V, panel_bytes, tile,
+                                         tiles.count)
+                           : PanelAhead{};
           tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products, false, ahead,
-                                      spread ? n_ahead : 0);
+                                      spread ? n_ahead : 0, next);
         }
         // One row's gate math; a whole block's count of units is a constant, so that its loops
         // compile to straight vector code (with a count known only at run time GCC leaves
@@ -687,17 +722,26 @@ inline void pack_backward_panels(acc_t* panels, const scalar_t* w_hh, int64_t st
 }
 
 // The order of a backward block's product of `rows` rows of gate gradients (each 4H = G long)
-// by its panel: tile(k0, kn, r0, n) multiplies rows [r0, r0 + n) over k in [k0, k0 + kn), in
-// chunks of the 4H-long sum, so that a chunk of the panel and of the rows' gradients stay in L2
-// across all the tiles (each tile accumulates from its second chunk on).
+// by its panel: tile(k0, kn, r0, n, next) multiplies rows [r0, r0 + n) over k in [k0, k0 + kn),
+// in chunks of the 4H-long sum, so that a chunk of the panel and of the rows' gradients stay in
+// L2 across all the tiles (each tile accumulates from its second chunk on); `next` is the
+// tile's share of the chunk after (the first of `next_panel` after the last), or nothing
+// without a next_panel.
 template <typename acc_t, int64_t U, typename Tile>
-inline void for_backward_tiles(int64_t rows, int64_t G, int64_t R, Tile tile) {
+inline void for_backward_tiles(int64_t rows, int64_t G, int64_t R, const acc_t* panel,
+                               const acc_t* next_panel, Tile tile) {
+  constexpr int64_t kChunk = kBackwardChunk<acc_t, U>;
   const Tiles tiles(rows, R);
-  for (int64_t k0 = 0; k0 < G; k0 += kBackwardChunk<acc_t, U>) {
-    const int64_t kn = std::min<int64_t>(kBackwardChunk<acc_t, U>, G - k0);
+  for (int64_t k0 = 0; k0 < G; k0 += kChunk) {
+    const int64_t kn = std::min<int64_t>(kChunk, G - k0);
+    const int64_t after = k0 + kn < G ? k0 + kn : 0;
+    const acc_t* next_chunk = after > 0 ? panel + after * U : next_panel;
+    const int64_t next_bytes =
+        std::min<int64_t>(kChunk, G - after) * U * static_cast<int64_t>(sizeof(acc_t));
     for (int64_t t = 0; t < tiles.count; ++t) {
       const int64_t r0 = tiles.begin(t);
-      tile(k0, kn, r0, static_cast<int>(tiles.begin(t + 1) - r0));
+      tile(k0, kn, r0, static_cast<int>(tiles.begin(t + 1) - r0),
+           next_panel ? panel_ahead(next_chunk, next_bytes, t, tiles.count) : PanelAhead{});
     }
   }
 }
@@ -736,6 +780,8 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   }
   acc_t* const panels = a.panel;
   if (!pairs) pack_backward_panels<U>(panels, a.w_hh, a.w_stride0, a.w_stride1, H, mine);
+  const bool fetch_panels = !pairs && panels_outgrow_l2((mine.end - mine.begin) * G * U *
+                                                        static_cast<int64_t>(sizeof(acc_t)));
   // The bias gradient of this thread's blocks, summed as the gate gradients are made.
   std::vector<acc_t> bias_sums(a.grad_bias ? (mine.end - mine.begin) * 4 * U : 0);
 #pragma omp barrier
@@ -806,8 +852,12 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           amx_product(G / 2, amx_rows + first * G, G, panel, carried + first * U, false);
         }
       }
-      for_backward_tiles<acc_t, U>(amx ? 0 : prev_rows, G, R, [&](int64_t k0, int64_t kn,
-                                                                  int64_t r0, int n) {
+      // The panel after this one (the thread's first after its last, for the next step).
+      const acc_t* next_panel =
+          fetch_panels ? panels + (jb + 1 < mine.end ? jb + 1 : mine.begin) * G * U : nullptr;
+      for_backward_tiles<acc_t, U>(amx ? 0 : prev_rows, G, R, panel, next_panel,
+                                   [&](int64_t k0, int64_t kn, int64_t r0, int n,
+                                       PanelAhead next) {
         if constexpr (kPairKernel) {
           if (pairs) {
             const scalar_t* in[R] = {};
@@ -824,7 +874,8 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
         with_vectors(static_cast<int>(ceil_div(n_units, V)), [&](auto nv) {
           tile_product_n<acc_t, V, R, decltype(nv)::value>(n, kn, in, panel + k0 * U, U,
                                                            carried + r0 * U,
-                                                           /*accumulate=*/k0 > 0);
+                                                           /*accumulate=*/k0 > 0, nullptr, 0,
+                                                           next);
         });
       });
       const Tiles tiles(span, R);
