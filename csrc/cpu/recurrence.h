@@ -102,8 +102,6 @@ inline Share share_of(int64_t blocks, int thread, int threads) {
   return {blocks * thread / threads, blocks * (thread + 1) / threads};
 }
 
-// out[r][c] = sum_k in[r][k] * panel[k * ld + c] for r < N rows and c < NV * V columns (out's
-// rows 4V apart, as the panel's widest); with accumulate, out += the same.
 // Whole lines of a panel that later products read, asked into L2 while a tile product runs: a
 // thread's panels can outgrow its L2, and the first tile to read one would otherwise wait on
 // L3 at every step (the hardware prefetchers do not follow a jump to another panel).
@@ -123,6 +121,9 @@ inline PanelAhead panel_ahead(const void* region, int64_t bytes, int64_t tile, i
 // (recurrence.cpp).
 bool panels_outgrow_l2(int64_t bytes);
 
+// out[r][c] = sum_k in[r][k] * panel[k * ld + c] for r < N rows and c < NV * V columns (out's
+// rows 4V apart, as the panel's widest); with accumulate, out += the same;
+// `next`'s lines are asked for along the way.
 template <typename acc_t, int V, int N, int NV = 4>
 inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, int64_t ld,
                          acc_t* out, bool accumulate = false, const void* const* ahead = nullptr,
