@@ -513,8 +513,8 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
   const Partials<acc_t> partials{a.partials, B, threads};
   enum { kProducts, kInputs, kCells };
   // As the plain recurrence's forward: the next panel asked for ahead where they outgrow L2.
-  const bool fetch_panels = panels_outgrow_l2((mine.end - mine.begin) * H * 4 * V *
-                                              static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t panel_bytes = H * 4 * V * static_cast<int64_t>(sizeof(acc_t));
+  const bool fetch_panels = panels_outgrow_l2(mine.count() * panel_bytes);
 
   // Workspace: the h that W_hh multiplies (h itself without a mask), then in inference one
   // step's products and gates, and the c entering the step (zoneout mixes it in).
@@ -554,9 +554,7 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
         for (int i = 0; i < n; ++i) in[i] = h_in + (r0 + i) * H;
         alignas(64) acc_t out[R * 4 * V];
         const PanelAhead next =
-            fetch_panels ? panel_ahead(a.panel + (jb + 1 < mine.end ? jb + 1 : mine.begin) * H *
-                                           4 * V,
-                                       H * 4 * V * static_cast<int64_t>(sizeof(acc_t)), tile,
+            fetch_panels ? panel_ahead(a.panel + mine.after(jb) * H * 4 * V, panel_bytes, tile,
                                        tiles.count)
                          : PanelAhead{};
         tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, out, false, nullptr, 0, next);
@@ -808,8 +806,8 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
   const Units own = units_of(H, U, thread, threads);
   const Partials<acc_t> partials{a.partials, B, threads};
   enum { kCellSums, kProductSums, kInputSums };
-  const bool fetch_panels = panels_outgrow_l2((mine.end - mine.begin) * G * U *
-                                              static_cast<int64_t>(sizeof(acc_t)));
+  const bool fetch_panels =
+      panels_outgrow_l2(mine.count() * G * U * static_cast<int64_t>(sizeof(acc_t)));
 
   // Workspace: the step's gate gradients and the gradient of the last step's products (what
   // the next W_hh product multiplies), each (B, G); d LN(c) times its gain and c's normalised
@@ -855,8 +853,7 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const acc_t* panel = a.panel + jb * G * U;
       const int64_t j0 = jb * U, n_units = std::min<int64_t>(U, H - j0);
-      const acc_t* next_panel =
-          fetch_panels ? a.panel + (jb + 1 < mine.end ? jb + 1 : mine.begin) * G * U : nullptr;
+      const acc_t* next_panel = fetch_panels ? a.panel + mine.after(jb) * G * U : nullptr;
       for_backward_tiles<acc_t, U>(prev_rows, G, R, panel, next_panel,
                                    [&](int64_t k0, int64_t kn, int64_t r0, int n,
                                        PanelAhead next) {

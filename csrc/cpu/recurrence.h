@@ -97,6 +97,9 @@ struct Tiles {
 // The blocks [begin, end) a thread owns of `blocks`.
 struct Share {
   int64_t begin, end;
+  int64_t count() const { return end - begin; }
+  // The block after jb: the first again after the last, where the next step starts.
+  int64_t after(int64_t jb) const { return jb + 1 < end ? jb + 1 : begin; }
 };
 inline Share share_of(int64_t blocks, int thread, int threads) {
   return {blocks * thread / threads, blocks * (thread + 1) / threads};
@@ -380,8 +383,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         a.w_stride0);
   }
   const int64_t panel_bytes = H * 4 * V * static_cast<int64_t>(sizeof(acc_t));
-  const bool fetch_panels =
-      !direct && !pairs && panels_outgrow_l2((mine.end - mine.begin) * panel_bytes);
+  const bool fetch_panels = !direct && !pairs && panels_outgrow_l2(mine.count() * panel_bytes);
   const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
   // h as W_hh multiplies it: times the recurrent-dropout mask, rounded to the storage type
   // (the step loop of lstm_layer.h multiplies the same values).
@@ -555,11 +557,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
                                    4 * V, products, fused_input);
           }
         } else {
-          // The panel after this one (the thread's first again after its last, for the next
-          // step), a share per tile.
-          const int64_t next_block = jb + 1 < mine.end ? jb + 1 : mine.begin;
+          // The thread's next panel, a share per tile.
           const PanelAhead next =
-              fetch_panels ? panel_ahead(a.panel + next_block * H * 4 * V, panel_bytes, tile,
+              fetch_panels ? panel_ahead(a.panel + mine.after(jb) * H * 4 * V, panel_bytes, tile,
                                          tiles.count)
                            : PanelAhead{};
           tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products, false, ahead,
@@ -781,8 +781,8 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   }
   acc_t* const panels = a.panel;
   if (!pairs) pack_backward_panels<U>(panels, a.w_hh, a.w_stride0, a.w_stride1, H, mine);
-  const bool fetch_panels = !pairs && panels_outgrow_l2((mine.end - mine.begin) * G * U *
-                                                        static_cast<int64_t>(sizeof(acc_t)));
+  const bool fetch_panels =
+      !pairs && panels_outgrow_l2(mine.count() * G * U * static_cast<int64_t>(sizeof(acc_t)));
   // The bias gradient of this thread's blocks, summed as the gate gradients are made.
   std::vector<acc_t> bias_sums(a.grad_bias ? (mine.end - mine.begin) * 4 * U : 0);
 #pragma omp barrier
@@ -853,9 +853,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           amx_product(G / 2, amx_rows + first * G, G, panel, carried + first * U, false);
         }
       }
-      // The panel after this one (the thread's first after its last, for the next step).
-      const acc_t* next_panel =
-          fetch_panels ? panels + (jb + 1 < mine.end ? jb + 1 : mine.begin) * G * U : nullptr;
+      const acc_t* next_panel = fetch_panels ? panels + mine.after(jb) * G * U : nullptr;
       for_backward_tiles<acc_t, U>(amx ? 0 : prev_rows, G, R, panel, next_panel,
                                    [&](int64_t k0, int64_t kn, int64_t r0, int n,
                                        PanelAhead next) {
