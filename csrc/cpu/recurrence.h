@@ -141,12 +141,7 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
   }
   const acc_t* rows[N];
   for (int r = 0; r < N; ++r) rows[r] = in[r];
-  // The next panel's lines, a few per k from the first.
-  const int64_t next_per_k = (next.lines + K - 1) / std::max<int64_t>(K, 1);
-  const auto step = [&](int64_t k) {
-    for (int64_t l = k * next_per_k, e = std::min(l + next_per_k, next.lines); l < e; ++l) {
-      __builtin_prefetch(next.begin + 64 * l, 0, 2);
-    }
+  const auto multiply = [&](int64_t k) {
     const vec* w = reinterpret_cast<const vec*>(panel + k * ld);
     vec wk[NV];
 #pragma GCC unroll 4
@@ -158,14 +153,41 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
       for (int g = 0; g < NV; ++g) acc[r][g] += wk[g] * x;
     }
   };
-  // Lines asked for ahead (for writing), one every few k over the first three quarters of the
-  // sum: asked all at once they fill the line-fill buffers the panel's own reads need.
-  int64_t k = 0;
-  for (int p = 0; p < n_ahead; ++p) {
-    __builtin_prefetch(ahead[p], 1);
-    for (const int64_t end = 3 * K * (p + 1) / (4 * n_ahead); k < end; ++k) step(k);
+  const auto fetch = [&](int64_t line) { __builtin_prefetch(next.begin + 64 * line, 0, 2); };
+  if (n_ahead == 0) {
+    // The next panel's lines asked for once per kGroup k, so that the sum carries no test per
+    // k: a backward step ran 3-7 % faster so, where the forward's spread below gained nothing.
+    constexpr int64_t kGroup = 4;
+    const int64_t groups = std::max<int64_t>(1, K / kGroup);
+    const int64_t per_group = (next.lines + groups - 1) / groups;
+    int64_t k = 0, line = 0;
+    for (; k + kGroup <= K; k += kGroup) {
+      for (const int64_t end = std::min(line + per_group, next.lines); line < end; ++line) {
+        fetch(line);
+      }
+#pragma GCC unroll 4
+      for (int64_t j = 0; j < kGroup; ++j) multiply(k + j);
+    }
+    for (; k < K; ++k) multiply(k);
+    for (; line < next.lines; ++line) fetch(line);
+  } else {
+    // The next panel's lines, a few per k from the first.
+    const int64_t next_per_k = (next.lines + K - 1) / std::max<int64_t>(K, 1);
+    const auto step = [&](int64_t k) {
+      for (int64_t l = k * next_per_k, e = std::min(l + next_per_k, next.lines); l < e; ++l) {
+        fetch(l);
+      }
+      multiply(k);
+    };
+    // Lines asked for ahead (for writing), one every few k over the first three quarters of
+    // the sum: asked all at once they fill the line-fill buffers the panel's own reads need.
+    int64_t k = 0;
+    for (int p = 0; p < n_ahead; ++p) {
+      __builtin_prefetch(ahead[p], 1);
+      for (const int64_t end = 3 * K * (p + 1) / (4 * n_ahead); k < end; ++k) step(k);
+    }
+    for (; k < K; ++k) step(k);
   }
-  for (; k < K; ++k) step(k);
   vec* o = reinterpret_cast<vec*>(out);
   for (int r = 0; r < N; ++r) {
     for (int g = 0; g < NV; ++g) o[r * 4 + g] = acc[r][g];
