@@ -436,10 +436,10 @@ struct RowSlice {
     const Share s = share_of(whole.batch, thread, threads);
     const int64_t H = whole.hidden;
     for (int64_t t = 0; t < whole.steps; ++t) {
-      size[t] = std::clamp<int64_t>(whole.step_size[t] - s.begin, 0, s.end - s.begin);
+      size[t] = std::clamp<int64_t>(whole.step_size[t] - s.begin, 0, s.count());
       offset[t] = whole.step_offset[t] + s.begin;
     }
-    a.batch = s.end - s.begin;
+    a.batch = s.count();
     a.step_size = size.data();
     a.step_offset = offset.data();
     const auto shift = [&](auto* p) { return p ? p + s.begin * H : p; };

@@ -155,8 +155,8 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
   };
   const auto fetch = [&](int64_t line) { __builtin_prefetch(next.begin + 64 * line, 0, 2); };
   if (n_ahead == 0) {
-    // The next panel's lines asked for once per kGroup k, so that the sum carries no test per
-    // k: a backward step ran 3-7 % faster so, where the forward's spread below gained nothing.
+    // Nothing to write ahead (the backward): the next panel's lines asked for once per kGroup k,
+    // since a test at every k costs these sums 3-7 %; the forward's lines need the finer spread.
     constexpr int64_t kGroup = 4;
     const int64_t groups = std::max<int64_t>(1, K / kGroup);
     const int64_t per_group = (next.lines + groups - 1) / groups;
@@ -806,7 +806,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   const bool fetch_panels =
       !pairs && panels_outgrow_l2(mine.count() * G * U * static_cast<int64_t>(sizeof(acc_t)));
   // The bias gradient of this thread's blocks, summed as the gate gradients are made.
-  std::vector<acc_t> bias_sums(a.grad_bias ? (mine.end - mine.begin) * 4 * U : 0);
+  std::vector<acc_t> bias_sums(a.grad_bias ? mine.count() * 4 * U : 0);
 #pragma omp barrier
   // AMX tiles read kAmxRows rows of the gate gradients in place where a step has that many,
   // else from this copy of them.
