@@ -6,9 +6,11 @@
 #pragma once
 
 #include "isa.h"
+#include "panel_ahead.h"
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -31,7 +33,7 @@ inline uint32_t bf16_pair(c10::BFloat16 first, c10::BFloat16 second) {
 template <int N>
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_product(
     int64_t pairs, const c10::BFloat16* const* in, const uint32_t* panel, int64_t ld, float* out,
-    bool accumulate) {
+    bool accumulate, PanelAhead next = {}) {
   __m512 acc[N][4];
   for (int r = 0; r < N; ++r) {
     for (int g = 0; g < 4; ++g) {
@@ -40,7 +42,17 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_produ
   }
   const c10::BFloat16* rows[N];
   for (int r = 0; r < N; ++r) rows[r] = in[r];
+  // `next`'s lines asked for once per kGroup pairs.
+  constexpr int64_t kGroup = 4;
+  const int64_t groups = std::max<int64_t>(1, pairs / kGroup);
+  const int64_t per_group = (next.lines + groups - 1) / groups;
+  int64_t line = 0;
   for (int64_t p = 0; p < pairs; ++p) {
+    if (p % kGroup == 0) {
+      for (const int64_t end = std::min(line + per_group, next.lines); line < end; ++line) {
+        __builtin_prefetch(next.begin + 64 * line, 0, 2);
+      }
+    }
     const uint32_t* w = panel + p * ld;
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 16);
@@ -57,6 +69,7 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_produ
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, w3);
     }
   }
+  for (; line < next.lines; ++line) __builtin_prefetch(next.begin + 64 * line, 0, 2);
   for (int r = 0; r < N; ++r) {
     for (int g = 0; g < 4; ++g) _mm512_storeu_ps(out + (r * 4 + g) * 16, acc[r][g]);
   }
@@ -66,11 +79,11 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_produ
 template <int R>
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_product_n(
     int n, int64_t pairs, const c10::BFloat16* const* in, const uint32_t* panel, int64_t ld,
-    float* out, bool accumulate) {
+    float* out, bool accumulate, PanelAhead next = {}) {
   if constexpr (R > 1) {
-    if (n < R) return pair_tile_product_n<R - 1>(n, pairs, in, panel, ld, out, accumulate);
+    if (n < R) return pair_tile_product_n<R - 1>(n, pairs, in, panel, ld, out, accumulate, next);
   }
-  pair_tile_product<R>(pairs, in, panel, ld, out, accumulate);
+  pair_tile_product<R>(pairs, in, panel, ld, out, accumulate, next);
 }
 
 // AMX: rows per tile, and pairs of k per step of the tile product.

@@ -554,9 +554,10 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
         for (int i = 0; i < n; ++i) in[i] = h_in + (r0 + i) * H;
         alignas(64) acc_t out[R * 4 * V];
         const PanelAhead next =
-            fetch_panels ? panel_ahead(a.panel + mine.after(jb) * H * 4 * V, panel_bytes, tile,
-                                       tiles.count)
-                         : PanelAhead{};
+            fetch_panels && rows >= kPanelAheadFromRows
+                ? panel_ahead(a.panel + mine.after(jb) * H * 4 * V, panel_bytes, tile,
+                              tiles.count)
+                : PanelAhead{};
         tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, out, false, nullptr, 0, next);
         // A whole block's copy has a constant size, which the compiler makes one vector move
         // (a libc call per gate and row cost 4 % of the forward at B 64).
@@ -853,7 +854,9 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const acc_t* panel = a.panel + jb * G * U;
       const int64_t j0 = jb * U, n_units = std::min<int64_t>(U, H - j0);
-      const acc_t* next_panel = fetch_panels ? a.panel + mine.after(jb) * G * U : nullptr;
+      const acc_t* next_panel = fetch_panels && prev_rows >= kPanelAheadFromRows
+                                    ? a.panel + mine.after(jb) * G * U
+                                    : nullptr;
       for_backward_tiles<acc_t, U>(prev_rows, G, R, panel, next_panel,
                                    [&](int64_t k0, int64_t kn, int64_t r0, int n,
                                        PanelAhead next) {

@@ -35,6 +35,7 @@
 #include "convert.h"
 #include "dot.h"
 #include "isa.h"
+#include "panel_ahead.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -103,20 +104,6 @@ struct Share {
 };
 inline Share share_of(int64_t blocks, int thread, int threads) {
   return {blocks * thread / threads, blocks * (thread + 1) / threads};
-}
-
-// Whole lines of a panel that later products read, asked into L2 while a tile product runs: a
-// thread's panels can outgrow its L2, and the first tile to read one would otherwise wait on
-// L3 at every step (the hardware prefetchers do not follow a jump to another panel).
-struct PanelAhead {
-  const char* begin = nullptr;
-  int64_t lines = 0;
-};
-// Tile `tile` of `count`'s share of the `bytes` at `region`.
-inline PanelAhead panel_ahead(const void* region, int64_t bytes, int64_t tile, int64_t count) {
-  const int64_t lines = bytes / 64;
-  const int64_t l0 = lines * tile / count, l1 = lines * (tile + 1) / count;
-  return {static_cast<const char*>(region) + l0 * 64, l1 - l0};
 }
 
 // Whether a thread's panels of `bytes` outgrow half its L2 (the step's other data passes through
@@ -380,6 +367,11 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   uint32_t* const input_panels =
       fused_input ? reinterpret_cast<uint32_t*>(a.panel + blocks * H * 4 * V) : nullptr;
   const int64_t input_pairs = a.input_size / 2;
+  const int64_t pair_panel_bytes = (H / 2) * 4 * V * int64_t{sizeof(uint32_t)};
+  const int64_t input_panel_bytes =
+      fused_input ? input_pairs * 4 * V * int64_t{sizeof(uint32_t)} : 0;
+  const bool fetch_pairs =
+      pairs && !amx && panels_outgrow_l2(mine.count() * (pair_panel_bytes + input_panel_bytes));
   if constexpr (kPairKernel) {
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
       pack_pair_block<V>(pair_panels + jb * (H / 2) * 4 * V, a.w_hh, a.w_stride0, a.w_stride1,
@@ -568,22 +560,33 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
               in_pairs[i] = r < prev_rows ? a.output + (prev_offset + r) * H
                                           : a.hidden_state + r * H;
             }
+            // The thread's next panels, a share per tile.
+            const int64_t after = mine.after(jb);
+            const bool ask = fetch_pairs && rows >= kPanelAheadFromRows;
             if (fused_input) {  // x W_ih^T first, then h W_hh^T added to it
               const scalar_t* x_pairs[R] = {};
               for (int i = 0; i < n; ++i) x_pairs[i] = a.input + (offset + r0 + i) * a.input_stride;
-              pair_tile_product_n<R>(n, input_pairs, x_pairs,
-                                     input_panels + jb * input_pairs * 4 * V, 4 * V, products,
-                                     false);
+              pair_tile_product_n<R>(
+                  n, input_pairs, x_pairs, input_panels + jb * input_pairs * 4 * V, 4 * V,
+                  products, false,
+                  ask ? panel_ahead(input_panels + after * input_pairs * 4 * V,
+                                    input_panel_bytes, tile, tiles.count)
+                      : PanelAhead{});
             }
-            pair_tile_product_n<R>(n, H / 2, in_pairs, pair_panels + jb * (H / 2) * 4 * V,
-                                   4 * V, products, fused_input);
+            pair_tile_product_n<R>(
+                n, H / 2, in_pairs, pair_panels + jb * (H / 2) * 4 * V, 4 * V, products,
+                fused_input,
+                ask ? panel_ahead(pair_panels + after * (H / 2) * 4 * V, pair_panel_bytes,
+                                  tile, tiles.count)
+                    : PanelAhead{});
           }
         } else {
           // The thread's next panel, a share per tile.
           const PanelAhead next =
-              fetch_panels ? panel_ahead(a.panel + mine.after(jb) * H * 4 * V, panel_bytes, tile,
-                                         tiles.count)
-                           : PanelAhead{};
+              fetch_panels && rows >= kPanelAheadFromRows
+                  ? panel_ahead(a.panel + mine.after(jb) * H * 4 * V, panel_bytes, tile,
+                                tiles.count)
+                  : PanelAhead{};
           tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products, false, ahead,
                                       spread ? n_ahead : 0, next);
         }
@@ -875,7 +878,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           amx_product(G / 2, amx_rows + first * G, G, panel, carried + first * U, false);
         }
       }
-      const acc_t* next_panel = fetch_panels ? panels + mine.after(jb) * G * U : nullptr;
+      const acc_t* next_panel = fetch_panels && prev_rows >= kPanelAheadFromRows
+                                    ? panels + mine.after(jb) * G * U
+                                    : nullptr;
       for_backward_tiles<acc_t, U>(amx ? 0 : prev_rows, G, R, panel, next_panel,
                                    [&](int64_t k0, int64_t kn, int64_t r0, int n,
                                        PanelAhead next) {
