@@ -10,7 +10,6 @@
 
 #include <c10/util/BFloat16.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -42,17 +41,9 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_produ
   }
   const c10::BFloat16* rows[N];
   for (int r = 0; r < N; ++r) rows[r] = in[r];
-  // `next`'s lines asked for once per kGroup pairs.
-  constexpr int64_t kGroup = 4;
-  const int64_t groups = std::max<int64_t>(1, pairs / kGroup);
-  const int64_t per_group = (next.lines + groups - 1) / groups;
-  int64_t line = 0;
+  LinesAhead lines(next, pairs);
   for (int64_t p = 0; p < pairs; ++p) {
-    if (p % kGroup == 0) {
-      for (const int64_t end = std::min(line + per_group, next.lines); line < end; ++line) {
-        __builtin_prefetch(next.begin + 64 * line, 0, 2);
-      }
-    }
+    if (p % LinesAhead::kGroup == 0) lines.group();
     const uint32_t* w = panel + p * ld;
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 16);
@@ -69,7 +60,7 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline void pair_tile_produ
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, w3);
     }
   }
-  for (; line < next.lines; ++line) __builtin_prefetch(next.begin + 64 * line, 0, 2);
+  lines.rest();
   for (int r = 0; r < N; ++r) {
     for (int g = 0; g < 4; ++g) _mm512_storeu_ps(out + (r * 4 + g) * 16, acc[r][g]);
   }

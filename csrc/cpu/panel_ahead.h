@@ -1,6 +1,7 @@
 // A panel's lines asked into L2 ahead of the products that read them.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace lstm_ext {
@@ -24,6 +25,30 @@ inline PanelAhead panel_ahead(const void* region, int64_t bytes, int64_t tile, i
   const int64_t l0 = lines * tile / count, l1 = lines * (tile + 1) / count;
   return {static_cast<const char*>(region) + l0 * 64, l1 - l0};
 }
+
+// Asks for a panel's lines in even shares, one share per group of kGroup k of a sum over `K`
+// (a test at every k costs the product more), the rest at the end.
+class LinesAhead {
+ public:
+  static constexpr int64_t kGroup = 4;
+  LinesAhead(PanelAhead next, int64_t K)
+      : next_(next), per_group_((next.lines + groups(K) - 1) / groups(K)) {}
+  void group() {
+    for (const int64_t end = std::min(line_ + per_group_, next_.lines); line_ < end; ++line_) {
+      fetch(line_);
+    }
+  }
+  void rest() {
+    for (; line_ < next_.lines; ++line_) fetch(line_);
+  }
+
+ private:
+  static int64_t groups(int64_t K) { return std::max<int64_t>(1, K / kGroup); }
+  void fetch(int64_t line) const { __builtin_prefetch(next_.begin + 64 * line, 0, 2); }
+  PanelAhead next_;
+  int64_t per_group_;
+  int64_t line_ = 0;
+};
 
 }  // namespace cpu
 }  // namespace lstm_ext

@@ -140,24 +140,21 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
       for (int g = 0; g < NV; ++g) acc[r][g] += wk[g] * x;
     }
   };
-  const auto fetch = [&](int64_t line) { __builtin_prefetch(next.begin + 64 * line, 0, 2); };
   if (n_ahead == 0) {
-    // Nothing to write ahead (the backward): the next panel's lines asked for once per kGroup k,
-    // since a test at every k costs these sums 3-7 %; the forward's lines need the finer spread.
-    constexpr int64_t kGroup = 4;
-    const int64_t groups = std::max<int64_t>(1, K / kGroup);
-    const int64_t per_group = (next.lines + groups - 1) / groups;
-    int64_t k = 0, line = 0;
+    // Nothing to write ahead (the backward): the next panel's lines asked for once per group of
+    // k; the forward's lines need the finer spread.
+    constexpr int64_t kGroup = LinesAhead::kGroup;
+    LinesAhead lines(next, K);
+    int64_t k = 0;
     for (; k + kGroup <= K; k += kGroup) {
-      for (const int64_t end = std::min(line + per_group, next.lines); line < end; ++line) {
-        fetch(line);
-      }
+      lines.group();
 #pragma GCC unroll 4
       for (int64_t j = 0; j < kGroup; ++j) multiply(k + j);
     }
     for (; k < K; ++k) multiply(k);
-    for (; line < next.lines; ++line) fetch(line);
+    lines.rest();
   } else {
+    const auto fetch = [&](int64_t line) { __builtin_prefetch(next.begin + 64 * line, 0, 2); };
     // The next panel's lines, a few per k from the first.
     const int64_t next_per_k = (next.lines + K - 1) / std::max<int64_t>(K, 1);
     const auto step = [&](int64_t k) {
