@@ -71,8 +71,8 @@ struct BackwardStep {
   scalar_t* grad_gates;        // (rows, 4H) out: gradients of the gate pre-activations
 };
 
-// A device may run the whole time loop of a layer-direction without projection as one kernel
-// (the CPU does); these are its arguments, and the Kernels policy's
+// A device may run the whole time loop of a layer-direction as one kernel (the CPU does, with
+// or without a projection; CUDA without); these are its arguments, and the Kernels policy's
 //   template <typename scalar_t> static bool forward_sequence(const SequenceForward<scalar_t>&);
 //   template <typename scalar_t> static bool backward_sequence(const SequenceBackward<scalar_t>&);
 // return false where the device has no such kernel, and the step loop below runs instead.
@@ -129,6 +129,14 @@ struct SequenceForward : SequenceLayout {
   const acc_t* zoneout_hidden;
   int64_t zoneout_hidden_stride;
   scalar_t* cells;             // (N, H): c after each step, or null
+  // With a projection (P = projection_size): W_hr (P, H) with its strides, or null without.
+  // hidden_state, output and hidden_prev_saved are then P wide, and the h before the
+  // projection goes to hidden_raw: row offset + r of step t with raw_every_step (training, for
+  // W_hr's gradient), row r otherwise.
+  const scalar_t* w_hr;
+  int64_t w_hr_stride0, w_hr_stride1, projection_size;
+  scalar_t* hidden_raw;
+  bool raw_every_step;
   // Workspace, allocated by the device kernel that runs this: the forward panels, and h in
   // the math type: [h0, h of even steps, h of odd steps], each (B, H).
   acc_t* panel;
@@ -158,6 +166,12 @@ struct SequenceBackward : SequenceLayout {
   int64_t zoneout_hidden_stride;
   acc_t* zoneout_carry;  // with zoneout_hidden, (B, H): d * dh of the step after, per sequence
   const scalar_t* grad_cells;  // (N, H): gradient of the c after each step, or null
+  // With a projection (as in SequenceForward): grad_output and grad_hidden are P wide, and
+  // grad_projected (N, P) gets the gradient of each step's output after the projection (from
+  // the output and from the steps after), for W_hr's gradient.
+  const scalar_t* w_hr;
+  int64_t w_hr_stride0, w_hr_stride1, projection_size;
+  scalar_t* grad_projected;
   // Workspace: the backward panels, the gate gradients of the last two steps in the math
   // type, 2 x (B, 4H) (bf16 storage only), and per thread the dh carried into a step for one
   // block of units.
@@ -234,7 +248,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   // gates: (N, 4H) = x W_ih^T + b_ih + b_hh, then per step += h W_hh^T. Where the sequence
   // kernel adds the biases itself (the CPU's, to its pre-activations as it reads them), the
   // product leaves them out: at::addmm would first copy the broadcast bias into all N rows.
-  const bool bias_in_sequence = !s.has_projection && Kernels::sequence_handles_biases() &&
+  const bool bias_in_sequence = Kernels::sequence_handles_biases() &&
                                 (b_ih.has_value() || b_hh.has_value()) &&
                                 (!b_ih.has_value() || b_ih->is_contiguous()) &&
                                 (!b_hh.has_value() || b_hh->is_contiguous());
@@ -271,7 +285,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (!s.has_projection) {
+    {
       SequenceForward<scalar_t> sequence{};
       static_cast<SequenceLayout&>(sequence) = sequence_layout(s, reverse);
       sequence.cell = c_state.data_ptr<acc_t>();
@@ -289,6 +303,14 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       sequence.zoneout_hidden = zone_h.has_value() ? zone_h->const_data_ptr<acc_t>() : nullptr;
       sequence.zoneout_hidden_stride = zoneout_stride(zone_h);
       sequence.cells = return_cells ? cells.data_ptr<scalar_t>() : nullptr;
+      if (s.has_projection) {
+        sequence.w_hr = w_hr->const_data_ptr<scalar_t>();
+        sequence.w_hr_stride0 = w_hr->stride(0);
+        sequence.w_hr_stride1 = w_hr->stride(1);
+        sequence.projection_size = s.output_size;
+        sequence.hidden_raw = hidden_raw.data_ptr<scalar_t>();
+        sequence.raw_every_step = training;
+      }
       const auto biases_for_kernel = [&](bool wanted) {
         sequence.b_ih = wanted && b_ih.has_value() ? b_ih->const_data_ptr<scalar_t>() : nullptr;
         sequence.b_hh = wanted && b_hh.has_value() ? b_hh->const_data_ptr<scalar_t>() : nullptr;
@@ -463,7 +485,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (!s.has_projection) {
+    {
       SequenceBackward<scalar_t> sequence{};
       static_cast<SequenceLayout&>(sequence) = sequence_layout(s, reverse);
       sequence.gates = saved.gates.const_data_ptr<scalar_t>();
@@ -492,6 +514,13 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       const at::Tensor carry = at::empty({zone_h.has_value() ? s.batch : 0, H}, acc_options);
       sequence.zoneout_carry = zone_h.has_value() ? carry.data_ptr<acc_t>() : nullptr;
       sequence.grad_cells = grad_c_seq.defined() ? grad_c_seq.const_data_ptr<scalar_t>() : nullptr;
+      if (s.has_projection) {
+        sequence.w_hr = w_hr->const_data_ptr<scalar_t>();
+        sequence.w_hr_stride0 = w_hr->stride(0);
+        sequence.w_hr_stride1 = w_hr->stride(1);
+        sequence.projection_size = s.output_size;
+        sequence.grad_projected = grad_h_all.data_ptr<scalar_t>();
+      }
       if (Kernels::template backward_sequence<scalar_t>(sequence)) return;
       // Not written: the step loop below runs instead.
       grad_gates_t = at::Tensor();

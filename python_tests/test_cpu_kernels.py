@@ -19,12 +19,15 @@ ISAS = ["amx", "avx512_bf16", "avx512", "avx2", "baseline"]
 
 # Shapes that reach every edge of the recurrence's blocking: H = 1, H not a multiple of any
 # vector width, H a multiple of the backward block (W_hh read in place), rows more than one
-# micro-kernel tile, packed sequences of unequal length, both directions.
+# micro-kernel tile, packed sequences of unequal length, both directions; and a projection
+# (projected_recurrence.cpp) of more than one block of projected units in every variant (70
+# of them: blocks of 16 to 64), the last block partial, as is the last of 100 hidden units.
 CONFIGS = [
     dict(input_size=3, hidden_size=1, num_layers=1, bidirectional=False),
     dict(input_size=5, hidden_size=17, num_layers=2, bidirectional=True),
     dict(input_size=7, hidden_size=64, num_layers=1, bidirectional=True),
     dict(input_size=9, hidden_size=130, num_layers=1, bidirectional=False),
+    dict(input_size=6, hidden_size=100, num_layers=2, bidirectional=True, proj_size=70),
 ]
 # Batches above 4 rows run the panel micro-kernel, up to 4 the dot products on W_hh in place.
 KINDS = [("padded", 13), ("packed_unsorted", 11), ("padded", 1), ("packed_unsorted", 4)]
@@ -133,7 +136,7 @@ def test_whole_sequence_products_through_either_library(onednn):
         assert error <= TOLERANCE[dtype_of(name)], (onednn, name, error)
 
 
-def layer_call(dtype, hidden=130, batch=37, steps=6, input_size=11, reverse=False):
+def layer_call(dtype, hidden=130, batch=37, steps=6, input_size=11, reverse=False, proj=0):
     generator = torch.Generator().manual_seed(7)
 
     def rand(*shape):
@@ -143,9 +146,11 @@ def layer_call(dtype, hidden=130, batch=37, steps=6, input_size=11, reverse=Fals
     lengths[0] = steps
     batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(steps)])
     rows = int(batch_sizes.sum())
-    return [rand(rows, input_size), rand(batch, hidden), rand(batch, hidden),
-            rand(4 * hidden, input_size) / 3, rand(4 * hidden, hidden) / 10, rand(4 * hidden),
-            rand(4 * hidden), None, batch_sizes, reverse, True]
+    state = proj or hidden
+    return [rand(rows, input_size), rand(batch, state), rand(batch, hidden),
+            rand(4 * hidden, input_size) / 3, rand(4 * hidden, state) / 10, rand(4 * hidden),
+            rand(4 * hidden), rand(proj, hidden) / 10 if proj else None, batch_sizes, reverse,
+            True]
 
 
 def forward_and_backward(args):
@@ -195,6 +200,18 @@ def test_every_thread_count_gives_the_same_bits(dtype, reverse, batch, hidden):
     (H 128 is whole AMX tile products, H 130 is not)."""
     args = layer_call(dtype, reverse=reverse, batch=batch, hidden=hidden)
     check_same_bits_on_any_thread_count(args, dtype)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_every_thread_count_gives_the_same_bits_with_a_projection(dtype, reverse):
+    """With a projection the recurrence splits the hidden units over threads for the cells and
+    the projected units for the products with W_hr (and, backward, with W_hh); each value is
+    still one thread's, made by the same code whatever the split: 1, 2, 3 and 5 threads give
+    the same bits, near fp64. 150 projected units are several blocks of them, the last
+    partial."""
+    args = layer_call(dtype, reverse=reverse, batch=37, hidden=200, proj=150)
+    check_same_bits_on_any_thread_count(args, torch.float32)
 
 
 @pytest.mark.parametrize("hidden", [128, 130])
@@ -287,7 +304,8 @@ def test_forward_does_not_fault_in_fresh_pages_for_its_input_projection(training
     assert faults < pages / 2, (faults, pages)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"H{c['hidden_size']}")
+@pytest.mark.parametrize("config", CONFIGS,
+                         ids=lambda c: f"H{c['hidden_size']}P{c.get('proj_size', 0)}")
 @pytest.mark.parametrize("kind,batch", KINDS)
 def test_inference_without_grad_matches_fp64_nn_lstm(config, kind, batch):
     """Under no_grad the recurrence saves nothing for backward (its own branch, and for small
@@ -371,13 +389,16 @@ def test_bf16_inference_gives_the_same_bits_on_any_thread_count(bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count(dtype):
-    """With a projection the step loop runs, and its elementwise passes split each step's rows
-    into tasks of 16384 / H rows (csrc/cpu/lstm_cpu.cpp): at H 256 that is 64 rows, so a batch
-    of 200 makes 4 tasks per step, run by 1, 2, 3 or 5 threads. Every row is one task's own,
+def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count(dtype,
+                                                                                monkeypatch):
+    """In the step loop (forced here; bf16 with a projection takes it anyway) the elementwise
+    passes split each step's rows into tasks of 16384 / H rows (csrc/cpu/lstm_cpu.cpp): at H
+    256 that is 64 rows, so a batch of 200 makes 4 tasks per step, run by 1, 2, 3 or 5
+    threads. Every row is one task's own,
     so the answers must be bit-identical, and near fp64. In bf16 only the forward's: the
     backward's per-step products with W_hh go through torch's bf16 GEMM, which on AMX splits
     their sums by thread count, and every gradient of the state flows through them."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "0")
     args = layer_call(dtype, hidden=256, batch=200, steps=5, input_size=16)
     generator = torch.Generator().manual_seed(11)
     args[1] = torch.randn(200, 64, generator=generator, dtype=torch.float64).to(dtype)

@@ -374,7 +374,7 @@ class CellLoopReference(nn.Module):
 def test_recurrent_dropout_is_the_cell_loop_with_the_masks_drawn(config, kind, path,
                                                                   monkeypatch):
     """fp64, outputs and every gradient, on the fused CPU recurrence and on the step loop
-    (the CPU's path with a projection, and the CUDA path)."""
+    (the CPU's path where a projection comes with the masks, and the CUDA path)."""
     monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "recurrence" else "0")
     torch.manual_seed(0)
     reference = nn.LSTM(**config, dtype=torch.float64)

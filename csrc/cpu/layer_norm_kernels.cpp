@@ -776,8 +776,8 @@ template <Isa isa, typename acc_t>
 void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int threads) {
   constexpr int64_t U = 4 * Tiling<isa, acc_t>::V;
   const int64_t H = a.hidden;
-  pack_backward_panels<U>(a.panel, a.w_hh, H, int64_t(1), H,
-                          share_of(ceil_div(H, U), thread, threads));
+  pack_column_panels<U>(a.panel, a.w_hh, H, int64_t(1), 4 * H, H,
+                        share_of(ceil_div(H, U), thread, threads));
   step_barrier(threads);
   const RowSplit split = row_split<acc_t>(a.batch, H, threads);
   if (split.on) {

@@ -4,7 +4,7 @@
 // of the bytes of fp32 weights, times h rounded to int16 per row (dot.h), and x (rounded the
 // same way) by int8 W_ih in the same pass.
 // Larger batches dequantize W_hh straight into the recurrence's panels (the input projection
-// runs on dequantized W_ih); a projection runs the step loop on dequantized weights.
+// runs on dequantized W_ih); a projection runs the fp32 layer on dequantized weights.
 #include "../lstm_layer.h"
 #include "../op_signatures.h"
 #include "linear.h"
@@ -108,7 +108,7 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
     TORCH_CHECK(cpu::run_forward(a), kOp, ": the recurrence declined the int8 weights");
     return {s.packed ? output : output.view({s.steps, s.batch, H}), h_state, c_state};
   }
-  // A projection (or LSTM_EXT_CPU_RECURRENCE=0): the step loop on the dequantized weights.
+  // A projection (or LSTM_EXT_CPU_RECURRENCE=0): the fp32 layer on the dequantized weights.
   const auto outputs = layer_forward_op().call(
       input, h0, c0, dequantized(w_ih, w_ih_scale), dequantized(w_hh, w_hh_scale), b_ih, b_hh,
       w_hr.has_value() ? std::optional<at::Tensor>(dequantized(*w_hr, *w_hr_scale))

@@ -171,9 +171,25 @@ bool direct_form(int64_t batch, int64_t steps) {
   return batch == 1 || (batch <= kDirectRows && steps < kPackingPaysFromSteps);
 }
 
+// A projection is fused for fp32 and fp64 without recurrent dropout or zoneout.
+template <typename scalar_t, typename Args>
+bool projection_fused(const Args& a) {
+  return std::is_same_v<scalar_t, at::opmath_type<scalar_t>> && a.recurrent_mask == nullptr &&
+         a.zoneout_cell == nullptr && a.zoneout_hidden == nullptr;
+}
+
 template <typename scalar_t>
 bool run_forward(SequenceForward<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (a.w_hr != nullptr) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (projection_fused<scalar_t>(a) && a.gates != nullptr) {
+        run_projected_forward(a);
+        return true;
+      }
+    }
+    return false;
+  }
   const Isa isa = active_isa();
   const int64_t V = lanes<acc_t>(isa);
   const int64_t blocks = ceil_div(a.hidden, V);
@@ -215,8 +231,17 @@ bool run_forward(SequenceForward<scalar_t> a) {
 }
 
 template <typename scalar_t>
-void run_backward(SequenceBackward<scalar_t> a) {
+bool run_backward(SequenceBackward<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (a.w_hr != nullptr) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (projection_fused<scalar_t>(a)) {
+        run_projected_backward(a);
+        return true;
+      }
+    }
+    return false;
+  }
   const Isa isa = active_isa();
   const int64_t U = 4 * lanes<acc_t>(isa);
   const int64_t blocks = ceil_div(a.hidden, U);
@@ -232,6 +257,7 @@ void run_backward(SequenceBackward<scalar_t> a) {
   a.grad_work = grad_work.data_ptr<acc_t>();
   a.carry_work = carry_work.data_ptr<acc_t>();
   run_parallel(a, backward_kernel<scalar_t>(isa), threads);
+  return true;
 }
 
 std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
@@ -261,7 +287,7 @@ std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
 
 #define LSTM_EXT_INSTANTIATE(scalar_t)                               \
   template bool run_forward<scalar_t>(SequenceForward<scalar_t>);   \
-  template void run_backward<scalar_t>(SequenceBackward<scalar_t>);
+  template bool run_backward<scalar_t>(SequenceBackward<scalar_t>);
 LSTM_EXT_INSTANTIATE(float)
 LSTM_EXT_INSTANTIATE(double)
 LSTM_EXT_INSTANTIATE(c10::BFloat16)

@@ -1,5 +1,5 @@
-// The fused CPU recurrence: the whole time loop of one layer-direction (no projection) in one
-// parallel region, forward and backward.
+// The fused CPU recurrence: the whole time loop of one layer-direction in one parallel region,
+// forward and backward (with a projection: projected_recurrence.cpp, from the pieces here).
 //
 // Threads split the hidden units, and each thread owns all four gates of its units, so the cell
 // update runs right after the thread's own gate products, with no separate elementwise pass
@@ -719,21 +719,22 @@ inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int
 template <typename acc_t, int64_t U>
 constexpr int64_t kBackwardChunk = (128 << 10) / (U * static_cast<int64_t>(sizeof(acc_t)));
 
-// Writes the backward panels (see the top of this file) of a thread's blocks `mine` of U units
-// from W_hh (G = 4H rows, strides in elements); units past H get zeros. Every block is packed,
-// even where W_hh's rows could serve as the panel in place: read in place, a block's rows are H
-// apart, which for the usual power-of-two H puts them in a few cache sets (and a page apart), so
-// that a chunk of the panel does not stay in L2 across the tiles and the prefetchers cannot
-// follow it. Row kk of every panel of the thread comes from one run of W_hh's row kk, so W_hh
-// is read in order.
+// Writes, for each of a thread's blocks `mine` of U columns of a matrix M of K rows and N
+// columns (M[kk, j] = w[kk * stride0 + j * stride1]), its (K, U) panel: row kk holds the block's
+// columns of M's row kk; columns past N get zeros. The backward panels (see the top of this
+// file) are M = W_hh, K = 4H, N = H. Every block is packed, even where W_hh's rows could serve as
+// the panel in place: read in place, a block's rows are H apart, which for the usual power-of-two
+// H puts them in a few cache sets (and a page apart), so that a chunk of the panel does not stay
+// in L2 across the tiles and the prefetchers cannot follow it. Row kk of every panel of the
+// thread comes from one run of M's row kk, so a row-major M is read in order.
 template <int64_t U, typename scalar_t, typename acc_t>
-inline void pack_backward_panels(acc_t* panels, const scalar_t* w_hh, int64_t stride0,
-                                 int64_t stride1, int64_t H, Share mine) {
-  for (int64_t kk = 0; kk < 4 * H; ++kk) {
-    const scalar_t* w_row = w_hh + kk * stride0;
+inline void pack_column_panels(acc_t* panels, const scalar_t* w, int64_t stride0,
+                               int64_t stride1, int64_t K, int64_t N, Share mine) {
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const scalar_t* w_row = w + kk * stride0;
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
-      acc_t* out = panels + (jb * 4 * H + kk) * U;
-      const int64_t n_units = std::min<int64_t>(U, H - jb * U);
+      acc_t* out = panels + (jb * K + kk) * U;
+      const int64_t n_units = std::min<int64_t>(U, N - jb * U);
       if (stride1 == 1) {
         convert_n(w_row + jb * U, out, n_units);
       } else {
@@ -802,7 +803,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     }
   }
   acc_t* const panels = a.panel;
-  if (!pairs) pack_backward_panels<U>(panels, a.w_hh, a.w_stride0, a.w_stride1, H, mine);
+  if (!pairs) pack_column_panels<U>(panels, a.w_hh, a.w_stride0, a.w_stride1, G, H, mine);
   const bool fetch_panels =
       !pairs && panels_outgrow_l2(mine.count() * G * U * static_cast<int64_t>(sizeof(acc_t)));
   // The bias gradient of this thread's blocks, summed as the gate gradients are made.
@@ -1070,11 +1071,19 @@ bool direct_form(int64_t batch, int64_t steps);
 
 // The whole recurrence, in a parallel region of torch's thread count (recurrence.cpp); the
 // workspace fields of the arguments are filled there. run_forward declines (false) a step
-// whose input projection it was left (gates null) where W_hh is not read in place.
+// whose input projection it was left (gates null) where W_hh is not read in place; both
+// decline a projection in bf16 or fp16 or with recurrent dropout or zoneout.
 template <typename scalar_t>
 bool run_forward(SequenceForward<scalar_t> a);
 template <typename scalar_t>
-void run_backward(SequenceBackward<scalar_t> a);
+bool run_backward(SequenceBackward<scalar_t> a);
+
+// The same with a projection, fp32 and fp64 (projected_recurrence.cpp), as run_forward and
+// run_backward call them.
+template <typename scalar_t>
+void run_projected_forward(SequenceForward<scalar_t> a);
+template <typename scalar_t>
+void run_projected_backward(SequenceBackward<scalar_t> a);
 
 // x (M, K) @ w (N, K)^T [+ bias] for at most kDirectRows rows of fp32/fp64 with w's rows
 // contiguous, by dot products on w in place (a decode step's input projection); nullopt for

@@ -217,12 +217,14 @@ struct CudaKernels {
   static bool sequence_handles_biases() { return false; }
 
   // The persistent recurrence where it applies and is wanted (see persistent_wanted): uniform
-  // batches without recurrent dropout or zoneout, the input projection already made.
+  // batches without recurrent dropout, zoneout or a projection, the input projection already
+  // made.
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>& a) {
     using acc_t = at::opmath_type<scalar_t>;
-    if (a.gates == nullptr || a.recurrent_mask != nullptr || a.zoneout_cell != nullptr ||
-        a.zoneout_hidden != nullptr || a.w_hh_int8 != nullptr || !uniform_steps(a) ||
+    if (a.gates == nullptr || a.w_hr != nullptr || a.recurrent_mask != nullptr ||
+        a.zoneout_cell != nullptr || a.zoneout_hidden != nullptr || a.w_hh_int8 != nullptr ||
+        !uniform_steps(a) ||
         !persistent_wanted(/*backward=*/false, a.hidden, a.batch)) {
       return false;
     }
@@ -237,7 +239,7 @@ struct CudaKernels {
   template <typename scalar_t>
   static bool backward_sequence(const SequenceBackward<scalar_t>& a) {
     using acc_t = at::opmath_type<scalar_t>;
-    if (a.recurrent_mask != nullptr || a.zoneout_cell != nullptr ||
+    if (a.w_hr != nullptr || a.recurrent_mask != nullptr || a.zoneout_cell != nullptr ||
         a.zoneout_hidden != nullptr || a.grad_cells != nullptr || !uniform_steps(a) ||
         !persistent_wanted(/*backward=*/true, a.hidden, a.batch)) {
       return false;
