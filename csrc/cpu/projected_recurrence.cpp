@@ -84,8 +84,21 @@ void projected_forward_thread(const SequenceForward<scalar_t>& a, int thread, in
         const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
         const acc_t* in[R] = {};
         for (int i = 0; i < n; ++i) in[i] = state_row(r0 + i);
+        // The tile's pre-activations come from memory, and the lines its cell update writes
+        // are untouched since the step before: asked for while the products run (as in
+        // forward_thread).
+        const void* ahead[R * 8];
+        int n_ahead = 0;
+        for (int i = 0; i < n; ++i) {
+          const int64_t row = offset + r0 + i, at = row * H + j0;
+          for (int g = 0; g < 4; ++g) ahead[n_ahead++] = a.gates + row * G + j0 + g * H;
+          ahead[n_ahead++] = raw_row(r0 + i) + j0;
+          if (a.cell_prev_saved) ahead[n_ahead++] = a.cell_prev_saved + at;
+          if (a.cells) ahead[n_ahead++] = a.cells + at;
+        }
         alignas(64) acc_t products[R * U];
-        tile_product_n<acc_t, V, R>(n, P, in, gate_panels + jb * P * U, U, products);
+        tile_product_n<acc_t, V, R>(n, P, in, gate_panels + jb * P * U, U, products, false,
+                                    ahead, n_ahead);
         const auto row_cells = [&](int i, auto n_units) {
           const int64_t r = r0 + i, row = offset + r;
           scalar_t* gate_row = a.gates + row * G;
@@ -238,6 +251,21 @@ void projected_backward_thread(const SequenceBackward<scalar_t>& a, int thread, 
         const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
         const acc_t* in[R] = {};
         for (int i = 0; i < n; ++i) in[i] = a.grad_projected + (offset + r0 + i) * P;
+        // What the next tile's cell gradients read (saved gates and c) comes from memory: asked
+        // for while this one is computed (as in backward_thread).
+        const int64_t next = tiles.begin(tile + 1);
+        const int64_t next_end = tiles.begin(std::min(tile + 2, tiles.count));
+        for (int64_t r = next; r < next_end; ++r) {
+          const int64_t row = offset + r;
+          for (int g = 0; g < 4; ++g) {
+            for (int64_t u = 0; u < n_units; u += 64 / sizeof(acc_t)) {
+              __builtin_prefetch(a.gates + row * G + g * H + u0 + u);
+            }
+          }
+          for (int64_t u = 0; u < n_units; u += 64 / sizeof(acc_t)) {
+            __builtin_prefetch(a.cell_prev + row * H + u0 + u);
+          }
+        }
         alignas(64) acc_t dh[R * U];
         with_vectors(static_cast<int>(ceil_div(n_units, V)), [&](auto nv) {
           tile_product_n<acc_t, V, R, decltype(nv)::value>(
