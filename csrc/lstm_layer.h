@@ -164,7 +164,7 @@ struct SequenceBackward : SequenceLayout {
   int64_t zoneout_cell_stride;
   const acc_t* zoneout_hidden;
   int64_t zoneout_hidden_stride;
-  acc_t* zoneout_carry;  // with zoneout_hidden, (B, H): d * dh of the step after, per sequence
+  acc_t* zoneout_carry;  // with zoneout_hidden, (B, H or P): d * dh of the step after, per sequence
   const scalar_t* grad_cells;  // (N, H): gradient of the c after each step, or null
   // With a projection (as in SequenceForward): grad_output and grad_hidden are P wide, and
   // grad_projected (N, P) gets the gradient of each step's output after the projection (from
@@ -511,7 +511,8 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.zoneout_cell_stride = zoneout_stride(zone_c);
       sequence.zoneout_hidden = zone_h.has_value() ? zone_h->const_data_ptr<acc_t>() : nullptr;
       sequence.zoneout_hidden_stride = zoneout_stride(zone_h);
-      const at::Tensor carry = at::empty({zone_h.has_value() ? s.batch : 0, H}, acc_options);
+      const at::Tensor carry =
+          at::empty({zone_h.has_value() ? s.batch : 0, s.output_size}, acc_options);
       sequence.zoneout_carry = zone_h.has_value() ? carry.data_ptr<acc_t>() : nullptr;
       sequence.grad_cells = grad_c_seq.defined() ? grad_c_seq.const_data_ptr<scalar_t>() : nullptr;
       if (s.has_projection) {

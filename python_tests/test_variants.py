@@ -23,6 +23,8 @@ from lstm_ext.lm.model import build_model
 CONFIGS = [
     dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True),
     dict(input_size=4, hidden_size=9, num_layers=1, proj_size=3),
+    # More than one block of projected units in the CPU's fused recurrence (32 in fp64).
+    dict(input_size=4, hidden_size=40, num_layers=1, proj_size=35),
     dict(input_size=3, hidden_size=6, num_layers=2, batch_first=True),
 ]
 
@@ -374,7 +376,7 @@ class CellLoopReference(nn.Module):
 def test_recurrent_dropout_is_the_cell_loop_with_the_masks_drawn(config, kind, path,
                                                                   monkeypatch):
     """fp64, outputs and every gradient, on the fused CPU recurrence and on the step loop
-    (the CPU's path where a projection comes with the masks, and the CUDA path)."""
+    (the CPU's path for a bf16 or fp16 projection, and the CUDA path)."""
     monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1" if path == "recurrence" else "0")
     torch.manual_seed(0)
     reference = nn.LSTM(**config, dtype=torch.float64)

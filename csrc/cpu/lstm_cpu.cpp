@@ -1,10 +1,9 @@
 // CPU implementation of the layer ops. The whole time loop is the fused recurrence
 // (recurrence.h; with a projection, projected_recurrence.cpp): per step, each thread's gate
 // products and cell updates for its own hidden units, one barrier per step (two with a
-// projection). Where it declines (a projection in bf16 or fp16, or with recurrent dropout or
-// zoneout) or LSTM_EXT_CPU_RECURRENCE=0 says so, the shared step loop of lstm_layer.h runs, with
-// the per-step GEMM of step_product.h and the fused elementwise passes below over the active
-// rows.
+// projection). Where it declines (a projection in bf16 or fp16) or LSTM_EXT_CPU_RECURRENCE=0
+// says so, the shared step loop of lstm_layer.h runs, with the per-step GEMM of step_product.h
+// and the fused elementwise passes below over the active rows.
 //
 // The passes do the gate math of cell_math.h on contiguous runs of one row's H cells, compiled
 // for AVX-512, AVX2 and baseline x86-64 (isa.h). The build passes -fno-trapping-math, without

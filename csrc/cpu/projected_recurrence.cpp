@@ -13,9 +13,11 @@
 //             (2) each thread's blocks of U hidden units: dr times the block's (P, U) panel of
 //             W_hr gives dh, and the cell's gradients follow as in recurrence.h.
 //
-// fp32 and fp64 only (the storage type is the math type, so a step's rows are read where the
-// step before stored them), without recurrent dropout or zoneout; run_forward and run_backward
-// send those to the step loop of lstm_layer.h.
+// Recurrent dropout multiplies the state entering each step (a masked copy of it, made as it is
+// stored, is what W_hh multiplies); zoneout mixes c in the cell update and the projected state
+// after the projection, as the step loop of lstm_layer.h does. fp32 and fp64 only (the storage
+// type is the math type, so a step's rows are read where the step before stored them);
+// run_forward and run_backward send bf16 and fp16 to the step loop.
 #include "recurrence.h"
 
 #include "workspace.h"
@@ -53,6 +55,15 @@ void projected_forward_thread(const SequenceForward<scalar_t>& a, int thread, in
   // Row k of W_hr^T is column k of W_hr.
   pack_column_panels<U>(projection_panels, a.w_hr, a.w_hr_stride1, a.w_hr_stride0, H, P, outs);
   const int64_t unit_begin = std::min(H, units.begin * V), unit_end = std::min(H, units.end * V);
+  const int64_t out_begin = std::min(P, outs.begin * U), out_end = std::min(P, outs.end * U);
+  // With recurrent dropout, W_hh multiplies the state times the mask: h0's first, then each
+  // step's output's as it is stored.
+  acc_t* const masked = a.recurrent_mask ? a.h_work : nullptr;
+  for (int64_t r = 0; masked && r < a.batch; ++r) {
+    for (int64_t j = out_begin; j < out_end; ++j) {
+      masked[r * P + j] = a.hidden_state[r * P + j] * a.recurrent_mask[r * P + j];
+    }
+  }
   const bool add_biases = a.b_ih || a.b_hh;
   std::vector<acc_t> biases(add_biases ? G : 0);
   for (int64_t g = 0; g < 4 && add_biases; ++g) {
@@ -83,7 +94,7 @@ void projected_forward_thread(const SequenceForward<scalar_t>& a, int thread, in
         const int64_t r0 = tiles.begin(tile);
         const int n = static_cast<int>(tiles.begin(tile + 1) - r0);
         const acc_t* in[R] = {};
-        for (int i = 0; i < n; ++i) in[i] = state_row(r0 + i);
+        for (int i = 0; i < n; ++i) in[i] = masked ? masked + (r0 + i) * P : state_row(r0 + i);
         // The tile's pre-activations come from memory, and the lines its cell update writes
         // are untouched since the step before: asked for while the products run (as in
         // forward_thread).
@@ -113,7 +124,16 @@ void projected_forward_thread(const SequenceForward<scalar_t>& a, int thread, in
           if (a.cell_prev_saved) {
             std::memcpy(a.cell_prev_saved + row * H + j0, c, n_units * sizeof(acc_t));
           }
+          alignas(64) acc_t c_before[V];
+          if (a.zoneout_cell) std::memcpy(c_before, c, n_units * sizeof(acc_t));
           forward_cells<acc_t>(n_units, V, z, c, h);
+          // Zoneout keeps part of the previous c: c = d c_prev + (1 - d) c~.
+          if (a.zoneout_cell) {
+            const acc_t* d = a.zoneout_cell + row * a.zoneout_cell_stride + j0;
+            for (int64_t v = 0; v < n_units; ++v) {
+              c[v] = d[v] * c_before[v] + (acc_t(1) - d[v]) * c[v];
+            }
+          }
           if (a.cells) std::memcpy(a.cells + row * H + j0, c, n_units * sizeof(acc_t));
           if (a.save_gates) {
             for (int g = 0; g < 4; ++g) {
@@ -150,11 +170,25 @@ void projected_forward_thread(const SequenceForward<scalar_t>& a, int thread, in
         });
         for (int i = 0; i < n; ++i) {
           const int64_t r = r0 + i, row = offset + r;
+          // The state as W_hh multiplied it, before this step's replaces it.
           if (a.hidden_prev_saved) {
-            std::memcpy(a.hidden_prev_saved + row * P + p0, state_row(r) + p0,
-                        n_out * sizeof(acc_t));
+            std::memcpy(a.hidden_prev_saved + row * P + p0,
+                        (masked ? masked + r * P : state_row(r)) + p0, n_out * sizeof(acc_t));
           }
-          std::memcpy(a.output + row * P + p0, products + i * U, n_out * sizeof(acc_t));
+          acc_t* y = products + i * U;
+          // Zoneout keeps part of the state that entered: y = d y_prev + (1 - d) y~.
+          if (a.zoneout_hidden) {
+            const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride + p0;
+            const acc_t* y_prev = state_row(r) + p0;
+            for (int64_t u = 0; u < n_out; ++u) {
+              y[u] = d[u] * y_prev[u] + (acc_t(1) - d[u]) * y[u];
+            }
+          }
+          std::memcpy(a.output + row * P + p0, y, n_out * sizeof(acc_t));
+          if (masked) {
+            const acc_t* mask = a.recurrent_mask + r * P + p0;
+            for (int64_t u = 0; u < n_out; ++u) masked[r * P + p0 + u] = y[u] * mask[u];
+          }
         }
       }
     }
@@ -164,7 +198,6 @@ void projected_forward_thread(const SequenceForward<scalar_t>& a, int thread, in
   }
 
   // h_n: each sequence's output after its last step (see forward_thread).
-  const int64_t out_begin = std::min(P, outs.begin * U), out_end = std::min(P, outs.end * U);
   for (int64_t t = a.reverse ? 0 : a.steps - 1; t >= 0; --t) {
     const int64_t first = a.reverse || t + 1 == a.steps ? 0 : a.step_size[t + 1];
     for (int64_t r = first; r < a.step_size[t]; ++r) {
@@ -223,7 +256,15 @@ void projected_backward_thread(const SequenceBackward<scalar_t>& a, int thread, 
       });
       for (int64_t r = 0; r < span; ++r) {
         acc_t* grad_h = a.grad_hidden + r * P + p0;
-        const acc_t* through = carried + r * U;
+        // What reaches this step's state from the step after: through W_hh (and the mask
+        // that multiplied the state there), and with zoneout d dh of that step directly.
+        acc_t* through = carried + r * U;
+        if (r < prev_rows) {
+          const acc_t* mask = a.recurrent_mask ? a.recurrent_mask + r * P + p0 : nullptr;
+          const acc_t* carry = a.zoneout_carry ? a.zoneout_carry + r * P + p0 : nullptr;
+          for (int64_t u = 0; u < n_out && mask; ++u) through[u] *= mask[u];
+          for (int64_t u = 0; u < n_out && carry; ++u) through[u] += carry[u];
+        }
         if (r >= rows) {
           std::memcpy(grad_h, through, n_out * sizeof(acc_t));
           continue;
@@ -236,6 +277,16 @@ void projected_backward_thread(const SequenceBackward<scalar_t>& a, int thread, 
           for (int64_t u = 0; u < n_out; ++u) dr[u] = from_output[u] + from_next[u];
         } else {
           std::memcpy(dr, from_next, n_out * sizeof(acc_t));
+        }
+        // Zoneout: of the state's gradient, d goes straight to the step before and 1 - d
+        // through the projection and the cell.
+        if (a.zoneout_carry) {
+          const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride + p0;
+          acc_t* carry = a.zoneout_carry + r * P + p0;
+          for (int64_t u = 0; u < n_out; ++u) {
+            carry[u] = d[u] * dr[u];
+            dr[u] *= acc_t(1) - d[u];
+          }
         }
       }
     }
@@ -275,6 +326,16 @@ void projected_backward_thread(const SequenceBackward<scalar_t>& a, int thread, 
           const int64_t row = offset + r0 + i;
           acc_t* dc = a.grad_cell + (r0 + i) * H + u0;
           if (a.grad_cells) add_n(a.grad_cells + row * H + u0, dc, n_units);
+          // Zoneout: of dc, d goes to the previous c and 1 - d through the cell update.
+          const acc_t* d_cell =
+              a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + u0 : nullptr;
+          alignas(64) acc_t dc_total[U];
+          if (d_cell) {
+            for (int64_t u = 0; u < n_units; ++u) {
+              dc_total[u] = dc[u];
+              dc[u] *= acc_t(1) - d_cell[u];
+            }
+          }
           alignas(64) acc_t z[4 * U];
           alignas(64) acc_t dz[4 * U];
           const scalar_t* gate_row = a.gates + row * G;
@@ -282,6 +343,9 @@ void projected_backward_thread(const SequenceBackward<scalar_t>& a, int thread, 
             std::memcpy(z + g * U, gate_row + g * H + u0, n_units * sizeof(acc_t));
           }
           backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh + i * U, dc, dz);
+          if (d_cell) {
+            for (int64_t u = 0; u < n_units; ++u) dc[u] += d_cell[u] * dc_total[u];
+          }
           if (a.grad_bias) {
             acc_t* sums = bias_sums.data() + (jb - units.begin) * 4 * U;
             for (int g = 0; g < 4; ++g) add_n(dz + g * U, sums + g * U, n_units);
@@ -340,7 +404,10 @@ void run_projected_forward(SequenceForward<scalar_t> a) {
   const at::Tensor panel = workspace(
       Workspace::panel,
       {unit_blocks * a.projection_size * U + out_blocks * a.hidden * U}, options);
+  const at::Tensor masked = workspace(
+      Workspace::recurrent_state, {a.recurrent_mask ? a.batch * a.projection_size : 0}, options);
   a.panel = panel.data_ptr<scalar_t>();
+  a.h_work = masked.data_ptr<scalar_t>();
   run_parallel(a, projected_forward_kernel<scalar_t>(isa),
                threads_for(std::max(unit_blocks, out_blocks)));
 }

@@ -171,19 +171,12 @@ bool direct_form(int64_t batch, int64_t steps) {
   return batch == 1 || (batch <= kDirectRows && steps < kPackingPaysFromSteps);
 }
 
-// A projection is fused for fp32 and fp64 without recurrent dropout or zoneout.
-template <typename scalar_t, typename Args>
-bool projection_fused(const Args& a) {
-  return std::is_same_v<scalar_t, at::opmath_type<scalar_t>> && a.recurrent_mask == nullptr &&
-         a.zoneout_cell == nullptr && a.zoneout_hidden == nullptr;
-}
-
 template <typename scalar_t>
 bool run_forward(SequenceForward<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   if (a.w_hr != nullptr) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (projection_fused<scalar_t>(a) && a.gates != nullptr) {
+      if (a.gates != nullptr) {
         run_projected_forward(a);
         return true;
       }
@@ -235,10 +228,8 @@ bool run_backward(SequenceBackward<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   if (a.w_hr != nullptr) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (projection_fused<scalar_t>(a)) {
-        run_projected_backward(a);
-        return true;
-      }
+      run_projected_backward(a);
+      return true;
     }
     return false;
   }

@@ -1072,7 +1072,7 @@ bool direct_form(int64_t batch, int64_t steps);
 // The whole recurrence, in a parallel region of torch's thread count (recurrence.cpp); the
 // workspace fields of the arguments are filled there. run_forward declines (false) a step
 // whose input projection it was left (gates null) where W_hh is not read in place; both
-// decline a projection in bf16 or fp16 or with recurrent dropout or zoneout.
+// decline a projection in bf16 or fp16.
 template <typename scalar_t>
 bool run_forward(SequenceForward<scalar_t> a);
 template <typename scalar_t>
