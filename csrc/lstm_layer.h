@@ -212,6 +212,15 @@ using ForwardResult = LayerForwardResult;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor, at::Tensor>;
 
+// W_hr (P, H) into a sequence kernel's arguments (SequenceForward or SequenceBackward).
+template <typename scalar_t, typename Args>
+void set_projection(Args& a, const at::Tensor& w_hr) {
+  a.w_hr = w_hr.const_data_ptr<scalar_t>();
+  a.w_hr_stride0 = w_hr.stride(0);
+  a.w_hr_stride1 = w_hr.stride(1);
+  a.projection_size = w_hr.size(0);
+}
+
 template <typename scalar_t>
 scalar_t* rows_ptr(const at::Tensor& t, int64_t row) {
   return t.data_ptr<scalar_t>() + row * t.size(1);
@@ -304,10 +313,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       sequence.zoneout_hidden_stride = zoneout_stride(zone_h);
       sequence.cells = return_cells ? cells.data_ptr<scalar_t>() : nullptr;
       if (s.has_projection) {
-        sequence.w_hr = w_hr->const_data_ptr<scalar_t>();
-        sequence.w_hr_stride0 = w_hr->stride(0);
-        sequence.w_hr_stride1 = w_hr->stride(1);
-        sequence.projection_size = s.output_size;
+        set_projection<scalar_t>(sequence, *w_hr);
         sequence.hidden_raw = hidden_raw.data_ptr<scalar_t>();
         sequence.raw_every_step = training;
       }
@@ -516,10 +522,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.zoneout_carry = zone_h.has_value() ? carry.data_ptr<acc_t>() : nullptr;
       sequence.grad_cells = grad_c_seq.defined() ? grad_c_seq.const_data_ptr<scalar_t>() : nullptr;
       if (s.has_projection) {
-        sequence.w_hr = w_hr->const_data_ptr<scalar_t>();
-        sequence.w_hr_stride0 = w_hr->stride(0);
-        sequence.w_hr_stride1 = w_hr->stride(1);
-        sequence.projection_size = s.output_size;
+        set_projection<scalar_t>(sequence, *w_hr);
         sequence.grad_projected = grad_h_all.data_ptr<scalar_t>();
       }
       if (Kernels::template backward_sequence<scalar_t>(sequence)) return;

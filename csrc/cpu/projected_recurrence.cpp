@@ -121,19 +121,9 @@ void projected_forward_thread(const SequenceForward<scalar_t>& a, int thread, in
             add_n(products + i * U + g * V, z + g * V, n_units);
           }
           acc_t* c = a.cell + r * H + j0;
-          if (a.cell_prev_saved) {
-            std::memcpy(a.cell_prev_saved + row * H + j0, c, n_units * sizeof(acc_t));
-          }
-          alignas(64) acc_t c_before[V];
-          if (a.zoneout_cell) std::memcpy(c_before, c, n_units * sizeof(acc_t));
-          forward_cells<acc_t>(n_units, V, z, c, h);
-          // Zoneout keeps part of the previous c: c = d c_prev + (1 - d) c~.
-          if (a.zoneout_cell) {
-            const acc_t* d = a.zoneout_cell + row * a.zoneout_cell_stride + j0;
-            for (int64_t v = 0; v < n_units; ++v) {
-              c[v] = d[v] * c_before[v] + (acc_t(1) - d[v]) * c[v];
-            }
-          }
+          zoned_forward_cells<acc_t, V>(
+              n_units, z, c, h, a.cell_prev_saved ? a.cell_prev_saved + row * H + j0 : nullptr,
+              a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + j0 : nullptr);
           if (a.cells) std::memcpy(a.cells + row * H + j0, c, n_units * sizeof(acc_t));
           if (a.save_gates) {
             for (int g = 0; g < 4; ++g) {
@@ -326,26 +316,15 @@ void projected_backward_thread(const SequenceBackward<scalar_t>& a, int thread, 
           const int64_t row = offset + r0 + i;
           acc_t* dc = a.grad_cell + (r0 + i) * H + u0;
           if (a.grad_cells) add_n(a.grad_cells + row * H + u0, dc, n_units);
-          // Zoneout: of dc, d goes to the previous c and 1 - d through the cell update.
-          const acc_t* d_cell =
-              a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + u0 : nullptr;
-          alignas(64) acc_t dc_total[U];
-          if (d_cell) {
-            for (int64_t u = 0; u < n_units; ++u) {
-              dc_total[u] = dc[u];
-              dc[u] *= acc_t(1) - d_cell[u];
-            }
-          }
           alignas(64) acc_t z[4 * U];
           alignas(64) acc_t dz[4 * U];
           const scalar_t* gate_row = a.gates + row * G;
           for (int g = 0; g < 4; ++g) {
             std::memcpy(z + g * U, gate_row + g * H + u0, n_units * sizeof(acc_t));
           }
-          backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh + i * U, dc, dz);
-          if (d_cell) {
-            for (int64_t u = 0; u < n_units; ++u) dc[u] += d_cell[u] * dc_total[u];
-          }
+          zoned_backward_cells<acc_t, U>(
+              n_units, z, a.cell_prev + row * H + u0, dh + i * U, dc, dz,
+              a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + u0 : nullptr);
           if (a.grad_bias) {
             acc_t* sums = bias_sums.data() + (jb - units.begin) * 4 * U;
             for (int g = 0; g < 4; ++g) add_n(dz + g * U, sums + g * U, n_units);

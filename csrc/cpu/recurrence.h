@@ -287,6 +287,33 @@ inline acc_t fused_bias(const SequenceForward<scalar_t>& a, int64_t column) {
          (a.b_hh ? cast<acc_t>(a.b_hh[column]) : acc_t(0));
 }
 
+// The cell update of one row's n units (their gates V apart in z, as forward_cells takes
+// them): c saved first where c_saved is given, and with zoneout's d (or null) c mixed as
+// c = d c_prev + (1 - d) c~.
+template <typename acc_t, int V, typename Count>
+inline void zoned_forward_cells(Count n, acc_t* z, acc_t* c, acc_t* h, acc_t* c_saved,
+                                const acc_t* d) {
+  if (c_saved) std::memcpy(c_saved, c, n * sizeof(acc_t));
+  alignas(64) acc_t c_before[V];
+  if (d) std::memcpy(c_before, c, n * sizeof(acc_t));
+  forward_cells<acc_t>(n, V, z, c, h);
+  for (int64_t v = 0; d && v < n; ++v) c[v] = d[v] * c_before[v] + (acc_t(1) - d[v]) * c[v];
+}
+
+// Its gradient (gates U apart): with zoneout's d (or null), d of dc goes to the previous c
+// directly and 1 - d through the cell update.
+template <typename acc_t, int64_t U, typename Count>
+inline void zoned_backward_cells(Count n, const acc_t* z, const acc_t* cell_prev,
+                                 const acc_t* dh, acc_t* dc, acc_t* dz, const acc_t* d) {
+  alignas(64) acc_t dc_total[U];
+  for (int64_t u = 0; d && u < n; ++u) {
+    dc_total[u] = dc[u];
+    dc[u] *= acc_t(1) - d[u];
+  }
+  backward_cells<acc_t>(n, U, z, cell_prev, dh, dc, dz);
+  for (int64_t u = 0; d && u < n; ++u) dc[u] += d[u] * dc_total[u];
+}
+
 // Batches of at most this many rows skip the forward panels (see dot.h).
 constexpr int kDirectRows = 4;
 
@@ -606,20 +633,11 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
             add_n(p + g * V, z + g * V, n_units);
           }
           acc_t* c = a.cell + r * H + j0;
-          if (a.cell_prev_saved) {
-            std::memcpy(a.cell_prev_saved + row * H + j0, c, n_units * sizeof(acc_t));
-          }
-          alignas(64) acc_t c_before[V];
-          if (a.zoneout_cell) std::memcpy(c_before, c, n_units * sizeof(acc_t));
-          forward_cells<acc_t>(n_units, V, z, c, h);
-          // Zoneout keeps part of the previous state: c = d c_prev + (1 - d) c~, and h the
-          // same with the h that entered the step (stored, unmasked).
-          if (a.zoneout_cell) {
-            const acc_t* d = a.zoneout_cell + row * a.zoneout_cell_stride + j0;
-            for (int64_t v = 0; v < n_units; ++v) {
-              c[v] = d[v] * c_before[v] + (acc_t(1) - d[v]) * c[v];
-            }
-          }
+          zoned_forward_cells<acc_t, V>(
+              n_units, z, c, h, a.cell_prev_saved ? a.cell_prev_saved + row * H + j0 : nullptr,
+              a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + j0 : nullptr);
+          // Zoneout keeps part of the previous h too: the h that entered the step (stored,
+          // unmasked).
           if (a.zoneout_hidden) {
             const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride + j0;
             const scalar_t* h_before = r < prev_rows ? a.output + (prev_offset + r) * H + j0
@@ -978,26 +996,16 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
               dc[u] += cast<acc_t>(a.grad_cells[row * H + u0 + u]);
             }
           }
-          const acc_t* d_cell =
-              a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + u0 : nullptr;
-          alignas(64) acc_t dc_total[U];
-          if (d_cell) {
-            for (int64_t u = 0; u < n_units; ++u) {
-              dc_total[u] = dc[u];
-              dc[u] *= acc_t(1) - d_cell[u];
-            }
-          }
           alignas(64) acc_t z[4 * U];
           acc_t* dz = tile_grads + i * 4 * U;
           const scalar_t* gate_row = a.gates + row * G;
           for (int g = 0; g < 4; ++g) convert_n(gate_row + g * H + u0, z + g * U, n_units);
-          backward_cells<acc_t>(n_units, U, z, a.cell_prev + row * H + u0, dh, dc, dz);
+          zoned_backward_cells<acc_t, U>(
+              n_units, z, a.cell_prev + row * H + u0, dh, dc, dz,
+              a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + u0 : nullptr);
           if (a.grad_bias) {
             acc_t* sums = bias_sums.data() + (jb - mine.begin) * 4 * U;
             for (int g = 0; g < 4; ++g) add_n(dz + g * U, sums + g * U, n_units);
-          }
-          if (d_cell) {
-            for (int64_t u = 0; u < n_units; ++u) dc[u] += d_cell[u] * dc_total[u];
           }
           // Stored in the storage type; in bf16 also read back rounded into the math-type copy
           // that the next step's product reads.
