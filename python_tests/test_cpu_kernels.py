@@ -216,27 +216,35 @@ def test_every_thread_count_gives_the_same_bits_with_a_projection(dtype, reverse
 
 @pytest.mark.parametrize("hidden", [128, 130])
 @pytest.mark.parametrize("lengths", [[5] * 32, [5] * 16 + [3] * 16], ids=["padded", "packed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
 def test_weight_gradients_from_the_streamed_transposed_gradients_match_fp64(dtype, lengths,
                                                                              hidden):
     """Where the gate gradients' transposed copy is whole aligned cache lines (N rows a
-    multiple of 16, 16 or more rows a step, whole blocks of units: 128 units are all whole
-    blocks, 130 leave a partial one), the backward streams it around the caches
-    (recurrence.h's transpose_columns); the weight and bias gradients are products of it."""
+    multiple of 16, 16 or more rows a step for fp32, 32 for two-byte types, whole blocks of
+    units: 128 units are all whole blocks, 130 leave a partial one), the backward streams it
+    around the caches (recurrence.h's transpose_columns; bf16 and fp16 as pairs of rows, the
+    packed case's 16-row steps one value at a time); the weight and bias gradients are products
+    of it. bf16 and fp16 against fp64 on the same rounded values, within 2u as in
+    test_module_parity.py's low-precision test."""
     torch.manual_seed(11)
     reference = nn.LSTM(7, hidden, dtype=torch.float64)
     ours = lstm_ext.LSTM.from_torch(reference).to(dtype)
-    leaves = [torch.randn(n, 7, dtype=torch.float64) for n in lengths]
+    reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    leaves = [torch.randn(n, 7, dtype=torch.float64).to(dtype).double() for n in lengths]
     outputs = []
     for module, cast in ((reference, torch.float64), (ours, dtype)):
         packed = nn.utils.rnn.pack_sequence([t.to(cast) for t in leaves], enforce_sorted=False)
         output, (h_n, c_n) = module(packed)
         weights = torch.randn_like(output.data, dtype=torch.float64,
                                    generator=torch.Generator().manual_seed(2))
-        ((output.data.double() * weights).sum() + h_n.sum() + c_n.sum()).backward()
+        ((output.data.double() * weights).sum() + h_n.double().sum() + c_n.double().sum()
+         ).backward()
         outputs.append([p.grad for p in module.parameters()])
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    bound = torch.finfo(dtype).eps if low_precision else TOLERANCE[dtype]  # eps = 2u
     for wanted, actual in zip(*outputs):
-        assert rel_error(actual, wanted) <= TOLERANCE[dtype]
+        assert rel_error(actual.double(), wanted) <= bound
 
 
 def test_results_do_not_share_the_kept_scratch_memory():

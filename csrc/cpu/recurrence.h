@@ -696,10 +696,11 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 // Rows [0, rows) of a backward block's columns (n_units of each gate) from row-major gate
 // gradients (`rows` G apart, gate g's columns H further on) into their transposed copy, row i
 // of unit u of gate g at out[g * gate_stride + u * unit_stride + i]: whole lines of rows
-// transposed in registers (pack_square; fp32 and fp64), the rest one value at a time. Only the
-// weight-gradient products read the copy, after the whole backward, and it outgrows the caches,
-// so under AVX-512 whole aligned lines of it are streamed around them: no read for ownership of
-// lines that are wholly overwritten, and no eviction of the panels the steps reuse.
+// transposed in registers (pack_square for fp32 and fp64; bf16 and fp16 as pairs of rows,
+// below), the rest one value at a time. Only the weight-gradient products read the copy, after
+// the whole backward, and it outgrows the caches, so under AVX-512 whole aligned lines of it
+// are streamed around them: no read for ownership of lines that are wholly overwritten, and no
+// eviction of the panels the steps reuse.
 template <Isa isa, typename scalar_t, int64_t U>
 inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int64_t n_units,
                               int64_t rows, scalar_t* out, int64_t gate_stride,
@@ -719,6 +720,44 @@ inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int
           } else {
             pack_square<scalar_t, kLine>(rows_in + r0 * G + g * H, G, u,
                                          out + g * gate_stride + r0, unit_stride);
+          }
+        }
+      }
+    }
+  } else if constexpr (sizeof(scalar_t) == 2) {
+    // Two-byte values move in pairs of rows: rows 2a and 2a + 1 of a column make one 4-byte
+    // value, and a square of 16 such pairs (32 rows) by 16 columns transposes as 4-byte values
+    // into one line of each column's output row. One value at a time this was a third of the
+    // bf16 backward recurrence's time (H 512, B 32 on a Zen 5).
+    constexpr int kPairs = 16, kLine = 2 * kPairs;
+    static_assert(U % kPairs == 0, "a block is whole squares");
+    using half_vec = uint16_t __attribute__((vector_size(2 * kPairs), aligned(2), may_alias));
+    using vec = typename Vec<uint32_t, kPairs>::type;
+    const bool fits = reinterpret_cast<uintptr_t>(out) % 4 == 0 && gate_stride % 2 == 0 &&
+                      unit_stride % 2 == 0;
+    const bool stream = isa >= Isa::avx512 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
+                        gate_stride % kLine == 0 && unit_stride % kLine == 0;
+    for (; fits && n_units == U && r0 + kLine <= rows; r0 += kLine) {
+      for (int g = 0; g < 4; ++g) {
+        for (int64_t u = 0; u < U; u += kPairs) {
+          vec square[kPairs];
+          for (int p = 0; p < kPairs; ++p) {
+            const scalar_t* even = rows_in + (r0 + 2 * p) * G + g * H + u;
+            const half_vec low = *reinterpret_cast<const half_vec*>(even);
+            const half_vec high = *reinterpret_cast<const half_vec*>(even + G);
+            square[p] =
+                __builtin_convertvector(low, vec) | (__builtin_convertvector(high, vec) << 16);
+          }
+          transpose_square<uint32_t, kPairs>(square);
+          for (int c = 0; c < kPairs; ++c) {
+            vec* to = reinterpret_cast<vec*>(out + g * gate_stride + (u + c) * unit_stride + r0);
+            if constexpr (isa >= Isa::avx512) {
+              if (stream) {
+                stream_line(to, square[c]);
+                continue;
+              }
+            }
+            *to = square[c];
           }
         }
       }
