@@ -218,24 +218,32 @@ inline void stream_line(vec* to, vec value) {
 }
 #endif
 
-// Panel rows [k0, k0 + V) (ld apart) of the V columns starting at `panel`, from values
-// [k0, k0 + V) of V rows of a weight (row_stride apart, k contiguous): one V x V square
-// transposed in registers. T is any 4- or 8-byte type; only its bits move. kStream writes
-// around the caches (the panel rows then must be whole aligned lines).
+// The V vectors of a square as rows of `out`, ld apart; kStream writes around the caches (the
+// rows then must be whole aligned lines).
 template <typename T, int V, bool kStream = false>
-inline void pack_square(const T* rows, int64_t row_stride, int64_t k0, T* panel, int64_t ld) {
+inline void store_square(const typename Vec<T, V>::type* square, T* out, int64_t ld) {
   using vec = typename Vec<T, V>::type;
-  vec square[V];
-  for (int v = 0; v < V; ++v) square[v] = *reinterpret_cast<const vec*>(rows + v * row_stride + k0);
-  transpose_square<T, V>(square);
   for (int k = 0; k < V; ++k) {
-    vec* to = reinterpret_cast<vec*>(panel + (k0 + k) * ld);
+    vec* to = reinterpret_cast<vec*>(out + k * ld);
     if constexpr (kStream) {
       stream_line(to, square[k]);
     } else {
       *to = square[k];
     }
   }
+}
+
+// Panel rows [k0, k0 + V) (ld apart) of the V columns starting at `panel`, from values
+// [k0, k0 + V) of V rows of a weight (row_stride apart, k contiguous): one V x V square
+// transposed in registers. T is any 4- or 8-byte type; only its bits move. kStream as in
+// store_square.
+template <typename T, int V, bool kStream = false>
+inline void pack_square(const T* rows, int64_t row_stride, int64_t k0, T* panel, int64_t ld) {
+  using vec = typename Vec<T, V>::type;
+  vec square[V];
+  for (int v = 0; v < V; ++v) square[v] = *reinterpret_cast<const vec*>(rows + v * row_stride + k0);
+  transpose_square<T, V>(square);
+  store_square<T, V, kStream>(square, panel + k0 * ld, ld);
 }
 
 // Writes block jb of the forward panels (see the top of this file) for a hidden size H from a
@@ -749,15 +757,12 @@ inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int
                 __builtin_convertvector(low, vec) | (__builtin_convertvector(high, vec) << 16);
           }
           transpose_square<uint32_t, kPairs>(square);
-          for (int c = 0; c < kPairs; ++c) {
-            vec* to = reinterpret_cast<vec*>(out + g * gate_stride + (u + c) * unit_stride + r0);
-            if constexpr (isa >= Isa::avx512) {
-              if (stream) {
-                stream_line(to, square[c]);
-                continue;
-              }
-            }
-            *to = square[c];
+          // Row c of the square to unit u + c's output row, from row r0.
+          uint32_t* to = reinterpret_cast<uint32_t*>(out + g * gate_stride + u * unit_stride + r0);
+          if (stream) {
+            store_square<uint32_t, kPairs, isa >= Isa::avx512>(square, to, unit_stride / 2);
+          } else {
+            store_square<uint32_t, kPairs>(square, to, unit_stride / 2);
           }
         }
       }
