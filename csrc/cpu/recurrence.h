@@ -233,6 +233,16 @@ inline void store_square(const typename Vec<T, V>::type* square, T* out, int64_t
   }
 }
 
+// Values [0, 16) of two rows of two-byte values as pairs, each a 4-byte value with the first
+// row's in its low half (bf16_pair's order).
+inline Vec<uint32_t, 16>::type pairs_of_rows(const void* first, const void* second) {
+  using half_vec = uint16_t __attribute__((vector_size(32), aligned(2), may_alias));
+  using vec = Vec<uint32_t, 16>::type;
+  const half_vec low = *static_cast<const half_vec*>(first);
+  const half_vec high = *static_cast<const half_vec*>(second);
+  return __builtin_convertvector(low, vec) | (__builtin_convertvector(high, vec) << 16);
+}
+
 // Panel rows [k0, k0 + V) (ld apart) of the V columns starting at `panel`, from values
 // [k0, k0 + V) of V rows of a weight (row_stride apart, k contiguous): one V x V square
 // transposed in registers. T is any 4- or 8-byte type; only its bits move. kStream as in
@@ -739,7 +749,6 @@ inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int
     // bf16 backward recurrence's time (H 512, B 32 on a Zen 5).
     constexpr int kPairs = 16, kLine = 2 * kPairs;
     static_assert(U % kPairs == 0, "a block is whole squares");
-    using half_vec = uint16_t __attribute__((vector_size(2 * kPairs), aligned(2), may_alias));
     using vec = typename Vec<uint32_t, kPairs>::type;
     const bool fits = reinterpret_cast<uintptr_t>(out) % 4 == 0 && gate_stride % 2 == 0 &&
                       unit_stride % 2 == 0;
@@ -751,10 +760,7 @@ inline void transpose_columns(const scalar_t* rows_in, int64_t G, int64_t H, int
           vec square[kPairs];
           for (int p = 0; p < kPairs; ++p) {
             const scalar_t* even = rows_in + (r0 + 2 * p) * G + g * H + u;
-            const half_vec low = *reinterpret_cast<const half_vec*>(even);
-            const half_vec high = *reinterpret_cast<const half_vec*>(even + G);
-            square[p] =
-                __builtin_convertvector(low, vec) | (__builtin_convertvector(high, vec) << 16);
+            square[p] = pairs_of_rows(even, even + G);
           }
           transpose_square<uint32_t, kPairs>(square);
           // Row c of the square to unit u + c's output row, from row r0.
@@ -854,10 +860,18 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   if constexpr (kPairKernel) {
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
       uint32_t* panel = pair_panels + jb * (G / 2) * U;
+      // Whole runs of 16 units of W_hh's contiguous rows as vectors, the rest one at a time.
+      const int64_t runs_end =
+          a.w_stride1 == 1 ? std::min<int64_t>(U, H - jb * U) / 16 * 16 : 0;
       for (int64_t p = 0; p < G / 2; ++p) {
         const scalar_t* w0 = a.w_hh + 2 * p * a.w_stride0;
         const scalar_t* w1 = w0 + a.w_stride0;
-        for (int64_t u = 0; u < U; ++u) {
+        using vec = Vec<uint32_t, 16>::type;
+        for (int64_t u = 0; u < runs_end; u += 16) {
+          const int64_t j = jb * U + u;
+          *reinterpret_cast<vec*>(panel + p * U + u) = pairs_of_rows(w0 + j, w1 + j);
+        }
+        for (int64_t u = runs_end; u < U; ++u) {
           const int64_t j = jb * U + u;
           panel[p * U + u] = j < H ? bf16_pair(w0[j * a.w_stride1], w1[j * a.w_stride1]) : 0;
         }
@@ -1051,13 +1065,16 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             acc_t* sums = bias_sums.data() + (jb - mine.begin) * 4 * U;
             for (int g = 0; g < 4; ++g) add_n(dz + g * U, sums + g * U, n_units);
           }
-          // Stored in the storage type; in bf16 also read back rounded into the math-type copy
-          // that the next step's product reads.
+          // Stored in the storage type; in bf16 or fp16 also read back rounded into the
+          // math-type copy that the next step's product reads (the pair kernel reads them
+          // stored).
           scalar_t* grad_row = a.grad_gates + row * G;
           for (int g = 0; g < 4; ++g) {
             convert_n(dz + g * U, grad_row + g * H + u0, n_units);
             if constexpr (!kStoredInMathType) {
-              convert_n(grad_row + g * H + u0, grad_next + r * G + g * H + u0, n_units);
+              if (!pairs) {
+                convert_n(grad_row + g * H + u0, grad_next + r * G + g * H + u0, n_units);
+              }
             }
           }
         };
