@@ -92,21 +92,23 @@ inline SequenceLayout sequence_layout(const LayerShape& s, bool reverse) {
 // (N, 4H), with both biases, or without them where b_ih and b_hh are given: the kernel adds
 // them (where the Kernels policy's static bool sequence_handles_biases() says its kernels add
 // the biases forward and sum their gradient backward). The W_hh h products are added here.
-// Or, in inference, gates is null and the kernel multiplies x by W_ih itself where it can (a
-// decode step; bf16 panels on the CPU), so that no (N, 4H) tensor is made and no separate
-// product runs.
+// Or, with input set, the kernel multiplies x by W_ih itself where it can (a decode step in
+// inference; bf16 panels on the CPU), so that no separate product runs; gates is then null in
+// inference (no (N, 4H) tensor is made), and in training receives the activations only. A
+// kernel that cannot declines (false), and the caller makes the projection after all.
 template <typename scalar_t>
 struct SequenceForward : SequenceLayout {
   using acc_t = at::opmath_type<scalar_t>;
-  scalar_t* gates;             // (N, 4H): pre-activations in; activations out if save_gates
-  const scalar_t* input;       // with gates null: x (N, I), rows input_stride apart
+  scalar_t* gates;             // (N, 4H): pre-activations in (unless input is set); activations
+                               // out if save_gates
+  const scalar_t* input;       // x (N, I), rows input_stride apart, or null
   int64_t input_size, input_stride;
-  const scalar_t* w_ih;        // with gates null: (4H, I), rows w_ih_stride apart
+  const scalar_t* w_ih;        // with input: (4H, I), rows w_ih_stride apart
   int64_t w_ih_stride;
   const scalar_t* b_ih;        // the biases (4H,) the kernel adds, or null
   const scalar_t* b_hh;
   // int8 weights (the CPU's int8 LSTM, fp32 only: read in place by the dot products of small
-  // batches, dequantized into the panels of larger ones): W_hh and, with gates null, W_ih as
+  // batches, dequantized into the panels of larger ones): W_hh and, with input set, W_ih as
   // int8 rows (strides as above) with one fp32 scale per row; w_hh and w_ih then point
   // nowhere. Null otherwise.
   const int8_t* w_hh_int8;
@@ -270,14 +272,17 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
     return training ? Kernels::training_linear(x, w_ih, bias).contiguous()
                     : Kernels::inference_linear(x, w_ih, bias).contiguous();
   };
-  // Inference is offered to the sequence kernel with the input projection left to it (a
-  // decode step, or bf16 panels: see the CPU's run_forward); where that kernel declines, the
-  // projection is made here after all.
+  // The sequence kernel is offered the input projection (a decode step, or bf16 panels: see
+  // the CPU's run_forward), with, in training, a tensor for the activations it saves; where it
+  // declines, the projection is made here after all.
   const bool offer_fused_input =
-      !training && !s.has_projection && x.stride(1) == 1 &&
+      !s.has_projection && x.stride(1) == 1 &&
       w_ih.stride(1) == 1 && (!b_ih.has_value() || b_ih->is_contiguous()) &&
       (!b_hh.has_value() || b_hh->is_contiguous());
-  at::Tensor gates = offer_fused_input ? at::Tensor() : input_projection();
+  at::Tensor gates =
+      !offer_fused_input ? input_projection()
+      : training ? Kernels::saved_sequence(cpu::Saved::gates, {s.rows, kNumGates * H}, options)
+                 : at::Tensor();
 
   at::Tensor output = at::empty({s.rows, s.output_size}, options);
   at::Tensor h_state = h0.contiguous().clone();
@@ -328,7 +333,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
         sequence.input_stride = x.stride(0);
         sequence.w_ih = w_ih.const_data_ptr<scalar_t>();
         sequence.w_ih_stride = w_ih.stride(0);
+        sequence.gates = training ? gates.data_ptr<scalar_t>() : nullptr;
         if (Kernels::template forward_sequence<scalar_t>(sequence)) return;
+        gates = at::Tensor();  // released before the projection takes its place
         gates = input_projection();
       }
       sequence.gates = gates.data_ptr<scalar_t>();

@@ -344,16 +344,23 @@ EVEN_CONFIGS = [
 ]
 
 
-def bf16_inference(reference, kind, batch):
-    """(ours, expected) outputs and final states of a bf16 inference forward, against fp64
-    nn.LSTM on the same bf16-rounded weights, inputs and states."""
+def rounded_to_bf16(reference, kind, batch):
+    """A case of 6 steps for the fp64 `reference` with its weights, inputs and states rounded
+    to bf16 (kept in fp64), and our bf16 copy of the reference."""
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.copy_(parameter.to(torch.bfloat16))
     case = Case(reference, kind, steps=6, batch=batch)
     case.leaves = [t.to(torch.bfloat16).double() for t in case.leaves]
     case.state = [t.to(torch.bfloat16).double() for t in case.state]
-    ours = lstm_ext.LSTM.from_torch(reference).to(torch.bfloat16).eval()
+    return case, lstm_ext.LSTM.from_torch(reference).to(torch.bfloat16)
+
+
+def bf16_inference(reference, kind, batch):
+    """(ours, expected) outputs and final states of a bf16 inference forward, against fp64
+    nn.LSTM on the same bf16-rounded weights, inputs and states."""
+    case, ours = rounded_to_bf16(reference, kind, batch)
+    ours.eval()
     with torch.no_grad():
         input, state, _ = case.inputs()
         expected, (h_ref, c_ref) = reference(input, tuple(state))
@@ -374,6 +381,21 @@ def test_bf16_inference_with_the_input_projection_fused_matches_fp64(config, kin
     actual, expected = bf16_inference(reference, kind, batch)
     for got, wanted in zip(actual, expected):
         assert rel_error(got, wanted) <= TOLERANCE[torch.bfloat16], (kind, batch)
+
+
+@pytest.mark.parametrize("config", EVEN_CONFIGS, ids=lambda c: f"H{c['hidden_size']}")
+@pytest.mark.parametrize("kind,batch", KINDS + WIDE_KINDS)
+def test_bf16_training_with_the_input_projection_fused_matches_fp64(config, kind, batch):
+    """bf16 training multiplies x by W_ih inside the recurrence too (under avx512_bf16), and
+    the activations it saves for the backward are written there, never read: outputs, final
+    states and every gradient against fp64 nn.LSTM, in every layout."""
+    torch.manual_seed(8)
+    reference = nn.LSTM(**config, dtype=torch.float64)
+    case, ours = rounded_to_bf16(reference, kind, batch)
+    expected = case.run(reference)
+    actual = case.run(ours, torch.bfloat16)
+    for name in expected:
+        assert rel_error(actual[name], expected[name]) <= TOLERANCE[torch.bfloat16], name
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -190,17 +190,20 @@ bool run_forward(SequenceForward<scalar_t> a) {
   const bool direct =
       std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 && direct_form(a.batch, a.steps);
   // The input projection is fused into the dot products of the direct form for one step or
-  // int8 weights (over several fp32 steps one GEMM costs less than reading W_ih every step),
-  // and into the bf16 pair panels under avx512_bf16 (not amx, whose tiles take the gates' rows
-  // in place): there the products of x and of h run in one tile at the instruction's full
-  // rate, where a separate GEMM ran at 80 % of it and its (N, 4H) result came back from memory.
+  // int8 weights in inference (over several fp32 steps one GEMM costs less than reading W_ih
+  // every step), and into the bf16 pair panels under avx512_bf16, in training too (not amx,
+  // whose tiles take the gates' rows in place): there the products of x and of h run in one
+  // tile at the instruction's full rate, where a separate GEMM ran at 80 % of it and its
+  // (N, 4H) result came back from memory.
   const bool fused_pairs = std::is_same_v<scalar_t, c10::BFloat16> &&
                            isa == Isa::avx512_bf16 && !direct && a.hidden % 2 == 0 &&
                            a.input_size % 2 == 0 && a.recurrent_mask == nullptr &&
                            a.w_hh_int8 == nullptr;
-  const bool fused_direct = direct && (a.steps == 1 || a.w_hh_int8 != nullptr);
-  if (a.gates == nullptr && !fused_direct && !fused_pairs) return false;
-  const int64_t input_room = a.gates == nullptr && !direct ? blocks * a.input_size / 2 * 4 * V : 0;
+  const bool fused_direct =
+      direct && a.gates == nullptr && (a.steps == 1 || a.w_hh_int8 != nullptr);
+  const bool project_input = a.input != nullptr;
+  if (project_input && !fused_direct && !fused_pairs) return false;
+  const int64_t input_room = project_input && !direct ? blocks * a.input_size / 2 * 4 * V : 0;
   const at::Tensor panel = workspace(
       Workspace::panel, {direct ? 0 : blocks * a.hidden * 4 * V + input_room}, options);
   const at::Tensor h_work =

@@ -17,9 +17,9 @@
 // batch of one row (or up to four over a short sequence) skips the forward panels and reads
 // W_hh's rows in place by dot products (dot.h), since packing would cost as much as the steps;
 // bf16 under avx512_bf16 packs k in pairs and multiplies with the bf16 dot-product instruction
-// (bf16_pairs.h); in inference it also packs W_ih so, and each tile multiplies its rows of x
-// and then of h into the same accumulators (the input projection fused: no separate GEMM and no
-// (N, 4H) gates in memory). Everything here is a template inlined into the per-instruction-set
+// (bf16_pairs.h); it also packs W_ih so, and each tile multiplies its rows of x and then of h
+// into the same accumulators (the input projection fused: no separate GEMM, and no (N, 4H)
+// pre-activations in memory; training writes only the activations its backward reads). Everything here is a template inlined into the per-instruction-set
 // wrappers of recurrence.cpp (see isa.h).
 //
 // Sequences follow lstm_common.h's LayerShape: step t owns rows [offset[t], offset[t] + size[t])
@@ -388,6 +388,8 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 
   // Without a panel the weights are read in place by dot products (small batches).
   const bool direct = a.panel == nullptr;
+  // x times W_ih made here too (run_forward says where), with the gates, if any, out only.
+  const bool project_input = a.input != nullptr;
 
   // bf16 under avx512_bf16 multiplies bf16 pairs (bf16_pairs.h): panels of pairs of k, and
   // the bf16 h itself (the previous step's output rows, or h0) as the rows. An odd H, whose
@@ -399,13 +401,13 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   // Under amx the same panels are multiplied on AMX tiles, kAmxRows rows at a time, where H is
   // whole steps of the tile product (otherwise by the dot-product instruction).
   constexpr bool kAmxKernel = isa == Isa::amx && kPairKernel;
-  const bool amx = kAmxKernel && pairs && a.gates != nullptr && H % (2 * kAmxPairs) == 0;
+  const bool amx = kAmxKernel && pairs && !project_input && H % (2 * kAmxPairs) == 0;
   constexpr int RT = std::max({R, kDirectRows, kAmxKernel ? kAmxRows : 0});  // rows per tile
   const int64_t tile_rows = direct ? kDirectRows : amx ? kAmxRows : R;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
-  // With the input projection fused (gates null, inference), W_ih's pair panels follow the
-  // fp32-sized room of W_hh's (run_forward sizes the workspace for both).
-  const bool fused_input = pairs && a.gates == nullptr;
+  // With the input projection fused, W_ih's pair panels follow the fp32-sized room of W_hh's
+  // (run_forward sizes the workspace for both).
+  const bool fused_input = pairs && project_input;
   uint32_t* const input_panels =
       fused_input ? reinterpret_cast<uint32_t*>(a.panel + blocks * H * 4 * V) : nullptr;
   const int64_t input_pairs = a.input_size / 2;
@@ -454,7 +456,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   }
   // b_ih + b_hh of this thread's columns, where the gates lack them (or there are no gates:
   // the input projection fused).
-  const bool add_biases = !a.gates || a.b_ih || a.b_hh;
+  const bool add_biases = project_input || a.b_ih || a.b_hh;
   std::vector<acc_t> biases(add_biases ? 4 * H : 0);
   for (int64_t g = 0; g < 4 && add_biases; ++g) {
     for (int64_t j = unit_begin; j < unit_end; ++j) {
@@ -479,7 +481,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   Int16Rows h_int16, x_int16;
   if (int8) {
     h_int16.resize(B, H);
-    if (!a.gates) x_int16.resize(B, a.input_size);
+    if (project_input) x_int16.resize(B, a.input_size);
   }
   int64_t processed = 0, prev_rows = 0, prev_offset = 0;
   for (int64_t k = 0; k < a.steps; ++k) {
@@ -508,7 +510,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (int64_t r = 0; int8 && r < rows; ++r) {
         h_int16.set(r, (r < prev_rows ? h_prev : h0) + r * H);
-        if (!a.gates) x_int16.set(r, a.input + (offset + r) * a.input_stride);
+        if (project_input) x_int16.set(r, a.input + (offset + r) * a.input_stride);
       }
     }
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
@@ -524,9 +526,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           in[i] = (r < prev_rows ? h_prev : h0) + r * H;
         }
         // The tile's pre-activations, written by the input projection long before, come from
-        // memory, and its rows of the outputs and saved states are lines no step has touched:
-        // asked for now (for ownership), they arrive while the products run and the gate math's
-        // stores do not wait on reads.
+        // memory, and its rows of the outputs, saved states and saved activations are lines
+        // no step has touched: asked for now (for ownership), they arrive while the products
+        // run and the gate math's stores do not wait on reads.
         const void* ahead[RT * 8];
         int n_ahead = 0;
         for (int i = 0; i < n; ++i) {
@@ -547,9 +549,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           const acc_t* w = in_place_weight<acc_t>(a.w_hh);
           // The input projection, fused (a decode step, or any int8 one): W_ih's rows are read
           // the same way.
-          const acc_t* w_ih = a.gates ? nullptr : in_place_weight<acc_t>(a.w_ih);
+          const acc_t* w_ih = project_input ? in_place_weight<acc_t>(a.w_ih) : nullptr;
           const acc_t* x[RT] = {};
-          for (int i = 0; i < n && !a.gates; ++i) {
+          for (int i = 0; i < n && project_input; ++i) {
             x[i] = in_place_weight<acc_t>(a.input) + (offset + r0 + i) * a.input_stride;
           }
           // int8 weights (fp32 only): the same dot products on int8 rows, times their scales.
@@ -557,7 +559,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           const int16_t* x_rows[kDirectRows] = {};
           for (int i = 0; i < n && int8; ++i) {
             h_rows[i] = h_int16.row(r0 + i);
-            if (!a.gates) x_rows[i] = x_int16.row(r0 + i);
+            if (project_input) x_rows[i] = x_int16.row(r0 + i);
           }
           for (int64_t v = 0; v < n_units; ++v) {
             acc_t dots[4 * kDirectRows], input_dots[4 * kDirectRows] = {};
@@ -565,7 +567,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
               if (int8) {
                 int8_dot_rows<V>(n, H, a.w_hh_int8, a.w_hh_scale, j0 + v, a.w_stride0, H,
                                  h_rows, h_int16.scale + r0, dots);
-                if (!a.gates) {
+                if (project_input) {
                   int8_dot_rows<V>(n, a.input_size, a.w_ih_int8, a.w_ih_scale, j0 + v,
                                    a.w_ih_stride, H, x_rows, x_int16.scale + r0, input_dots);
                 }
@@ -642,7 +644,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           alignas(64) acc_t z[4 * V];
           alignas(64) acc_t h[V];
           for (int g = 0; g < 4; ++g) {
-            if (a.gates) {
+            if (!project_input) {
               convert_n(gate_row + g * H + j0, z + g * V, n_units);
               if (add_biases) add_n(biases.data() + g * H + j0, z + g * V, n_units);
             } else {

@@ -222,7 +222,7 @@ struct CudaKernels {
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>& a) {
     using acc_t = at::opmath_type<scalar_t>;
-    if (a.gates == nullptr || a.w_hr != nullptr || a.recurrent_mask != nullptr ||
+    if (a.input != nullptr || a.w_hr != nullptr || a.recurrent_mask != nullptr ||
         a.zoneout_cell != nullptr || a.zoneout_hidden != nullptr || a.w_hh_int8 != nullptr ||
         !uniform_steps(a) ||
         !persistent_wanted(/*backward=*/false, a.hidden, a.batch)) {
