@@ -504,3 +504,19 @@ def test_low_precision_bias_gradient_is_summed_in_fp32(dtype):
     for name in ("bias_ih_l0", "bias_hh_l0"):
         actual, expected = getattr(ours, name).grad, getattr(reference, name).grad
         assert rel_error(actual, expected) <= 2e-2, (name, rel_error(actual, expected))
+
+
+@pytest.mark.parametrize("batch", [3, 8])
+def test_the_profiler_records_only_the_recurrence_calls_taken(batch):
+    """The layer first offers the recurrence its input projection (taken by bf16 on
+    avx512_bf16 and by decode steps), and a declined offer is not recorded: a profile shows one
+    lstm_ext::recurrence per layer forward, in training and in inference."""
+    torch.manual_seed(9)
+    model = lstm_ext.LSTM(8, 16, num_layers=2)
+    x = torch.randn(5, batch, 8)
+    for training in (True, False):
+        with torch.set_grad_enabled(training), torch.profiler.profile() as profile:
+            model(x)
+        recorded = sum(event.count for event in profile.key_averages()
+                       if event.key == "lstm_ext::recurrence")
+        assert recorded == 2, training

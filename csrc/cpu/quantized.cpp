@@ -104,7 +104,6 @@ Result int8_layer_forward(const at::Tensor& input, const at::Tensor& h0, const a
     }
     a.b_ih = bias_ih.has_value() ? bias_ih->const_data_ptr<float>() : nullptr;
     a.b_hh = bias_hh.has_value() ? bias_hh->const_data_ptr<float>() : nullptr;
-    RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
     TORCH_CHECK(cpu::run_forward(a), kOp, ": the recurrence declined the int8 weights");
     return {s.packed ? output : output.view({s.steps, s.batch, H}), h_state, c_state};
   }

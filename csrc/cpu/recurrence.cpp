@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -174,9 +175,11 @@ bool direct_form(int64_t batch, int64_t steps) {
 template <typename scalar_t>
 bool run_forward(SequenceForward<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
+  // Recorded for the profiler only where the call is taken, not where it is declined.
   if (a.w_hr != nullptr) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (a.gates != nullptr) {
+      if (a.input == nullptr) {
+        RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
         run_projected_forward(a);
         return true;
       }
@@ -222,6 +225,7 @@ bool run_forward(SequenceForward<scalar_t> a) {
     threads = static_cast<int>(
         std::clamp<int64_t>(bytes / kDecodeBytesPerThread, 1, threads));
   }
+  RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
   run_parallel(a, forward_kernel<scalar_t>(isa), threads);
   return true;
 }
