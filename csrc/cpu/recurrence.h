@@ -19,8 +19,9 @@
 // bf16 under avx512_bf16 packs k in pairs and multiplies with the bf16 dot-product instruction
 // (bf16_pairs.h); it also packs W_ih so, and each tile multiplies its rows of x and then of h
 // into the same accumulators (the input projection fused: no separate GEMM, and no (N, 4H)
-// pre-activations in memory; training writes only the activations its backward reads). Everything here is a template inlined into the per-instruction-set
-// wrappers of recurrence.cpp (see isa.h).
+// pre-activations in memory; training writes only the activations its backward reads).
+// Everything here is a template inlined into the per-instruction-set wrappers of
+// recurrence.cpp (see isa.h).
 //
 // Sequences follow lstm_common.h's LayerShape: step t owns rows [offset[t], offset[t] + size[t])
 // and sizes never grow with t. The h entering a step is read in the math type from a
@@ -454,8 +455,8 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
       h0[r * H + j] = recurrent_input(r, j, cast<acc_t>(a.hidden_state[r * H + j]));
     }
   }
-  // b_ih + b_hh of this thread's columns, where the gates lack them (or there are no gates:
-  // the input projection fused).
+  // b_ih + b_hh of this thread's columns, where the gates lack them (or the input projection
+  // is made here, and no gates come in).
   const bool add_biases = project_input || a.b_ih || a.b_hh;
   std::vector<acc_t> biases(add_biases ? 4 * H : 0);
   for (int64_t g = 0; g < 4 && add_biases; ++g) {
