@@ -134,6 +134,11 @@ TARGETS = {
 # A CUDA timing spans at least this long (repeating the run), so that launch jitter and the
 # timer's resolution stay small against it.
 MIN_CUDA_TIMING_S = 0.01
+# Without --repeats, a row is timed at least this long in all (every contender's runs), up to
+# MAX_REPEATS iterations: five iterations of a row of a few ms are too few for a median ratio
+# on a shared machine, whose speed drifts between iterations.
+MIN_TIMED_S = 1.0
+MAX_REPEATS = 40
 
 
 def groups_of(row, device_type):
@@ -380,7 +385,10 @@ def times_in_ms(times):
             for name, values in times.items()}
 
 
-def measure(row, device, repeats, warmup, profile=False):
+def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
+    """Times the row's contenders interleaved: `warmup` iterations, then `repeats`, or more
+    where that many would take less than min_timed_s (the warm-up's last iteration tells),
+    up to MAX_REPEATS."""
     generator = torch.Generator().manual_seed(0)
     baseline, ours, make_input, rows_of_data = build(row, device, generator)
     runs = {"ours": step_function(row, ours, make_input, device),
@@ -393,18 +401,25 @@ def measure(row, device, repeats, warmup, profile=False):
     # warm-ups size the repeat count so that a timing lasts MIN_CUDA_TIMING_S.
     inner = {name: 1000 if row.mode == "decode" else 1 for name in runs}
     times = {name: [] for name in runs}
-    for iteration in range(warmup + repeats):
+    iteration = 0
+    while iteration < warmup + repeats:
+        iteration_s = 0.0
         for name, run in runs.items():  # interleaved, so both see the same machine state
             synchronize(device)
             start = time.perf_counter()
             for _ in range(inner[name]):
                 run()
             synchronize(device)
-            seconds = (time.perf_counter() - start) / inner[name]
+            elapsed = time.perf_counter() - start
+            iteration_s += elapsed
+            seconds = elapsed / inner[name]
             if iteration >= warmup:
                 times[name].append(seconds)
             elif device.type == "cuda":
                 inner[name] = max(inner[name], math.ceil(MIN_CUDA_TIMING_S / seconds))
+        iteration += 1
+        if iteration == warmup and min_timed_s > 0:
+            repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_timed_s / iteration_s)))
     ours_s, torch_s = statistics.median(times["ours"]), statistics.median(times["torch"])
     result = {
         "ours_ms": ours_s * 1e3,
@@ -753,7 +768,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few small rows, in seconds")
     parser.add_argument("--suite", action="append", choices=sorted(SUITES),
                         help="run only these suites (repeatable; default: all)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per row (default: 5, more where 5 would take less "
+                             f"than {MIN_TIMED_S:g} s, up to {MAX_REPEATS})")
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA fp32: allow TF32 in matmuls and cuDNN (both implementations)")
     parser.add_argument("--profile", action="store_true",
@@ -808,8 +825,10 @@ def main():
         args.json, args.markdown, args.png = (args.json or stem + ".json",
                                               args.markdown or stem + ".md",
                                               args.png or stem + ".png")
+    # A given --repeats (or --quick) is the count; otherwise at least MIN_TIMED_S per row.
+    min_timed_s = 0.0 if args.repeats or args.quick else MIN_TIMED_S
     run_rows(rows, lambda row: measure(row, device, repeats, warmup=1 if args.quick else 2,
-                                       profile=args.profile), roof_of,
+                                       profile=args.profile, min_timed_s=min_timed_s), roof_of,
              lambda done: write_reports(done, len(rows), args, machine, command, roofs,
                                         device.type))
     summary = summarize(rows, device.type)

@@ -62,6 +62,17 @@ def test_forward_rows_time_both_implementations(bench):
     assert results["ratio"] == pytest.approx(paired, 1e-3)
 
 
+def test_short_rows_get_more_iterations_up_to_the_cap(bench, monkeypatch):
+    """Without --repeats a row runs at least MIN_TIMED_S in all, sized by its last warm-up
+    iteration, and at most MAX_REPEATS iterations; a row already long enough keeps its count."""
+    monkeypatch.setattr(bench, "MAX_REPEATS", 7)
+    row = bench.Row("forward", 16, 2, 3)
+    cpu = torch.device("cpu")
+    for min_timed_s, expected in ((0.0, 3), (1e-9, 3), (60.0, 7)):
+        results = bench.measure(row, cpu, repeats=3, warmup=1, min_timed_s=min_timed_s)
+        assert [len(t) for t in results["times_ms"].values()] == [expected, expected]
+
+
 @pytest.mark.parametrize("input_grad", [False, True])
 def test_training_rows_ask_for_the_input_gradient_only_where_the_row_says(bench, input_grad):
     row = bench.Row("training", 8, 2, 3, input_grad=input_grad)
