@@ -43,7 +43,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 # Memory layouts a caller can hand a tensor in (see relayout).
-LAYOUTS = ["contiguous", "transposed", "stepped", "offset", "expanded"]
+LAYOUTS = ["contiguous", "transposed", "stepped", "padded", "offset", "expanded"]
 
 
 def relayout(tensor, layout):
@@ -58,6 +58,11 @@ def relayout(tensor, layout):
                           dtype=tensor.dtype)
         wide[..., ::2] = tensor
         return wide[..., ::2]
+    if layout == "padded":  # rows of the last dimension inside wider rows
+        wide = torch.full((*tensor.shape[:-1], tensor.shape[-1] + 3), float("nan"),
+                          dtype=tensor.dtype)
+        wide[..., : tensor.shape[-1]] = tensor
+        return wide[..., : tensor.shape[-1]]
     if layout == "offset":
         storage = torch.full((tensor.numel() + 3,), float("nan"), dtype=tensor.dtype)
         storage[3:] = tensor.reshape(-1)

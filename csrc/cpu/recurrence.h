@@ -19,7 +19,8 @@
 // bf16 under avx512_bf16 packs k in pairs and multiplies with the bf16 dot-product instruction
 // (bf16_pairs.h); it also packs W_ih so, and each tile multiplies its rows of x and then of h
 // into the same accumulators (the input projection fused: no separate GEMM, and no (N, 4H)
-// pre-activations in memory; training writes only the activations its backward reads).
+// pre-activations in memory; training writes only the activations its backward reads). fp32
+// and fp64 panels do the same where both weights are small enough (run_forward).
 // Everything here is a template inlined into the per-instruction-set wrappers of
 // recurrence.cpp (see isa.h).
 //
@@ -417,6 +418,11 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
       fused_input ? input_pairs * 4 * V * int64_t{sizeof(uint32_t)} : 0;
   const bool fetch_pairs =
       pairs && !amx && panels_outgrow_l2(mine.count() * (pair_panel_bytes + input_panel_bytes));
+  // In the math type's panels, W_ih's panels likewise follow W_hh's.
+  const bool panel_input =
+      std::is_same_v<scalar_t, acc_t> && project_input && !direct && !pairs;
+  acc_t* const input_panel = panel_input ? a.panel + blocks * H * 4 * V : nullptr;
+  const int64_t input_panel_floats = a.input_size * 4 * V;
   if constexpr (kPairKernel) {
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
       pack_pair_block<V>(pair_panels + jb * (H / 2) * 4 * V, a.w_hh, a.w_stride0, a.w_stride1,
@@ -441,8 +447,20 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         a.w_hh_int8 == nullptr && a.w_stride1 == 1 ? in_place_weight<acc_t>(a.w_hh) : nullptr,
         a.w_stride0);
   }
+  for (int64_t jb = mine.begin; jb < mine.end && panel_input; ++jb) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      pack_forward_block<acc_t, V>(
+          input_panel + jb * input_panel_floats, H, a.input_size, jb,
+          [&](int64_t row, int64_t k) { return a.w_ih[row * a.w_ih_stride + k]; }, a.w_ih,
+          a.w_ih_stride);
+    }
+  }
   const int64_t panel_bytes = H * 4 * V * static_cast<int64_t>(sizeof(acc_t));
-  const bool fetch_panels = !direct && !pairs && panels_outgrow_l2(mine.count() * panel_bytes);
+  const bool fetch_panels =
+      !direct && !pairs &&
+      panels_outgrow_l2(mine.count() * (panel_bytes + (panel_input ? input_panel_floats *
+                                                                         int64_t{sizeof(acc_t)}
+                                                                   : 0)));
   const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
   // h as W_hh multiplies it: times the recurrent-dropout mask, rounded to the storage type
   // (the step loop of lstm_layer.h multiplies the same values).
@@ -632,7 +650,18 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
                   ? panel_ahead(a.panel + mine.after(jb) * H * 4 * V, panel_bytes, tile,
                                 tiles.count)
                   : PanelAhead{};
-          tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products, false, ahead,
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            if (panel_input) {  // x W_ih^T first, then h W_hh^T added to it
+              const acc_t* x_rows[RT] = {};
+              for (int i = 0; i < n; ++i) {
+                x_rows[i] = a.input + (offset + r0 + i) * a.input_stride;
+              }
+              tile_product_n<acc_t, V, R>(n, a.input_size, x_rows,
+                                          input_panel + jb * input_panel_floats, 4 * V,
+                                          products, false);
+            }
+          }
+          tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, products, panel_input, ahead,
                                       spread ? n_ahead : 0, next);
         }
         // One row's gate math; a whole block's count of units is a constant, so that its loops
