@@ -1,7 +1,7 @@
 """Every tensor argument of every public op in any memory layout: transposed, sliced with a
-step, inside wider rows, expanded (zero stride), at an offset into its storage. The answer must equal the
-contiguous call's; a layout an op cannot take would have to be refused with an error, never
-read as if it were contiguous (the ops are public, and torch.compile hands them whatever
+step, inside wider rows, expanded (zero stride), at an offset into its storage. The answer must
+equal the contiguous call's; a layout an op cannot take would have to be refused with an error,
+never read as if it were contiguous (the ops are public, and torch.compile hands them whatever
 strides the fake functions allow)."""
 
 import torch
