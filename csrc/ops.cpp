@@ -1,7 +1,7 @@
 // Every op schema of the lstm_ext library, in one place, and the device-independent cell ops.
 //
 // The layer ops cover a whole sequence for one layer and one direction; the Python module
-// composes layers, directions and dropout. Their device kernels live in cpu/ and cuda/; their
+// composes layers, directions and dropout (in plain inference lstm_layers does, here). Their device kernels live in cpu/ and cuda/; their
 // fake (shape) functions and autograd formulas are registered from lstm_ext/ops.py.
 #include "cpu/isa.h"
 #include "cpu/random_mask.h"
@@ -14,8 +14,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace lstm_ext {
 namespace {
@@ -105,6 +107,55 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
 
+// All layers and directions of an LSTM for inference in one call: lstm_layer_forward per layer
+// and direction through the dispatcher (so each reaches its device's kernel, under autocast
+// too), a bidirectional layer's outputs side by side as the next layer's input. From Python a
+// layer op call costs ~10 us of argument boxing, as much as a decode step's whole layer of
+// H 512 takes beyond reading its weights; here a deep model pays it once.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layers_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, at::TensorList weights,
+    bool has_biases, int64_t num_layers, bool bidirectional,
+    const std::optional<at::Tensor>& batch_sizes) {
+  const int64_t directions = bidirectional ? 2 : 1;
+  const int64_t count = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(num_layers >= 1, "lstm_layers: num_layers must be at least 1, got ", num_layers);
+  const int64_t plain = has_biases ? 4 : 2;
+  const int64_t per = count / (num_layers * directions);
+  TORCH_CHECK(count == per * num_layers * directions && (per == plain || per == plain + 1),
+              "lstm_layers: expected ", plain, " weights per layer and direction (", plain + 1,
+              " with projections) for ", num_layers, " layers and ", directions,
+              " directions, got ", count);
+  const bool projections = per == plain + 1;
+  for (const auto& [name, state] : {std::pair{"h0", &h0}, std::pair{"c0", &c0}}) {
+    TORCH_CHECK(state->dim() == 3 && state->size(0) == num_layers * directions,
+                "lstm_layers: expected ", name, " of shape (num_layers * directions = ",
+                num_layers * directions, ", batch, size), got ", state->sizes());
+  }
+  const auto optional = [](bool present, const at::Tensor& tensor) {
+    return present ? std::optional<at::Tensor>(tensor) : std::nullopt;
+  };
+  std::vector<at::Tensor> h_n, c_n;
+  at::Tensor layer_input = input;
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    std::vector<at::Tensor> outputs;
+    for (int64_t direction = 0; direction < directions; ++direction) {
+      const int64_t index = layer * directions + direction;
+      const at::Tensor* w = weights.data() + index * per;
+      auto result = layer_forward_op().call(
+          layer_input, h0.select(0, index), c0.select(0, index), w[0], w[1],
+          optional(has_biases, w[2]), optional(has_biases, w[3]),
+          optional(projections, w[per - 1]), batch_sizes, /*reverse=*/direction == 1,
+          /*training=*/false, std::nullopt, std::nullopt, std::nullopt,
+          /*return_cells=*/false);
+      outputs.push_back(std::move(std::get<0>(result)));
+      h_n.push_back(std::move(std::get<1>(result)));
+      c_n.push_back(std::move(std::get<2>(result)));
+    }
+    layer_input = directions == 1 ? outputs[0] : at::cat(outputs, -1);
+  }
+  return {layer_input, at::stack(h_n), at::stack(c_n)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lstm_ext, m) {
@@ -169,8 +220,6 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor grad_w_hr, Tensor grad_ln_ih_weight, Tensor grad_ln_ih_bias, "
       "Tensor grad_ln_hh_weight, Tensor grad_ln_hh_bias, Tensor grad_ln_cell_weight, "
       "Tensor grad_ln_cell_bias)");
-  // One step of an LSTMCell: input (B, I), hx and cx (B, H). Returns h', c', then what
-  // backward needs (empty unless training): gate activations (B, 4H) and cx in the math dtype.
   // One layer, one direction, inference, with int8 weights (one fp32 scale per row: the
   // weight is w * scale[:, None]) and fp32 input, state and gate math; CPU only (cpu/
   // quantized.cpp). Returns output, h_n, c_n as lstm_layer_forward does.
@@ -179,6 +228,16 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor w_ih_scale, Tensor w_hh, Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, "
       "Tensor? w_hr, Tensor? w_hr_scale, Tensor? batch_sizes, bool reverse) -> "
       "(Tensor output, Tensor h_n, Tensor c_n)");
+  // Every layer and direction of an LSTM at once, for inference (nothing saved for backward):
+  // input (T, B, I) or packed (N, I) with batch_sizes; h0 (L * D, B, R) and c0 (L * D, B, H);
+  // weights as nn.LSTM's _flat_weights (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and
+  // direction). Returns output, h_n, c_n as nn.LSTM does. Made of lstm_layer_forward calls.
+  m.def(
+      "lstm_layers(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_biases, "
+      "int num_layers, bool bidirectional, Tensor? batch_sizes) -> (Tensor output, "
+      "Tensor h_n, Tensor c_n)");
+  // One step of an LSTMCell: input (B, I), hx and cx (B, H). Returns h', c', then what
+  // backward needs (empty unless training): gate activations (B, 4H) and cx in the math dtype.
   m.def(
       "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, bool training) -> (Tensor h, Tensor c, Tensor gates, "
@@ -225,6 +284,10 @@ TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {
 TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
   m.impl("lstm_layer_forward", &layer_forward_autocast<c10::DeviceType::CUDA>);
   m.impl("lstm_cell_forward", &cell_forward_autocast<c10::DeviceType::CUDA, true>);
+}
+
+TORCH_LIBRARY_IMPL(lstm_ext, CompositeImplicitAutograd, m) {
+  m.impl("lstm_layers", &layers_forward);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CompositeExplicitAutograd, m) {

@@ -454,6 +454,18 @@ class LSTM(_GateInit, nn.RNNBase):
         # bookkeeping (_update_flat_weights), which costs ~20 us per call.
         return [self._parameters[name] for name in self._flat_weights_names]
 
+    def _plain_in_inference(self):
+        """Whether a call that keeps nothing for backward is plain layers, one after another,
+        which lstm_layers runs in one call: no variant that acts in this mode, no dropout
+        between layers, no cell sequence. Compiling and tracing keep the per-layer ops, which
+        is what they capture."""
+        if self.training and (self.dropout > 0 or self.recurrent_dropout > 0
+                              or self.weight_drop > 0):
+            return False
+        return not (self.layer_norm or any(self.zoneout) or self.return_cell_sequence
+                    or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                    or torch.jit.is_tracing())
+
     def _run_layers(self, data, batch_sizes, weights, h0, c0):
         """All layers and directions over time-major (T, B, I) or packed (N, I) data."""
         num_directions = 2 if self.bidirectional else 1
@@ -462,6 +474,9 @@ class LSTM(_GateInit, nn.RNNBase):
         exporting = _exporting_onnx()
         if exporting:
             _onnx.check_exportable(self, batch_sizes is not None)
+        elif not training and self._plain_in_inference():
+            return ops.layers_forward(data, h0, c0, weights, self.bias, self.num_layers,
+                                      self.bidirectional, batch_sizes)
         h_n, c_n = [], []
         layer_input = data
         for layer in range(self.num_layers):

@@ -29,6 +29,15 @@ def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, ba
     return (output, h_n, c_n, cells) if return_cells else (output, h_n, c_n)
 
 
+def layers_forward(input, h0, c0, weights, has_biases, num_layers, bidirectional,
+                   batch_sizes=None):
+    """Every layer and direction of a plain LSTM for inference, in one call (layer_forward per
+    layer and direction, composed in C++: csrc/ops.cpp). weights as nn.LSTM's _flat_weights.
+    Returns (output, h_n, c_n)."""
+    return _ops.lstm_layers.default(input, h0, c0, weights, has_biases, num_layers,
+                                    bidirectional, batch_sizes)
+
+
 def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
                        training, norms, recurrent_mask=None, return_cells=False,
                        zoneout_cell=None, zoneout_hidden=None):

@@ -268,8 +268,89 @@ def test_no_state_saved_without_grad(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(lstm_nn.ops, "layer_forward", record)
-    module = lstm_ext.LSTM(4, 6)
+    # With the layers composed in C++ too (lstm_layers, which passes training=False), as a
+    # variant that acting in eval mode keeps the per-layer ops.
+    for module in (lstm_ext.LSTM(4, 6), lstm_ext.LSTM(4, 6, zoneout=0.1).eval()):
+        plain = not any(module.zoneout)
+        monkeypatch.setattr(module, "_plain_in_inference", lambda: False)
+        with torch.no_grad():
+            module(torch.randn(3, 2, 4))
+        module(torch.randn(3, 2, 4))
+        assert calls == [False, True], module
+        calls.clear()
+        if plain:
+            monkeypatch.undo()
+            monkeypatch.setattr(lstm_nn.ops, "layer_forward", record)
+
+
+def layers_spy(monkeypatch):
+    """The calls of ops.layers_forward (lstm_layers) from the module, in a list."""
+    calls = []
+    original = lstm_ext.ops.layers_forward
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lstm_nn.ops, "layers_forward", record)
+    return calls
+
+
+@pytest.mark.parametrize("config", [
+    dict(num_layers=3, proj_size=3),
+    dict(num_layers=2, bidirectional=True, bias=False, batch_first=True),
+    dict(num_layers=2, bidirectional=True, proj_size=2),
+], ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_inference_runs_every_layer_in_one_call_with_the_same_bits(monkeypatch, config, packed):
+    """Without gradients a plain LSTM is one lstm_layers call (the layers composed in C++):
+    the same bits as the layer ops called one by one from Python, in fp32 and fp64."""
+    torch.manual_seed(len(config) + packed)
+    calls = layers_spy(monkeypatch)
+    for dtype in (torch.float32, torch.float64):
+        module = lstm_ext.LSTM(5, 7, **config, dtype=dtype).eval()
+        states = config["num_layers"] * (2 if config.get("bidirectional") else 1)
+        x = torch.randn(6, 4, 5, dtype=dtype)
+        if packed:
+            x = nn.utils.rnn.pack_padded_sequence(x, [6, 5, 3, 1], enforce_sorted=False)
+        elif config.get("batch_first"):
+            x = x.transpose(0, 1)
+        state = (torch.randn(states, 4, config.get("proj_size") or 7, dtype=dtype),
+                 torch.randn(states, 4, 7, dtype=dtype))
+        with torch.no_grad():
+            fused, (h_fused, c_fused) = module(x, state)
+            assert len(calls) == 1
+            calls.clear()
+            with monkeypatch.context() as patch:
+                patch.setattr(module, "_plain_in_inference", lambda: False)
+                layered, (h_layered, c_layered) = module(x, state)
+            assert calls == []
+        if packed:
+            fused, layered = fused.data, layered.data
+        for a, b in ((fused, layered), (h_fused, h_layered), (c_fused, c_layered)):
+            assert torch.equal(a, b), dtype
+
+
+@pytest.mark.parametrize("kwargs,train,fused", [
+    (dict(num_layers=2, dropout=0.5), True, False),
+    (dict(num_layers=2, dropout=0.5), False, True),
+    (dict(recurrent_dropout=0.3), True, False),
+    (dict(recurrent_dropout=0.3), False, True),
+    (dict(weight_drop=0.3), True, False),
+    (dict(weight_drop=0.3), False, True),
+    (dict(zoneout=0.2), False, False),
+    (dict(layer_norm=True), False, False),
+    (dict(return_cell_sequence=True), False, False),
+], ids=str)
+def test_inference_in_one_call_only_where_nothing_else_acts(monkeypatch, kwargs, train, fused):
+    """lstm_layers runs plain layers only: dropout between layers in training, recurrent
+    dropout and weight drop in training, zoneout (its expectation in eval), LayerNorm and the
+    cell sequence keep the per-layer ops; in eval the dropouts are off and it runs."""
+    calls = layers_spy(monkeypatch)
+    module = lstm_ext.LSTM(4, 6, **kwargs).train(train)
     with torch.no_grad():
         module(torch.randn(3, 2, 4))
-    module(torch.randn(3, 2, 4))
-    assert calls == [False, True]
+    assert len(calls) == (1 if fused else 0)
+    calls.clear()
+    module(torch.randn(3, 2, 4))  # recording gradients: never
+    assert calls == []

@@ -3,7 +3,7 @@ and the errors of the raw ops."""
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 from conftest import poisoned_allocations
 from lstm_ext import ops
@@ -64,6 +64,62 @@ def test_opcheck_layer_backward(variant):
             b_ih is not None, input_grad, weight_grads,
         ]
         torch.library.opcheck(OPS.lstm_layer_backward, backward_args)
+
+
+def layers_args(layers=2, bidirectional=True, proj=0, bias=True, packed=False):
+    """lstm_layers' arguments for an fp64 LSTM of input 5, hidden 6 over 4 steps of 3
+    sequences: nn.LSTM's flat weights, fresh random states."""
+    torch.manual_seed(layers + 2 * bidirectional + 4 * proj + 8 * bias + 16 * packed)
+    reference = torch.nn.LSTM(5, 6, layers, bias=bias, bidirectional=bidirectional,
+                              proj_size=proj, dtype=torch.float64)
+    x, _, _, *_, batch_sizes, _, _ = layer_args(packed=packed, requires_grad=False)
+    states = layers * (2 if bidirectional else 1)
+    h0 = torch.randn(states, 3, proj or 6, dtype=torch.float64)
+    c0 = torch.randn(states, 3, 6, dtype=torch.float64)
+    weights = [w.detach() for w in reference._flat_weights]
+    return reference, [x, h0, c0, weights, bias, layers, bidirectional, batch_sizes]
+
+
+LAYERS_VARIANTS = [
+    {},
+    {"layers": 1, "bidirectional": False},
+    {"layers": 3, "proj": 2},
+    {"bias": False, "packed": True},
+    {"layers": 2, "proj": 3, "packed": True, "bias": False},
+]
+
+
+@pytest.mark.parametrize("variant", LAYERS_VARIANTS, ids=str)
+def test_lstm_layers_is_nn_lstm_in_inference(variant):
+    """lstm_layers (every layer and direction in one call) against fp64 nn.LSTM on the same
+    weights, and through opcheck (its shapes under FakeTensor come from the layer ops it is
+    made of)."""
+    reference, args = layers_args(**variant)
+    x, h0, c0, *_, batch_sizes = args
+    with torch.no_grad():
+        if batch_sizes is not None:
+            expected, (h_ref, c_ref) = reference(PackedSequence(x, batch_sizes), (h0, c0))
+            expected = expected.data
+        else:
+            expected, (h_ref, c_ref) = reference(x, (h0, c0))
+    output, h_n, c_n = OPS.lstm_layers(*args)
+    for actual, wanted in ((output, expected), (h_n, h_ref), (c_n, c_ref)):
+        torch.testing.assert_close(actual, wanted, rtol=1e-10, atol=1e-12)
+    torch.library.opcheck(OPS.lstm_layers, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.__setitem__(3, a[3][:-1]), "weights per layer and direction"),
+    (lambda a: a.__setitem__(5, 0), "num_layers must be at least 1"),
+    (lambda a: a.__setitem__(4, False), "2 weights per layer"),
+    (lambda a: a.__setitem__(1, a[1][:3]), r"h0 of shape \(num_layers \* directions = 4"),
+    (lambda a: a.__setitem__(2, a[2][0]), "c0 of shape"),
+])
+def test_lstm_layers_errors(change, message):
+    _, args = layers_args()
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.lstm_layers(*args)
 
 
 def variant_args(args, eval_zoneout=False):
