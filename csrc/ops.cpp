@@ -107,15 +107,30 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
 
-// All layers and directions of an LSTM for inference in one call: lstm_layer_forward per layer
-// and direction through the dispatcher (so each reaches its device's kernel, under autocast
-// too), a bidirectional layer's outputs side by side as the next layer's input. From Python a
-// layer op call costs ~10 us of argument boxing, as much as a decode step's whole layer of
-// H 512 takes beyond reading its weights; here a deep model pays it once.
+using Int8LayerSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_ih_scale, const at::Tensor& w_hh, const at::Tensor& w_hh_scale,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& w_hr_scale,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse);
+
+const c10::TypedOperatorHandle<Int8LayerSignature>& int8_layer_forward_op() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("lstm_ext::lstm_int8_layer_forward", "")
+                                 .typed<Int8LayerSignature>();
+  return handle;
+}
+
+// All layers and directions of an LSTM for inference in one call: lstm_layer_forward (or, given
+// scales, lstm_int8_layer_forward) per layer and direction through the dispatcher, so each
+// reaches its device's kernel, under autocast too; a bidirectional layer's outputs side by side
+// as the next layer's input. From Python a layer op call costs ~10 us of argument handling, as
+// much as a decode step's layer of H 512 takes beyond reading its weights; here a deep model
+// pays it once.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layers_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, at::TensorList weights,
     bool has_biases, int64_t num_layers, bool bidirectional,
-    const std::optional<at::Tensor>& batch_sizes) {
+    const std::optional<at::Tensor>& batch_sizes, at::TensorList scales) {
   const int64_t directions = bidirectional ? 2 : 1;
   const int64_t count = static_cast<int64_t>(weights.size());
   TORCH_CHECK(num_layers >= 1, "lstm_layers: num_layers must be at least 1, got ", num_layers);
@@ -131,6 +146,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layers_forward(
                 "lstm_layers: expected ", name, " of shape (num_layers * directions = ",
                 num_layers * directions, ", batch, size), got ", state->sizes());
   }
+  // int8 weights: a scale for each weight matrix (not the biases), in the weights' order.
+  const bool int8 = !scales.empty();
+  const int64_t per_scales = projections ? 3 : 2;
+  TORCH_CHECK(!int8 || static_cast<int64_t>(scales.size()) == per_scales * num_layers * directions,
+              "lstm_layers: expected a scale for each of the ", per_scales * num_layers * directions,
+              " weight matrices (w_ih, w_hh", projections ? ", w_hr" : "",
+              " per layer and direction), got ", scales.size());
   const auto optional = [](bool present, const at::Tensor& tensor) {
     return present ? std::optional<at::Tensor>(tensor) : std::nullopt;
   };
@@ -141,15 +163,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layers_forward(
     for (int64_t direction = 0; direction < directions; ++direction) {
       const int64_t index = layer * directions + direction;
       const at::Tensor* w = weights.data() + index * per;
-      auto result = layer_forward_op().call(
-          layer_input, h0.select(0, index), c0.select(0, index), w[0], w[1],
-          optional(has_biases, w[2]), optional(has_biases, w[3]),
-          optional(projections, w[per - 1]), batch_sizes, /*reverse=*/direction == 1,
-          /*training=*/false, std::nullopt, std::nullopt, std::nullopt,
-          /*return_cells=*/false);
-      outputs.push_back(std::move(std::get<0>(result)));
-      h_n.push_back(std::move(std::get<1>(result)));
-      c_n.push_back(std::move(std::get<2>(result)));
+      const std::optional<at::Tensor> b_ih = optional(has_biases, w[2]);
+      const std::optional<at::Tensor> b_hh = optional(has_biases, w[3]);
+      const std::optional<at::Tensor> w_hr = optional(projections, w[per - 1]);
+      const at::Tensor h = h0.select(0, index), c = c0.select(0, index);
+      at::Tensor output, h_last, c_last;
+      if (int8) {
+        const at::Tensor* scale = scales.data() + index * per_scales;
+        std::tie(output, h_last, c_last) = int8_layer_forward_op().call(
+            layer_input, h, c, w[0], scale[0], w[1], scale[1], b_ih, b_hh, w_hr,
+            optional(projections, scale[per_scales - 1]), batch_sizes, direction == 1);
+      } else {
+        std::tie(output, h_last, c_last, std::ignore, std::ignore, std::ignore, std::ignore,
+                 std::ignore) =
+            layer_forward_op().call(layer_input, h, c, w[0], w[1], b_ih, b_hh, w_hr,
+                                    batch_sizes, /*reverse=*/direction == 1, /*training=*/false,
+                                    std::nullopt, std::nullopt, std::nullopt,
+                                    /*return_cells=*/false);
+      }
+      outputs.push_back(std::move(output));
+      h_n.push_back(std::move(h_last));
+      c_n.push_back(std::move(c_last));
     }
     layer_input = directions == 1 ? outputs[0] : at::cat(outputs, -1);
   }
@@ -231,11 +265,13 @@ TORCH_LIBRARY(lstm_ext, m) {
   // Every layer and direction of an LSTM at once, for inference (nothing saved for backward):
   // input (T, B, I) or packed (N, I) with batch_sizes; h0 (L * D, B, R) and c0 (L * D, B, H);
   // weights as nn.LSTM's _flat_weights (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and
-  // direction). Returns output, h_n, c_n as nn.LSTM does. Made of lstm_layer_forward calls.
+  // direction). Returns output, h_n, c_n as nn.LSTM does. Made of lstm_layer_forward calls,
+  // or given scales (one per weight matrix, in order; none for float weights) of
+  // lstm_int8_layer_forward calls.
   m.def(
       "lstm_layers(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_biases, "
-      "int num_layers, bool bidirectional, Tensor? batch_sizes) -> (Tensor output, "
-      "Tensor h_n, Tensor c_n)");
+      "int num_layers, bool bidirectional, Tensor? batch_sizes, Tensor[] scales) -> ("
+      "Tensor output, Tensor h_n, Tensor c_n)");
   // One step of an LSTMCell: input (B, I), hx and cx (B, H). Returns h', c', then what
   // backward needs (empty unless training): gate activations (B, 4H) and cx in the math dtype.
   m.def(

@@ -39,6 +39,14 @@ def _without_autograd_dispatch():
     return torch._C._AutoDispatchBelowADInplaceOrView()
 
 
+def _capturing():
+    """Whether torch.compile, torch.export or torch.jit.trace is capturing the call: they keep
+    the per-layer ops (what their graphs, shape functions and exporters know), not lstm_layers,
+    which composes them in C++."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing())
+
+
 def _check_state_dtype_and_device(input, states, names):
     if torch.is_autocast_enabled(input.device.type):
         return  # autocast casts every floating input of the op to its own dtype
@@ -457,14 +465,12 @@ class LSTM(_GateInit, nn.RNNBase):
     def _plain_in_inference(self):
         """Whether a call that keeps nothing for backward is plain layers, one after another,
         which lstm_layers runs in one call: no variant that acts in this mode, no dropout
-        between layers, no cell sequence. Compiling and tracing keep the per-layer ops, which
-        is what they capture."""
+        between layers, no cell sequence, nothing capturing the call (_capturing)."""
         if self.training and (self.dropout > 0 or self.recurrent_dropout > 0
                               or self.weight_drop > 0):
             return False
         return not (self.layer_norm or any(self.zoneout) or self.return_cell_sequence
-                    or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                    or torch.jit.is_tracing())
+                    or _capturing())
 
     def _run_layers(self, data, batch_sizes, weights, h0, c0):
         """All layers and directions over time-major (T, B, I) or packed (N, I) data."""

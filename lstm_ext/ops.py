@@ -30,12 +30,13 @@ def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, ba
 
 
 def layers_forward(input, h0, c0, weights, has_biases, num_layers, bidirectional,
-                   batch_sizes=None):
+                   batch_sizes=None, scales=()):
     """Every layer and direction of a plain LSTM for inference, in one call (layer_forward per
-    layer and direction, composed in C++: csrc/ops.cpp). weights as nn.LSTM's _flat_weights.
-    Returns (output, h_n, c_n)."""
+    layer and direction, composed in C++: csrc/ops.cpp). weights as nn.LSTM's _flat_weights;
+    int8 weights come with `scales`, one per weight matrix in the same order. Returns
+    (output, h_n, c_n)."""
     return _ops.lstm_layers.default(input, h0, c0, weights, has_biases, num_layers,
-                                    bidirectional, batch_sizes)
+                                    bidirectional, batch_sizes, scales)
 
 
 def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,

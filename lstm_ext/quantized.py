@@ -19,7 +19,8 @@ import warnings
 import torch
 from torch import nn
 
-from .nn import LSTM, LSTMCell, _exporting_onnx
+from . import ops
+from .nn import LSTM, LSTMCell, _capturing, _exporting_onnx
 
 _INT8_MAX = 127
 
@@ -164,6 +165,12 @@ class QuantizedLSTM(_Int8Weights, LSTM):
         num_directions = 2 if self.bidirectional else 1
         per_direction = len(weights) // (self.num_layers * num_directions)
         names = self._flat_weights_names
+        if not (self.training and self.dropout > 0 and self.num_layers > 1) and not _capturing():
+            # Every layer in one call (lstm_layers), each weight matrix with its scale.
+            scales = [self._scale(name) for name in names if name.startswith("weight")]
+            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+                return ops.layers_forward(data, h0, c0, weights, self.bias, self.num_layers,
+                                          self.bidirectional, batch_sizes, scales)
         h_n, c_n = [], []
         layer_input = data
         h0, c0 = h0.unbind(0), c0.unbind(0)

@@ -77,7 +77,7 @@ def layers_args(layers=2, bidirectional=True, proj=0, bias=True, packed=False):
     h0 = torch.randn(states, 3, proj or 6, dtype=torch.float64)
     c0 = torch.randn(states, 3, 6, dtype=torch.float64)
     weights = [w.detach() for w in reference._flat_weights]
-    return reference, [x, h0, c0, weights, bias, layers, bidirectional, batch_sizes]
+    return reference, [x, h0, c0, weights, bias, layers, bidirectional, batch_sizes, []]
 
 
 LAYERS_VARIANTS = [
@@ -95,7 +95,7 @@ def test_lstm_layers_is_nn_lstm_in_inference(variant):
     weights, and through opcheck (its shapes under FakeTensor come from the layer ops it is
     made of)."""
     reference, args = layers_args(**variant)
-    x, h0, c0, *_, batch_sizes = args
+    x, h0, c0, *_, batch_sizes, _ = args
     with torch.no_grad():
         if batch_sizes is not None:
             expected, (h_ref, c_ref) = reference(PackedSequence(x, batch_sizes), (h0, c0))

@@ -71,6 +71,45 @@ def test_int8_lstm_is_nn_lstm_on_the_dequantized_weights(config, kind, batch, st
         assert rel_error(actual, wanted) <= INT16_ACTIVATIONS
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_int8_layers_run_in_one_call_with_the_bits_of_the_layer_loop(config, monkeypatch):
+    """The int8 LSTM runs every layer in one lstm_layers call (each weight matrix with its
+    scale): the same bits as its per-layer loop, which compiling and exporting keep."""
+    torch.manual_seed(9)
+    quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(**config).eval())
+    calls = []
+    original = lstm_ext.ops.layers_forward
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lstm_ext.ops, "layers_forward", record)
+    for batch, steps in ((1, 1), (3, 4), (6, 5)):
+        x = torch.randn(steps, batch, config["input_size"])
+        if config.get("batch_first"):
+            x = x.transpose(0, 1)
+        fused, (h_fused, c_fused) = quantized(x)
+        assert len(calls) == 1
+        calls.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(lstm_ext.quantized, "_capturing", lambda: True)
+            looped, (h_looped, c_looped) = quantized(x)
+        assert calls == []
+        for a, b in ((fused, looped), (h_fused, h_looped), (c_fused, c_looped)):
+            assert torch.equal(a, b), (batch, steps)
+
+
+def test_lstm_layers_wants_a_scale_for_each_int8_weight_matrix():
+    quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(4, 8, 2).eval())
+    weights = quantized._current_weights()
+    scales = [quantized._scale(n) for n in quantized._flat_weights_names if n.startswith("w")]
+    state = torch.zeros(2, 1, 8)
+    with pytest.raises(RuntimeError, match="a scale for each of the 4 weight matrices"):
+        torch.ops.lstm_ext.lstm_layers(torch.randn(3, 1, 4), state, state, weights, True, 2,
+                                       False, None, scales[:3])
+
+
 def test_decode_steps_with_the_state_carried_equal_the_whole_sequence():
     torch.manual_seed(0)
     quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(8, 48, 2).eval())
