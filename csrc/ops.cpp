@@ -6,11 +6,13 @@
 #include "cpu/isa.h"
 #include "cpu/random_mask.h"
 #include "cpu/step_product.h"
+#include "cpu/workspace.h"
 #include "lstm_common.h"
 #include "op_signatures.h"
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -60,10 +62,26 @@ LayerForwardResult layer_forward_autocast(
   const auto cast = [&](const auto& tensor) {
     return at::autocast::cached_cast(dtype, tensor, device_type);
   };
-  return layer_forward_op().call(cast(input), cast(h0), cast(c0), cast(w_ih), cast(w_hh),
-                                 cast(b_ih), cast(b_hh), cast(w_hr), batch_sizes, reverse,
-                                 training, recurrent_mask, zoneout_cell, zoneout_hidden,
-                                 return_cells);
+  // An inference call on the CPU casts the input and weights into memory kept across calls
+  // (cpu/workspace.h) rather than fresh allocations, which come as fresh pages: nothing it
+  // casts outlives the call. Tensors that need a gradient, or that are not plain CPU tensors
+  // (FakeTensor), take autocast's own cast.
+  const auto kept_cast = [&](const at::Tensor& tensor, cpu::Workspace slot) {
+    if (device_type != c10::DeviceType::CPU || training ||
+        tensor.scalar_type() != at::kFloat || dtype == at::kFloat ||
+        (at::GradMode::is_enabled() && tensor.requires_grad()) ||
+        tensor.key_set().has(c10::DispatchKey::Python) || !tensor.is_cpu()) {
+      return cast(tensor);
+    }
+    at::Tensor kept = cpu::workspace(slot, tensor.sizes(), tensor.options().dtype(dtype));
+    kept.copy_(tensor);
+    return kept;
+  };
+  return layer_forward_op().call(
+      kept_cast(input, cpu::Workspace::cast_input), cast(h0), cast(c0),
+      kept_cast(w_ih, cpu::Workspace::cast_w_ih), kept_cast(w_hh, cpu::Workspace::cast_w_hh),
+      cast(b_ih), cast(b_hh), cast(w_hr), batch_sizes, reverse, training, recurrent_mask,
+      zoneout_cell, zoneout_hidden, return_cells);
 }
 
 // LSTMCell under torch.autocast follows ATen's lists for aten::lstm_cell, as nn.LSTMCell

@@ -1,6 +1,7 @@
 """lstm_ext.LSTM against torch.nn.LSTM over the constructor grid: outputs, both final states and
 every gradient (input, states, each parameter)."""
 
+import copy
 import itertools
 
 import pytest
@@ -145,6 +146,30 @@ def test_autocast_cpu_bf16_like_nn_lstm():
     assert ours_result["grad_weight_ih_l0"].dtype == torch.float32
     exact = case.run(reference64, dtype=torch.float64)
     compare(ours_result, exact, 3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_inference_is_the_low_precision_module_call_after_call(dtype):
+    """Inference under CPU autocast casts into memory kept across calls: the same bits as the
+    module converted to the autocast dtype, for two models of different sizes called in turn
+    (each call's casts overwrite the last one's), with every earlier output left as it was."""
+    torch.manual_seed(6)
+    models = [lstm_ext.LSTM(12, 24, num_layers=2).eval(),
+              lstm_ext.LSTM(8, 40, bidirectional=True, batch_first=True).eval()]
+    converted = [copy.deepcopy(m).to(dtype) for m in models]
+    kept = []
+    with torch.no_grad():
+        for call in range(3):
+            for model, low in zip(models, converted):
+                x = torch.randn(7, 3, model.input_size)
+                with torch.autocast("cpu", dtype=dtype):
+                    output, (h_n, c_n) = model(x)
+                expected, (h_ref, c_ref) = low(x.to(dtype))
+                for got, want in ((output, expected), (h_n, h_ref), (c_n, c_ref)):
+                    assert got.dtype == dtype and torch.equal(got, want), call
+                kept.append((output, output.clone()))
+    for output, copy_of_it in kept:
+        assert torch.equal(output, copy_of_it)
 
 
 @pytest.mark.parametrize("proj_size", [0, 4])

@@ -18,6 +18,7 @@ enum class Workspace {
   panel, recurrent_state, carried,  // the recurrence's (recurrence.cpp)
   grad_products_t, grad_input_products, grad_input_products_t,  // the LayerNorm backward's
   inference_gates,  // an inference forward's input projection (no backward keeps it)
+  cast_input, cast_w_ih, cast_w_hh,  // an inference call's autocast copies (ops.cpp)
   count
 };
 
