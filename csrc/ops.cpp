@@ -1,8 +1,9 @@
 // Every op schema of the lstm_ext library, in one place, and the device-independent cell ops.
 //
 // The layer ops cover a whole sequence for one layer and one direction; the Python module
-// composes layers, directions and dropout (in plain inference lstm_layers does, here). Their device kernels live in cpu/ and cuda/; their
-// fake (shape) functions and autograd formulas are registered from lstm_ext/ops.py.
+// composes layers, directions and dropout (in plain inference lstm_layers, here, does). Their
+// device kernels live in cpu/ and cuda/; their fake (shape) functions and autograd formulas
+// are registered from lstm_ext/ops.py.
 #include "cpu/isa.h"
 #include "cpu/random_mask.h"
 #include "cpu/step_product.h"
@@ -167,8 +168,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layers_forward(
   // int8 weights: a scale for each weight matrix (not the biases), in the weights' order.
   const bool int8 = !scales.empty();
   const int64_t per_scales = projections ? 3 : 2;
-  TORCH_CHECK(!int8 || static_cast<int64_t>(scales.size()) == per_scales * num_layers * directions,
-              "lstm_layers: expected a scale for each of the ", per_scales * num_layers * directions,
+  const int64_t matrices = per_scales * num_layers * directions;
+  TORCH_CHECK(!int8 || static_cast<int64_t>(scales.size()) == matrices,
+              "lstm_layers: expected a scale for each of the ", matrices,
               " weight matrices (w_ih, w_hh", projections ? ", w_hr" : "",
               " per layer and direction), got ", scales.size());
   const auto optional = [](bool present, const at::Tensor& tensor) {
