@@ -122,6 +122,20 @@ def poisoned_allocations(device):
         torch.utils.deterministic.fill_uninitialized_memory = previous[2]
 
 
+def layers_spy(monkeypatch):
+    """The calls of ops.layers_forward (lstm_layers), which LSTM and QuantizedLSTM make, in a
+    list that the test may clear."""
+    calls = []
+    original = lstm_ext.ops.layers_forward
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lstm_ext.ops, "layers_forward", record)
+    return calls
+
+
 def rel_error(actual, expected):
     """‖actual − expected‖ / ‖expected‖ in fp64 (0 when both are exactly zero)."""
     actual, expected = actual.double(), expected.double()

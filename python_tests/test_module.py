@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lstm_ext
-from conftest import rel_error
+from conftest import layers_spy, rel_error
 from lstm_ext import nn as lstm_nn
 
 CONFIGS = [
@@ -281,19 +281,6 @@ def test_no_state_saved_without_grad(monkeypatch):
         if plain:
             monkeypatch.undo()
             monkeypatch.setattr(lstm_nn.ops, "layer_forward", record)
-
-
-def layers_spy(monkeypatch):
-    """The calls of ops.layers_forward (lstm_layers) from the module, in a list."""
-    calls = []
-    original = lstm_ext.ops.layers_forward
-
-    def record(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(lstm_nn.ops, "layers_forward", record)
-    return calls
 
 
 @pytest.mark.parametrize("config", [

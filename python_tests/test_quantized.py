@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lstm_ext
-from conftest import Case, rel_error
+from conftest import Case, layers_spy, rel_error
 from lstm_ext.quantized import (QuantizedLSTM, QuantizedLSTMCell, dequantize_weight,
                                 quantize_weight)
 
@@ -77,14 +77,7 @@ def test_int8_layers_run_in_one_call_with_the_bits_of_the_layer_loop(config, mon
     scale): the same bits as its per-layer loop, which compiling and exporting keep."""
     torch.manual_seed(9)
     quantized = lstm_ext.quantize_dynamic(lstm_ext.LSTM(**config).eval())
-    calls = []
-    original = lstm_ext.ops.layers_forward
-
-    def record(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(lstm_ext.ops, "layers_forward", record)
+    calls = layers_spy(monkeypatch)
     for batch, steps in ((1, 1), (3, 4), (6, 5)):
         x = torch.randn(steps, batch, config["input_size"])
         if config.get("batch_first"):

@@ -456,11 +456,10 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     }
   }
   const int64_t panel_bytes = H * 4 * V * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t panel_input_bytes =
+      panel_input ? input_panel_floats * static_cast<int64_t>(sizeof(acc_t)) : 0;
   const bool fetch_panels =
-      !direct && !pairs &&
-      panels_outgrow_l2(mine.count() * (panel_bytes + (panel_input ? input_panel_floats *
-                                                                         int64_t{sizeof(acc_t)}
-                                                                   : 0)));
+      !direct && !pairs && panels_outgrow_l2(mine.count() * (panel_bytes + panel_input_bytes));
   const int64_t unit_begin = std::min(H, mine.begin * V), unit_end = std::min(H, mine.end * V);
   // h as W_hh multiplies it: times the recurrent-dropout mask, rounded to the storage type
   // (the step loop of lstm_layer.h multiplies the same values).
