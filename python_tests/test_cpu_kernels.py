@@ -520,3 +520,38 @@ def test_the_profiler_records_only_the_recurrence_calls_taken(batch):
         recorded = sum(event.count for event in profile.key_averages()
                        if event.key == "lstm_ext::recurrence")
         assert recorded == 2, training
+
+
+def cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("hidden", [64, 512])
+def test_input_projection_fused_into_fp32_panels_where_the_cpu_streams_them_fast(hidden):
+    """fp32 panels take the input projection into the recurrence (no separate product in a
+    profile) up to 12 MB of W_ih and W_hh, except on Intel, whose L3 feeds a core too slowly to
+    stream both panels every step: there only while a thread's share of both fits in half its
+    L2 (recurrence.cpp). B 8 T 60: the panel form, not the dot products of small batches."""
+    torch.manual_seed(10)
+    model = lstm_ext.LSTM(hidden, hidden).eval()
+    x = torch.randn(60, 8, hidden)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(x)
+    products = sum(event.count for event in profile.key_averages()
+                   if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    l2 = l2 if l2 > 0 else 1 << 20
+    weight_bytes = 4 * hidden * 2 * hidden * 4  # both divide evenly among 2 threads here
+    if cpu_vendor() == "GenuineIntel":
+        fused = 2 * weight_bytes // torch.get_num_threads() <= l2
+    else:
+        fused = weight_bytes <= 12 << 20
+    assert products == (0 if fused else 1), (products, fused)

@@ -23,6 +23,10 @@ enum class Isa { baseline = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx = 4 };
 Isa active_isa();
 const char* isa_name(Isa isa);
 
+// Whether the CPU is Intel's: where a choice measured differently on the two vendors' cores
+// (MKL against oneDNN, streaming weight panels from the L3), the choice follows the vendor.
+bool intel_cpu();
+
 }  // namespace cpu
 }  // namespace lstm_ext
 

@@ -46,12 +46,7 @@ bool onednn_for_fp32() {
   static const bool use = [] {
     const char* setting = std::getenv("LSTM_EXT_ONEDNN_LINEAR");
     if (setting && *setting) return std::strcmp(setting, "0") != 0;
-#if LSTM_EXT_X86_VARIANTS
-    __builtin_cpu_init();
-    return !__builtin_cpu_is("intel");
-#else
-    return true;
-#endif
+    return !cpu::intel_cpu();
   }();
   return use;
 }

@@ -147,6 +147,18 @@ Isa active_isa() {
   return isa;
 }
 
+bool intel_cpu() {
+#if LSTM_EXT_X86_VARIANTS
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 bool panels_outgrow_l2(int64_t bytes) {
   // A CPU (or a VM) that does not say gets the smallest L2 of the x86 cores we target.
   static const int64_t l2_bytes = [] {
@@ -200,7 +212,10 @@ bool run_forward(SequenceForward<scalar_t> a) {
   // (N, 4H) result came back from memory. fp32 and fp64 panels take it too while W_ih and
   // W_hh together stay within kFusedInputMaxBytes: on a Zen 5, inference gained 6-19 % at H
   // 256-512 and training at T 128 B 64 18 % (no fresh pages for the pre-activations), while
-  // beyond that, with both panels streamed from L3 every step, H 650-1024 lost 2-12 %.
+  // beyond that, with both panels streamed from L3 every step, H 650-1024 lost 2-12 %. An
+  // Intel core reads its L3 far slower: on a Xeon (family 6 model 167) fused panels beyond L2
+  // lost 3-11 % in training and 1.3-1.9x in inference at B 4 (H 320-512, and H 256 on one
+  // thread), and within half of L2 they measured even; there they are fused only within it.
   const bool fused_pairs = std::is_same_v<scalar_t, c10::BFloat16> &&
                            isa == Isa::avx512_bf16 && !direct && a.hidden % 2 == 0 &&
                            a.input_size % 2 == 0 && a.recurrent_mask == nullptr &&
@@ -210,8 +225,14 @@ bool run_forward(SequenceForward<scalar_t> a) {
   constexpr int64_t kFusedInputMaxBytes = 12 << 20;
   const int64_t weight_bytes =
       4 * a.hidden * (a.hidden + a.input_size) * static_cast<int64_t>(sizeof(acc_t));
+  int threads = threads_for(blocks);
+  const int64_t thread_weight_bytes = ceil_div(blocks, threads) * 4 * V *
+                                      (a.hidden + a.input_size) *
+                                      static_cast<int64_t>(sizeof(acc_t));
   const bool fused_panels = std::is_same_v<acc_t, scalar_t> && !direct &&
-                            a.w_hh_int8 == nullptr && weight_bytes <= kFusedInputMaxBytes;
+                            a.w_hh_int8 == nullptr &&
+                            (intel_cpu() ? !panels_outgrow_l2(thread_weight_bytes)
+                                         : weight_bytes <= kFusedInputMaxBytes);
   const bool project_input = a.input != nullptr;
   if (project_input && !fused_direct && !fused_pairs && !fused_panels) return false;
   const int64_t input_room = !project_input || direct ? 0
@@ -228,7 +249,6 @@ bool run_forward(SequenceForward<scalar_t> a) {
   // 2-layer decode at H 128, 512 KB per layer, 18.9 us with two threads, 17.3 with one; at H
   // 256, 2 MB, 29.6 with two, 37.3 with one).
   constexpr int64_t kDecodeBytesPerThread = 512 << 10;
-  int threads = threads_for(blocks);
   if (direct && a.steps == 1) {
     const int64_t bytes = 4 * a.hidden * (a.hidden + (a.gates ? 0 : a.input_size)) *
                           (a.w_hh_int8 ? 1 : int64_t{sizeof(scalar_t)});
