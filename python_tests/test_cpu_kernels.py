@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lstm_ext
-from conftest import Case, rel_error
+from conftest import Case, load_benchmark_script, rel_error
 
 OPS = torch.ops.lstm_ext
 ISAS = ["amx", "avx512_bf16", "avx512", "avx2", "baseline"]
@@ -522,17 +522,6 @@ def test_the_profiler_records_only_the_recurrence_calls_taken(batch):
         assert recorded == 2, training
 
 
-def cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
 @pytest.mark.parametrize("hidden", [64, 512])
 def test_input_projection_fused_into_fp32_panels_where_the_cpu_streams_them_fast(hidden):
@@ -550,7 +539,9 @@ def test_input_projection_fused_into_fp32_panels_where_the_cpu_streams_them_fast
     l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
     l2 = l2 if l2 > 0 else 1 << 20
     weight_bytes = 4 * hidden * 2 * hidden * 4  # both divide evenly among 2 threads here
-    if cpu_vendor() == "GenuineIntel":
+    with open("/proc/cpuinfo") as info:
+        vendor = load_benchmark_script("bench_lstm").cpu_details(info.read())["vendor"]
+    if vendor == "GenuineIntel":
         fused = 2 * weight_bytes // torch.get_num_threads() <= l2
     else:
         fused = weight_bytes <= 12 << 20
