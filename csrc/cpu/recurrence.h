@@ -501,6 +501,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     h_int16.resize(B, H);
     if (project_input) x_int16.resize(B, a.input_size);
   }
+  // Under amx, two tiles' products are made at once where a tile has a next one
+  // (amx_product_pair): the second's wait here for their turn.
+  std::vector<acc_t> second_products(kAmxKernel && amx ? kAmxRows * 4 * V : 0);
   int64_t processed = 0, prev_rows = 0, prev_offset = 0;
   for (int64_t k = 0; k < a.steps; ++k) {
     const int64_t t = a.reverse ? a.steps - 1 - k : k;
@@ -609,10 +612,22 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           if constexpr (kAmxKernel) {
             // Where the step has kAmxRows rows or more, the tile product starts early enough
             // to stay inside them (rows before r0 computed again, and not used).
-            const int64_t first = std::max<int64_t>(0, std::min(r0, rows - kAmxRows));
+            const auto first_row = [&](int64_t r) {
+              return std::max<int64_t>(0, std::min(r, rows - kAmxRows));
+            };
+            const int64_t first = first_row(r0);
             shift = r0 - first;
-            amx_product(H / 2, amx_rows + first * H, H, pair_panels + jb * (H / 2) * 4 * V,
-                        products, false);
+            const uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
+            if (tile % 2 == 1) {  // made with the tile before; copied, so the gate math
+                                  // below reads one array for every form
+              std::memcpy(products, second_products.data(), kAmxRows * 4 * V * sizeof(acc_t));
+            } else if (tile + 1 < tiles.count) {
+              amx_product_pair(H / 2, amx_rows + first * H,
+                               amx_rows + first_row(tiles.begin(tile + 1)) * H, H, panel,
+                               products, second_products.data());
+            } else {
+              amx_product(H / 2, amx_rows + first * H, H, panel, products, false);
+            }
           }
         } else if (pairs) {
           if constexpr (kPairKernel) {
@@ -979,7 +994,17 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             std::memcpy(carried, products, prev_rows * U * sizeof(float));
             continue;
           }
-          const int64_t first = std::min(amx_tiles.begin(tile), prev_rows - kAmxRows);
+          const auto first_row = [&](int64_t t) {
+            return std::min(amx_tiles.begin(t), prev_rows - kAmxRows);
+          };
+          const int64_t first = first_row(tile);
+          if (tile + 1 < amx_tiles.count) {  // this tile and the next at once
+            const int64_t second = first_row(tile + 1);
+            amx_product_pair(G / 2, amx_rows + first * G, amx_rows + second * G, G, panel,
+                             carried + first * U, carried + second * U);
+            ++tile;
+            continue;
+          }
           amx_product(G / 2, amx_rows + first * G, G, panel, carried + first * U, false);
         }
       }
