@@ -101,9 +101,9 @@ cpu::LayerNormSequence<scalar_t> fused_sequence(const LayerShape& s, bool revers
 enum Stat { kMeanX, kRstdX, kMeanH, kRstdH, kMeanC, kRstdC };
 
 // x (M, K) @ w (N, K)^T over every step at once: on the CPU through torch's oneDNN, as the
-// plain layer's whole-sequence products (cpu/linear.h).
-at::Tensor sequence_product(const at::Tensor& x, const at::Tensor& w) {
-  return x.device().is_cpu() ? cpu_linear(x, w, std::nullopt) : at::mm(x, w.t());
+// plain layer's whole-sequence products (cpu/linear.h), into kept memory if given.
+at::Tensor sequence_product(const at::Tensor& x, const at::Tensor& w, LinearInto into = {}) {
+  return x.device().is_cpu() ? cpu_linear(x, w, std::nullopt, into) : at::mm(x, w.t());
 }
 
 // The per-step product in @ w^T for a weight w (N, K), made contiguous once per call: on the
@@ -171,7 +171,8 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
       w_hr.has_value() ? std::optional<StepGemm>(w_hr->to(math)) : std::nullopt;
 
   const int64_t saved = training ? s.rows : 0;
-  // Held by autograd until the backward: kept memory on the CPU (cpu::saved_buffer).
+  // Held by autograd until the backward, or by the caller until its next step: kept memory on
+  // the CPU (cpu::saved_buffer).
   const auto kept = [&](cpu::Saved kind, at::IntArrayRef sizes) {
     return input.device().is_cpu() ? cpu::saved_buffer(kind, sizes, acc) : at::empty(sizes, acc);
   };
@@ -217,7 +218,7 @@ ForwardResult layer_norm_forward(const at::Tensor& input, const at::Tensor& h0,
       stats.narrow(1, kRstdX, 1).copy_(rstd_x.view({s.rows, 1}));
     }
   }
-  at::Tensor output = at::empty({s.rows, R}, acc);
+  at::Tensor output = kept(cpu::Saved::output, {s.rows, R});
   at::Tensor h_state = h0.to(math).clone(at::MemoryFormat::Contiguous);
   at::Tensor c_state = c0.to(math).clone(at::MemoryFormat::Contiguous);
   if (fused) {
@@ -548,10 +549,14 @@ BackwardResult layer_norm_backward(
   const auto storage = input.scalar_type();
   const auto back = [&](const at::Tensor& t) { return t.to(storage); };
   const at::Tensor grad_input =
-      input_grad ? back(sequence_product(grad_product_x, W_ih.t())).view(input.sizes())
-                 : at::empty({0}, input.options());
-  const at::Tensor grad_w_ih = back(sequence_product(grad_product_x_t, x.t()));
-  const at::Tensor grad_w_hh = back(sequence_product(grad_products.t(), hidden_prev.t()));
+      input_grad
+          ? back(sequence_product(grad_product_x, W_ih.t(), cpu::Saved::grad_input))
+                .view(input.sizes())
+          : at::empty({0}, input.options());
+  const at::Tensor grad_w_ih =
+      back(sequence_product(grad_product_x_t, x.t(), cpu::Saved::grad_w_ih));
+  const at::Tensor grad_w_hh =
+      back(sequence_product(grad_products.t(), hidden_prev.t(), cpu::Saved::grad_w_hh));
   // Every bias adds to z as the product norm's bias does.
   const at::Tensor grad_bias = has_bias ? back(grad_hh_bias) : at::empty({0}, input.options());
   const at::Tensor grad_w_hr = s.has_projection ? back(at::mm(grad_h_all.t(), hidden_raw))

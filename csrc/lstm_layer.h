@@ -8,8 +8,9 @@
 //   template <typename scalar_t> static void backward_step(const BackwardStep<scalar_t>&);
 //   static std::unique_ptr<StepProduct> step_product(const at::Tensor& weight, int64_t steps,
 //                                                    int64_t batch);
-//   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
-//                            const std::optional<at::Tensor>& bias);   // x w^T + bias, (M, N)
+//   static at::Tensor kept_linear(const at::Tensor& x, const at::Tensor& w,
+//                                 const std::optional<at::Tensor>& bias,
+//                                 cpu::Saved kind);  // x w^T + bias, (M, N), outliving the call
 //   static at::Tensor gate_gradients(bool transposed, at::IntArrayRef sizes,
 //                                    const at::TensorOptions& options);  // backward's scratch
 //
@@ -269,7 +270,7 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
   };
   const auto input_projection = [&] {
     const std::optional<at::Tensor> bias = bias_in_sequence ? std::nullopt : biases();
-    return training ? Kernels::training_linear(x, w_ih, bias).contiguous()
+    return training ? Kernels::kept_linear(x, w_ih, bias, cpu::Saved::gates).contiguous()
                     : Kernels::inference_linear(x, w_ih, bias).contiguous();
   };
   // The sequence kernel is offered the input projection (a decode step, or bf16 panels: see
@@ -284,7 +285,9 @@ ForwardResult layer_forward(const at::Tensor& input, const at::Tensor& h0, const
       : training ? Kernels::saved_sequence(cpu::Saved::gates, {s.rows, kNumGates * H}, options)
                  : at::Tensor();
 
-  at::Tensor output = at::empty({s.rows, s.output_size}, options);
+  // The caller drops the output by its next step: kept memory on the CPU too.
+  at::Tensor output =
+      Kernels::saved_sequence(cpu::Saved::output, {s.rows, s.output_size}, options);
   at::Tensor h_state = h0.contiguous().clone();
   at::Tensor c_state = c0.to(acc_options, /*non_blocking=*/false, /*copy=*/true).contiguous();
   SavedForBackward saved;
@@ -612,14 +615,17 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   // empty tensor.
   const auto none = [&] { return at::empty({0}, options); };
   at::Tensor grad_input =
-      input_grad ? Kernels::linear(grad_gates, w_ih.t(), std::nullopt).view(input.sizes())
-                 : none();
+      input_grad
+          ? Kernels::kept_linear(grad_gates, w_ih.t(), std::nullopt, cpu::Saved::grad_input)
+                .view(input.sizes())
+          : none();
   at::Tensor grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
   if (weight_grads) {
     const at::Tensor x = input.reshape({s.rows, s.input_size});
     const at::Tensor gates_t = grad_gates_t.defined() ? grad_gates_t : grad_gates.t();
-    grad_w_ih = Kernels::linear(gates_t, x.t(), std::nullopt);
-    grad_w_hh = Kernels::linear(gates_t, saved.hidden_prev.t(), std::nullopt);
+    grad_w_ih = Kernels::kept_linear(gates_t, x.t(), std::nullopt, cpu::Saved::grad_w_ih);
+    grad_w_hh =
+        Kernels::kept_linear(gates_t, saved.hidden_prev.t(), std::nullopt, cpu::Saved::grad_w_hh);
     // ATen's sums of bf16/fp16 accumulate in fp32 (on the CPU and CUDA alike), so the small
     // steps are kept without an fp32 copy of the (4H, N) gradients.
     grad_bias = !has_bias                 ? none()

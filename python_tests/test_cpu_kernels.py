@@ -289,11 +289,9 @@ def test_forward_does_not_fault_in_fresh_pages_for_its_input_projection(training
     The input projection (T B x 4H: here 64 MB in fp64, over glibc's largest mmap threshold, so
     never recycled by malloc) is kept memory instead: a workspace slot under no_grad, and in
     training the saved buffer that becomes the gates saved for the backward, which the next
-    forward gets again once the last one's graph is gone. The output, a quarter of its size, is
-    a fresh allocation that malloc recycles or not depending on what ran before in the process,
-    so repeated calls may fault in up to that many pages, and must stay well below the
-    projection's. fp64, whose product always writes into given memory (fp32 on a non-Intel CPU
-    goes through oneDNN, which allocates its own)."""
+    forward gets again once the last one's graph is gone (the output is kept memory too: see
+    the next test). fp64, whose product always writes into given memory (fp32 on a non-Intel
+    CPU goes through oneDNN, which allocates its own)."""
     import resource
 
     torch.manual_seed(5 if training else 4)
@@ -310,6 +308,47 @@ def test_forward_does_not_fault_in_fresh_pages_for_its_input_projection(training
             del output
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
     assert faults < pages / 2, (faults, pages)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
+def test_training_step_results_come_in_kept_memory():
+    """A training loop drops each step's output and gradients by the next step, so the layer
+    hands them out in kept memory (workspace.h's saved buffers): the output (40 MB here, over
+    glibc's largest mmap threshold, so never recycled by malloc), dx and dW fault in no fresh
+    pages once the loop runs, and each step's values are still right (fp64 against nn.LSTM;
+    fp64, whose products write into given memory on any CPU)."""
+    import resource
+
+    torch.manual_seed(6)
+    steps, batch, inputs, hidden = 80, 256, 16, 256
+    reference = nn.LSTM(inputs, hidden, dtype=torch.float64)
+    model = lstm_ext.LSTM.from_torch(reference)
+    output_pages = steps * batch * hidden * 8 // 4096
+
+    def step(module, x, weights):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        output, _ = module(x)
+        output.backward(weights)  # a held gradient, so the loss allocates nothing itself
+        return output.detach(), x.grad, [p.grad for p in module.parameters()]
+
+    data = [(torch.randn(steps, batch, inputs, dtype=torch.float64, requires_grad=True),
+             torch.randn(steps, batch, hidden, dtype=torch.float64)) for _ in range(2)]
+    for x, weights in data:
+        step(model, x, weights)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        for x, weights in data:
+            results = step(model, x, weights)
+            del results
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 6
+    assert faults < output_pages / 8, (faults, output_pages)
+    for x, weights in data:
+        ours = step(model, x, weights)
+        expected = step(reference, x, weights)
+        for actual, wanted in zip((ours[0], ours[1], *ours[2]),
+                                  (expected[0], expected[1], *expected[2])):
+            assert rel_error(actual, wanted) <= 1e-10
 
 
 @pytest.mark.parametrize("config", CONFIGS,

@@ -104,16 +104,12 @@ int64_t row_grain(int64_t hidden) {
 }
 
 struct CpuKernels {
-  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
-                           const std::optional<at::Tensor>& bias) {
-    return cpu_linear(x, w, bias);
-  }
-
-  // A training forward's input projection becomes the gates saved for the backward: a saved
-  // buffer (see workspace.h), not fresh pages (3.3 MB at H 256, B 32, T 25).
-  static at::Tensor training_linear(const at::Tensor& x, const at::Tensor& w,
-                                    const std::optional<at::Tensor>& bias) {
-    return cpu_linear(x, w, bias, cpu::Saved::gates);
+  // A product whose result outlives the call (a training forward's input projection, which
+  // becomes the gates saved for the backward; the backward's dx and dW): a saved buffer (see
+  // workspace.h), not fresh pages (3.3 MB of gates and 1 MB of each dW at H 256, B 32, T 25).
+  static at::Tensor kept_linear(const at::Tensor& x, const at::Tensor& w,
+                                const std::optional<at::Tensor>& bias, cpu::Saved kind) {
+    return cpu_linear(x, w, bias, kind);
   }
 
   // An inference forward's input projection is dropped when the call returns: kept memory

@@ -22,10 +22,12 @@ enum class Workspace {
   count
 };
 
-// What a training forward saves for its backward, which autograd holds past the call (gates,
-// products, cell and stats: the LayerNorm forward's only).
+// What outlives a call: what a training forward saves for its backward, which autograd holds
+// until then (gates, products, cell and stats: the LayerNorm forward's only), and the results
+// a training loop drops by its next step (the output sequence, the backward's dx and dW).
 enum class Saved {
   gates, products, cell_prev, cell, hidden_prev, stats,
+  output, grad_input, grad_w_ih, grad_w_hh,
   count
 };
 

@@ -194,8 +194,8 @@ struct CudaKernels {
   }
 
   // The caching allocator keeps memory already.
-  static at::Tensor training_linear(const at::Tensor& x, const at::Tensor& w,
-                                    const std::optional<at::Tensor>& bias) {
+  static at::Tensor kept_linear(const at::Tensor& x, const at::Tensor& w,
+                                const std::optional<at::Tensor>& bias, cpu::Saved) {
     return linear(x, w, bias);
   }
 
