@@ -11,6 +11,7 @@
 //   static at::Tensor kept_linear(const at::Tensor& x, const at::Tensor& w,
 //                                 const std::optional<at::Tensor>& bias,
 //                                 cpu::Saved kind);  // x w^T + bias, (M, N), outliving the call
+//   static bool wants_transposed_gate_gradients(at::ScalarType dtype);  // for dW's products
 //   static at::Tensor gate_gradients(bool transposed, at::IntArrayRef sizes,
 //                                    const at::TensorOptions& options);  // backward's scratch
 //
@@ -491,8 +492,10 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   at::Tensor grad_c = grad_c_n.to(acc_options, /*non_blocking=*/false, /*copy=*/true).contiguous();
 
   at::Tensor grad_gates = Kernels::gate_gradients(false, {s.rows, kNumGates * H}, options);
-  // The same transposed, where the device's recurrence writes it (the weight gradients
-  // contract over N, which BLAS-style "linear" products want innermost), and their sum over N
+  // The same transposed, where the device's recurrence writes it and the weight gradients'
+  // products want it (they contract over N, which a product that copies operands into its own
+  // layout wants innermost; one that reads a transposed operand in place gains nothing from
+  // the copy), and their sum over N
   // (the bias gradient, in the math type) where it sums them as it goes.
   at::Tensor grad_gates_t, grad_bias_sum;
   // With a projection, dh of every step is kept for dW_hr, and dh W_hr feeds the cell.
@@ -510,7 +513,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.grad_hidden = grad_h.data_ptr<scalar_t>();
       sequence.grad_cell = grad_c.data_ptr<acc_t>();
       sequence.grad_gates = grad_gates.data_ptr<scalar_t>();
-      if (weight_grads) {
+      if (weight_grads && Kernels::wants_transposed_gate_gradients(input.scalar_type())) {
         grad_gates_t = Kernels::gate_gradients(true, {kNumGates * H, s.rows}, options);
         sequence.grad_gates_t = grad_gates_t.data_ptr<scalar_t>();
       }

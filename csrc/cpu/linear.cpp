@@ -112,6 +112,10 @@ at::Tensor contiguous_in(const at::Tensor& t, cpu::Workspace slot) {
 
 }  // namespace
 
+bool cpu_linear_reads_transposed(at::ScalarType dtype) {
+  return (dtype == at::kFloat || dtype == at::kDouble) && !onednn_dtype(dtype);
+}
+
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias, LinearInto into) {
   // A few rows (a decode step) are bound by reading w once, which dot products on w in place

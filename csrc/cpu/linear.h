@@ -24,4 +24,8 @@ using LinearInto = std::variant<std::monostate, cpu::Workspace, cpu::Saved>;
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias, LinearInto into = {});
 
+// Whether cpu_linear reads a transposed fp32/fp64 operand in place (at::mm, whose MKL packs it
+// as it goes) rather than copying it into its own layout first (oneDNN).
+bool cpu_linear_reads_transposed(at::ScalarType dtype);
+
 }  // namespace lstm_ext

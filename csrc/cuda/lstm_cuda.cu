@@ -204,6 +204,8 @@ struct CudaKernels {
     return linear(x, w, bias);
   }
 
+  static bool wants_transposed_gate_gradients(at::ScalarType) { return true; }
+
   static at::Tensor gate_gradients(bool, at::IntArrayRef sizes, const at::TensorOptions& options) {
     return at::empty(sizes, options);  // the caching allocator keeps memory already
   }
