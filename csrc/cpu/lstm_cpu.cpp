@@ -119,7 +119,6 @@ struct CpuKernels {
     return cpu_linear(x, w, bias, cpu::Workspace::inference_gates);
   }
 
-  // The backward's gate gradients never leave the call: kept memory (see workspace.h).
   // The recurrence's transposed copy of the gate gradients (streamed out step by step) only
   // where dW's product would copy them so itself: at::mm's MKL reads them in place, and on the
   // Intel Xeon (family 6 model 167) skipping the copy made fp32 and fp64 training calls 1-4 %
@@ -128,6 +127,7 @@ struct CpuKernels {
     return !cpu_linear_reads_transposed(dtype);
   }
 
+  // The backward's gate gradients never leave the call: kept memory (see workspace.h).
   static at::Tensor gate_gradients(bool transposed, at::IntArrayRef sizes,
                                    const at::TensorOptions& options) {
     return cpu::workspace(transposed ? cpu::Workspace::grad_gates_t : cpu::Workspace::grad_gates,
