@@ -495,8 +495,8 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
   // The same transposed, where the device's recurrence writes it and the weight gradients'
   // products want it (they contract over N, which a product that copies operands into its own
   // layout wants innermost; one that reads a transposed operand in place gains nothing from
-  // the copy), and their sum over N
-  // (the bias gradient, in the math type) where it sums them as it goes.
+  // the copy), and their sum over N (the bias gradient, in the math type) where it sums them
+  // as it goes.
   at::Tensor grad_gates_t, grad_bias_sum;
   // With a projection, dh of every step is kept for dW_hr, and dh W_hr feeds the cell.
   at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, options);

@@ -134,8 +134,9 @@ struct CpuKernels {
                           sizes, options);
   }
 
-  // The forward's saved c and h entering each step, which autograd holds until the backward:
-  // kept memory too, handed out again once freed (see workspace.h).
+  // The forward's saved c and h entering each step, which autograd holds until the backward,
+  // and its output, which the caller drops by its next step: kept memory too, handed out again
+  // once freed (see workspace.h).
   static at::Tensor saved_sequence(cpu::Saved kind, at::IntArrayRef sizes,
                                    const at::TensorOptions& options) {
     return cpu::saved_buffer(kind, sizes, options);

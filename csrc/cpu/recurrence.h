@@ -503,7 +503,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   }
   // Under amx, two tiles' products are made at once where a tile has a next one
   // (amx_product_pair): the second's wait here for their turn.
-  std::vector<acc_t> second_products(kAmxKernel && amx ? kAmxRows * 4 * V : 0);
+  std::vector<acc_t> second_products(amx ? kAmxRows * 4 * V : 0);
   int64_t processed = 0, prev_rows = 0, prev_offset = 0;
   for (int64_t k = 0; k < a.steps; ++k) {
     const int64_t t = a.reverse ? a.steps - 1 - k : k;
