@@ -142,38 +142,25 @@ inline void tile_product(int64_t K, const acc_t* const* in, const acc_t* panel, 
       for (int g = 0; g < NV; ++g) acc[r][g] += wk[g] * x;
     }
   };
-  if (n_ahead == 0) {
-    // Nothing to write ahead (the backward): the next panel's lines asked for once per group of
-    // k; the forward's lines need the finer spread.
-    constexpr int64_t kGroup = LinesAhead::kGroup;
-    LinesAhead lines(next, K);
-    int64_t k = 0;
-    for (; k + kGroup <= K; k += kGroup) {
-      lines.group();
+  // The next panel's lines are asked for in shares, once per group of k (a test at every k
+  // costs the product more); lines to be written ahead, one every few groups over the first
+  // three quarters of the sum: asked all at once they fill the line-fill buffers the panel's
+  // own reads need.
+  constexpr int64_t kGroup = LinesAhead::kGroup;
+  LinesAhead lines(next, K);
+  const int64_t writes_every =
+      n_ahead > 0 ? std::max<int64_t>(1, 3 * K / (4 * n_ahead * kGroup)) : 1;
+  int p = 0;
+  int64_t k = 0;
+  for (int64_t group = 0; k + kGroup <= K; k += kGroup, ++group) {
+    if (p < n_ahead && group % writes_every == 0) __builtin_prefetch(ahead[p++], 1);
+    lines.group();
 #pragma GCC unroll 4
-      for (int64_t j = 0; j < kGroup; ++j) multiply(k + j);
-    }
-    for (; k < K; ++k) multiply(k);
-    lines.rest();
-  } else {
-    const auto fetch = [&](int64_t line) { __builtin_prefetch(next.begin + 64 * line, 0, 2); };
-    // The next panel's lines, a few per k from the first.
-    const int64_t next_per_k = (next.lines + K - 1) / std::max<int64_t>(K, 1);
-    const auto step = [&](int64_t k) {
-      for (int64_t l = k * next_per_k, e = std::min(l + next_per_k, next.lines); l < e; ++l) {
-        fetch(l);
-      }
-      multiply(k);
-    };
-    // Lines asked for ahead (for writing), one every few k over the first three quarters of
-    // the sum: asked all at once they fill the line-fill buffers the panel's own reads need.
-    int64_t k = 0;
-    for (int p = 0; p < n_ahead; ++p) {
-      __builtin_prefetch(ahead[p], 1);
-      for (const int64_t end = 3 * K * (p + 1) / (4 * n_ahead); k < end; ++k) step(k);
-    }
-    for (; k < K; ++k) step(k);
+    for (int64_t j = 0; j < kGroup; ++j) multiply(k + j);
   }
+  for (; p < n_ahead; ++p) __builtin_prefetch(ahead[p], 1);
+  for (; k < K; ++k) multiply(k);
+  lines.rest();
   vec* o = reinterpret_cast<vec*>(out);
   for (int r = 0; r < N; ++r) {
     for (int g = 0; g < NV; ++g) o[r * 4 + g] = acc[r][g];
