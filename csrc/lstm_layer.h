@@ -12,6 +12,7 @@
 //                                 const std::optional<at::Tensor>& bias,
 //                                 cpu::Saved kind);  // x w^T + bias, (M, N), outliving the call
 //   static bool wants_transposed_gate_gradients(at::ScalarType dtype);  // for dW's products
+//   static bool reads_broadcast_gradients();  // backward_sequence takes grad_output_stride 0
 //   static at::Tensor gate_gradients(bool transposed, at::IntArrayRef sizes,
 //                                    const at::TensorOptions& options);  // backward's scratch
 //
@@ -155,6 +156,7 @@ struct SequenceBackward : SequenceLayout {
   const scalar_t* gates;       // (N, 4H) activations saved by forward
   const acc_t* cell_prev;      // (N, H)
   const scalar_t* grad_output;  // (N, H), or null for zero
+  int64_t grad_output_stride;  // between its rows: H, or 0 where one row stands for all N
   scalar_t* grad_hidden;       // (B, H): grad of h_n in, grad of h0 out
   acc_t* grad_cell;            // (B, H): grad of c_n in, grad of c0 out
   scalar_t* grad_gates;        // (N, 4H) out
@@ -476,7 +478,15 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
                                            : at::IntArrayRef{s.steps, s.batch, R},
                 "grad_output");
     check_same_dtype_and_device(op, input, *grad_output, "grad_output");
-    grad_y = grad_output->reshape({s.rows, R}).contiguous();
+    // The gradient of a sum or mean of the output is one value (or row) broadcast over all
+    // rows: where the sequence kernel reads row strides, it reads that one row N times instead
+    // of a copy of it N rows long.
+    grad_y = grad_output->reshape({s.rows, R});
+    if (Kernels::reads_broadcast_gradients() && s.rows > 0 && grad_y.stride(0) == 0) {
+      grad_y = grad_y.narrow(0, 0, 1).contiguous().expand({s.rows, R});
+    } else {
+      grad_y = grad_y.contiguous();
+    }
   }
   at::Tensor grad_c_seq;
   if (grad_cells.has_value()) {
@@ -510,6 +520,7 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
       sequence.gates = saved.gates.const_data_ptr<scalar_t>();
       sequence.cell_prev = saved.cell_prev.const_data_ptr<acc_t>();
       sequence.grad_output = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
+      sequence.grad_output_stride = grad_y.defined() ? grad_y.stride(0) : 0;
       sequence.grad_hidden = grad_h.data_ptr<scalar_t>();
       sequence.grad_cell = grad_c.data_ptr<acc_t>();
       sequence.grad_gates = grad_gates.data_ptr<scalar_t>();
@@ -539,6 +550,8 @@ BackwardResult layer_backward(const std::optional<at::Tensor>& grad_output,
         sequence.grad_projected = grad_h_all.data_ptr<scalar_t>();
       }
       if (Kernels::template backward_sequence<scalar_t>(sequence)) return;
+      // The step loop below reads whole rows.
+      if (grad_y.defined()) grad_y = grad_y.contiguous();
       // Not written: the step loop below runs instead.
       grad_gates_t = at::Tensor();
       grad_bias_sum = at::Tensor();

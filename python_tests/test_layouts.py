@@ -4,10 +4,13 @@ equal the contiguous call's; a layout an op cannot take would have to be refused
 never read as if it were contiguous (the ops are public, and torch.compile hands them whatever
 strides the fake functions allow)."""
 
+import pytest
 import torch
 from hypothesis import given, settings
+from torch.nn.utils.rnn import pack_padded_sequence
 from hypothesis import strategies as st
 
+import lstm_ext
 from conftest import LAYOUTS, relayout, values_for
 from test_ops import layer_args
 
@@ -111,3 +114,36 @@ def test_cell_ops_read_every_argument_in_any_layout(batch, input_size, hidden, b
     backward_args = [torch.randn_like(h), torch.randn_like(c), x, hx, w_ih, w_hh, gates,
                      cell_prev, bias, True, True]
     call_in_layouts(OPS.lstm_cell_backward, backward_args, layouts)
+
+
+@pytest.mark.parametrize("proj_size", [0, 3])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_broadcast_output_gradients_match_their_copies(proj_size, packed, dtype):
+    """The gradient of a sum or mean of the output reaches the op broadcast over its rows, and
+    the CPU kernels read its one row for all of them: the gradients must equal those from the
+    same values materialized, row by row, for a value, a row and a mean broadcast."""
+    torch.manual_seed(0)
+    lstm = lstm_ext.LSTM(5, 8, num_layers=2, proj_size=proj_size, bidirectional=True)
+    lstm = lstm.to(dtype)
+    x = torch.randn(6, 4, 5, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([6, 5, 3, 2])
+    row = torch.randn(lstm.proj_size or lstm.hidden_size, dtype=dtype).repeat(2)
+
+    def gradients(loss_of):
+        lstm.zero_grad(set_to_none=True)
+        x.grad = None
+        data = pack_padded_sequence(x, lengths) if packed else x
+        output, _ = lstm(data)
+        loss_of(output.data if packed else output).backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in lstm.parameters()]
+
+    for broadcast, copied in [
+        (lambda y: y.sum(), lambda y: (y * torch.ones_like(y)).sum()),
+        (lambda y: y.mean(), lambda y: (y * torch.full_like(y, 1 / y.numel())).sum()),
+        (lambda y: (y.sum(dim=tuple(range(y.dim() - 1))) * row).sum(),
+         lambda y: (y * row.expand_as(y).contiguous()).sum()),
+    ]:
+        for got, expected in zip(gradients(broadcast), gradients(copied)):
+            torch.testing.assert_close(got, expected, rtol=1e-12 if dtype == torch.float64
+                                       else 1e-5, atol=0)

@@ -144,6 +144,8 @@ struct CpuKernels {
 
   static bool sequence_handles_biases() { return cpu::recurrence_enabled(); }
 
+  static bool reads_broadcast_gradients() { return true; }
+
   template <typename scalar_t>
   static bool forward_sequence(const SequenceForward<scalar_t>& a) {
     if (!cpu::recurrence_enabled()) return false;

@@ -263,7 +263,7 @@ void projected_backward_thread(const SequenceBackward<scalar_t>& a, int thread, 
         const acc_t* from_next = r < prev_rows ? through : grad_h;
         acc_t* dr = a.grad_projected + row * P + p0;
         if (a.grad_output) {
-          const acc_t* from_output = a.grad_output + row * P + p0;
+          const acc_t* from_output = a.grad_output + row * a.grad_output_stride + p0;
           for (int64_t u = 0; u < n_out; ++u) dr[u] = from_output[u] + from_next[u];
         } else {
           std::memcpy(dr, from_next, n_out * sizeof(acc_t));

@@ -1042,7 +1042,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
           }
           if (a.grad_output) {
             for (int64_t u = 0; u < n_units; u += 64 / sizeof(scalar_t)) {
-              __builtin_prefetch(a.grad_output + row * H + u0 + u);
+              __builtin_prefetch(a.grad_output + row * a.grad_output_stride + u0 + u);
             }
           }
         }
@@ -1074,7 +1074,8 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             return;
           }
           const int64_t row = offset + r;
-          const scalar_t* from_output = a.grad_output ? a.grad_output + row * H + u0 : nullptr;
+          const scalar_t* from_output =
+              a.grad_output ? a.grad_output + row * a.grad_output_stride + u0 : nullptr;
           alignas(64) acc_t dh[U];
           with_optional(from_output, [&](auto has_output) {
             for (int64_t u = 0; u < n_units; ++u) {

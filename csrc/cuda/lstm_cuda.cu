@@ -206,6 +206,8 @@ struct CudaKernels {
 
   static bool wants_transposed_gate_gradients(at::ScalarType) { return true; }
 
+  static bool reads_broadcast_gradients() { return false; }
+
   static at::Tensor gate_gradients(bool, at::IntArrayRef sizes, const at::TensorOptions& options) {
     return at::empty(sizes, options);  // the caching allocator keeps memory already
   }
