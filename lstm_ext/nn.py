@@ -664,7 +664,8 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
                     input.unsqueeze(0), hx[0].unsqueeze(0), hx[1].unsqueeze(0), [weights],
                     self.hidden_size, self.bias)
             return h[0], c[0]
-        training = _needs_saved_state([input, *hx, *self.parameters()])
+        # The cell's parameters are these (self.parameters() costs a few us a step).
+        training = _needs_saved_state([input, *hx, *weights, *(norms or ())])
         if not variant:
             return ops.cell_forward(input, hx[0], hx[1], *weights, training)
         zoneout_cell, zoneout_hidden = (

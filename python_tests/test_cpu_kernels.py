@@ -481,14 +481,15 @@ def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("batch", [1, 3, 4, 5])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 32, 33])
 @pytest.mark.parametrize("hidden", [20, 64, 256])
 def test_decode_steps_match_fp64_nn_lstm(hidden, batch, bias):
-    """One step at a time in inference with the state carried (generation): up to 4 rows the
-    recurrence multiplies x by W_ih itself in the same pass as W_hh (no separate input
-    projection), from 5 rows the projection comes first. Both against fp64 nn.LSTM, over steps
-    whose inputs are slices of one larger tensor (rows not contiguous with each other). At H
-    256 (over 1 MB of weights) the step runs on two threads, below on one."""
+    """One step at a time in inference with the state carried (generation): up to 32 rows the
+    recurrence reads the weights in place, four rows at a time, and multiplies x by W_ih itself
+    in the same pass as W_hh (no separate input projection); from 33 rows it packs panels and
+    the projection comes first. Both against fp64 nn.LSTM, over steps whose inputs are slices
+    of one larger tensor (rows not contiguous with each other). At H 256 (over 1 MB of weights)
+    the step runs on two threads, below on one."""
     generator = torch.Generator().manual_seed(5)
     reference = nn.LSTM(7, hidden, 2, bias=bias, dtype=torch.float64).eval()
     inputs = torch.randn(6, batch, 9, generator=generator, dtype=torch.float64)[..., 1:8]
@@ -504,6 +505,32 @@ def test_decode_steps_match_fp64_nn_lstm(hidden, batch, bias):
                 actual, actual_state = ours(x.to(dtype), actual_state)
                 for a, e in ((actual, expected), *zip(actual_state, expected_state)):
                     assert rel_error(a, e) <= tolerance, (dtype, t)
+
+
+@pytest.mark.parametrize("batch", [5, 32, 33])
+@pytest.mark.parametrize("hidden", [40, 256])
+def test_single_training_steps_match_fp64_nn_lstm_cell(hidden, batch):
+    """One step with gradients (an LSTMCell call): up to 32 rows the forward reads the weights
+    in place and the backward's product is the step loop's, from 33 rows both pack panels.
+    Outputs and every gradient against fp64 nn.LSTMCell, in fp64 and fp32."""
+    generator = torch.Generator().manual_seed(6)
+    reference = nn.LSTMCell(7, hidden, dtype=torch.float64)
+    x, h, c, grad_h, grad_c = (
+        torch.randn(batch, size, generator=generator, dtype=torch.float64)
+        for size in (7, hidden, hidden, hidden, hidden))
+
+    def run(cell, dtype):
+        inputs = [t.to(dtype, copy=True).requires_grad_() for t in (x, h, c)]
+        outputs = cell(inputs[0], (inputs[1], inputs[2]))
+        torch.autograd.backward(outputs, [grad_h.to(dtype), grad_c.to(dtype)])
+        return [*outputs, *(t.grad for t in inputs), *(p.grad for p in cell.parameters())]
+
+    expected = run(reference, torch.float64)
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        ours = lstm_ext.LSTMCell(7, hidden, dtype=dtype)
+        ours.load_state_dict(reference.state_dict())
+        for index, (a, e) in enumerate(zip(run(ours, dtype), expected)):
+            assert rel_error(a, e) <= tolerance, (dtype, index)
 
 
 @pytest.mark.parametrize("layout", ["padded rows", "column-major"])

@@ -179,9 +179,10 @@ bool recurrence_enabled() {
 bool direct_form(int64_t batch, int64_t steps) {
   // One row always (a panel has nothing to gain there), up to kDirectRows rows when the
   // sequence is too short to repay packing (measured on a Zen 5: at B = 4 packing wins from
-  // about 50 steps).
+  // about 50 steps), and a single step (an LSTMCell call) up to kSingleStepDirectRows.
   constexpr int64_t kPackingPaysFromSteps = 50;
-  return batch == 1 || (batch <= kDirectRows && steps < kPackingPaysFromSteps);
+  return batch == 1 || (batch <= kDirectRows && steps < kPackingPaysFromSteps) ||
+         (steps == 1 && batch <= kSingleStepDirectRows);
 }
 
 template <typename scalar_t>
@@ -268,6 +269,11 @@ bool run_backward(SequenceBackward<scalar_t> a) {
       run_projected_backward(a);
       return true;
     }
+    return false;
+  }
+  // A single step's panels would cost as much as its one product: the step loop's product
+  // reads W_hh in place (see kSingleStepDirectRows).
+  if (std::is_same_v<acc_t, scalar_t> && a.steps == 1 && a.batch <= kSingleStepDirectRows) {
     return false;
   }
   const Isa isa = active_isa();
