@@ -47,6 +47,7 @@ class Row:
     autocast: bool = False     # fp32 module under torch.autocast in `dtype`
     int8: bool = False         # int8 weights: ours quantize_dynamic'd, torch's likewise
     input_grad: bool = False   # training with an input that requires grad (as after an embedding)
+    cell: bool = False         # LSTMCell against nn.LSTMCell, one call per step in a Python loop
     results: dict = field(default_factory=dict)
 
     @property
@@ -65,6 +66,8 @@ class Row:
             parts.append("int8")
         if self.input_grad:
             parts.append("input-grad")
+        if self.cell:
+            parts.append("cell")
         return " ".join(parts)
 
 
@@ -94,6 +97,9 @@ SUITES = {
     "bidirectional": [Row("training", 256, 16, 50, bidirectional=True),
                       Row("training", 512, 32, 50, layers=2, bidirectional=True)],
     "decode": [Row("decode", 512, 1, 1, layers=2)],
+    # LSTMCell as models that step it in Python use it: 25 calls, the state carried.
+    "cell": [Row(mode, h, b, 25, cell=True) for mode in ("inference", "training")
+             for h, b in ((128, 8), (256, 8), (256, 32), (512, 16))],
     # Training rows whose input requires grad, so that both sides compute dx (torch's oneDNN
     # computes it either way; ours only when asked).
     "input-grad": [Row("training", h, 32, 50, input_grad=True) for h in (256, 512, 1024)],
@@ -154,6 +160,8 @@ def group_of(row):
         return f"int8 {row.mode}"
     if row.mode == "decode":
         return "decode"
+    if row.cell:
+        return f"cell {row.mode}"
     if row.packed:
         return f"packed {row.mode}"
     if row.proj_size:
@@ -240,9 +248,13 @@ def build(row, device, generator):
     module_dtype = torch.float32 if row.autocast else dtype
     input_size = row.input_size or row.hidden
     torch.manual_seed(0)
-    baseline = nn.LSTM(input_size, row.hidden, row.layers, bidirectional=row.bidirectional,
-                       proj_size=row.proj_size, device=device, dtype=module_dtype)
-    ours = lstm_ext.LSTM.from_torch(baseline)
+    if row.cell:
+        baseline = nn.LSTMCell(input_size, row.hidden, device=device, dtype=module_dtype)
+        ours = lstm_ext.LSTMCell.from_torch(baseline)
+    else:
+        baseline = nn.LSTM(input_size, row.hidden, row.layers, bidirectional=row.bidirectional,
+                           proj_size=row.proj_size, device=device, dtype=module_dtype)
+        ours = lstm_ext.LSTM.from_torch(baseline)
     if row.int8:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao's eager quantization
@@ -265,16 +277,30 @@ def build(row, device, generator):
     return baseline, ours, make_input, rows_of_data
 
 
+def cell_steps(module, x):
+    """The cell over every step of x (T, B, I), from a zero state: the outputs, stacked."""
+    h = c = x.new_zeros(x.shape[1], module.hidden_size)
+    outputs = []
+    for step in x:
+        h, c = module(step, (h, c))
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)
+
+
 def step_function(row, module, make_input, device):
     autocast = torch.autocast(device.type, dtype=getattr(torch, row.dtype), enabled=row.autocast)
+    if row.cell:
+        forward = lambda data: cell_steps(module, data)  # noqa: E731
+    else:
+        forward = module
     if row.mode == "inference":
         def run():
             with torch.no_grad(), autocast:
-                module(make_input())
+                forward(make_input())
     elif row.mode == "forward":
         def run():
             with autocast:
-                module(make_input())
+                forward(make_input())
     elif row.mode == "training":
         def run():
             module.zero_grad(set_to_none=True)
@@ -282,7 +308,7 @@ def step_function(row, module, make_input, device):
             if isinstance(data_in, torch.Tensor):
                 data_in.grad = None
             with autocast:
-                output, (h, c) = module(data_in)
+                output, (h, c) = forward(data_in)
             data = output.data if hasattr(output, "batch_sizes") else output
             (data.float().sum() + h.float().sum()).backward()
     else:  # decode: one token at a time, state carried, as in generation

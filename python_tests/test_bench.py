@@ -6,6 +6,8 @@ import statistics
 import pytest
 import torch
 
+import lstm_ext
+
 from conftest import load_benchmark_script
 
 
@@ -231,3 +233,27 @@ def test_roof_is_the_better_of_torch_mm_and_onednn(bench, monkeypatch):
     monkeypatch.setattr(bench, "best_time", lambda run, device, repeats: next(times))
     roof = bench.gemm_roof(torch.float32, torch.device("cpu"), size=8, repeats=1)
     assert roof == pytest.approx(2 * 8**3 / 1.0 / 1e9)
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_cell_rows_step_each_cell_over_the_sequence(bench, mode):
+    """A cell row steps nn.LSTMCell and lstm_ext.LSTMCell (the same weights) over all T steps
+    of its input, carrying the state, as nn.LSTM runs the sequence; it is timed and reported
+    in its own group."""
+    row = bench.Row(mode, 12, 3, 5, cell=True)
+    assert row.name == f"{mode} H12 B3 T5 float32 cell"
+    assert bench.group_of(row) == f"cell {mode}"
+    baseline, ours, make_input, rows_of_data = bench.build(row, torch.device("cpu"),
+                                                           torch.Generator().manual_seed(0))
+    assert type(baseline) is torch.nn.LSTMCell and type(ours) is lstm_ext.LSTMCell
+    assert rows_of_data == 15
+    layer = torch.nn.LSTM(12, 12)
+    layer.load_state_dict({f"{name}_l0": value for name, value in baseline.state_dict().items()})
+    with torch.no_grad():
+        expected, (h_n, c_n) = layer(make_input())
+        for module in (baseline, ours):
+            outputs, (h, c) = bench.cell_steps(module, make_input())
+            torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c, c_n[0], rtol=1e-5, atol=1e-6)
+    results = bench.measure(row, torch.device("cpu"), repeats=2, warmup=1)
+    assert results["ours_ms"] > 0 and results["torch_ms"] > 0
