@@ -2,8 +2,8 @@
 //
 // The layer ops cover a whole sequence for one layer and one direction; the Python module
 // composes layers, directions and dropout (in plain inference lstm_layers, here, does). Their
-// device kernels live in cpu/ and cuda/; their fake (shape) functions and autograd formulas
-// are registered from lstm_ext/ops.py.
+// device kernels live in cpu/ and cuda/; their fake (shape) functions and the layer ops'
+// autograd formulas are registered from lstm_ext/ops.py, the cell's autograd formula here.
 #include "cpu/isa.h"
 #include "cpu/random_mask.h"
 #include "cpu/step_product.h"
@@ -15,6 +15,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -124,6 +125,90 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
                                std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   if (input_grad) grad_input = grad_input.squeeze(0);
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
+}
+
+// The cell's autograd formula lives here rather than in ops.py: an LSTMCell makes one op call
+// per time step, and a formula registered from Python costs ~25 us a call (the arguments boxed
+// into Python and back, twice), as much as the whole step at H 128, B 8.
+struct CellFunction : torch::autograd::Function<CellFunction> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
+      const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+      const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+      bool training) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lstm_ext::lstm_cell_forward", "")
+                               .typed<decltype(cell_forward)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [h, c, gates, cell_prev] =
+        op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training);
+    // Unused outputs get undefined gradients rather than zero-filled ones.
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({input, hx, cx, w_ih, w_hh, b_ih.value_or(at::Tensor()),
+                            b_hh.value_or(at::Tensor()), gates, cell_prev});
+    return {h, c, gates, cell_prev};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &hx = saved[1], &cx = saved[2], &w_ih = saved[3],
+                     &w_hh = saved[4], &b_ih = saved[5], &b_hh = saved[6];
+    const at::Tensor &grad_h = grads[0], &grad_c = grads[1];
+    torch::autograd::variable_list result(8);  // the last for `training`
+    if (!grad_h.defined() && !grad_c.defined()) return result;
+    // needs_input_grad counts the tensors given: an absent bias has no place in it.
+    bool needs[7] = {};
+    for (int i = 0, edge = 0; i < 7; ++i) {
+      if (i < 5 || saved[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
+    }
+    const auto given = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: gradients that are differentiable themselves (ops.py builds them
+      // from the step in torch ops).
+      static const auto op =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("lstm_ext::lstm_cell_differentiable_backward", "")
+              .typed<std::vector<at::Tensor>(
+                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, const std::optional<at::Tensor>&,
+                  const std::optional<at::Tensor>&)>();
+      const auto graph = op.call(given(grad_h), given(grad_c), input, hx, cx, w_ih, w_hh,
+                                 given(b_ih), given(b_hh));
+      for (int i = 0; i < 7; ++i) {
+        if (needs[i]) result[i] = graph[i];
+      }
+      return result;
+    }
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lstm_ext::lstm_cell_backward", "")
+                               .typed<decltype(cell_backward)>();
+    auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias] =
+        op.call(grad_h.defined() ? grad_h : at::zeros_like(hx),
+                grad_c.defined() ? grad_c : at::zeros_like(cx), input, hx, w_ih, w_hh,
+                saved[7], saved[8], b_ih.defined() || b_hh.defined(), needs[0],
+                needs[3] || needs[4] || needs[5] || needs[6]);
+    const at::Tensor all[7] = {grad_input, grad_hx,  grad_cx,  grad_w_ih,
+                               grad_w_hh,  grad_bias, grad_bias};
+    for (int i = 0; i < 7; ++i) {
+      if (needs[i]) result[i] = all[i];
+    }
+    return result;
+  }
+};
+
+CellForwardResult cell_forward_autograd(const at::Tensor& input, const at::Tensor& hx,
+                                        const at::Tensor& cx, const at::Tensor& w_ih,
+                                        const at::Tensor& w_hh,
+                                        const std::optional<at::Tensor>& b_ih,
+                                        const std::optional<at::Tensor>& b_hh, bool training) {
+  auto out = CellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training);
+  // gates and cell_prev (saved for backward) have no gradient: returned detached, as marking
+  // them non-differentiable would do, which compiled autograd refuses in a C++ function.
+  return {out[0], out[1], out[2].detach(), out[3].detach()};
 }
 
 using Int8LayerSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -303,6 +388,12 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor w_ih, Tensor w_hh, Tensor gates, Tensor cell_prev, bool has_bias, "
       "bool input_grad, bool weight_grads) -> (Tensor grad_input, Tensor grad_hx, "
       "Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+  // The cell's gradients for backward with create_graph=True, differentiable themselves:
+  // those of input, hx, cx, w_ih, w_hh, b_ih, b_hh, in that order (empty for an absent bias
+  // or a tensor that needs none). Implemented in ops.py, in torch ops.
+  m.def(
+      "lstm_cell_differentiable_backward(Tensor? grad_h, Tensor? grad_c, Tensor input, "
+      "Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor[]");
 }
 
 TORCH_LIBRARY_FRAGMENT(lstm_ext, m) {
@@ -340,6 +431,10 @@ TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {
 TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
   m.impl("lstm_layer_forward", &layer_forward_autocast<c10::DeviceType::CUDA>);
   m.impl("lstm_cell_forward", &cell_forward_autocast<c10::DeviceType::CUDA, true>);
+}
+
+TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
+  m.impl("lstm_cell_forward", &cell_forward_autograd);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CompositeImplicitAutograd, m) {

@@ -48,9 +48,11 @@ def _capturing():
 
 
 def _check_state_dtype_and_device(input, states, names):
-    if torch.is_autocast_enabled(input.device.type):
-        return  # autocast casts every floating input of the op to its own dtype
     for state, name in zip(states, names):
+        if state.dtype == input.dtype and state.device == input.device:
+            continue
+        if torch.is_autocast_enabled(input.device.type):
+            return  # autocast casts every floating input of the op to its own dtype
         if state.dtype != input.dtype:
             raise RuntimeError(
                 f"{name} has dtype {state.dtype} but input has dtype {input.dtype}; "
@@ -641,16 +643,26 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        self._check_forward_args(input, hx)
+        weights = self._weights()
+        self._check_forward_args(input, hx, weights[0])
         with _without_autograd_dispatch():
-            h, c = self._step(input, hx)
+            h, c = self._step(input, hx, weights)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
 
-    def _step(self, input, hx):
+    def _weights(self):
+        """(weight_ih, weight_hh, bias_ih, bias_hh): read from _parameters, where attribute
+        access would find them at ten times the cost (1-2 us a step), unless a
+        parametrization or weight_norm has taken a name out of it."""
+        p = self._parameters
+        try:
+            return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+        except KeyError:
+            return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+
+    def _step(self, input, hx, weights):
         """(h', c') for batched input and state that passed the checks."""
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         norms = [self._parameters[name] for name in _layer_norm_names()] if self.layer_norm \
             else None
         variant = self.layer_norm or any(self.zoneout)
@@ -665,7 +677,7 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
                     self.hidden_size, self.bias)
             return h[0], c[0]
         # The cell's parameters are these (self.parameters() costs a few us a step).
-        training = _needs_saved_state([input, *hx, *weights, *(norms or ())])
+        training = _needs_saved_state((input, *hx, *weights, *(norms or ())))
         if not variant:
             return ops.cell_forward(input, hx[0], hx[1], *weights, training)
         zoneout_cell, zoneout_hidden = (
@@ -686,34 +698,33 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
                                         zoneout_hidden=zoneout_hidden)
         return h, c
 
-    def _check_forward_args(self, input, hx):
+    def _check_forward_args(self, input, hx, weight):
         # The messages of ATen's lstm_cell checks, raised before any kernel runs.
-        if input.size(1) != self.input_size:
+        batch, features = input.shape[0], input.shape[1]
+        if features != self.input_size:
             raise RuntimeError(
-                f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
+                f"input has inconsistent input_size: got {features} expected {self.input_size}"
             )
         for index, state in enumerate(hx):
-            if state.size(0) != input.size(0):
+            rows = state.size(0)
+            if rows != batch:
                 raise RuntimeError(
-                    f"Input batch size {input.size(0)} doesn't match hidden{index} batch size "
-                    f"{state.size(0)}"
+                    f"Input batch size {batch} doesn't match hidden{index} batch size {rows}"
                 )
             if state.size(1) != self.hidden_size:
                 raise RuntimeError(
                     f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected "
                     f"{self.hidden_size}"
                 )
-        self._check_input_dtype(input)
-        _check_device(input, self.weight_ih)
+        self._check_input_dtype(input, weight)
+        _check_device(input, weight)
         _check_state_dtype_and_device(input, hx, ("hx[0]", "hx[1]"))
 
-    def _check_input_dtype(self, input):
-        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(
-            input.device.type
-        ):
+    def _check_input_dtype(self, input, weight):
+        if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
             raise RuntimeError(
                 f"LSTMCell input dtype ({input.dtype}) does not match weight dtype "
-                f"({self.weight_ih.dtype}); convert the input with input.to({self.weight_ih.dtype}) "
+                f"({weight.dtype}); convert the input with input.to({weight.dtype}) "
                 f"or the module with .to({input.dtype})"
             )
 

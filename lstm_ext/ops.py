@@ -1,5 +1,6 @@
 """The Python side of the torch.ops.lstm_ext ops: shape functions for FakeTensor (torch.compile,
-export) and the autograd formulas. The schemas and kernels live in csrc/."""
+export), the layer ops' autograd formulas and the differentiable reference behind double
+backward. The schemas, the kernels and the cell's autograd formula live in csrc/."""
 
 import torch
 import torch.nn.functional as F
@@ -378,42 +379,26 @@ torch.library.register_autograd(
 )
 
 
-def _cell_setup_context(ctx, inputs, output):
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh, training = inputs
-    _, _, gates, cell_prev = output
-    ctx.mark_non_differentiable(gates, cell_prev)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, gates, cell_prev)
-
-
 def _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     output, h, c = reference_layer_forward(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh)
     return h, c
 
 
-def _cell_backward(ctx, grad_h, grad_c, *_grads_of_saved):
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh, gates, cell_prev = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    if grad_h is None and grad_c is None:
-        return (None,) * 8
-    if _creates_graph():
-        grads = _differentiable_grads(
-            _reference_cell_forward, (input, hx, cx, w_ih, w_hh, b_ih, b_hh), (grad_h, grad_c)
-        )
-        return (*grads, None)
-    grad_h = torch.zeros_like(hx) if grad_h is None else grad_h
-    grad_c = torch.zeros_like(cx) if grad_c is None else grad_c
-    grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = _ops.lstm_cell_backward(
-        grad_h, grad_c, input, hx, w_ih, w_hh, gates, cell_prev,
-        b_ih is not None or b_hh is not None, needs[0], any(needs[3:7]),
-    )
-    grads = (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_bias)
-    return (*(g if need else None for g, need in zip(grads, needs)), None)
+# The cell's autograd formula is C++'s (ops.cpp); its backward with create_graph=True comes
+# here, for the differentiable reference.
+_LIBRARY = torch.library.Library("lstm_ext", "IMPL")
 
 
-torch.library.register_autograd(
-    "lstm_ext::lstm_cell_forward", _cell_backward, setup_context=_cell_setup_context
-)
+def _cell_differentiable_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    inputs = (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    grads = _differentiable_grads(_reference_cell_forward, inputs, (grad_h, grad_c))
+    return [grad if grad is not None
+            else torch.zeros_like(t) if t is not None and t.requires_grad
+            else input.new_empty(0) for grad, t in zip(grads, inputs)]
+
+
+_LIBRARY.impl("lstm_cell_differentiable_backward", _cell_differentiable_backward,
+              "CompositeImplicitAutograd")
 
 
 def _layer_norm_setup_context(ctx, inputs, output):

@@ -221,20 +221,23 @@ class QuantizedLSTMCell(_Int8Weights, LSTMCell):
     def extra_repr(self):
         return super().extra_repr() + ", int8 weights"
 
-    def _check_input_dtype(self, input):
+    def _weights(self):
+        return tuple(self._buffers[name] for name in self._weight_names())
+
+    def _check_input_dtype(self, input, weight):
         if input.dtype != torch.float32:
             raise RuntimeError(f"QuantizedLSTMCell input dtype ({input.dtype}) must be "
                                f"torch.float32 (its weights are int8, its math fp32): convert "
                                f"the input with input.float()")
 
-    def _step(self, input, hx):
+    def _step(self, input, hx, weights):
         if _exporting_onnx():
             raise NotImplementedError("torch.onnx.export of a QuantizedLSTMCell is not "
                                       "supported: export the float model")
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             _, h, c = torch.ops.lstm_ext.lstm_int8_layer_forward(
-                input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self._scale("weight_ih"),
-                self.weight_hh, self._scale("weight_hh"), self.bias_ih, self.bias_hh, None, None,
+                input.unsqueeze(0), hx[0], hx[1], weights[0], self._scale("weight_ih"),
+                weights[1], self._scale("weight_hh"), weights[2], weights[3], None, None,
                 None, False)
         return h, c
 

@@ -87,3 +87,36 @@ def test_cell_loop_equals_lstm_layer():
         h, c = cell(x[t], (h, c))
         torch.testing.assert_close(h, expected[t], rtol=0, atol=1e-14)
     torch.testing.assert_close(c, c_n[0], rtol=0, atol=1e-14)
+
+
+class _Halved(nn.Module):
+    def forward(self, weight):
+        return 0.5 * weight
+
+
+def test_cell_weights_by_parametrization_functional_call_and_compiled_autograd():
+    """The cell reads its weights where torch puts them: a parametrization, weight_norm,
+    torch.func.functional_call; and its backward runs under compiled autograd. Each against
+    nn.LSTMCell treated the same way, outputs and every gradient."""
+    torch.manual_seed(6)
+    reference = nn.LSTMCell(5, 7, dtype=torch.float64)
+    ours = lstm_ext.LSTMCell.from_torch(reference)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    state = (torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64))
+    for cell in (reference, ours):
+        nn.utils.parametrize.register_parametrization(cell, "weight_hh", _Halved())
+    compare(run(ours, x, state), run(reference, x, state), 1e-10)
+    for cell in (reference, ours):
+        nn.utils.parametrize.remove_parametrizations(cell, "weight_hh")
+        nn.utils.parametrizations.weight_norm(cell, "weight_ih")
+    compare(run(ours, x, state), run(reference, x, state), 1e-10)
+    for cell in (reference, ours):
+        nn.utils.parametrize.remove_parametrizations(cell, "weight_ih")
+
+    weights = {name: 1.5 * p.detach() for name, p in reference.named_parameters()}
+    outputs = [torch.func.functional_call(cell, weights, (x, state)) for cell in (ours, reference)]
+    compare(dict(zip("hc", outputs[0])), dict(zip("hc", outputs[1])), 1e-10)
+
+    expected = run(reference, x, state)
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        compare(run(ours, x, state), expected, 1e-10)

@@ -296,6 +296,29 @@ def test_gradcheck_and_gradgradcheck_cell(bias):
     assert torch.autograd.gradgradcheck(function, inputs)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("outputs", ["h and c", "h", "c"])
+def test_cell_gradients_with_create_graph_are_the_kernels(bias, outputs):
+    """backward with create_graph=True (the differentiable path) gives the gradients the fused
+    backward gives, for gradients of h', of c' or of both, and some need none."""
+    args = cell_args(bias)
+    args[3].requires_grad_(False)  # w_ih: no gradient, and none returned
+    wanted = [a for a in args[:7] if a is not None and a.requires_grad]
+    grad_h, grad_c = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+
+    def gradients(create_graph):
+        h, c = ops.cell_forward(*args[:7])
+        chosen = {"h and c": ([h, c], [grad_h, grad_c]), "h": ([h], [grad_h]),
+                  "c": ([c], [grad_c])}[outputs]
+        return torch.autograd.grad(chosen[0], wanted, chosen[1], create_graph=create_graph)
+
+    plain, graph = gradients(False), gradients(True)
+    assert len(plain) == len(wanted) == (5 if bias else 3) + 1
+    for a, b in zip(plain, graph):
+        assert b.requires_grad and not a.requires_grad
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
 def test_reference_matches_kernel():
     """The differentiable reference (double backward's path) agrees with the fused kernel."""
     for variant in VARIANTS:

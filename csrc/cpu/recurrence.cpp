@@ -245,16 +245,18 @@ bool run_forward(SequenceForward<scalar_t> a) {
       workspace(Workspace::recurrent_state, {3 * a.batch * a.hidden}, options);
   a.panel = direct ? nullptr : panel.data_ptr<acc_t>();
   a.h_work = h_work.data_ptr<acc_t>();
-  // A single step in place (a decode step) pays for waking the threads every call: below
-  // kDecodeBytesPerThread of weights per thread, one thread is faster (measured on the Zen 5:
-  // 2-layer decode at H 128, 512 KB per layer, 18.9 us with two threads, 17.3 with one; at H
-  // 256, 2 MB, 29.6 with two, 37.3 with one).
-  constexpr int64_t kDecodeBytesPerThread = 512 << 10;
+  // A single step in place (a decode step, an LSTMCell call) pays for waking the threads every
+  // call: below kStepBytesPerThread of weights read per thread, counted once per row, one
+  // thread is faster. Measured on the Zen 5, 2-layer decode (B 1) at H 128, 512 KB per layer:
+  // 18.9 us with two threads, 17.3 with one; at H 256, 2 MB: 29.6 with two, 37.3 with one. On
+  // the Xeon (family 6 model 167), LSTMCell steps at H 128, B 2 (1 MB of rows): 15.4-16.7 us
+  // with two, 17.7-18.0 with one; at H 64, B 2 (256 KB): 12.3 with two, 11.3 with one.
+  constexpr int64_t kStepBytesPerThread = 512 << 10;
   if (direct && a.steps == 1) {
     const int64_t bytes = 4 * a.hidden * (a.hidden + (a.gates ? 0 : a.input_size)) *
                           (a.w_hh_int8 ? 1 : int64_t{sizeof(scalar_t)});
     threads = static_cast<int>(
-        std::clamp<int64_t>(bytes / kDecodeBytesPerThread, 1, threads));
+        std::clamp<int64_t>(bytes * a.batch / kStepBytesPerThread, 1, threads));
   }
   RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
   run_parallel(a, forward_kernel<scalar_t>(isa), threads);
