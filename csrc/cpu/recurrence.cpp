@@ -182,7 +182,7 @@ bool direct_form(int64_t batch, int64_t steps) {
   // about 50 steps), and a single step (an LSTMCell call) up to kSingleStepDirectRows.
   constexpr int64_t kPackingPaysFromSteps = 50;
   return batch == 1 || (batch <= kDirectRows && steps < kPackingPaysFromSteps) ||
-         (steps == 1 && batch <= kSingleStepDirectRows);
+         single_step_in_place(batch, steps);
 }
 
 template <typename scalar_t>
@@ -275,7 +275,7 @@ bool run_backward(SequenceBackward<scalar_t> a) {
   }
   // A single step's panels would cost as much as its one product: the step loop's product
   // reads W_hh in place (see kSingleStepDirectRows).
-  if (std::is_same_v<acc_t, scalar_t> && a.steps == 1 && a.batch <= kSingleStepDirectRows) {
+  if (std::is_same_v<acc_t, scalar_t> && single_step_in_place(a.batch, a.steps)) {
     return false;
   }
   const Isa isa = active_isa();

@@ -330,6 +330,12 @@ constexpr int kDirectRows = 4;
 // panels were 1.2-1.3x faster.
 constexpr int kSingleStepDirectRows = 32;
 
+// Whether a call is such a step, whose forward reads the weights in place and whose backward
+// the step loop runs.
+inline bool single_step_in_place(int64_t batch, int64_t steps) {
+  return steps == 1 && batch <= kSingleStepDirectRows;
+}
+
 // The four gate rows of unit j (H rows apart) of an int8 weight times n <= kDirectRows
 // activation rows rounded to int16 (dot.h), each sum times both scales: out[g * n + i].
 template <int V>
