@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace lstm_ext {
 
@@ -35,6 +36,16 @@ using LayerBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at
     bool reverse, bool has_bias, bool input_grad, bool weight_grads,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
     const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& grad_cells);
+
+using LayerDifferentiableBackwardSignature = std::vector<at::Tensor>(
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const std::optional<at::Tensor>& grad_cells,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden);
 
 inline const c10::TypedOperatorHandle<LayerForwardSignature>& layer_forward_op() {
   static const auto handle = c10::Dispatcher::singleton()

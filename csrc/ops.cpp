@@ -2,8 +2,8 @@
 //
 // The layer ops cover a whole sequence for one layer and one direction; the Python module
 // composes layers, directions and dropout (in plain inference lstm_layers, here, does). Their
-// device kernels live in cpu/ and cuda/; their fake (shape) functions and the layer ops'
-// autograd formulas are registered from lstm_ext/ops.py, the cell's autograd formula here.
+// device kernels live in cpu/ and cuda/; their fake (shape) functions and the LayerNorm
+// op's autograd formula are registered from lstm_ext/ops.py, the other autograd formulas here.
 #include "cpu/isa.h"
 #include "cpu/random_mask.h"
 #include "cpu/step_product.h"
@@ -18,6 +18,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -127,9 +128,37 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
 
-// The cell's autograd formula lives here rather than in ops.py: an LSTMCell makes one op call
-// per time step, and a formula registered from Python costs ~25 us a call (the arguments boxed
-// into Python and back, twice), as much as the whole step at H 128, B 8.
+// The autograd formulas of the cell and layer ops live here rather than in ops.py: a formula
+// registered from Python costs ~25 us a call with gradients (the arguments boxed into Python
+// and back, twice), and more in backward, as much as a whole LSTMCell step at H 128, B 8 (one
+// op call per time step). Backward with create_graph=True goes to an op that ops.py implements
+// on the differentiable reference, so that the math is written once.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::optional<at::Tensor> given(const at::Tensor& tensor) {
+  return tensor.defined() ? std::optional<at::Tensor>(tensor) : std::nullopt;
+}
+
+// needs_input_grad per argument of a forward whose tensor arguments are flagged in `tensors`
+// (an absent optional one unflagged): it counts the tensors given only.
+template <size_t N>
+std::array<bool, N> grads_needed(AutogradContext* ctx, const std::array<bool, N>& tensors) {
+  std::array<bool, N> needs{};
+  for (size_t i = 0, edge = 0; i < N; ++i) {
+    if (tensors[i]) needs[i] = ctx->needs_input_grad(edge++);
+  }
+  return needs;
+}
+
+// The outputs that are saved state for backward, detached: they have no gradient, as marking
+// them non-differentiable would say, which compiled autograd refuses in a C++ function.
+template <size_t N>
+void detach_saved_outputs(variable_list& outputs, const std::array<int, N>& saved) {
+  for (int i : saved) outputs[i] = outputs[i].detach();
+}
+
 struct CellFunction : torch::autograd::Function<CellFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
@@ -157,14 +186,8 @@ struct CellFunction : torch::autograd::Function<CellFunction> {
     const at::Tensor &grad_h = grads[0], &grad_c = grads[1];
     torch::autograd::variable_list result(8);  // the last for `training`
     if (!grad_h.defined() && !grad_c.defined()) return result;
-    // needs_input_grad counts the tensors given: an absent bias has no place in it.
-    bool needs[7] = {};
-    for (int i = 0, edge = 0; i < 7; ++i) {
-      if (i < 5 || saved[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
-    }
-    const auto given = [](const at::Tensor& t) {
-      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-    };
+    const auto needs = grads_needed<7>(
+        ctx, {true, true, true, true, true, b_ih.defined(), b_hh.defined()});
     if (at::GradMode::is_enabled()) {
       // create_graph=True: gradients that are differentiable themselves (ops.py builds them
       // from the step in torch ops).
@@ -206,9 +229,98 @@ CellForwardResult cell_forward_autograd(const at::Tensor& input, const at::Tenso
                                         const std::optional<at::Tensor>& b_ih,
                                         const std::optional<at::Tensor>& b_hh, bool training) {
   auto out = CellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training);
-  // gates and cell_prev (saved for backward) have no gradient: returned detached, as marking
-  // them non-differentiable would do, which compiled autograd refuses in a C++ function.
-  return {out[0], out[1], out[2].detach(), out[3].detach()};
+  detach_saved_outputs<2>(out, {2, 3});
+  return {out[0], out[1], out[2], out[3]};
+}
+
+struct LayerFunction : torch::autograd::Function<LayerFunction> {
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+      const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+      const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+      const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
+      const std::optional<at::Tensor>& recurrent_mask,
+      const std::optional<at::Tensor>& zoneout_cell,
+      const std::optional<at::Tensor>& zoneout_hidden, bool return_cells) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, cells] =
+        layer_forward_op().call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                reverse, training, recurrent_mask, zoneout_cell,
+                                zoneout_hidden, return_cells);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["return_cells"] = return_cells;
+    const auto or_none = [](const std::optional<at::Tensor>& t) {
+      return t.value_or(at::Tensor());
+    };
+    ctx->save_for_backward({input, h0, c0, w_ih, w_hh, or_none(b_ih), or_none(b_hh),
+                            or_none(w_hr), or_none(batch_sizes), gates, cell_prev, hidden_prev,
+                            hidden_raw, or_none(recurrent_mask), or_none(zoneout_cell),
+                            or_none(zoneout_hidden)});
+    return {output, h_n, c_n, gates, cell_prev, hidden_prev, hidden_raw, cells};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3],
+                     &w_hh = saved[4], &b_ih = saved[5], &b_hh = saved[6], &w_hr = saved[7],
+                     &batch_sizes = saved[8], &recurrent_mask = saved[13],
+                     &zoneout_cell = saved[14], &zoneout_hidden = saved[15];
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    const at::Tensor &grad_output = grads[0], &grad_h_n = grads[1], &grad_c_n = grads[2];
+    // The cell sequence's, where the op returned one (without return_cells it is empty).
+    const at::Tensor grad_cells =
+        ctx->saved_data["return_cells"].toBool() ? grads[7] : at::Tensor();
+    variable_list result(15);
+    if (!grad_output.defined() && !grad_h_n.defined() && !grad_c_n.defined() &&
+        !grad_cells.defined()) {
+      return result;
+    }
+    const auto needs = grads_needed<15>(
+        ctx, {true, true, true, true, true, b_ih.defined(), b_hh.defined(), w_hr.defined(),
+              batch_sizes.defined(), false, false, recurrent_mask.defined(),
+              zoneout_cell.defined(), zoneout_hidden.defined(), false});
+    std::vector<at::Tensor> all;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      static const auto op =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("lstm_ext::lstm_layer_differentiable_backward", "")
+              .typed<LayerDifferentiableBackwardSignature>();
+      all = op.call(given(grad_output), given(grad_h_n), given(grad_c_n), given(grad_cells),
+                    input, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
+                    given(batch_sizes), reverse, given(recurrent_mask), given(zoneout_cell),
+                    given(zoneout_hidden));
+    } else {
+      auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+          layer_backward_op().call(
+              given(grad_output), grad_h_n.defined() ? grad_h_n : at::zeros_like(h0),
+              grad_c_n.defined() ? grad_c_n : at::zeros_like(c0), input, w_ih, w_hh,
+              given(w_hr), given(batch_sizes), saved[9], saved[10], saved[11], saved[12],
+              reverse, b_ih.defined() || b_hh.defined(), needs[0],
+              needs[3] || needs[4] || needs[5] || needs[6] || needs[7], given(recurrent_mask),
+              given(zoneout_cell), given(zoneout_hidden), given(grad_cells));
+      all = {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias,
+             grad_w_hr};
+    }
+    for (int i = 0; i < 8; ++i) {
+      if (needs[i]) result[i] = all[i];
+    }
+    return result;
+  }
+};
+
+LayerForwardResult layer_forward_autograd(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden, bool return_cells) {
+  auto out = LayerFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                  reverse, training, recurrent_mask, zoneout_cell,
+                                  zoneout_hidden, return_cells);
+  detach_saved_outputs<4>(out, {3, 4, 5, 6});
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
 }
 
 using Int8LayerSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -388,6 +500,15 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor w_ih, Tensor w_hh, Tensor gates, Tensor cell_prev, bool has_bias, "
       "bool input_grad, bool weight_grads) -> (Tensor grad_input, Tensor grad_hx, "
       "Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+  // The layer's gradients for backward with create_graph=True, differentiable themselves:
+  // those of input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, in that order (empty for an absent
+  // tensor or one that needs none). Implemented in ops.py, in torch ops.
+  m.def(
+      "lstm_layer_differentiable_backward(Tensor? grad_output, Tensor? grad_h_n, "
+      "Tensor? grad_c_n, Tensor? grad_cells, Tensor input, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "bool reverse, Tensor? recurrent_mask, Tensor? zoneout_cell, Tensor? zoneout_hidden) -> "
+      "Tensor[]");
   // The cell's gradients for backward with create_graph=True, differentiable themselves:
   // those of input, hx, cx, w_ih, w_hh, b_ih, b_hh, in that order (empty for an absent bias
   // or a tensor that needs none). Implemented in ops.py, in torch ops.
@@ -434,6 +555,7 @@ TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
+  m.impl("lstm_layer_forward", &layer_forward_autograd);
   m.impl("lstm_cell_forward", &cell_forward_autograd);
 }
 

@@ -1,6 +1,6 @@
 """The Python side of the torch.ops.lstm_ext ops: shape functions for FakeTensor (torch.compile,
-export), the layer ops' autograd formulas and the differentiable reference behind double
-backward. The schemas, the kernels and the cell's autograd formula live in csrc/."""
+export), the LayerNorm layer op's autograd formula and the differentiable reference behind
+double backward. The schemas, the kernels and the other ops' autograd formulas live in csrc/."""
 
 import torch
 import torch.nn.functional as F
@@ -329,54 +329,33 @@ def _creates_graph():
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def _layer_setup_context(ctx, inputs, output):
-    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training,
-     recurrent_mask, zoneout_cell, zoneout_hidden, return_cells) = inputs
-    _, _, _, gates, cell_prev, hidden_prev, hidden_raw, _ = output
-    ctx.mark_non_differentiable(gates, cell_prev, hidden_prev, hidden_raw)
-    # Unused outputs get None rather than zero-filled gradients the size of the saved tensors.
-    ctx.set_materialize_grads(False)
-    ctx.reverse = reverse
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates,
-                          cell_prev, hidden_prev, hidden_raw, recurrent_mask, zoneout_cell,
-                          zoneout_hidden)
+# The autograd formulas of the cell and layer ops are C++'s (ops.cpp); their backward with
+# create_graph=True comes here, for the differentiable reference.
+_LIBRARY = torch.library.Library("lstm_ext", "IMPL")
 
 
-def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cell_prev, _hidden_prev,
-                    _hidden_raw, grad_cells):
-    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, gates, cell_prev, hidden_prev,
-     hidden_raw, recurrent_mask, zoneout_cell, zoneout_hidden) = ctx.saved_tensors
-    variants = (recurrent_mask, zoneout_cell, zoneout_hidden)
-    needs = ctx.needs_input_grad
-    if grad_cells is not None and grad_cells.numel() == 0:
-        grad_cells = None  # the op ran without return_cells
-    if grad_output is None and grad_h_n is None and grad_c_n is None and grad_cells is None:
-        return (None,) * 15
-    if _creates_graph():
-        grads = _differentiable_grads(
-            lambda *args: reference_layer_forward(*args, batch_sizes, ctx.reverse, *variants,
-                                                  return_cells=grad_cells is not None),
-            (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
-            (grad_output, grad_h_n, grad_c_n, grad_cells),
-        )
-        return (*grads, *(None,) * 7)
-    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
-    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
-        _ops.lstm_layer_backward(
-            grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, gates,
-            cell_prev, hidden_prev, hidden_raw, ctx.reverse,
-            b_ih is not None or b_hh is not None, needs[0], any(needs[3:8]), *variants,
-            grad_cells,
-        )
-    )
-    grads = (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, grad_w_hr)
-    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 7)
+def _every_gradient(grads, inputs):
+    """The differentiable gradients as the op returns them: one per input, empty for an
+    absent input or one that needs none, zeros for one the outputs do not depend on."""
+    return [grad if grad is not None
+            else torch.zeros_like(t) if t is not None and t.requires_grad
+            else inputs[0].new_empty(0) for grad, t in zip(grads, inputs)]
 
 
-torch.library.register_autograd(
-    "lstm_ext::lstm_layer_forward", _layer_backward, setup_context=_layer_setup_context
-)
+def _layer_differentiable_backward(grad_output, grad_h_n, grad_c_n, grad_cells, input, h0, c0,
+                                   w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                                   recurrent_mask, zoneout_cell, zoneout_hidden):
+    inputs = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    grads = _differentiable_grads(
+        lambda *args: reference_layer_forward(*args, batch_sizes, reverse, recurrent_mask,
+                                              zoneout_cell, zoneout_hidden,
+                                              return_cells=grad_cells is not None),
+        inputs, (grad_output, grad_h_n, grad_c_n, grad_cells))
+    return _every_gradient(grads, inputs)
+
+
+_LIBRARY.impl("lstm_layer_differentiable_backward", _layer_differentiable_backward,
+              "CompositeImplicitAutograd")
 
 
 def _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
@@ -384,17 +363,10 @@ def _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     return h, c
 
 
-# The cell's autograd formula is C++'s (ops.cpp); its backward with create_graph=True comes
-# here, for the differentiable reference.
-_LIBRARY = torch.library.Library("lstm_ext", "IMPL")
-
-
 def _cell_differentiable_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     inputs = (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     grads = _differentiable_grads(_reference_cell_forward, inputs, (grad_h, grad_c))
-    return [grad if grad is not None
-            else torch.zeros_like(t) if t is not None and t.requires_grad
-            else input.new_empty(0) for grad, t in zip(grads, inputs)]
+    return _every_gradient(grads, inputs)
 
 
 _LIBRARY.impl("lstm_cell_differentiable_backward", _cell_differentiable_backward,

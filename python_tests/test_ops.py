@@ -296,6 +296,32 @@ def test_gradcheck_and_gradgradcheck_cell(bias):
     assert torch.autograd.gradgradcheck(function, inputs)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+@pytest.mark.parametrize("outputs", ["all", "output", "h_n and c_n", "cells"])
+def test_layer_gradients_with_create_graph_are_the_kernels(variant, outputs):
+    """backward with create_graph=True (the differentiable path) gives the gradients the fused
+    backward gives, whichever outputs carry a gradient, the cell sequence's included."""
+    torch.manual_seed(len(str(variant)) + len(outputs))
+    args = layer_args(**variant)
+    args[1].requires_grad_(False)  # h0: no gradient, and none returned
+    wanted = [a for a in args[:8] if a is not None and a.requires_grad]
+    sample = ops.layer_forward(*args, return_cells=True)
+    weights = [torch.randn_like(t) for t in sample]
+
+    def gradients(create_graph):
+        output, h_n, c_n, cells = ops.layer_forward(*args, return_cells=True)
+        chosen = {"all": [0, 1, 2, 3], "output": [0], "h_n and c_n": [1, 2], "cells": [3]}
+        picked = [(output, h_n, c_n, cells)[i] for i in chosen[outputs]]
+        return torch.autograd.grad(picked, wanted, [weights[i] for i in chosen[outputs]],
+                                   create_graph=create_graph)
+
+    plain, graph = gradients(False), gradients(True)
+    assert len(plain) == len(wanted) >= 4
+    for a, b in zip(plain, graph):
+        assert b.requires_grad and not a.requires_grad
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("outputs", ["h and c", "h", "c"])
 def test_cell_gradients_with_create_graph_are_the_kernels(bias, outputs):
