@@ -2,8 +2,8 @@
 //
 // The layer ops cover a whole sequence for one layer and one direction; the Python module
 // composes layers, directions and dropout (in plain inference lstm_layers, here, does). Their
-// device kernels live in cpu/ and cuda/; their fake (shape) functions and the LayerNorm
-// op's autograd formula are registered from lstm_ext/ops.py, the other autograd formulas here.
+// device kernels live in cpu/ and cuda/, their autograd formulas here; their fake (shape)
+// functions are registered from lstm_ext/ops.py.
 #include "cpu/isa.h"
 #include "cpu/random_mask.h"
 #include "cpu/step_product.h"
@@ -323,6 +323,162 @@ LayerForwardResult layer_forward_autograd(
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
 }
 
+using LayerNormForwardResultTuple =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+using LayerNormForwardSignature = std::tuple<
+    at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+    at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
+    const at::Tensor& ln_ih_weight, const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
+    const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
+    const at::Tensor& ln_cell_bias, const std::optional<at::Tensor>& recurrent_mask,
+    const std::optional<at::Tensor>& zoneout_cell, const std::optional<at::Tensor>& zoneout_hidden);
+
+using LayerNormBackwardSignature = std::tuple<
+    at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+    at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const std::optional<at::Tensor>& grad_output, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& ln_ih_weight,
+    const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight, const at::Tensor& ln_hh_bias,
+    const at::Tensor& ln_cell_weight, const at::Tensor& ln_cell_bias, const at::Tensor& gates,
+    const at::Tensor& cell_prev, const at::Tensor& cell, const at::Tensor& products,
+    const at::Tensor& input_products, const at::Tensor& stats, const at::Tensor& hidden_prev,
+    const at::Tensor& hidden_raw, bool reverse, bool has_bias,
+    const std::optional<at::Tensor>& recurrent_mask, bool input_grad,
+    const std::optional<at::Tensor>& grad_cells, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden);
+
+using LayerNormDifferentiableBackwardSignature = std::vector<at::Tensor>(
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const std::optional<at::Tensor>& grad_cells,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, at::TensorList norms,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden);
+
+// The LayerNorm LSTM layer's. Outputs after output, h_n, c_n are saved state for backward,
+// but `cell` (5), which layer_norm_forward can return as the cell sequence.
+struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+      const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+      const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+      const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
+      const at::Tensor& ln_ih_weight, const at::Tensor& ln_ih_bias,
+      const at::Tensor& ln_hh_weight, const at::Tensor& ln_hh_bias,
+      const at::Tensor& ln_cell_weight, const at::Tensor& ln_cell_bias,
+      const std::optional<at::Tensor>& recurrent_mask,
+      const std::optional<at::Tensor>& zoneout_cell,
+      const std::optional<at::Tensor>& zoneout_hidden) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lstm_ext::lstm_layer_norm_forward", "")
+                               .typed<LayerNormForwardSignature>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto out = op.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                             training, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                             ln_cell_weight, ln_cell_bias, recurrent_mask, zoneout_cell,
+                             zoneout_hidden);
+    variable_list outputs = std::apply(
+        [](const auto&... tensors) { return variable_list{tensors...}; }, out);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["reverse"] = reverse;
+    const auto or_none = [](const std::optional<at::Tensor>& t) {
+      return t.value_or(at::Tensor());
+    };
+    variable_list saved = {input, h0, c0, w_ih, w_hh, or_none(b_ih), or_none(b_hh),
+                           or_none(w_hr), or_none(batch_sizes), ln_ih_weight, ln_ih_bias,
+                           ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias};
+    saved.insert(saved.end(), outputs.begin() + 3, outputs.end());  // 15 to 22
+    saved.push_back(or_none(recurrent_mask));
+    saved.push_back(or_none(zoneout_cell));
+    saved.push_back(or_none(zoneout_hidden));
+    ctx->save_for_backward(saved);
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3],
+                     &w_hh = saved[4], &b_ih = saved[5], &b_hh = saved[6], &w_hr = saved[7],
+                     &batch_sizes = saved[8], &recurrent_mask = saved[23],
+                     &zoneout_cell = saved[24], &zoneout_hidden = saved[25];
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    const at::Tensor &grad_output = grads[0], &grad_h_n = grads[1], &grad_c_n = grads[2],
+                     &grad_cells = grads[5];
+    variable_list result(20);
+    if (!grad_output.defined() && !grad_h_n.defined() && !grad_c_n.defined() &&
+        !grad_cells.defined()) {
+      return result;
+    }
+    const auto needs = grads_needed<20>(
+        ctx, {true, true, true, true, true, b_ih.defined(), b_hh.defined(), w_hr.defined(),
+              batch_sizes.defined(), false, false, true, true, true, true, true, true,
+              recurrent_mask.defined(), zoneout_cell.defined(), zoneout_hidden.defined()});
+    // Gradients of input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, then the six norms'.
+    std::vector<at::Tensor> all;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      static const auto op =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("lstm_ext::lstm_layer_norm_differentiable_backward", "")
+              .typed<LayerNormDifferentiableBackwardSignature>();
+      const std::vector<at::Tensor> norms(saved.begin() + 9, saved.begin() + 15);
+      all = op.call(given(grad_output), given(grad_h_n), given(grad_c_n), given(grad_cells),
+                    input, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
+                    given(batch_sizes), reverse, norms, given(recurrent_mask),
+                    given(zoneout_cell), given(zoneout_hidden));
+    } else {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("lstm_ext::lstm_layer_norm_backward", "")
+                                 .typed<LayerNormBackwardSignature>();
+      const auto g = op.call(
+          given(grad_output), grad_h_n.defined() ? grad_h_n : at::zeros_like(h0),
+          grad_c_n.defined() ? grad_c_n : at::zeros_like(c0), input, w_ih, w_hh, given(w_hr),
+          given(batch_sizes), saved[9], saved[10], saved[11], saved[12], saved[13], saved[14],
+          saved[15], saved[16], saved[17], saved[18], saved[19], saved[20], saved[21],
+          saved[22], reverse, b_ih.defined() || b_hh.defined(), given(recurrent_mask),
+          needs[0], given(grad_cells), given(zoneout_cell), given(zoneout_hidden));
+      all = std::apply([](const auto&... tensors) { return std::vector<at::Tensor>{tensors...}; },
+                       g);
+      all.insert(all.begin() + 6, all[5]);  // grad_bias is b_ih's and b_hh's alike
+    }
+    for (int i = 0; i < 8; ++i) {
+      if (needs[i]) result[i] = all[i];
+    }
+    for (int i = 0; i < 6; ++i) {
+      if (needs[11 + i]) result[11 + i] = all[8 + i];
+    }
+    return result;
+  }
+};
+
+LayerNormForwardResultTuple layer_norm_forward_autograd(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
+    const at::Tensor& ln_ih_weight, const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
+    const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
+    const at::Tensor& ln_cell_bias, const std::optional<at::Tensor>& recurrent_mask,
+    const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden) {
+  auto out = LayerNormFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                      reverse, training, ln_ih_weight, ln_ih_bias, ln_hh_weight,
+                                      ln_hh_bias, ln_cell_weight, ln_cell_bias, recurrent_mask,
+                                      zoneout_cell, zoneout_hidden);
+  detach_saved_outputs<7>(out, {3, 4, 6, 7, 8, 9, 10});
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9],
+          out[10]};
+}
+
 using Int8LayerSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_ih_scale, const at::Tensor& w_hh, const at::Tensor& w_hh_scale,
@@ -509,6 +665,14 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "bool reverse, Tensor? recurrent_mask, Tensor? zoneout_cell, Tensor? zoneout_hidden) -> "
       "Tensor[]");
+  // The same for lstm_layer_norm_forward: those of input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+  // w_hr, then of the six norm parameters (norms, in the forward's order).
+  m.def(
+      "lstm_layer_norm_differentiable_backward(Tensor? grad_output, Tensor? grad_h_n, "
+      "Tensor? grad_c_n, Tensor? grad_cells, Tensor input, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "bool reverse, Tensor[] norms, Tensor? recurrent_mask, Tensor? zoneout_cell, "
+      "Tensor? zoneout_hidden) -> Tensor[]");
   // The cell's gradients for backward with create_graph=True, differentiable themselves:
   // those of input, hx, cx, w_ih, w_hh, b_ih, b_hh, in that order (empty for an absent bias
   // or a tensor that needs none). Implemented in ops.py, in torch ops.
@@ -556,6 +720,7 @@ TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
 
 TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   m.impl("lstm_layer_forward", &layer_forward_autograd);
+  m.impl("lstm_layer_norm_forward", &layer_norm_forward_autograd);
   m.impl("lstm_cell_forward", &cell_forward_autograd);
 }
 

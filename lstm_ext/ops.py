@@ -1,6 +1,6 @@
 """The Python side of the torch.ops.lstm_ext ops: shape functions for FakeTensor (torch.compile,
-export), the LayerNorm layer op's autograd formula and the differentiable reference behind
-double backward. The schemas, the kernels and the other ops' autograd formulas live in csrc/."""
+export) and the differentiable reference behind double backward. The schemas, the kernels and
+the autograd formulas live in csrc/."""
 
 import torch
 import torch.nn.functional as F
@@ -323,14 +323,8 @@ def _differentiable_grads(forward, inputs, grad_outputs):
     return result
 
 
-def _creates_graph():
-    # Under torch.compile the backward is traced once into a graph; the double-backward path
-    # only serves eager create_graph=True calls.
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-# The autograd formulas of the cell and layer ops are C++'s (ops.cpp); their backward with
-# create_graph=True comes here, for the differentiable reference.
+# The ops' autograd formulas are C++'s (ops.cpp); their backward with create_graph=True comes
+# here, for the differentiable reference.
 _LIBRARY = torch.library.Library("lstm_ext", "IMPL")
 
 
@@ -373,48 +367,18 @@ _LIBRARY.impl("lstm_cell_differentiable_backward", _cell_differentiable_backward
               "CompositeImplicitAutograd")
 
 
-def _layer_norm_setup_context(ctx, inputs, output):
-    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training, *rest) = inputs
-    norms, (recurrent_mask, zoneout_cell, zoneout_hidden) = rest[:6], rest[6:9]
-    saved = output[3:]
-    # All but the cell sequence (saved[2]), which layer_norm_forward can return.
-    ctx.mark_non_differentiable(*saved[:2], *saved[3:])
-    ctx.set_materialize_grads(False)
-    ctx.reverse = reverse
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *norms,
-                          *saved, recurrent_mask, zoneout_cell, zoneout_hidden)
+def _layer_norm_differentiable_backward(grad_output, grad_h_n, grad_c_n, grad_cells, input, h0,
+                                        c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                                        norms, recurrent_mask, zoneout_cell, zoneout_hidden):
+    inputs = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *norms)
+    grads = _differentiable_grads(
+        lambda *args: reference_layer_norm_forward(
+            *args[:8], batch_sizes, reverse, args[8:], recurrent_mask,
+            return_cells=grad_cells is not None, zoneout_cell=zoneout_cell,
+            zoneout_hidden=zoneout_hidden),
+        inputs, (grad_output, grad_h_n, grad_c_n, grad_cells))
+    return _every_gradient(grads, inputs)
 
 
-def _layer_norm_backward(ctx, grad_output, grad_h_n, grad_c_n, *grads_of_saved):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *rest = ctx.saved_tensors
-    norms, saved, (recurrent_mask, zoneout_cell, zoneout_hidden) = rest[:6], rest[6:14], rest[14:]
-    grad_cells = grads_of_saved[2]  # of the cell sequence, where it was returned
-    if grad_output is None and grad_h_n is None and grad_c_n is None and grad_cells is None:
-        return (None,) * 20
-    if _creates_graph():
-        grads = _differentiable_grads(
-            lambda *args: reference_layer_norm_forward(
-                *args[:8], batch_sizes, ctx.reverse, args[8:], recurrent_mask,
-                return_cells=grad_cells is not None, zoneout_cell=zoneout_cell,
-                zoneout_hidden=zoneout_hidden),
-            (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *norms),
-            (grad_output, grad_h_n, grad_c_n, grad_cells))
-        return (*grads[:8], None, None, None, *grads[8:], None, None, None)
-    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
-    grads = _ops.lstm_layer_norm_backward(
-        grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, batch_sizes, *norms, *saved,
-        ctx.reverse, b_ih is not None or b_hh is not None, recurrent_mask,
-        ctx.needs_input_grad[0], grad_cells, zoneout_cell, zoneout_hidden)
-    (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr,
-     *grad_norms) = grads
-    needs = ctx.needs_input_grad
-    result = (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias,
-              grad_w_hr, None, None, None, *grad_norms, None, None, None)
-    return tuple(g if need else None for g, need in zip(result, needs))
-
-
-torch.library.register_autograd(
-    "lstm_ext::lstm_layer_norm_forward", _layer_norm_backward,
-    setup_context=_layer_norm_setup_context
-)
+_LIBRARY.impl("lstm_layer_norm_differentiable_backward", _layer_norm_differentiable_backward,
+              "CompositeImplicitAutograd")
