@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lstm_ext {
@@ -152,14 +153,29 @@ std::array<bool, N> grads_needed(AutogradContext* ctx, const std::array<bool, N>
   return needs;
 }
 
-// The outputs that are saved state for backward, detached: they have no gradient, as marking
+// An op's Autograd kernel from its torch::autograd::Function F: F's outputs as the op's tuple,
+// those F::kSaved names (saved state for backward) detached. They have no gradient, as marking
 // them non-differentiable would say, which compiled autograd refuses in a C++ function.
-template <size_t N>
-void detach_saved_outputs(variable_list& outputs, const std::array<int, N>& saved) {
-  for (int i : saved) outputs[i] = outputs[i].detach();
-}
+template <class F, class Signature>
+struct AutogradKernel;
+
+template <class F, class Result, class... Args>
+struct AutogradKernel<F, Result(Args...)> {
+  static Result call(Args... args) {
+    variable_list out = F::apply(args...);
+    for (int i : F::kSaved) out[i] = out[i].detach();
+    return as_tuple(out, std::make_index_sequence<std::tuple_size_v<Result>>());
+  }
+
+  template <size_t... I>
+  static Result as_tuple(const variable_list& out, std::index_sequence<I...>) {
+    return Result{out[I]...};
+  }
+};
 
 struct CellFunction : torch::autograd::Function<CellFunction> {
+  static constexpr std::array<int, 2> kSaved = {2, 3};  // gates, cell_prev
+
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
       const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -223,17 +239,9 @@ struct CellFunction : torch::autograd::Function<CellFunction> {
   }
 };
 
-CellForwardResult cell_forward_autograd(const at::Tensor& input, const at::Tensor& hx,
-                                        const at::Tensor& cx, const at::Tensor& w_ih,
-                                        const at::Tensor& w_hh,
-                                        const std::optional<at::Tensor>& b_ih,
-                                        const std::optional<at::Tensor>& b_hh, bool training) {
-  auto out = CellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training);
-  detach_saved_outputs<2>(out, {2, 3});
-  return {out[0], out[1], out[2], out[3]};
-}
-
 struct LayerFunction : torch::autograd::Function<LayerFunction> {
+  static constexpr std::array<int, 4> kSaved = {3, 4, 5, 6};  // all but output, h_n, c_n, cells
+
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
       const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
@@ -309,24 +317,6 @@ struct LayerFunction : torch::autograd::Function<LayerFunction> {
   }
 };
 
-LayerForwardResult layer_forward_autograd(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
-    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden, bool return_cells) {
-  auto out = LayerFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                  reverse, training, recurrent_mask, zoneout_cell,
-                                  zoneout_hidden, return_cells);
-  detach_saved_outputs<4>(out, {3, 4, 5, 6});
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
-}
-
-using LayerNormForwardResultTuple =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 using LayerNormForwardSignature = std::tuple<
     at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
     at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -368,6 +358,8 @@ using LayerNormDifferentiableBackwardSignature = std::vector<at::Tensor>(
 // The LayerNorm LSTM layer's. Outputs after output, h_n, c_n are saved state for backward,
 // but `cell` (5), which layer_norm_forward can return as the cell sequence.
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
+  static constexpr std::array<int, 7> kSaved = {3, 4, 6, 7, 8, 9, 10};
+
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
       const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
@@ -459,25 +451,6 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     return result;
   }
 };
-
-LayerNormForwardResultTuple layer_norm_forward_autograd(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
-    const at::Tensor& ln_ih_weight, const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
-    const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
-    const at::Tensor& ln_cell_bias, const std::optional<at::Tensor>& recurrent_mask,
-    const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden) {
-  auto out = LayerNormFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                      reverse, training, ln_ih_weight, ln_ih_bias, ln_hh_weight,
-                                      ln_hh_bias, ln_cell_weight, ln_cell_bias, recurrent_mask,
-                                      zoneout_cell, zoneout_hidden);
-  detach_saved_outputs<7>(out, {3, 4, 6, 7, 8, 9, 10});
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9],
-          out[10]};
-}
 
 using Int8LayerSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
@@ -719,9 +692,10 @@ TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
-  m.impl("lstm_layer_forward", &layer_forward_autograd);
-  m.impl("lstm_layer_norm_forward", &layer_norm_forward_autograd);
-  m.impl("lstm_cell_forward", &cell_forward_autograd);
+  m.impl("lstm_layer_forward", &AutogradKernel<LayerFunction, LayerForwardSignature>::call);
+  m.impl("lstm_layer_norm_forward",
+         &AutogradKernel<LayerNormFunction, LayerNormForwardSignature>::call);
+  m.impl("lstm_cell_forward", &AutogradKernel<CellFunction, decltype(cell_forward)>::call);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CompositeImplicitAutograd, m) {
