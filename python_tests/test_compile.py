@@ -113,3 +113,44 @@ def test_packed_sequence_compiles():
     output, (h, _) = compiled(packed)
     torch.testing.assert_close(output.data, expected.data)
     torch.testing.assert_close(h, expected_h)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "LayerNorm LSTM", "LSTMCell"])
+def test_backward_under_compiled_autograd_equals_eager(kind):
+    """Compiled autograd traces the backward of the ops' C++ autograd functions: the gradients
+    equal eager's (fp64; two layers, bidirectional, for the LSTMs)."""
+    torch.manual_seed(7)
+    if kind == "LSTMCell":
+        module = lstm_ext.LSTMCell(5, 7).double()
+        inputs = (torch.randn(3, 5, dtype=torch.float64),
+                  (torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)))
+    else:
+        module = lstm_ext.LSTM(5, 7, 2, bidirectional=True, layer_norm=kind != "LSTM").double()
+        inputs = (torch.randn(4, 3, 5, dtype=torch.float64),)
+    weights = torch.randn(2, dtype=torch.float64)
+
+    def gradients():
+        module.zero_grad(set_to_none=True)
+        outputs = module(*inputs)
+        h, c = outputs if kind == "LSTMCell" else outputs[1]
+        loss = weights[0] * h.sin().sum() + weights[1] * c.square().sum()
+        if kind != "LSTMCell":
+            loss = loss + outputs[0].cos().sum()
+        loss.backward()
+        return [p.grad.clone() for p in module.parameters()]
+
+    expected = gradients()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        actual = gradients()
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_transforms_are_refused_with_an_error():
+    """As the README says: torch.func.grad over the ops raises (C++ autograd functions do not
+    support functorch transforms) rather than returning something wrong."""
+    module = lstm_ext.LSTM(3, 4).double()
+    x = torch.randn(2, 2, 3, dtype=torch.float64)
+    weights = {name: p.detach() for name, p in module.named_parameters()}
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda w: torch.func.functional_call(module, w, (x,))[0].sum())(weights)
