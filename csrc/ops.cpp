@@ -129,7 +129,8 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
 
-// The autograd formulas of the cell and layer ops live here rather than in ops.py: a formula
+// The autograd formulas of the cell and layer ops (LayerNorm too) live here rather than in
+// ops.py: a formula
 // registered from Python costs ~25 us a call with gradients (the arguments boxed into Python
 // and back, twice), and more in backward, as much as a whole LSTMCell step at H 128, B 8 (one
 // op call per time step). Backward with create_graph=True goes to an op that ops.py implements
@@ -138,9 +139,20 @@ CellBackwardResult cell_backward(const at::Tensor& grad_h, const at::Tensor& gra
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// An optional tensor argument as a saved tensor (undefined where absent), and back.
+at::Tensor or_none(const std::optional<at::Tensor>& tensor) {
+  return tensor.value_or(at::Tensor());
+}
+
 std::optional<at::Tensor> given(const at::Tensor& tensor) {
   return tensor.defined() ? std::optional<at::Tensor>(tensor) : std::nullopt;
 }
+
+using CellDifferentiableBackwardSignature = std::vector<at::Tensor>(
+    const std::optional<at::Tensor>& grad_h, const std::optional<at::Tensor>& grad_c,
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh);
 
 // needs_input_grad per argument of a forward whose tensor arguments are flagged in `tensors`
 // (an absent optional one unflagged): it counts the tensors given only.
@@ -176,8 +188,8 @@ struct AutogradKernel<F, Result(Args...)> {
 struct CellFunction : torch::autograd::Function<CellFunction> {
   static constexpr std::array<int, 2> kSaved = {2, 3};  // gates, cell_prev
 
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
       const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
       const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
       bool training) {
@@ -189,18 +201,17 @@ struct CellFunction : torch::autograd::Function<CellFunction> {
         op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training);
     // Unused outputs get undefined gradients rather than zero-filled ones.
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, hx, cx, w_ih, w_hh, b_ih.value_or(at::Tensor()),
-                            b_hh.value_or(at::Tensor()), gates, cell_prev});
+    ctx->save_for_backward(
+        {input, hx, cx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), gates, cell_prev});
     return {h, c, gates, cell_prev};
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &hx = saved[1], &cx = saved[2], &w_ih = saved[3],
                      &w_hh = saved[4], &b_ih = saved[5], &b_hh = saved[6];
     const at::Tensor &grad_h = grads[0], &grad_c = grads[1];
-    torch::autograd::variable_list result(8);  // the last for `training`
+    variable_list result(8);  // the last for `training`
     if (!grad_h.defined() && !grad_c.defined()) return result;
     const auto needs = grads_needed<7>(
         ctx, {true, true, true, true, true, b_ih.defined(), b_hh.defined()});
@@ -210,11 +221,7 @@ struct CellFunction : torch::autograd::Function<CellFunction> {
       static const auto op =
           c10::Dispatcher::singleton()
               .findSchemaOrThrow("lstm_ext::lstm_cell_differentiable_backward", "")
-              .typed<std::vector<at::Tensor>(
-                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                  const at::Tensor&, const std::optional<at::Tensor>&,
-                  const std::optional<at::Tensor>&)>();
+              .typed<CellDifferentiableBackwardSignature>();
       const auto graph = op.call(given(grad_h), given(grad_c), input, hx, cx, w_ih, w_hh,
                                  given(b_ih), given(b_hh));
       for (int i = 0; i < 7; ++i) {
@@ -258,9 +265,6 @@ struct LayerFunction : torch::autograd::Function<LayerFunction> {
     ctx->set_materialize_grads(false);
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["return_cells"] = return_cells;
-    const auto or_none = [](const std::optional<at::Tensor>& t) {
-      return t.value_or(at::Tensor());
-    };
     ctx->save_for_backward({input, h0, c0, w_ih, w_hh, or_none(b_ih), or_none(b_hh),
                             or_none(w_hr), or_none(batch_sizes), gates, cell_prev, hidden_prev,
                             hidden_raw, or_none(recurrent_mask), or_none(zoneout_cell),
@@ -383,9 +387,6 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
         [](const auto&... tensors) { return variable_list{tensors...}; }, out);
     ctx->set_materialize_grads(false);
     ctx->saved_data["reverse"] = reverse;
-    const auto or_none = [](const std::optional<at::Tensor>& t) {
-      return t.value_or(at::Tensor());
-    };
     variable_list saved = {input, h0, c0, w_ih, w_hh, or_none(b_ih), or_none(b_hh),
                            or_none(w_hr), or_none(batch_sizes), ln_ih_weight, ln_ih_bias,
                            ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias};
