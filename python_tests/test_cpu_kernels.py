@@ -481,13 +481,15 @@ def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("batch", [1, 3, 4, 5, 32, 33])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 8, 13, 32, 33])
 @pytest.mark.parametrize("hidden", [20, 64, 256])
 def test_decode_steps_match_fp64_nn_lstm(hidden, batch, bias):
     """One step at a time in inference with the state carried (generation): up to 32 rows the
-    recurrence reads the weights in place, four rows at a time, and multiplies x by W_ih itself
-    in the same pass as W_hh (no separate input projection); from 33 rows it packs panels and
-    the projection comes first. Both against fp64 nn.LSTM, over steps whose inputs are slices
+    recurrence reads the weights in place and multiplies x by W_ih itself in the same pass as
+    W_hh (no separate input projection), up to 4 rows by dot products and above that (under
+    AVX-512) by broadcasts into columns of the rows: two values of k per row in a vector up to
+    8 rows, one vector of rows up to 16, two up to 32; from 33 rows it packs panels and the
+    projection comes first. Both against fp64 nn.LSTM, over steps whose inputs are slices
     of one larger tensor (rows not contiguous with each other). At H 256 (over 1 MB of weights)
     the step runs on two threads, below on one."""
     generator = torch.Generator().manual_seed(5)

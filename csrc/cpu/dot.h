@@ -10,7 +10,9 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if LSTM_EXT_X86_VARIANTS
 #include <immintrin.h>
@@ -94,6 +96,175 @@ inline void dot_rows_n(int n, int64_t K, const weight_t* w, int64_t w_step,
   }
   dot_rows<acc_t, V, N, weight_t>(K, w, w_step, x, out);
 }
+
+// The same products the other way round, for more rows than dot_rows takes at once: the rows
+// transposed once into columns (Columns below), and each weight value broadcast times the
+// vector of every row's value at its k. Each weight is then read once for all the rows rather
+// than once per dot_rows tile of them (which leaves the tile waiting on L2), and no lane sums
+// remain. Where the rows fill at most half a vector of 4-byte values, a vector holds P = 2
+// values of k per row (lane r * P + p: row r at k0 + p) and each broadcast is of the pair of
+// weight values at k0; the pair's two sums are added at the end.
+
+// The pair of weight values at w in every pair of lanes (one pair of 4-byte values moves as
+// one 8-byte value).
+template <typename acc_t, int V>
+inline typename Vec<acc_t, V>::type broadcast_pair(const acc_t* w) {
+  static_assert(sizeof(acc_t) == 4, "pairs of 4-byte values");
+  uint64_t pair;
+  std::memcpy(&pair, w, sizeof(pair));
+  return (typename Vec<acc_t, V>::type)(typename Vec<uint64_t, V / 2>::type{} + pair);
+}
+
+// out[(g * V + u) * C * V + lane] (+)= sum over k of w[g * gate_step + u * unit_step + k] times
+// the lane's row at k, for U units and their four gates, from columns laid out as Columns's.
+template <typename acc_t, int V, int U, int C, int P>
+inline void column_product(int64_t K, const acc_t* w, int64_t unit_step, int64_t gate_step,
+                           const acc_t* columns, acc_t* out, bool accumulate) {
+  using vec = typename Vec<acc_t, V>::type;
+  // Four gate rows' pointers and the unit step: 3 units' rows are then addressed from them
+  // with the step as index, where twelve pointers of their own would not stay in registers.
+  const acc_t* gate[4];
+  for (int g = 0; g < 4; ++g) gate[g] = w + g * gate_step;
+  vec acc[4][U][C];
+  const auto out_at = [&](int g, int u, int c) {
+    return reinterpret_cast<vec*>(out + (g * V + u) * C * V + c * V);
+  };
+  for (int g = 0; g < 4; ++g) {
+    for (int u = 0; u < U; ++u) {
+      for (int c = 0; c < C; ++c) acc[g][u][c] = accumulate ? *out_at(g, u, c) : vec{};
+    }
+  }
+  const int64_t whole = K / P;
+  for (int64_t kp = 0; kp < whole; ++kp) {
+    vec x[C];
+#pragma GCC unroll 2
+    for (int c = 0; c < C; ++c) x[c] = *reinterpret_cast<const vec*>(columns + (kp * C + c) * V);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const acc_t* at = gate[g] + u * unit_step + kp * P;
+        if constexpr (P == 1) {
+          const acc_t b = *at;
+#pragma GCC unroll 2
+          for (int c = 0; c < C; ++c) acc[g][u][c] += x[c] * b;
+        } else {
+          const vec b = broadcast_pair<acc_t, V>(at);
+#pragma GCC unroll 2
+          for (int c = 0; c < C; ++c) acc[g][u][c] += x[c] * b;
+        }
+      }
+    }
+  }
+  if (whole * P < K) {  // a lone last value of k, whose pair's other lanes in the columns are 0
+    for (int c = 0; c < C; ++c) {
+      const vec x = *reinterpret_cast<const vec*>(columns + (whole * C + c) * V);
+      for (int g = 0; g < 4; ++g) {
+        for (int u = 0; u < U; ++u) acc[g][u][c] += x * gate[g][u * unit_step + K - 1];
+      }
+    }
+  }
+  for (int g = 0; g < 4; ++g) {
+    for (int u = 0; u < U; ++u) {
+      for (int c = 0; c < C; ++c) *out_at(g, u, c) = acc[g][u][c];
+    }
+  }
+}
+
+// Up to 2V rows as columns, and their products with a block of V units of weight rows read in
+// place (instruction sets with 32 vector registers: the widest tiles keep 24 accumulators).
+template <typename acc_t, int V>
+class Columns {
+ public:
+  // Whether n rows take this form.
+  static bool fits(int64_t n) { return n <= 2 * V; }
+
+  // Rows [0, n) (each K values, contiguous) as the columns of input `which` (0 or 1).
+  void set_rows(int which, int n, int64_t K, const acc_t* const* rows) {
+    P_ = sizeof(acc_t) == 4 && 2 * n <= V ? 2 : 1;
+    C_ = n <= V / P_ ? 1 : 2;
+    std::vector<acc_t>& out = columns_[which];
+    out.assign((K + P_ - 1) / P_ * C_ * V, acc_t(0));
+    if (P_ == 2) {
+      if constexpr (sizeof(acc_t) == 4) transpose<2>(n, K, rows, out.data());
+    } else {
+      transpose<1>(n, K, rows, out.data());
+    }
+  }
+
+  // The block's products (units [0, n_units) of weight w: gate g of unit u at row
+  // w + g * gate_step + u * unit_step) with input `which`'s columns, added to what is there
+  // with accumulate.
+  void product(int which, int64_t K, int64_t n_units, const acc_t* w, int64_t unit_step,
+               int64_t gate_step, bool accumulate) {
+    block_.resize(4 * V * 2 * V);
+    if (P_ == 2) {
+      if constexpr (sizeof(acc_t) == 4) {
+        units<2, 1, 2>(which, K, n_units, w, unit_step, gate_step, accumulate);
+      }
+    } else if (C_ == 1) {
+      units<2, 1, 1>(which, K, n_units, w, unit_step, gate_step, accumulate);
+    } else {
+      units<3, 2, 1>(which, K, n_units, w, unit_step, gate_step, accumulate);
+    }
+  }
+
+  // Gate g of unit v for row r, from the last product.
+  acc_t value(int64_t r, int g, int64_t v) const {
+    const int64_t per_vector = V / P_;
+    const acc_t* at =
+        block_.data() + (g * V + v) * C_ * V + (r / per_vector) * V + (r % per_vector) * P_;
+    return P_ == 2 ? at[0] + at[1] : at[0];
+  }
+
+ private:
+  // The rows into the columns: squares of V / P rows by V / P groups of P values of k
+  // transposed in registers (a pair of 4-byte values moving as one 8-byte value), and what
+  // k is left over one value at a time.
+  template <int P>
+  void transpose(int n, int64_t K, const acc_t* const* rows, acc_t* out) {
+    using T = std::conditional_t<P == 2, uint64_t, acc_t>;
+    constexpr int L = V / P;
+    using square_vec = typename Vec<T, L>::type;
+    const int64_t squares_end = K / V * V;
+    for (int c = 0; c < C_; ++c) {
+      for (int64_t k0 = 0; k0 < squares_end; k0 += V) {
+        square_vec square[L];
+        for (int i = 0; i < L; ++i) {
+          const int r = c * L + i;
+          square[i] = r < n ? *reinterpret_cast<const square_vec*>(rows[r] + k0) : square_vec{};
+        }
+        transpose_square<T, L>(square);
+        for (int t = 0; t < L; ++t) {
+          *reinterpret_cast<square_vec*>(out + ((k0 / P + t) * C_ + c) * V) = square[t];
+        }
+      }
+    }
+    for (int r = 0; r < n; ++r) {
+      acc_t* to = out + (r / L) * V + (r % L) * P;
+      for (int64_t k = squares_end; k < K; ++k) to[(k / P) * C_ * V + k % P] = rows[r][k];
+    }
+  }
+
+  template <int U, int C, int P>
+  void units(int which, int64_t K, int64_t n_units, const acc_t* w, int64_t unit_step,
+             int64_t gate_step, bool accumulate) {
+    const acc_t* columns = columns_[which].data();
+    int64_t u = 0;
+    for (; u + U <= n_units; u += U) {
+      column_product<acc_t, V, U, C, P>(K, w + u * unit_step, unit_step, gate_step, columns,
+                                        block_.data() + u * C * V, accumulate);
+    }
+    for (; u < n_units; ++u) {
+      column_product<acc_t, V, 1, C, P>(K, w + u * unit_step, unit_step, gate_step, columns,
+                                        block_.data() + u * C * V, accumulate);
+    }
+  }
+
+  int P_ = 1, C_ = 1;
+  std::vector<acc_t> columns_[2];
+  std::vector<acc_t> block_;
+};
 
 // int8 weights times activations rounded to int16. Each activation row is scaled so that its
 // largest magnitude becomes 32767 and rounded (error at most 1/65534 of that magnitude, far

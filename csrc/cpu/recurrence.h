@@ -15,7 +15,8 @@
 // The micro-kernel multiplies up to R rows by a panel with R x 4 vector accumulators kept in
 // registers (one broadcast and four fused multiply-adds per row and k). Two other forms: a
 // batch of one row (or up to four over a short sequence) skips the forward panels and reads
-// W_hh's rows in place by dot products (dot.h), since packing would cost as much as the steps;
+// W_hh's rows in place by dot products (dot.h), since packing would cost as much as the steps,
+// as does a single step of up to 32 rows (under AVX-512 by broadcasts into columns of them);
 // bf16 under avx512_bf16 packs k in pairs and multiplies with the bf16 dot-product instruction
 // (bf16_pairs.h); it also packs W_ih so, and each tile multiplies its rows of x and then of h
 // into the same accumulators (the input projection fused: no separate GEMM, and no (N, 4H)
@@ -324,10 +325,11 @@ inline void zoned_backward_cells(Count n, const acc_t* z, const acc_t* cell_prev
 // Batches of at most this many rows skip the forward panels (see dot.h).
 constexpr int kDirectRows = 4;
 // A single step (an LSTMCell call, a decode step) of at most this many rows skips the panels
-// too, in tiles of kDirectRows, and its backward the fused recurrence: packing the panels
-// cost as much as the step. On the Intel Xeon (family 6 model 167), LSTMCell step loops ran
-// 1.1-2x faster at H 256-1024, B 8-32; at B 64 the two forms measured even, at B 256 the
-// panels were 1.2-1.3x faster.
+// too (in dot-product tiles of kDirectRows, or under AVX-512 in dot.h's Columns), and its
+// backward the fused recurrence: packing the panels cost as much as the step. On the Intel
+// Xeon (family 6 model 167), LSTMCell step loops by dot products ran 1.1-2x faster at H
+// 256-1024, B 8-32; at B 64 the two forms measured even, at B 256 the panels were 1.2-1.3x
+// faster.
 constexpr int kSingleStepDirectRows = 32;
 
 // Whether a call is such a step, whose forward reads the weights in place and whose backward
@@ -501,6 +503,10 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     h_int16.resize(B, H);
     if (project_input) x_int16.resize(B, a.input_size);
   }
+  // A step of more rows than a dot-product tile takes (an LSTMCell call) reads the weights in
+  // place by broadcasts instead (dot.h's Columns), where 32 vector registers hold its tiles.
+  constexpr bool kColumnsKernel = isa >= Isa::avx512 && std::is_same_v<scalar_t, acc_t>;
+  Columns<acc_t, V> columns;
   // Under amx, two tiles' products are made at once where a tile has a next one
   // (amx_product_pair): the second's wait here for their turn.
   std::vector<acc_t> second_products(amx ? kAmxRows * 4 * V : 0);
@@ -532,6 +538,19 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
       for (int64_t r = 0; int8 && r < rows; ++r) {
         h_int16.set(r, (r < prev_rows ? h_prev : h0) + r * H);
         if (project_input) x_int16.set(r, a.input + (offset + r) * a.input_stride);
+      }
+    }
+    const bool by_columns = kColumnsKernel && direct && !int8 && rows > kDirectRows &&
+                            Columns<acc_t, V>::fits(rows);
+    if (by_columns) {
+      if constexpr (kColumnsKernel) {
+        std::vector<const acc_t*> in_rows(rows);
+        for (int64_t r = 0; r < rows; ++r) in_rows[r] = (r < prev_rows ? h_prev : h0) + r * H;
+        columns.set_rows(0, rows, H, in_rows.data());
+        for (int64_t r = 0; r < rows && project_input; ++r) {
+          in_rows[r] = a.input + (offset + r) * a.input_stride;
+        }
+        if (project_input) columns.set_rows(1, rows, a.input_size, in_rows.data());
       }
     }
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
@@ -582,7 +601,26 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
             h_rows[i] = h_int16.row(r0 + i);
             if (project_input) x_rows[i] = x_int16.row(r0 + i);
           }
-          for (int64_t v = 0; v < n_units; ++v) {
+          if (by_columns) {
+            if constexpr (kColumnsKernel) {
+              if (tile == 0) {  // the block's products for every row at once
+                if (w_ih) {
+                  columns.product(1, a.input_size, n_units, w_ih + j0 * a.w_ih_stride,
+                                  a.w_ih_stride, H * a.w_ih_stride, false);
+                }
+                columns.product(0, H, n_units, w + j0 * a.w_stride0, a.w_stride0,
+                                H * a.w_stride0, w_ih != nullptr);
+              }
+              for (int i = 0; i < n; ++i) {
+                for (int g = 0; g < 4; ++g) {
+                  for (int64_t v = 0; v < n_units; ++v) {
+                    products[i * 4 * V + g * V + v] = columns.value(r0 + i, g, v);
+                  }
+                }
+              }
+            }
+          }
+          for (int64_t v = 0; v < n_units && !by_columns; ++v) {
             acc_t dots[4 * kDirectRows], input_dots[4 * kDirectRows] = {};
             if constexpr (std::is_same_v<scalar_t, float>) {
               if (int8) {
