@@ -481,15 +481,15 @@ def test_the_step_loops_elementwise_tasks_give_the_same_bits_on_any_thread_count
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("batch", [1, 3, 4, 5, 8, 13, 32, 33])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 8, 13, 32, 40, 64, 65])
 @pytest.mark.parametrize("hidden", [20, 64, 256])
 def test_decode_steps_match_fp64_nn_lstm(hidden, batch, bias):
-    """One step at a time in inference with the state carried (generation): up to 32 rows the
+    """One step at a time in inference with the state carried (generation): up to 64 rows the
     recurrence reads the weights in place and multiplies x by W_ih itself in the same pass as
     W_hh (no separate input projection), up to 4 rows by dot products and above that (under
     AVX-512) by broadcasts into columns of the rows: two values of k per row in a vector up to
-    8 rows, one vector of rows up to 16, two up to 32; from 33 rows it packs panels and the
-    projection comes first. Both against fp64 nn.LSTM, over steps whose inputs are slices
+    8 rows, then one to four vectors of rows (fp64: up to 32 rows, dot products above); from 65
+    rows it packs panels and the projection comes first. Both against fp64 nn.LSTM, over steps whose inputs are slices
     of one larger tensor (rows not contiguous with each other). At H 256 (over 1 MB of weights)
     the step runs on two threads, below on one."""
     generator = torch.Generator().manual_seed(5)
@@ -509,11 +509,11 @@ def test_decode_steps_match_fp64_nn_lstm(hidden, batch, bias):
                     assert rel_error(a, e) <= tolerance, (dtype, t)
 
 
-@pytest.mark.parametrize("batch", [5, 32, 33])
+@pytest.mark.parametrize("batch", [5, 32, 64, 65])
 @pytest.mark.parametrize("hidden", [40, 256])
 def test_single_training_steps_match_fp64_nn_lstm_cell(hidden, batch):
-    """One step with gradients (an LSTMCell call): up to 32 rows the forward reads the weights
-    in place and the backward's product is the step loop's, from 33 rows both pack panels.
+    """One step with gradients (an LSTMCell call): up to 64 rows the forward reads the weights
+    in place and the backward's product is the step loop's, from 65 rows both pack panels.
     Outputs and every gradient against fp64 nn.LSTMCell, in fp64 and fp32."""
     generator = torch.Generator().manual_seed(6)
     reference = nn.LSTMCell(7, hidden, dtype=torch.float64)

@@ -137,7 +137,7 @@ inline void column_product(int64_t K, const acc_t* w, int64_t unit_step, int64_t
   const int64_t whole = K / P;
   for (int64_t kp = 0; kp < whole; ++kp) {
     vec x[C];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int c = 0; c < C; ++c) x[c] = *reinterpret_cast<const vec*>(columns + (kp * C + c) * V);
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
@@ -146,7 +146,7 @@ inline void column_product(int64_t K, const acc_t* w, int64_t unit_step, int64_t
         const acc_t* at = gate[g] + u * unit_step + kp * P;
         if constexpr (P == 1) {
           const acc_t b = *at;
-#pragma GCC unroll 2
+#pragma GCC unroll 4
           for (int c = 0; c < C; ++c) acc[g][u][c] += x[c] * b;
         } else {
           const vec b = broadcast_pair<acc_t, V>(at);
@@ -171,18 +171,21 @@ inline void column_product(int64_t K, const acc_t* w, int64_t unit_step, int64_t
   }
 }
 
-// Up to 2V rows as columns, and their products with a block of V units of weight rows read in
-// place (instruction sets with 32 vector registers: the widest tiles keep 24 accumulators).
+// Up to kMaxVectors vectors of rows as columns, and their products with a block of V units of
+// weight rows read in place (instruction sets with 32 vector registers: the tiles keep up to 24
+// accumulators).
 template <typename acc_t, int V>
 class Columns {
  public:
+  static constexpr int kMaxVectors = 4;
+
   // Whether n rows take this form.
-  static bool fits(int64_t n) { return n <= 2 * V; }
+  static bool fits(int64_t n) { return n <= kMaxVectors * V; }
 
   // Rows [0, n) (each K values, contiguous) as the columns of input `which` (0 or 1).
   void set_rows(int which, int n, int64_t K, const acc_t* const* rows) {
     P_ = sizeof(acc_t) == 4 && 2 * n <= V ? 2 : 1;
-    C_ = n <= V / P_ ? 1 : 2;
+    C_ = (n + V / P_ - 1) / (V / P_);
     std::vector<acc_t>& out = columns_[which];
     out.assign((K + P_ - 1) / P_ * C_ * V, acc_t(0));
     if (P_ == 2) {
@@ -197,15 +200,19 @@ class Columns {
   // with accumulate.
   void product(int which, int64_t K, int64_t n_units, const acc_t* w, int64_t unit_step,
                int64_t gate_step, bool accumulate) {
-    block_.resize(4 * V * 2 * V);
+    block_.resize(4 * V * kMaxVectors * V);
     if (P_ == 2) {
       if constexpr (sizeof(acc_t) == 4) {
         units<2, 1, 2>(which, K, n_units, w, unit_step, gate_step, accumulate);
       }
     } else if (C_ == 1) {
       units<2, 1, 1>(which, K, n_units, w, unit_step, gate_step, accumulate);
-    } else {
+    } else if (C_ == 2) {
       units<3, 2, 1>(which, K, n_units, w, unit_step, gate_step, accumulate);
+    } else if (C_ == 3) {
+      units<2, 3, 1>(which, K, n_units, w, unit_step, gate_step, accumulate);
+    } else {
+      units<1, 4, 1>(which, K, n_units, w, unit_step, gate_step, accumulate);
     }
   }
 
@@ -246,18 +253,28 @@ class Columns {
     }
   }
 
+  // Over k in chunks of the columns that stay in L1 while every unit of the block passes over
+  // them (whole, 64 rows' columns of 256 values of k fill L1 and more, and each unit then read
+  // them from L2: half the speed).
   template <int U, int C, int P>
   void units(int which, int64_t K, int64_t n_units, const acc_t* w, int64_t unit_step,
              int64_t gate_step, bool accumulate) {
-    const acc_t* columns = columns_[which].data();
-    int64_t u = 0;
-    for (; u + U <= n_units; u += U) {
-      column_product<acc_t, V, U, C, P>(K, w + u * unit_step, unit_step, gate_step, columns,
-                                        block_.data() + u * C * V, accumulate);
-    }
-    for (; u < n_units; ++u) {
-      column_product<acc_t, V, 1, C, P>(K, w + u * unit_step, unit_step, gate_step, columns,
-                                        block_.data() + u * C * V, accumulate);
+    constexpr int64_t kChunkBytes = 16 << 10;
+    constexpr int64_t kChunk =
+        std::max<int64_t>(P, kChunkBytes / (C * V * int64_t{sizeof(acc_t)}) / P * P);
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+      const int64_t kn = std::min(kChunk, K - k0);
+      const acc_t* columns = columns_[which].data() + k0 / P * C * V;
+      const bool add = accumulate || k0 > 0;
+      int64_t u = 0;
+      for (; u + U <= n_units; u += U) {
+        column_product<acc_t, V, U, C, P>(kn, w + u * unit_step + k0, unit_step, gate_step,
+                                          columns, block_.data() + u * C * V, add);
+      }
+      for (; u < n_units; ++u) {
+        column_product<acc_t, V, 1, C, P>(kn, w + u * unit_step + k0, unit_step, gate_step,
+                                          columns, block_.data() + u * C * V, add);
+      }
     }
   }
 

@@ -16,7 +16,7 @@
 // registers (one broadcast and four fused multiply-adds per row and k). Two other forms: a
 // batch of one row (or up to four over a short sequence) skips the forward panels and reads
 // W_hh's rows in place by dot products (dot.h), since packing would cost as much as the steps,
-// as does a single step of up to 32 rows (under AVX-512 by broadcasts into columns of them);
+// as does a single step of up to 64 rows (under AVX-512 by broadcasts into columns of them);
 // bf16 under avx512_bf16 packs k in pairs and multiplies with the bf16 dot-product instruction
 // (bf16_pairs.h); it also packs W_ih so, and each tile multiplies its rows of x and then of h
 // into the same accumulators (the input projection fused: no separate GEMM, and no (N, 4H)
@@ -329,8 +329,10 @@ constexpr int kDirectRows = 4;
 // backward the fused recurrence: packing the panels cost as much as the step. On the Intel
 // Xeon (family 6 model 167), LSTMCell step loops by dot products ran 1.1-2x faster at H
 // 256-1024, B 8-32; at B 64 the two forms measured even, at B 256 the panels were 1.2-1.3x
-// faster.
-constexpr int kSingleStepDirectRows = 32;
+// faster. By columns, at H 256 B 40-64, inference went from 0.87-0.88x nn.LSTMCell's speed
+// (panels) to 1.11-1.28x, training from 0.98-1.00x to 1.08-1.09x; int8 decode steps (2 x 512,
+// B 48-64) by dot products took 1.8-2.4 ms against 3.8-4.7 ms with dequantized panels.
+constexpr int kSingleStepDirectRows = 64;
 
 // Whether a call is such a step, whose forward reads the weights in place and whose backward
 // the step loop runs.
@@ -1229,7 +1231,7 @@ void run_parallel(const Args& a, Fn fn, int threads) {
   fn(a, omp_get_thread_num(), omp_get_num_threads());
 }
 
-// Whether a forward of this batch and length reads W_hh in place by dot products (the direct
+// Whether a forward of this batch and length reads W_hh in place (the direct
 // form: small batches, where its rows are contiguous and in the math type) instead of packing
 // panels.
 bool direct_form(int64_t batch, int64_t steps);
