@@ -85,6 +85,16 @@ LSTM_EXT_KERNEL_VARIANTS_AMX(backward_kernel, backward_thread,
                              (const SequenceBackward<T>& a, int thread, int threads),
                              (a, thread, threads))
 
+// A single step by columns (forward_thread's kColumns), compiled for AVX-512 only: fp32 and
+// fp64 run as under avx512 in the two sets above it too.
+#if LSTM_EXT_X86_VARIANTS
+template <typename T>
+LSTM_EXT_TARGET_AVX512 void forward_columns_kernel(const SequenceForward<T>& a, int thread,
+                                                   int threads) {
+  forward_thread<Isa::avx512, T, true>(a, thread, threads);
+}
+#endif
+
 // out (M, N) = x (M, K) w (N, K)^T [+ bias] for M <= kDirectRows, on output columns
 // [begin, end): dot products over w's rows in place, four at a time.
 template <typename acc_t>
@@ -259,6 +269,15 @@ bool run_forward(SequenceForward<scalar_t> a) {
         std::clamp<int64_t>(bytes * a.batch / kStepBytesPerThread, 1, threads));
   }
   RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
+#if LSTM_EXT_X86_VARIANTS
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (direct && a.steps == 1 && a.batch > kDirectRows && a.w_hh_int8 == nullptr &&
+        isa >= Isa::avx512) {
+      run_parallel(a, forward_columns_kernel<scalar_t>, threads);
+      return true;
+    }
+  }
+#endif
   run_parallel(a, forward_kernel<scalar_t>(isa), threads);
   return true;
 }

@@ -383,7 +383,12 @@ inline void pack_pair_block(uint32_t* panel, const c10::BFloat16* w, int64_t str
       pair_rows ? reinterpret_cast<const uint32_t*>(w) : nullptr, stride0 / 2);
 }
 
-template <Isa isa, typename scalar_t>
+// Where no Columns are compiled in.
+struct NoColumns {};
+
+// kColumns compiles in dot.h's Columns for single steps of more than kDirectRows rows (a
+// separate instance: the panel loop of the other lost 13-20 % at T 25, B 32-64 with them).
+template <Isa isa, typename scalar_t, bool kColumns = false>
 void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Tiling<isa, acc_t>::V;
@@ -507,8 +512,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   }
   // A step of more rows than a dot-product tile takes (an LSTMCell call) reads the weights in
   // place by broadcasts instead (dot.h's Columns), where 32 vector registers hold its tiles.
-  constexpr bool kColumnsKernel = isa >= Isa::avx512 && std::is_same_v<scalar_t, acc_t>;
-  Columns<acc_t, V> columns;
+  constexpr bool kColumnsKernel = kColumns;
+  static_assert(!kColumns || (isa >= Isa::avx512 && std::is_same_v<scalar_t, acc_t>));
+  std::conditional_t<kColumns, Columns<acc_t, V>, NoColumns> columns;
   // Under amx, two tiles' products are made at once where a tile has a next one
   // (amx_product_pair): the second's wait here for their turn.
   std::vector<acc_t> second_products(amx ? kAmxRows * 4 * V : 0);
