@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lstm_ext
-from conftest import Case, load_benchmark_script, rel_error
+from conftest import Case, compare, load_benchmark_script, rel_error
 
 OPS = torch.ops.lstm_ext
 ISAS = ["amx", "avx512_bf16", "avx512", "avx2", "baseline"]
@@ -606,13 +606,62 @@ def test_input_projection_fused_into_fp32_panels_where_the_cpu_streams_them_fast
         model(x)
     products = sum(event.count for event in profile.key_averages()
                    if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+    fused = input_fits_panels(hidden)
+    assert products == (0 if fused else 1), (products, fused)
+
+
+def intel_cpu():
+    with open("/proc/cpuinfo") as info:
+        return load_benchmark_script("bench_lstm").cpu_details(info.read())["vendor"] == \
+            "GenuineIntel"
+
+
+def input_fits_panels(hidden):
+    """Whether fp32 panels take the input projection of a layer of input size = hidden."""
     l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
     l2 = l2 if l2 > 0 else 1 << 20
     weight_bytes = 4 * hidden * 2 * hidden * 4  # both divide evenly among 2 threads here
-    with open("/proc/cpuinfo") as info:
-        vendor = load_benchmark_script("bench_lstm").cpu_details(info.read())["vendor"]
-    if vendor == "GenuineIntel":
-        fused = 2 * weight_bytes // torch.get_num_threads() <= l2
+    if intel_cpu():
+        return 2 * weight_bytes // torch.get_num_threads() <= l2
+    return weight_bytes <= 12 << 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("batch,steps", [(4, 20), (3, 12), (4, 11), (2, 30), (4, 50)])
+@pytest.mark.parametrize("training", [False, True])
+def test_small_batches_read_weights_in_place_or_pack_them_as_the_sequence_repays(
+        batch, steps, training):
+    """Up to 4 rows the recurrence reads W_hh in place by dot products while a sequence is too
+    short to repay packing panels: below 50 steps, except on Intel where the panels also take
+    the input projection, there from 12 steps of 3 or more rows (recurrence.cpp). The profile
+    shows which form ran (the dot products leave a separate input product), and both match
+    fp64 nn.LSTM in fp32 and fp64, forward and, in training, every gradient."""
+    torch.manual_seed(11)
+    hidden = 64
+    reference = nn.LSTM(hidden, hidden, dtype=torch.float64)
+    case = Case(reference, "padded", steps=steps, batch=batch)
+    packs = steps >= 50 or (intel_cpu() and input_fits_panels(hidden) and batch >= 3 and
+                            steps >= 12)
+    if training:
+        expected = case.run(reference)
     else:
-        fused = weight_bytes <= 12 << 20
-    assert products == (0 if fused else 1), (products, fused)
+        with torch.no_grad():
+            input, state, _ = case.inputs(input_grad=False)
+            output, (h_n, c_n) = reference(input, tuple(state))
+        expected = {"output": output, "h_n": h_n, "c_n": c_n}
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        ours = lstm_ext.LSTM.from_torch(reference).to(dtype)
+        if training:
+            actual = case.run(ours, dtype)
+        else:
+            with torch.no_grad():
+                input, state, _ = case.inputs(dtype, input_grad=False)
+                output, (h_n, c_n) = ours(input, tuple(state))
+            actual = {"output": output, "h_n": h_n, "c_n": c_n}
+        compare(actual, expected, tolerance)
+        input, state, _ = case.inputs(dtype, input_grad=False)
+        with torch.set_grad_enabled(training), torch.profiler.profile() as profile:
+            ours(input, tuple(state))
+        products = sum(event.count for event in profile.key_averages()
+                       if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+        assert (products == 0) == packs, (dtype, products, packs)

@@ -186,12 +186,20 @@ bool recurrence_enabled() {
   return !(setting && std::strcmp(setting, "0") == 0);
 }
 
-bool direct_form(int64_t batch, int64_t steps) {
+bool direct_form(int64_t batch, int64_t steps, bool panels_take_input) {
   // One row always (a panel has nothing to gain there), up to kDirectRows rows when the
   // sequence is too short to repay packing (measured on a Zen 5: at B = 4 packing wins from
-  // about 50 steps), and a single step (an LSTMCell call) up to kSingleStepDirectRows.
+  // about 50 steps), and a single step (an LSTMCell call) up to kSingleStepDirectRows. Where
+  // the panels take the input projection too, packing also saves the separate GEMM: on a Xeon
+  // (family 6 model 167) inference at H 64-256, B 4, T 20-25 ran 10-25 % faster with panels
+  // (training 2-10 %), at B 3, T 15 4 %, at B 4, T 10 even; at B 2, T 12 it lost 5-9 % and at
+  // B 1 5-10 %, as the panels' tiles of one or two rows wait on their loads.
   constexpr int64_t kPackingPaysFromSteps = 50;
-  return batch == 1 || (batch <= kDirectRows && steps < kPackingPaysFromSteps) ||
+  constexpr int64_t kPackingWithInputPaysFromSteps = 12, kPackingWithInputFromRows = 3;
+  const int64_t pays_from = panels_take_input && batch >= kPackingWithInputFromRows
+                                ? kPackingWithInputPaysFromSteps
+                                : kPackingPaysFromSteps;
+  return batch == 1 || (batch <= kDirectRows && steps < pays_from) ||
          single_step_in_place(batch, steps);
 }
 
@@ -213,8 +221,15 @@ bool run_forward(SequenceForward<scalar_t> a) {
   const int64_t V = lanes<acc_t>(isa);
   const int64_t blocks = ceil_div(a.hidden, V);
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const bool direct =
-      std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 && direct_form(a.batch, a.steps);
+  constexpr int64_t kFusedInputMaxBytes = 12 << 20;
+  const int64_t weight_bytes =
+      4 * a.hidden * (a.hidden + a.input_size) * static_cast<int64_t>(sizeof(acc_t));
+  int threads = threads_for(blocks);
+  const int64_t thread_weight_bytes = ceil_div(blocks, threads) * 4 * V *
+                                      (a.hidden + a.input_size) *
+                                      static_cast<int64_t>(sizeof(acc_t));
+  const bool project_input = a.input != nullptr;
+  const bool intel = intel_cpu();
   // The input projection is fused into the dot products of the direct form for one step or
   // int8 weights in inference (over several fp32 steps one GEMM costs less than reading W_ih
   // every step), and into the bf16 pair panels under avx512_bf16, in training too (not amx,
@@ -227,24 +242,20 @@ bool run_forward(SequenceForward<scalar_t> a) {
   // Intel core reads its L3 far slower: on a Xeon (family 6 model 167) fused panels beyond L2
   // lost 3-11 % in training and 1.3-1.9x in inference at B 4 (H 320-512, and H 256 on one
   // thread), and within half of L2 they measured even; there they are fused only within it.
+  const bool panels_take_input = std::is_same_v<acc_t, scalar_t> && a.w_hh_int8 == nullptr &&
+                                 (intel ? !panels_outgrow_l2(thread_weight_bytes)
+                                        : weight_bytes <= kFusedInputMaxBytes);
+  // Packing sooner for the input projection was measured on the Xeon only.
+  const bool direct =
+      std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
+      direct_form(a.batch, a.steps, intel && project_input && panels_take_input);
+  const bool fused_panels = panels_take_input && !direct;
   const bool fused_pairs = std::is_same_v<scalar_t, c10::BFloat16> &&
                            isa == Isa::avx512_bf16 && !direct && a.hidden % 2 == 0 &&
                            a.input_size % 2 == 0 && a.recurrent_mask == nullptr &&
                            a.w_hh_int8 == nullptr;
   const bool fused_direct =
       direct && a.gates == nullptr && (a.steps == 1 || a.w_hh_int8 != nullptr);
-  constexpr int64_t kFusedInputMaxBytes = 12 << 20;
-  const int64_t weight_bytes =
-      4 * a.hidden * (a.hidden + a.input_size) * static_cast<int64_t>(sizeof(acc_t));
-  int threads = threads_for(blocks);
-  const int64_t thread_weight_bytes = ceil_div(blocks, threads) * 4 * V *
-                                      (a.hidden + a.input_size) *
-                                      static_cast<int64_t>(sizeof(acc_t));
-  const bool fused_panels = std::is_same_v<acc_t, scalar_t> && !direct &&
-                            a.w_hh_int8 == nullptr &&
-                            (intel_cpu() ? !panels_outgrow_l2(thread_weight_bytes)
-                                         : weight_bytes <= kFusedInputMaxBytes);
-  const bool project_input = a.input != nullptr;
   if (project_input && !fused_direct && !fused_pairs && !fused_panels) return false;
   const int64_t input_room = !project_input || direct ? 0
                              : fused_pairs            ? blocks * a.input_size / 2 * 4 * V
