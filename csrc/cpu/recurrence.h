@@ -512,7 +512,6 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   }
   // A step of more rows than a dot-product tile takes (an LSTMCell call) reads the weights in
   // place by broadcasts instead (dot.h's Columns), where 32 vector registers hold its tiles.
-  constexpr bool kColumnsKernel = kColumns;
   static_assert(!kColumns || (isa >= Isa::avx512 && std::is_same_v<scalar_t, acc_t>));
   std::conditional_t<kColumns, Columns<acc_t, V>, NoColumns> columns;
   // Under amx, two tiles' products are made at once where a tile has a next one
@@ -548,10 +547,10 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         if (project_input) x_int16.set(r, a.input + (offset + r) * a.input_stride);
       }
     }
-    const bool by_columns = kColumnsKernel && direct && !int8 && rows > kDirectRows &&
+    const bool by_columns = kColumns && direct && !int8 && rows > kDirectRows &&
                             Columns<acc_t, V>::fits(rows);
     if (by_columns) {
-      if constexpr (kColumnsKernel) {
+      if constexpr (kColumns) {
         std::vector<const acc_t*> in_rows(rows);
         for (int64_t r = 0; r < rows; ++r) in_rows[r] = (r < prev_rows ? h_prev : h0) + r * H;
         columns.set_rows(0, rows, H, in_rows.data());
@@ -610,7 +609,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
             if (project_input) x_rows[i] = x_int16.row(r0 + i);
           }
           if (by_columns) {
-            if constexpr (kColumnsKernel) {
+            if constexpr (kColumns) {
               if (tile == 0) {  // the block's products for every row at once
                 if (w_ih) {
                   columns.product(1, a.input_size, n_units, w_ih + j0 * a.w_ih_stride,
