@@ -186,14 +186,17 @@ bool recurrence_enabled() {
   return !(setting && std::strcmp(setting, "0") == 0);
 }
 
-bool direct_form(int64_t batch, int64_t steps, bool panels_take_input) {
+bool direct_form(int64_t batch, int64_t steps, bool panels_take_input, bool panels_streamed) {
   // One row always (a panel has nothing to gain there), up to kDirectRows rows when the
   // sequence is too short to repay packing (measured on a Zen 5: at B = 4 packing wins from
   // about 50 steps), and a single step (an LSTMCell call) up to kSingleStepDirectRows. Where
   // the panels take the input projection too, packing also saves the separate GEMM: on a Xeon
   // (family 6 model 167) inference at H 64-256, B 4, T 20-25 ran 10-25 % faster with panels
   // (training 2-10 %), at B 3, T 15 4 %, at B 4, T 10 even; at B 2, T 12 it lost 5-9 % and at
-  // B 1 5-10 %, as the panels' tiles of one or two rows wait on their loads.
+  // B 1 5-10 %, as the panels' tiles of one or two rows wait on their loads. Panels streamed
+  // from L3 every step lost to the dot products at every length there (H 512 B 4 T 60-150 by
+  // 15 %, H 1024 B 4 T 150 by 25 %).
+  if (panels_streamed && batch <= kDirectRows) return true;
   constexpr int64_t kPackingPaysFromSteps = 50;
   constexpr int64_t kPackingWithInputPaysFromSteps = 12, kPackingWithInputFromRows = 3;
   const int64_t pays_from = panels_take_input && batch >= kPackingWithInputFromRows
@@ -228,6 +231,8 @@ bool run_forward(SequenceForward<scalar_t> a) {
   const int64_t thread_weight_bytes = ceil_div(blocks, threads) * 4 * V *
                                       (a.hidden + a.input_size) *
                                       static_cast<int64_t>(sizeof(acc_t));
+  const int64_t thread_panel_bytes =
+      ceil_div(blocks, threads) * 4 * V * a.hidden * static_cast<int64_t>(sizeof(acc_t));
   const bool project_input = a.input != nullptr;
   const bool intel = intel_cpu();
   // The input projection is fused into the dot products of the direct form for one step or
@@ -245,10 +250,11 @@ bool run_forward(SequenceForward<scalar_t> a) {
   const bool panels_take_input = std::is_same_v<acc_t, scalar_t> && a.w_hh_int8 == nullptr &&
                                  (intel ? !panels_outgrow_l2(thread_weight_bytes)
                                         : weight_bytes <= kFusedInputMaxBytes);
-  // Packing sooner for the input projection was measured on the Xeon only.
+  // Both exceptions to the steps rule were measured on the Xeon only.
   const bool direct =
       std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
-      direct_form(a.batch, a.steps, intel && project_input && panels_take_input);
+      direct_form(a.batch, a.steps, intel && project_input && panels_take_input,
+                  intel && panels_outgrow_l2(thread_panel_bytes));
   const bool fused_panels = panels_take_input && !direct;
   const bool fused_pairs = std::is_same_v<scalar_t, c10::BFloat16> &&
                            isa == Isa::avx512_bf16 && !direct && a.hidden % 2 == 0 &&
