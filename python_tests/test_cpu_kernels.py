@@ -604,10 +604,15 @@ def test_input_projection_fused_into_fp32_panels_where_the_cpu_streams_them_fast
     x = torch.randn(60, 8, hidden)
     with torch.no_grad(), torch.profiler.profile() as profile:
         model(x)
-    products = sum(event.count for event in profile.key_averages()
-                   if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+    products = separate_products(profile)
     fused = input_fits_panels(hidden)
     assert products == (0 if fused else 1), (products, fused)
+
+
+def separate_products(profile):
+    """The whole-sequence products a profile recorded outside the recurrence."""
+    return sum(event.count for event in profile.key_averages()
+               if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
 
 
 def intel_cpu():
@@ -642,26 +647,21 @@ def test_small_batches_read_weights_in_place_or_pack_them_as_the_sequence_repays
     case = Case(reference, "padded", steps=steps, batch=batch)
     packs = steps >= 50 or (intel_cpu() and input_fits_panels(hidden) and batch >= 3 and
                             steps >= 12)
-    if training:
-        expected = case.run(reference)
-    else:
+
+    def run(module, dtype=torch.float64):
+        if training:
+            return case.run(module, dtype)
         with torch.no_grad():
-            input, state, _ = case.inputs(input_grad=False)
-            output, (h_n, c_n) = reference(input, tuple(state))
-        expected = {"output": output, "h_n": h_n, "c_n": c_n}
+            x, state, _ = case.inputs(dtype, input_grad=False)
+            output, (h_n, c_n) = module(x, tuple(state))
+        return {"output": output, "h_n": h_n, "c_n": c_n}
+
+    expected = run(reference)
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         ours = lstm_ext.LSTM.from_torch(reference).to(dtype)
-        if training:
-            actual = case.run(ours, dtype)
-        else:
-            with torch.no_grad():
-                input, state, _ = case.inputs(dtype, input_grad=False)
-                output, (h_n, c_n) = ours(input, tuple(state))
-            actual = {"output": output, "h_n": h_n, "c_n": c_n}
-        compare(actual, expected, tolerance)
-        input, state, _ = case.inputs(dtype, input_grad=False)
+        compare(run(ours, dtype), expected, tolerance)
+        x, state, _ = case.inputs(dtype, input_grad=False)
         with torch.set_grad_enabled(training), torch.profiler.profile() as profile:
-            ours(input, tuple(state))
-        products = sum(event.count for event in profile.key_averages()
-                       if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+            ours(x, tuple(state))
+        products = separate_products(profile)
         assert (products == 0) == packs, (dtype, products, packs)
