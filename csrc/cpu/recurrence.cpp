@@ -228,11 +228,11 @@ bool run_forward(SequenceForward<scalar_t> a) {
   const int64_t weight_bytes =
       4 * a.hidden * (a.hidden + a.input_size) * static_cast<int64_t>(sizeof(acc_t));
   int threads = threads_for(blocks);
-  const int64_t thread_weight_bytes = ceil_div(blocks, threads) * 4 * V *
-                                      (a.hidden + a.input_size) *
-                                      static_cast<int64_t>(sizeof(acc_t));
-  const int64_t thread_panel_bytes =
-      ceil_div(blocks, threads) * 4 * V * a.hidden * static_cast<int64_t>(sizeof(acc_t));
+  // Bytes of one row of k of the panels of a thread's blocks (the largest share).
+  const int64_t thread_row_bytes =
+      ceil_div(blocks, threads) * 4 * V * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t thread_weight_bytes = thread_row_bytes * (a.hidden + a.input_size);
+  const int64_t thread_panel_bytes = thread_row_bytes * a.hidden;
   const bool project_input = a.input != nullptr;
   const bool intel = intel_cpu();
   // The input projection is fused into the dot products of the direct form for one step or
