@@ -4,6 +4,7 @@
 // composes layers, directions and dropout (in plain inference lstm_layers, here, does). Their
 // device kernels live in cpu/ and cuda/, their autograd formulas here; their fake (shape)
 // functions are registered from lstm_ext/ops.py.
+#include "cpu/forward_plan.h"
 #include "cpu/isa.h"
 #include "cpu/random_mask.h"
 #include "cpu/step_product.h"
@@ -661,6 +662,11 @@ TORCH_LIBRARY_FRAGMENT(lstm_ext, m) {
   // The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline" (see
   // cpu/isa.h; LSTM_EXT_CPU_ISA picks a lower one).
   m.def("cpu_isa() -> str", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
+  // Test-only: the form the fused forward recurrence takes for a layer call of these sizes
+  // (cpu/forward_plan.h), on this CPU and torch's thread count.
+  m.def("_cpu_forward_plan(int batch, int steps, int hidden, int input_size, ScalarType dtype, "
+        "bool input_offered, bool training) -> str",
+        &cpu::forward_plan_name);
   // Test-only: writes one byte past the end of `target`'s memory, so that a memory checker
   // (AddressSanitizer on the CPU, compute-sanitizer on CUDA) can be shown to report an overrun
   // before its clean verdict is trusted. Refused unless LSTM_EXT_TEST_OVERRUN=1.

@@ -489,9 +489,9 @@ def test_decode_steps_match_fp64_nn_lstm(hidden, batch, bias):
     W_hh (no separate input projection), up to 4 rows by dot products and above that (under
     AVX-512) by broadcasts into columns of the rows: two values of k per row in a vector up to
     8 rows, then one to four vectors of rows (fp64: up to 32 rows, dot products above); from 65
-    rows it packs panels and the projection comes first. Both against fp64 nn.LSTM, over steps whose inputs are slices
-    of one larger tensor (rows not contiguous with each other). At H 256 (over 1 MB of weights)
-    the step runs on two threads, below on one."""
+    rows it packs panels and the projection comes first. Both against fp64 nn.LSTM, over steps
+    whose inputs are slices of one larger tensor (rows not contiguous with each other). At H 256
+    (over 1 MB of weights) the step runs on two threads, below on one."""
     generator = torch.Generator().manual_seed(5)
     reference = nn.LSTM(7, hidden, 2, bias=bias, dtype=torch.float64).eval()
     inputs = torch.randn(6, batch, 9, generator=generator, dtype=torch.float64)[..., 1:8]
@@ -621,13 +621,17 @@ def intel_cpu():
             "GenuineIntel"
 
 
+def l2_bytes():
+    """A core's L2 as the recurrence reads it (a machine that does not say: 1 MB)."""
+    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    return l2 if l2 > 0 else 1 << 20
+
+
 def input_fits_panels(hidden):
     """Whether fp32 panels take the input projection of a layer of input size = hidden."""
-    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
-    l2 = l2 if l2 > 0 else 1 << 20
     weight_bytes = 4 * hidden * 2 * hidden * 4  # both divide evenly among 2 threads here
     if intel_cpu():
-        return 2 * weight_bytes // torch.get_num_threads() <= l2
+        return 2 * weight_bytes // torch.get_num_threads() <= l2_bytes()
     return weight_bytes <= 12 << 20
 
 
@@ -665,3 +669,58 @@ def test_small_batches_read_weights_in_place_or_pack_them_as_the_sequence_repays
             ours(x, tuple(state))
         products = separate_products(profile)
         assert (products == 0) == packs, (dtype, products, packs)
+
+
+def forward_form(batch, steps, hidden, training, dtype=torch.float32):
+    """The form the fused forward takes for a layer of input size = hidden, as the layer calls
+    it: first offering the input projection, then, where that is declined, without it."""
+    plan = OPS._cpu_forward_plan(batch, steps, hidden, hidden, dtype, True, training)
+    if plan == "declined":
+        plan = OPS._cpu_forward_plan(batch, steps, hidden, hidden, dtype, False, training)
+    return plan
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("hidden", [64, 1024])
+@pytest.mark.parametrize("batch", [1, 2, 4, 5])
+@pytest.mark.parametrize("training", [False, True])
+def test_small_batches_read_weights_in_place_where_intel_would_stream_the_panels(
+        training, batch, hidden):
+    """On Intel, panels of W_hh beyond half a thread's L2 come from L3 every step, slower than
+    reading W_hh's rows in place: up to 4 rows then take the direct form at any length
+    (recurrence.cpp's direct_form). Elsewhere, and with more rows, 150 steps repay packing,
+    and one row is always direct. At H 1024 both forms leave the same single separate product
+    in a profile, so the plan itself is asked; the direct form at that size matches fp64."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        form = forward_form(batch, 150, hidden, training)
+        # fp32 panels of a thread's half of the units: (H / 2) * 4 gates * H rows * 4 bytes.
+        streamed = intel_cpu() and 2 * (hidden // 2 * 4 * hidden * 4) > l2_bytes()
+        direct = batch == 1 or (streamed and batch <= 4)
+        fused = not direct and input_fits_panels(hidden)
+        assert form == ("direct" if direct else "panels with input" if fused else "panels"), \
+            (form, streamed)
+        if direct and hidden == 1024 and batch == 4:
+            torch.manual_seed(12)
+            reference = nn.LSTM(hidden, hidden, dtype=torch.float64)
+            case = Case(reference, "padded", steps=60, batch=batch)
+            assert forward_form(batch, 60, hidden, training) == "direct"
+            ours = lstm_ext.LSTM.from_torch(reference).float()
+            if training:
+                compare(case.run(ours, torch.float32), case.run(reference), 1e-5)
+            else:
+                with torch.no_grad():
+                    x, state, _ = case.inputs(torch.float32, input_grad=False)
+                    output, (h_n, c_n) = ours(x, tuple(state))
+                    x, state, _ = case.inputs(torch.float64, input_grad=False)
+                    expected, (h_ref, c_ref) = reference(x, tuple(state))
+                compare({"output": output, "h_n": h_n, "c_n": c_n},
+                        {"output": expected, "h_n": h_ref, "c_n": c_ref}, 1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_forward_plan_refuses_sizes_that_are_not_positive():
+    with pytest.raises(RuntimeError, match="must be positive"):
+        OPS._cpu_forward_plan(0, 10, 64, 64, torch.float32, True, False)

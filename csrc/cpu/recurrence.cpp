@@ -2,6 +2,7 @@
 // instruction set (isa.h), and the parallel region that runs it.
 #include "recurrence.h"
 
+#include "forward_plan.h"
 #include "workspace.h"
 
 #include <ATen/ATen.h>
@@ -206,28 +207,24 @@ bool direct_form(int64_t batch, int64_t steps, bool panels_take_input, bool pane
          single_step_in_place(batch, steps);
 }
 
+// How run_forward runs a call without a projection: in the direct form or in panels, whether
+// the panels or the dot products take the input projection, on how many threads, or whether it
+// declines the call (offered the input projection where no form takes it).
+struct ForwardPlan {
+  bool direct, fused_panels, fused_pairs, declined;
+  int threads;
+};
+
 template <typename scalar_t>
-bool run_forward(SequenceForward<scalar_t> a) {
+ForwardPlan plan_forward(const SequenceForward<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  // Recorded for the profiler only where the call is taken, not where it is declined.
-  if (a.w_hr != nullptr) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (a.input == nullptr) {
-        RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
-        run_projected_forward(a);
-        return true;
-      }
-    }
-    return false;
-  }
   const Isa isa = active_isa();
   const int64_t V = lanes<acc_t>(isa);
   const int64_t blocks = ceil_div(a.hidden, V);
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   constexpr int64_t kFusedInputMaxBytes = 12 << 20;
   const int64_t weight_bytes =
       4 * a.hidden * (a.hidden + a.input_size) * static_cast<int64_t>(sizeof(acc_t));
-  int threads = threads_for(blocks);
+  const int threads = threads_for(blocks);
   // Bytes of one row of k of the panels of a thread's blocks (the largest share).
   const int64_t thread_row_bytes =
       ceil_div(blocks, threads) * 4 * V * static_cast<int64_t>(sizeof(acc_t));
@@ -262,16 +259,6 @@ bool run_forward(SequenceForward<scalar_t> a) {
                            a.w_hh_int8 == nullptr;
   const bool fused_direct =
       direct && a.gates == nullptr && (a.steps == 1 || a.w_hh_int8 != nullptr);
-  if (project_input && !fused_direct && !fused_pairs && !fused_panels) return false;
-  const int64_t input_room = !project_input || direct ? 0
-                             : fused_pairs            ? blocks * a.input_size / 2 * 4 * V
-                                                      : blocks * a.input_size * 4 * V;
-  const at::Tensor panel = workspace(
-      Workspace::panel, {direct ? 0 : blocks * a.hidden * 4 * V + input_room}, options);
-  const at::Tensor h_work =
-      workspace(Workspace::recurrent_state, {3 * a.batch * a.hidden}, options);
-  a.panel = direct ? nullptr : panel.data_ptr<acc_t>();
-  a.h_work = h_work.data_ptr<acc_t>();
   // A single step in place (a decode step, an LSTMCell call) pays for waking the threads every
   // call: below kStepBytesPerThread of weights read per thread, counted once per row, one
   // thread is faster. Measured on the Zen 5, 2-layer decode (B 1) at H 128, 512 KB per layer:
@@ -279,12 +266,70 @@ bool run_forward(SequenceForward<scalar_t> a) {
   // the Xeon (family 6 model 167), LSTMCell steps at H 128, B 2 (1 MB of rows): 15.4-16.7 us
   // with two, 17.7-18.0 with one; at H 64, B 2 (256 KB): 12.3 with two, 11.3 with one.
   constexpr int64_t kStepBytesPerThread = 512 << 10;
+  int step_threads = threads;
   if (direct && a.steps == 1) {
     const int64_t bytes = 4 * a.hidden * (a.hidden + (a.gates ? 0 : a.input_size)) *
                           (a.w_hh_int8 ? 1 : int64_t{sizeof(scalar_t)});
-    threads = static_cast<int>(
+    step_threads = static_cast<int>(
         std::clamp<int64_t>(bytes * a.batch / kStepBytesPerThread, 1, threads));
   }
+  return {direct, fused_panels, fused_pairs,
+          project_input && !fused_direct && !fused_pairs && !fused_panels, step_threads};
+}
+
+std::string forward_plan_name(int64_t batch, int64_t steps, int64_t hidden, int64_t input_size,
+                              at::ScalarType dtype, bool input_offered, bool training) {
+  TORCH_CHECK(batch > 0 && steps > 0 && hidden > 0 && input_size > 0,
+              "forward_plan_name: batch, steps, hidden and input_size must be positive");
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "forward_plan", [&] {
+    SequenceForward<scalar_t> a{};
+    a.steps = steps;
+    a.batch = batch;
+    a.hidden = hidden;
+    a.input_size = input_size;
+    a.w_stride1 = 1;
+    // The plan reads only whether these point anywhere, as the layer sets them.
+    scalar_t somewhere{};
+    a.input = input_offered ? &somewhere : nullptr;
+    a.gates = training || !input_offered ? &somewhere : nullptr;
+    const ForwardPlan plan = plan_forward(a);
+    if (plan.declined) return std::string("declined");
+    std::string name = plan.direct ? "direct" : plan.fused_pairs ? "pairs" : "panels";
+    return input_offered ? name + " with input" : name;
+  });
+}
+
+template <typename scalar_t>
+bool run_forward(SequenceForward<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // Recorded for the profiler only where the call is taken, not where it is declined.
+  if (a.w_hr != nullptr) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (a.input == nullptr) {
+        RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
+        run_projected_forward(a);
+        return true;
+      }
+    }
+    return false;
+  }
+  const ForwardPlan plan = plan_forward(a);
+  if (plan.declined) return false;
+  const bool direct = plan.direct;
+  const Isa isa = active_isa();
+  const int64_t V = lanes<acc_t>(isa);
+  const int64_t blocks = ceil_div(a.hidden, V);
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t input_room = a.input == nullptr || direct ? 0
+                             : plan.fused_pairs           ? blocks * a.input_size / 2 * 4 * V
+                                                          : blocks * a.input_size * 4 * V;
+  const at::Tensor panel = workspace(
+      Workspace::panel, {direct ? 0 : blocks * a.hidden * 4 * V + input_room}, options);
+  const at::Tensor h_work =
+      workspace(Workspace::recurrent_state, {3 * a.batch * a.hidden}, options);
+  a.panel = direct ? nullptr : panel.data_ptr<acc_t>();
+  a.h_work = h_work.data_ptr<acc_t>();
+  const int threads = plan.threads;
   RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
 #if LSTM_EXT_X86_VARIANTS
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
