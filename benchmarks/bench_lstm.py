@@ -106,6 +106,7 @@ SUITES = {
     # int8 weights (lstm_ext.quantize_dynamic) against torch's quantize_dynamic(nn.LSTM), and
     # against our own fp32 in the same run (the serving issue's target: 2x our fp32 decode).
     "int8": [Row("decode", 512, 1, 1, layers=2, int8=True),
+             Row("decode", 512, 32, 1, layers=2, int8=True),
              Row("inference", 512, 1, 25, int8=True), Row("inference", 512, 4, 25, int8=True)],
     # The CUDA issue's targets: DeepBench training shapes against cuDNN, fp32 and half types,
     # the language-model shape, and decode steps of a 2-layer model.

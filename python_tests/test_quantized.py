@@ -6,6 +6,9 @@ whole models, torch.ao.quantization's included; state_dicts; errors; and a train
 model's loss with int8 weights."""
 
 import io
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -362,3 +365,44 @@ def test_cells_convert_too_with_torch_ao_and_in_models():
     buffer.seek(0)
     with torch.no_grad():
         assert torch.equal(torch.load(buffer)(x)[0], converted.ours(x)[0])
+
+
+VNNI_SCRIPT = r"""
+import sys
+import torch
+import lstm_ext
+torch.manual_seed(0)
+model = lstm_ext.quantize_dynamic(lstm_ext.LSTM(600, 48, 2).eval())
+results = []
+# A decode step of 3 rows and of 37 (tiles of 4 and a partial one), 4 rows over 6 steps, one
+# over 60; the first layer's rows longer than one int32 chunk.
+for batch, steps in ((3, 1), (37, 1), (4, 6), (1, 60)):
+    x = torch.randn(steps, batch, 600)
+    state = (torch.randn(2, batch, 48), torch.randn(2, batch, 48))
+    with torch.no_grad():
+        output, (h_n, c_n) = model(x, state)
+    results += [output, h_n, c_n]
+torch.save({"isa": torch.ops.lstm_ext.cpu_isa(), "results": results}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(torch.ops.lstm_ext.cpu_isa() not in ("avx512_bf16", "amx"),
+                    reason="needs a CPU with AVX512-VNNI")
+def test_vnni_and_plain_avx512_int16_products_give_the_same_bits(tmp_path):
+    """The in-place int8 products sum int8 times int16 exactly in int32 either way: with VNNI
+    (vpdpwssd, under avx512_bf16 and amx) and without (vpmaddwd and vpaddd, under avx512) the
+    outputs are the same bits, in decode steps and over sequences."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = {}
+    for isa in (torch.ops.lstm_ext.cpu_isa(), "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        completed = subprocess.run([sys.executable, "-c", VNNI_SCRIPT, str(path)],
+                                   env=dict(os.environ, LSTM_EXT_CPU_ISA=isa), cwd=here,
+                                   capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        runs[isa] = torch.load(path, weights_only=True)
+        assert runs[isa]["isa"] == isa
+    vnni, plain = (runs[isa]["results"] for isa in runs)
+    assert len(vnni) == len(plain) == 12
+    for index, (a, b) in enumerate(zip(vnni, plain)):
+        assert torch.equal(a, b), index

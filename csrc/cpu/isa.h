@@ -7,10 +7,11 @@
 // for AVX-512 is ever shared with code that runs on a lesser CPU. The best set the CPU supports
 // is picked once; LSTM_EXT_CPU_ISA=amx|avx512_bf16|avx512|avx2|baseline picks a lower one (CI
 // runs the tests with each, so that no variant rots on an AVX-512 machine). avx512_bf16 is
-// AVX-512 plus the bf16 dot products (Zen 4 and later, Cooper Lake and Sapphire Rapids and
-// later): bf16 recurrences multiply bf16 pairs there; everything else runs as under avx512. amx
-// adds the AMX tiles of Sapphire Rapids and later (where Linux grants them): the bf16 fused
-// recurrence multiplies with tile instructions; every other kernel runs its avx512_bf16 variant.
+// AVX-512 plus the bf16 dot products and VNNI (Zen 4 and later, Cooper Lake and Sapphire Rapids
+// and later): bf16 recurrences multiply bf16 pairs there, the int8 ones sum int16 products with
+// vpdpwssd; everything else runs as under avx512. amx adds the AMX tiles of Sapphire Rapids and
+// later (where Linux grants them): the bf16 fused recurrence multiplies with tile instructions;
+// every other kernel runs its avx512_bf16 variant.
 #pragma once
 
 namespace lstm_ext {

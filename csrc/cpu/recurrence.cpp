@@ -43,7 +43,11 @@ Isa best_supported_isa() {
 #if LSTM_EXT_X86_VARIANTS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) {
-    if (!__builtin_cpu_supports("avx512bf16")) return Isa::avx512;
+    // avx512_bf16 also stands for AVX512-VNNI (the int8 dot products), which every CPU with
+    // the bf16 instructions has.
+    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vnni")) {
+      return Isa::avx512;
+    }
     const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
     return amx && amx_permitted() ? Isa::amx : Isa::avx512_bf16;
   }

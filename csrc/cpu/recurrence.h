@@ -342,11 +342,11 @@ inline bool single_step_in_place(int64_t batch, int64_t steps) {
 
 // The four gate rows of unit j (H rows apart) of an int8 weight times n <= kDirectRows
 // activation rows rounded to int16 (dot.h), each sum times both scales: out[g * n + i].
-template <int V>
+template <int V, bool kVnni>
 inline void int8_dot_rows(int n, int64_t K, const int8_t* w, const float* scale, int64_t j,
                           int64_t stride, int64_t H, const int16_t* const* q,
                           const float* q_scale, float* out) {
-  int8_int16_dot_rows<V, kDirectRows>(n, K, w + j * stride, H * stride, q, q_scale, out);
+  int8_int16_dot_rows<V, kDirectRows, kVnni>(n, K, w + j * stride, H * stride, q, q_scale, out);
   for (int g = 0; g < 4; ++g) {
     for (int i = 0; i < n; ++i) out[g * n + i] *= scale[g * H + j];
   }
@@ -631,12 +631,14 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
             acc_t dots[4 * kDirectRows], input_dots[4 * kDirectRows] = {};
             if constexpr (std::is_same_v<scalar_t, float>) {
               if (int8) {
-                int8_dot_rows<V>(n, H, a.w_hh_int8, a.w_hh_scale, j0 + v, a.w_stride0, H,
-                                 h_rows, h_int16.scale.data() + r0, dots);
+                constexpr bool kVnni = isa >= Isa::avx512_bf16;
+                int8_dot_rows<V, kVnni>(n, H, a.w_hh_int8, a.w_hh_scale, j0 + v,
+                                        a.w_stride0, H, h_rows, h_int16.scale.data() + r0,
+                                        dots);
                 if (project_input) {
-                  int8_dot_rows<V>(n, a.input_size, a.w_ih_int8, a.w_ih_scale, j0 + v,
-                                   a.w_ih_stride, H, x_rows, x_int16.scale.data() + r0,
-                                   input_dots);
+                  int8_dot_rows<V, kVnni>(n, a.input_size, a.w_ih_int8, a.w_ih_scale, j0 + v,
+                                          a.w_ih_stride, H, x_rows,
+                                          x_int16.scale.data() + r0, input_dots);
                 }
               }
             }
