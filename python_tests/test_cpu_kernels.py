@@ -635,6 +635,17 @@ def input_fits_panels(hidden):
     return weight_bytes <= 12 << 20
 
 
+def case_results(case, module, dtype, training):
+    """The module on the case's inputs in dtype: in training outputs and every gradient
+    (Case.run), otherwise the outputs under no_grad."""
+    if training:
+        return case.run(module, dtype)
+    with torch.no_grad():
+        x, state, _ = case.inputs(dtype, input_grad=False)
+        output, (h_n, c_n) = module(x, tuple(state))
+    return {"output": output, "h_n": h_n, "c_n": c_n}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
 @pytest.mark.parametrize("batch,steps", [(4, 20), (3, 12), (4, 11), (2, 30), (4, 50)])
 @pytest.mark.parametrize("training", [False, True])
@@ -652,18 +663,10 @@ def test_small_batches_read_weights_in_place_or_pack_them_as_the_sequence_repays
     packs = steps >= 50 or (intel_cpu() and input_fits_panels(hidden) and batch >= 3 and
                             steps >= 12)
 
-    def run(module, dtype=torch.float64):
-        if training:
-            return case.run(module, dtype)
-        with torch.no_grad():
-            x, state, _ = case.inputs(dtype, input_grad=False)
-            output, (h_n, c_n) = module(x, tuple(state))
-        return {"output": output, "h_n": h_n, "c_n": c_n}
-
-    expected = run(reference)
+    expected = case_results(case, reference, torch.float64, training)
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         ours = lstm_ext.LSTM.from_torch(reference).to(dtype)
-        compare(run(ours, dtype), expected, tolerance)
+        compare(case_results(case, ours, dtype, training), expected, tolerance)
         x, state, _ = case.inputs(dtype, input_grad=False)
         with torch.set_grad_enabled(training), torch.profiler.profile() as profile:
             ours(x, tuple(state))
@@ -707,16 +710,8 @@ def test_small_batches_read_weights_in_place_where_intel_would_stream_the_panels
             case = Case(reference, "padded", steps=60, batch=batch)
             assert forward_form(batch, 60, hidden, training) == "direct"
             ours = lstm_ext.LSTM.from_torch(reference).float()
-            if training:
-                compare(case.run(ours, torch.float32), case.run(reference), 1e-5)
-            else:
-                with torch.no_grad():
-                    x, state, _ = case.inputs(torch.float32, input_grad=False)
-                    output, (h_n, c_n) = ours(x, tuple(state))
-                    x, state, _ = case.inputs(torch.float64, input_grad=False)
-                    expected, (h_ref, c_ref) = reference(x, tuple(state))
-                compare({"output": output, "h_n": h_n, "c_n": c_n},
-                        {"output": expected, "h_n": h_ref, "c_n": c_ref}, 1e-5)
+            compare(case_results(case, ours, torch.float32, training),
+                    case_results(case, reference, torch.float64, training), 1e-5)
     finally:
         torch.set_num_threads(previous)
 

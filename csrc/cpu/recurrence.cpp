@@ -284,7 +284,7 @@ ForwardPlan plan_forward(const SequenceForward<scalar_t>& a) {
 std::string forward_plan_name(int64_t batch, int64_t steps, int64_t hidden, int64_t input_size,
                               at::ScalarType dtype, bool input_offered, bool training) {
   TORCH_CHECK(batch > 0 && steps > 0 && hidden > 0 && input_size > 0,
-              "forward_plan_name: batch, steps, hidden and input_size must be positive");
+              "_cpu_forward_plan: batch, steps, hidden and input_size must be positive");
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "forward_plan", [&] {
     SequenceForward<scalar_t> a{};
     a.steps = steps;
