@@ -125,10 +125,16 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
   // oneDNN matmul reads them in place; copying them would cost more than the product gains.
   const bool bf16_in_place = x.scalar_type() == at::kBFloat16 &&
                              !(x.is_contiguous() && w.is_contiguous());
-  const auto* onednn =
-      onednn_dtype(x.scalar_type()) && !bf16_in_place && x.numel() > 0 && w.numel() > 0
-          ? onednn_linear()
-          : nullptr;
+  // bf16 with kept memory to write into takes at::mm_out, which is oneDNN's matmul for bf16
+  // too and as fast, where mkldnn::_linear_pointwise's fresh result came as fresh pages (on
+  // the Intel Xeon, family 6 model 167, 700-1100 page faults per autocast inference call at
+  // H 512, B 32, T 50, and twice the product's time at 8192 rows).
+  const bool bf16_into = x.scalar_type() == at::kBFloat16 &&
+                         !std::holds_alternative<std::monostate>(into);
+  const auto* onednn = onednn_dtype(x.scalar_type()) && !bf16_in_place && !bf16_into &&
+                               x.numel() > 0 && w.numel() > 0
+                           ? onednn_linear()
+                           : nullptr;
   if (onednn != nullptr) {
     // Operands in another layout (the weight gradients' transposed ones) are copied into kept
     // memory, not fresh pages.

@@ -18,8 +18,8 @@ namespace lstm_ext {
 // dtypes, empty products, a torch without oneDNN, or LSTM_EXT_ONEDNN_LINEAR=0 use at::addmm.
 // With a workspace slot (a result that never leaves the caller's call) or a saved-buffer kind
 // (one autograd keeps until the backward), the result is written into kept memory where the
-// product can write into given memory (at::addmm's route; oneDNN allocates its own), instead
-// of fresh pages.
+// product can write into given memory (at::addmm's route; mkldnn::_linear_pointwise allocates
+// its own), instead of fresh pages: so bf16 then takes at::addmm, whose bf16 is oneDNN too.
 using LinearInto = std::variant<std::monostate, cpu::Workspace, cpu::Saved>;
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias, LinearInto into = {});
