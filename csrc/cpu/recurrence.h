@@ -252,16 +252,23 @@ inline void pack_square(const T* rows, int64_t row_stride, int64_t k0, T* panel,
 // in T, rows row_stride apart, k contiguous), a block of whole units is
 // copied V x V squares at a time (pack_square) and only a last partial square through value().
 // Otherwise in chunks of kPackChunk values of k: each of the block's rows of W_hh is read 64
-// bytes at a time, and the panel rows being written stay in L1 until they are whole.
+// bytes at a time, and the panel rows being written stay in L1 until they are whole. With
+// halves, gates 0-1 and gates 2-3 go in two panels of K rows of 2V, one after the other (the
+// layout of amx_product's panels).
 template <typename T, int V, typename Value>
 inline void pack_forward_block(T* panel, int64_t H, int64_t K, int64_t jb, Value value,
-                               const T* rows = nullptr, int64_t row_stride = 0) {
+                               const T* rows = nullptr, int64_t row_stride = 0,
+                               bool halves = false) {
   constexpr int64_t kPackChunk = 16;
+  const int64_t ld = halves ? 2 * V : 4 * V;
+  const auto gate_panel = [&](int g) {
+    return halves ? panel + (g / 2) * K * 2 * V + (g % 2) * V : panel + g * V;
+  };
   const int64_t squares_end = rows != nullptr && (jb + 1) * V <= H ? K / V * V : 0;
   for (int g = 0; g < 4; ++g) {
     for (int64_t k0 = 0; k0 < squares_end; k0 += V) {
-      pack_square<T, V>(rows + (g * H + jb * V) * row_stride, row_stride, k0, panel + g * V,
-                        4 * V);
+      pack_square<T, V>(rows + (g * H + jb * V) * row_stride, row_stride, k0, gate_panel(g),
+                        ld);
     }
   }
   for (int64_t k0 = squares_end; k0 < K; k0 += kPackChunk) {
@@ -269,9 +276,9 @@ inline void pack_forward_block(T* panel, int64_t H, int64_t K, int64_t jb, Value
     for (int g = 0; g < 4; ++g) {
       for (int v = 0; v < V; ++v) {
         const int64_t j = jb * V + v;
-        T* column = panel + k0 * 4 * V + g * V + v;
+        T* column = gate_panel(g) + k0 * ld + v;
         for (int64_t k = 0; k < kn; ++k) {
-          column[k * 4 * V] = j < H ? value(g * H + j, k0 + k) : T(0);
+          column[k * ld] = j < H ? value(g * H + j, k0 + k) : T(0);
         }
       }
     }
@@ -368,10 +375,12 @@ struct Int16Rows {
 
 // Writes block jb of the bf16 pair panels of a weight of 4H rows and K columns (K even; strides
 // in elements): pack_forward_block over pairs of k, panel row p holding (W[row, 2p],
-// W[row, 2p + 1]) for each column, with the rows read in place as rows of pairs where they are.
+// W[row, 2p + 1]) for each column, with the rows read in place as rows of pairs where they are;
+// with halves, in amx_product's layout.
 template <int V>
 inline void pack_pair_block(uint32_t* panel, const c10::BFloat16* w, int64_t stride0,
-                            int64_t stride1, int64_t H, int64_t K, int64_t jb) {
+                            int64_t stride1, int64_t H, int64_t K, int64_t jb,
+                            bool halves = false) {
   const bool pair_rows = stride1 == 1 && stride0 % 2 == 0 &&
                          reinterpret_cast<uintptr_t>(w) % sizeof(uint32_t) == 0;
   pack_forward_block<uint32_t, V>(
@@ -380,7 +389,7 @@ inline void pack_pair_block(uint32_t* panel, const c10::BFloat16* w, int64_t str
         const c10::BFloat16* pair = w + row * stride0 + 2 * p * stride1;
         return bf16_pair(pair[0], pair[stride1]);
       },
-      pair_rows ? reinterpret_cast<const uint32_t*>(w) : nullptr, stride0 / 2);
+      pair_rows ? reinterpret_cast<const uint32_t*>(w) : nullptr, stride0 / 2, halves);
 }
 
 // Where no Columns are compiled in.
@@ -413,6 +422,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   // whole steps of the tile product (otherwise by the dot-product instruction).
   constexpr bool kAmxKernel = isa == Isa::amx && kPairKernel;
   const bool amx = kAmxKernel && pairs && !project_input && H % (2 * kAmxPairs) == 0;
+  static_assert(!kAmxKernel || 4 * V == 2 * kHalfColumns, "a block is one AMX product's columns");
   constexpr int RT = std::max({R, kDirectRows, kAmxKernel ? kAmxRows : 0});  // rows per tile
   const int64_t tile_rows = direct ? kDirectRows : amx ? kAmxRows : R;
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
@@ -435,7 +445,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   if constexpr (kPairKernel) {
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
       pack_pair_block<V>(pair_panels + jb * (H / 2) * 4 * V, a.w_hh, a.w_stride0, a.w_stride1,
-                         H, H, jb);
+                         H, H, jb, /*halves=*/amx);
       if (fused_input) {
         pack_pair_block<V>(input_panels + jb * input_pairs * 4 * V, a.w_ih, a.w_ih_stride, 1,
                            H, a.input_size, jb);
@@ -493,12 +503,11 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
 #pragma omp barrier
 
   const int64_t G = 4 * H;
-  // AMX tiles read kAmxRows rows of h in place where a step's rows are that many and come from
-  // one tensor, else from this copy of them.
-  std::vector<c10::BFloat16> amx_rows_copy;
+  // AMX tiles read each step's rows of h from this thread's packed copy (amx_pack_rows).
+  AmxPackedRows amx_packed;
   if constexpr (kAmxKernel) {
     if (amx) {
-      amx_rows_copy.resize(std::max<int64_t>(B, kAmxRows) * H);
+      amx_packed.resize(ceil_div(B, kAmxRows), H / 2);
       amx_configure();
     }
   }
@@ -524,20 +533,24 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     if (rows == 0) continue;
     const acc_t* h_prev = a.h_work + (1 + ((processed + 1) & 1)) * B * H;
     acc_t* h_next = a.h_work + (1 + (processed & 1)) * B * H;
-    // Under amx: the step's rows of h, kAmxRows readable from each row.
-    const c10::BFloat16* amx_rows = nullptr;
+    // Under amx, a tile's product is made for kAmxRows rows from its first_row: where the step
+    // has that many rows, early enough to stay inside them (rows before the tile's own made
+    // again, and not used); with fewer, all of them and zeros. Each tile's rows packed here.
+    const auto first_row = [&](int64_t r) {
+      return std::max<int64_t>(0, std::min(r, rows - kAmxRows));
+    };
     if constexpr (kAmxKernel) {
       if (amx) {
-        const scalar_t* from_output = a.output + prev_offset * H;
-        if (rows >= kAmxRows && (prev_rows == 0 || rows <= prev_rows)) {
-          amx_rows = prev_rows == 0 ? a.hidden_state : from_output;
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            std::memcpy(amx_rows_copy.data() + r * H,
-                        (r < prev_rows ? from_output : a.hidden_state) + r * H,
-                        H * sizeof(scalar_t));
+        const Tiles tiles(rows, kAmxRows);
+        const int n = static_cast<int>(std::min<int64_t>(rows, kAmxRows));
+        for (int64_t tile = 0; tile < tiles.count; ++tile) {
+          const c10::BFloat16* tile_rows[kAmxRows];
+          for (int i = 0; i < n; ++i) {
+            const int64_t r = first_row(tiles.begin(tile)) + i;
+            tile_rows[i] = r < prev_rows ? a.output + (prev_offset + r) * H
+                                         : a.hidden_state + r * H;
           }
-          amx_rows = amx_rows_copy.data();
+          amx_pack_rows(n, tile_rows, H / 2, amx_packed.tile(tile));
         }
       }
     }
@@ -658,23 +671,16 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           }
         } else if (amx) {
           if constexpr (kAmxKernel) {
-            // Where the step has kAmxRows rows or more, the tile product starts early enough
-            // to stay inside them (rows before r0 computed again, and not used).
-            const auto first_row = [&](int64_t r) {
-              return std::max<int64_t>(0, std::min(r, rows - kAmxRows));
-            };
-            const int64_t first = first_row(r0);
-            shift = r0 - first;
+            shift = r0 - first_row(r0);
             const uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
             if (tile % 2 == 1) {  // made with the tile before; copied, so the gate math
                                   // below reads one array for every form
               std::memcpy(products, second_products.data(), kAmxRows * 4 * V * sizeof(acc_t));
             } else if (tile + 1 < tiles.count) {
-              amx_product_pair(H / 2, amx_rows + first * H,
-                               amx_rows + first_row(tiles.begin(tile + 1)) * H, H, panel,
+              amx_product_pair(H / 2, amx_packed.tile(tile), amx_packed.tile(tile + 1), panel,
                                products, second_products.data());
             } else {
-              amx_product(H / 2, amx_rows + first * H, H, panel, products, false);
+              amx_product(H / 2, amx_packed.tile(tile), panel, products, false);
             }
           }
         } else if (pairs) {
@@ -950,6 +956,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   // product.
   constexpr bool kAmxKernel = isa == Isa::amx && kPairKernel;
   const bool amx = kAmxKernel && G % (2 * kAmxPairs) == 0;
+  static_assert(!kAmxKernel || U == 2 * kHalfColumns, "a block is one AMX product's columns");
   uint32_t* const pair_panels = reinterpret_cast<uint32_t*>(a.panel);
   if constexpr (kPairKernel) {
     for (int64_t jb = mine.begin; jb < mine.end && pairs; ++jb) {
@@ -957,17 +964,23 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       // Whole runs of 16 units of W_hh's contiguous rows as vectors, the rest one at a time.
       const int64_t runs_end =
           a.w_stride1 == 1 ? std::min<int64_t>(U, H - jb * U) / 16 * 16 : 0;
+      // Panel row p's unit u: under amx in amx_product's two halves.
+      const auto at = [&](int64_t p, int64_t u) {
+        return amx ? (u / kHalfColumns) * (G / 2) * kHalfColumns + p * kHalfColumns +
+                         u % kHalfColumns
+                   : p * U + u;
+      };
       for (int64_t p = 0; p < G / 2; ++p) {
         const scalar_t* w0 = a.w_hh + 2 * p * a.w_stride0;
         const scalar_t* w1 = w0 + a.w_stride0;
         using vec = Vec<uint32_t, 16>::type;
         for (int64_t u = 0; u < runs_end; u += 16) {
           const int64_t j = jb * U + u;
-          *reinterpret_cast<vec*>(panel + p * U + u) = pairs_of_rows(w0 + j, w1 + j);
+          *reinterpret_cast<vec*>(panel + at(p, u)) = pairs_of_rows(w0 + j, w1 + j);
         }
         for (int64_t u = runs_end; u < U; ++u) {
           const int64_t j = jb * U + u;
-          panel[p * U + u] = j < H ? bf16_pair(w0[j * a.w_stride1], w1[j * a.w_stride1]) : 0;
+          panel[at(p, u)] = j < H ? bf16_pair(w0[j * a.w_stride1], w1[j * a.w_stride1]) : 0;
         }
       }
     }
@@ -979,12 +992,11 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
   // The bias gradient of this thread's blocks, summed as the gate gradients are made.
   std::vector<acc_t> bias_sums(a.grad_bias ? mine.count() * 4 * U : 0);
 #pragma omp barrier
-  // AMX tiles read kAmxRows rows of the gate gradients in place where a step has that many,
-  // else from this copy of them.
-  std::vector<c10::BFloat16> amx_rows_copy;
+  // AMX tiles read the gate gradients from this thread's packed copy (amx_pack_rows).
+  AmxPackedRows amx_packed;
   if constexpr (kAmxKernel) {
     if (amx) {
-      amx_rows_copy.resize(kAmxRows * G);
+      amx_packed.resize(ceil_div(B, kAmxRows), G / 2);
       amx_configure();
     }
   }
@@ -1014,14 +1026,22 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       grad_next = a.grad_work + (processed & 1) * B * G;
     }
     const int64_t span = std::max(rows, prev_rows);
-    const c10::BFloat16* amx_rows = nullptr;
+    // Under amx the whole 4H-long sum per tile (the tiles keep it), for kAmxRows rows of the
+    // previous step's from the tile's first_row: where it has that many, the last tile starts
+    // early enough to stay inside them and writes rows before its own again with the same
+    // values; with fewer, all of them and zeros. Each tile's rows packed here.
+    const Tiles amx_tiles(amx ? prev_rows : 0, kAmxRows);
+    const auto first_row = [&](int64_t t) {
+      return std::max<int64_t>(0, std::min(amx_tiles.begin(t), prev_rows - kAmxRows));
+    };
     if constexpr (kAmxKernel) {
-      if (amx) {
-        amx_rows = a.grad_gates + prev_offset * G;
-        if (prev_rows < kAmxRows) {
-          std::memcpy(amx_rows_copy.data(), amx_rows, prev_rows * G * sizeof(scalar_t));
-          amx_rows = amx_rows_copy.data();
+      const int n = static_cast<int>(std::min<int64_t>(prev_rows, kAmxRows));
+      for (int64_t tile = 0; tile < amx_tiles.count; ++tile) {
+        const c10::BFloat16* tile_rows[kAmxRows];
+        for (int i = 0; i < n; ++i) {
+          tile_rows[i] = a.grad_gates + (prev_offset + first_row(tile) + i) * G;
         }
+        amx_pack_rows(n, tile_rows, G / 2, amx_packed.tile(tile));
       }
     }
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
@@ -1030,30 +1050,22 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       // dh carried into this step, for rows [0, prev_rows).
       acc_t* carried = a.carry_work + thread * B * U;
       if constexpr (kAmxKernel) {
-        // The whole 4H-long sum per tile (the tiles keep it); where the step has kAmxRows
-        // rows or more, the last tile starts early enough to stay inside them and writes
-        // rows before r0 again with the same values.
-        const Tiles amx_tiles(amx ? prev_rows : 0, kAmxRows);
         for (int64_t tile = 0; tile < amx_tiles.count; ++tile) {
           const uint32_t* panel = pair_panels + jb * (G / 2) * U;
           if (prev_rows < kAmxRows) {
             alignas(64) float products[kAmxRows * U];
-            amx_product(G / 2, amx_rows, G, panel, products, false);
+            amx_product(G / 2, amx_packed.tile(tile), panel, products, false);
             std::memcpy(carried, products, prev_rows * U * sizeof(float));
             continue;
           }
-          const auto first_row = [&](int64_t t) {
-            return std::min(amx_tiles.begin(t), prev_rows - kAmxRows);
-          };
           const int64_t first = first_row(tile);
           if (tile + 1 < amx_tiles.count) {  // this tile and the next at once
-            const int64_t second = first_row(tile + 1);
-            amx_product_pair(G / 2, amx_rows + first * G, amx_rows + second * G, G, panel,
-                             carried + first * U, carried + second * U);
+            amx_product_pair(G / 2, amx_packed.tile(tile), amx_packed.tile(tile + 1), panel,
+                             carried + first * U, carried + first_row(tile + 1) * U);
             ++tile;
             continue;
           }
-          amx_product(G / 2, amx_rows + first * G, G, panel, carried + first * U, false);
+          amx_product(G / 2, amx_packed.tile(tile), panel, carried + first * U, false);
         }
       }
       const acc_t* next_panel = fetch_panels && prev_rows >= kPanelAheadFromRows
