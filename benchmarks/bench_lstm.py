@@ -392,7 +392,9 @@ def profile_split(run, dtype=torch.float32):
     if "mkldnn::_linear_pointwise" in keys:
         libraries.append("whole-sequence products in oneDNN")
     if keys & {"aten::mm", "aten::addmm"}:
-        libraries.append("whole-sequence products in ATen (MKL on x86 wheels)")
+        # ATen's matmul is oneDNN's for bf16 and fp16, MKL's for fp32 and fp64 (x86 wheels).
+        by = "oneDNN" if dtype in (torch.bfloat16, torch.float16) else "MKL on x86 wheels"
+        libraries.append(f"whole-sequence products in ATen ({by})")
     return {"gemm": gemm / total_us, "elementwise": elementwise / total_us,
             "other": max(0.0, 1 - (gemm + elementwise) / total_us),
             "libraries": libraries}
