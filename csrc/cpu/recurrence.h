@@ -98,6 +98,28 @@ struct Tiles {
   int64_t begin(int64_t i) const { return rows * i / count; }
 };
 
+// The first of the kAmxRows rows an AMX product makes for the tile of a step's `rows` rows
+// that starts at `begin`: where the step has that many rows, early enough to stay inside them
+// (rows before the tile's own made again, and not used); with fewer, row 0, the rest of the
+// tile zeros.
+inline int64_t amx_first_row(int64_t begin, int64_t rows) {
+  return std::max<int64_t>(0, std::min(begin, rows - kAmxRows));
+}
+
+// A step's rows (row(r) for r < rows) packed by amx_pack_rows, tile by tile of
+// Tiles(rows, kAmxRows), each from its amx_first_row.
+template <typename Row>
+void amx_pack_tiles(int64_t rows, int64_t pairs, Row row, AmxPackedRows& packed) {
+  const Tiles tiles(rows, kAmxRows);
+  const int n = static_cast<int>(std::min<int64_t>(rows, kAmxRows));
+  for (int64_t tile = 0; tile < tiles.count; ++tile) {
+    const int64_t first = amx_first_row(tiles.begin(tile), rows);
+    const c10::BFloat16* tile_rows[kAmxRows];
+    for (int i = 0; i < n; ++i) tile_rows[i] = row(first + i);
+    amx_pack_rows(n, tile_rows, pairs, packed.tile(tile));
+  }
+}
+
 // The blocks [begin, end) a thread owns of `blocks`.
 struct Share {
   int64_t begin, end;
@@ -533,25 +555,15 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     if (rows == 0) continue;
     const acc_t* h_prev = a.h_work + (1 + ((processed + 1) & 1)) * B * H;
     acc_t* h_next = a.h_work + (1 + (processed & 1)) * B * H;
-    // Under amx, a tile's product is made for kAmxRows rows from its first_row: where the step
-    // has that many rows, early enough to stay inside them (rows before the tile's own made
-    // again, and not used); with fewer, all of them and zeros. Each tile's rows packed here.
-    const auto first_row = [&](int64_t r) {
-      return std::max<int64_t>(0, std::min(r, rows - kAmxRows));
-    };
+    // Under amx, each tile's rows of h packed for its product.
     if constexpr (kAmxKernel) {
       if (amx) {
-        const Tiles tiles(rows, kAmxRows);
-        const int n = static_cast<int>(std::min<int64_t>(rows, kAmxRows));
-        for (int64_t tile = 0; tile < tiles.count; ++tile) {
-          const c10::BFloat16* tile_rows[kAmxRows];
-          for (int i = 0; i < n; ++i) {
-            const int64_t r = first_row(tiles.begin(tile)) + i;
-            tile_rows[i] = r < prev_rows ? a.output + (prev_offset + r) * H
-                                         : a.hidden_state + r * H;
-          }
-          amx_pack_rows(n, tile_rows, H / 2, amx_packed.tile(tile));
-        }
+        amx_pack_tiles(
+            rows, H / 2,
+            [&](int64_t r) {
+              return r < prev_rows ? a.output + (prev_offset + r) * H : a.hidden_state + r * H;
+            },
+            amx_packed);
       }
     }
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -671,7 +683,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           }
         } else if (amx) {
           if constexpr (kAmxKernel) {
-            shift = r0 - first_row(r0);
+            shift = r0 - amx_first_row(r0, rows);
             const uint32_t* panel = pair_panels + jb * (H / 2) * 4 * V;
             if (tile % 2 == 1) {  // made with the tile before; copied, so the gate math
                                   // below reads one array for every form
@@ -1026,22 +1038,16 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       grad_next = a.grad_work + (processed & 1) * B * G;
     }
     const int64_t span = std::max(rows, prev_rows);
-    // Under amx the whole 4H-long sum per tile (the tiles keep it), for kAmxRows rows of the
-    // previous step's from the tile's first_row: where it has that many, the last tile starts
-    // early enough to stay inside them and writes rows before its own again with the same
-    // values; with fewer, all of them and zeros. Each tile's rows packed here.
+    // Under amx the whole 4H-long sum per tile (the tiles keep it), of the previous step's
+    // rows packed for it (amx_pack_tiles): the last tile, where it starts early, writes rows
+    // before its own again with the same values.
     const Tiles amx_tiles(amx ? prev_rows : 0, kAmxRows);
-    const auto first_row = [&](int64_t t) {
-      return std::max<int64_t>(0, std::min(amx_tiles.begin(t), prev_rows - kAmxRows));
-    };
+    const auto first_row = [&](int64_t t) { return amx_first_row(amx_tiles.begin(t), prev_rows); };
     if constexpr (kAmxKernel) {
-      const int n = static_cast<int>(std::min<int64_t>(prev_rows, kAmxRows));
-      for (int64_t tile = 0; tile < amx_tiles.count; ++tile) {
-        const c10::BFloat16* tile_rows[kAmxRows];
-        for (int i = 0; i < n; ++i) {
-          tile_rows[i] = a.grad_gates + (prev_offset + first_row(tile) + i) * G;
-        }
-        amx_pack_rows(n, tile_rows, G / 2, amx_packed.tile(tile));
+      if (amx) {
+        amx_pack_tiles(
+            prev_rows, G / 2,
+            [&](int64_t r) { return a.grad_gates + (prev_offset + r) * G; }, amx_packed);
       }
     }
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
