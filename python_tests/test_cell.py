@@ -89,6 +89,31 @@ def test_cell_loop_equals_lstm_layer():
     torch.testing.assert_close(c, c_n[0], rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("batch", [1, 5, 64, 65])
+@pytest.mark.parametrize("hidden", [160, 7])
+def test_cell_training_step_makes_its_products_in_the_recurrence(batch, hidden):
+    """A training step makes x W_ih^T in the forward's dot products and dh W_hh in the backward
+    kernel, W_hh's rows read in place up to 64 rows (recurrence.h's kSingleStepDirectRows) and
+    packed beyond: forward and backward leave only the three products of dx, dW_ih and dW_hh in
+    a profile. Where a row of W_hh is not whole vectors long (H 7), a step of up to 64 rows
+    makes dh W_hh as a product of its own. H 160: more than one chunk of the backward's 4H-long
+    sums, and a last block of units partly filled. fp32 and fp64 against fp64 nn.LSTMCell."""
+    torch.manual_seed(7)
+    reference = nn.LSTMCell(24, hidden, dtype=torch.float64)
+    x = torch.randn(batch, 24, dtype=torch.float64)
+    state = (torch.randn(batch, hidden, dtype=torch.float64),
+             torch.randn(batch, hidden, dtype=torch.float64))
+    expected = run(reference, x, state)
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        ours = lstm_ext.LSTMCell.from_torch(reference).to(dtype)
+        with torch.profiler.profile() as profile:
+            result = run(ours, x.to(dtype), tuple(s.to(dtype) for s in state))
+        compare(result, expected, tolerance)
+        products = sum(event.count for event in profile.key_averages()
+                       if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+        assert (products == 3) == (hidden == 160 or batch > 64), (dtype, products)
+
+
 class _Halved(nn.Module):
     def forward(self, weight):
         return 0.5 * weight

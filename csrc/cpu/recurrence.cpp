@@ -236,18 +236,18 @@ ForwardPlan plan_forward(const SequenceForward<scalar_t>& a) {
   const int64_t thread_panel_bytes = thread_row_bytes * a.hidden;
   const bool project_input = a.input != nullptr;
   const bool intel = intel_cpu();
-  // The input projection is fused into the dot products of the direct form for one step or
-  // int8 weights in inference (over several fp32 steps one GEMM costs less than reading W_ih
-  // every step), and into the bf16 pair panels under avx512_bf16, in training too (not amx,
-  // whose tiles take the gates' rows in place): there the products of x and of h run in one
-  // tile at the instruction's full rate, where a separate GEMM ran at 80 % of it and its
-  // (N, 4H) result came back from memory. fp32 and fp64 panels take it too while W_ih and
-  // W_hh together stay within kFusedInputMaxBytes: on a Zen 5, inference gained 6-19 % at H
-  // 256-512 and training at T 128 B 64 18 % (no fresh pages for the pre-activations), while
-  // beyond that, with both panels streamed from L3 every step, H 650-1024 lost 2-12 %. An
-  // Intel core reads its L3 far slower: on a Xeon (family 6 model 167) fused panels beyond L2
-  // lost 3-11 % in training and 1.3-1.9x in inference at B 4 (H 320-512, and H 256 on one
-  // thread), and within half of L2 they measured even; there they are fused only within it.
+  // The input projection is fused into the dot products of the direct form for one step (in
+  // training too, the gates then only written) or int8 weights in inference (over several fp32
+  // steps one GEMM costs less than reading W_ih every step), and into the bf16 pair panels under
+  // avx512_bf16, in training too (not amx, whose tiles take the gates' rows in place): there the
+  // products of x and of h run in one tile at the instruction's full rate, where a separate GEMM
+  // ran at 80 % of it and its (N, 4H) result came back from memory. fp32 and fp64 panels take it
+  // too while W_ih and W_hh together stay within kFusedInputMaxBytes: on a Zen 5, inference gained
+  // 6-19 % at H 256-512 and training at T 128 B 64 18 % (no fresh pages for the pre-activations),
+  // while beyond that, with both panels streamed from L3 every step, H 650-1024 lost 2-12 %. An
+  // Intel core reads its L3 far slower: on a Xeon (family 6 model 167) fused panels beyond L2 lost
+  // 3-11 % in training and 1.3-1.9x in inference at B 4 (H 320-512, and H 256 on one thread), and
+  // within half of L2 they measured even; there they are fused only within it.
   const bool panels_take_input = std::is_same_v<acc_t, scalar_t> && a.w_hh_int8 == nullptr &&
                                  (intel ? !panels_outgrow_l2(thread_weight_bytes)
                                         : weight_bytes <= kFusedInputMaxBytes);
@@ -261,8 +261,7 @@ ForwardPlan plan_forward(const SequenceForward<scalar_t>& a) {
                            isa == Isa::avx512_bf16 && !direct && a.hidden % 2 == 0 &&
                            a.input_size % 2 == 0 && a.recurrent_mask == nullptr &&
                            a.w_hh_int8 == nullptr;
-  const bool fused_direct =
-      direct && a.gates == nullptr && (a.steps == 1 || a.w_hh_int8 != nullptr);
+  const bool fused_direct = direct && (a.steps == 1 || a.w_hh_int8 != nullptr);
   // A single step in place (a decode step, an LSTMCell call) pays for waking the threads every
   // call: below kStepBytesPerThread of weights read per thread, counted once per row, one
   // thread is faster. Measured on the Zen 5, 2-layer decode (B 1) at H 128, 512 KB per layer:
@@ -272,7 +271,7 @@ ForwardPlan plan_forward(const SequenceForward<scalar_t>& a) {
   constexpr int64_t kStepBytesPerThread = 512 << 10;
   int step_threads = threads;
   if (direct && a.steps == 1) {
-    const int64_t bytes = 4 * a.hidden * (a.hidden + (a.gates ? 0 : a.input_size)) *
+    const int64_t bytes = 4 * a.hidden * (a.hidden + (project_input ? a.input_size : 0)) *
                           (a.w_hh_int8 ? 1 : int64_t{sizeof(scalar_t)});
     step_threads = static_cast<int>(
         std::clamp<int64_t>(bytes * a.batch / kStepBytesPerThread, 1, threads));
@@ -358,23 +357,28 @@ bool run_backward(SequenceBackward<scalar_t> a) {
     }
     return false;
   }
-  // A single step's panels would cost as much as its one product: the step loop's product
-  // reads W_hh in place (see kSingleStepDirectRows).
-  if (std::is_same_v<acc_t, scalar_t> && single_step_in_place(a.batch, a.steps)) {
-    return false;
-  }
   const Isa isa = active_isa();
-  const int64_t U = 4 * lanes<acc_t>(isa);
+  const int64_t V = lanes<acc_t>(isa);
+  const int64_t U = 4 * V;
+  // A single step's panels would cost as much as its one product: the kernel reads W_hh's
+  // rows in place instead, where they are contiguous and whole vectors long (see
+  // kSingleStepDirectRows); otherwise the step loop's product does. With the forward's input
+  // projection fused too, LSTMCell training on the Xeon (family 6 model 167) went from
+  // 1.08-1.30x nn.LSTMCell's speed to 1.37-1.44x at H 256 (B 8, 32), 1.19-1.23x to 1.28x at
+  // H 512 B 16, where the rest is the weight gradients' products and autograd's sums of them.
+  const bool in_place = std::is_same_v<acc_t, scalar_t> && single_step_in_place(a.batch, a.steps);
+  if (in_place && (a.w_stride1 != 1 || a.hidden % V != 0)) return false;
   const int64_t blocks = ceil_div(a.hidden, U);
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor panel = workspace(Workspace::panel, {blocks * 4 * a.hidden * U}, options);
+  const at::Tensor panel =
+      workspace(Workspace::panel, {in_place ? 0 : blocks * 4 * a.hidden * U}, options);
   const int threads = threads_for(blocks);
   // Only gradients stored in bf16 need their math-type copy (see backward_thread).
   const int64_t work_rows = std::is_same_v<scalar_t, acc_t> ? 0 : 2 * a.batch;
   const at::Tensor grad_work =
       workspace(Workspace::recurrent_state, {work_rows * 4 * a.hidden}, options);
   const at::Tensor carry_work = workspace(Workspace::carried, {threads * a.batch * U}, options);
-  a.panel = panel.data_ptr<acc_t>();
+  a.panel = in_place ? nullptr : panel.data_ptr<acc_t>();
   a.grad_work = grad_work.data_ptr<acc_t>();
   a.carry_work = carry_work.data_ptr<acc_t>();
   run_parallel(a, backward_kernel<scalar_t>(isa), threads);

@@ -355,16 +355,15 @@ inline void zoned_backward_cells(Count n, const acc_t* z, const acc_t* cell_prev
 constexpr int kDirectRows = 4;
 // A single step (an LSTMCell call, a decode step) of at most this many rows skips the panels
 // too (in dot-product tiles of kDirectRows, or under AVX-512 in dot.h's Columns), and its
-// backward the fused recurrence: packing the panels cost as much as the step. On the Intel
-// Xeon (family 6 model 167), LSTMCell step loops by dot products ran 1.1-2x faster at H
+// backward reads W_hh's rows in place as its panels: packing cost as much as the step. On the
+// Intel Xeon (family 6 model 167), LSTMCell step loops by dot products ran 1.1-2x faster at H
 // 256-1024, B 8-32; at B 64 the two forms measured even, at B 256 the panels were 1.2-1.3x
 // faster. By columns, at H 256 B 40-64, inference went from 0.87-0.88x nn.LSTMCell's speed
 // (panels) to 1.11-1.28x, training from 0.98-1.00x to 1.08-1.09x; int8 decode steps (2 x 512,
 // B 48-64) by dot products took 1.8-2.4 ms against 3.8-4.7 ms with dequantized panels.
 constexpr int kSingleStepDirectRows = 64;
 
-// Whether a call is such a step, whose forward reads the weights in place and whose backward
-// the step loop runs.
+// Whether a call is such a step, whose forward and backward read the weights in place.
 inline bool single_step_in_place(int64_t batch, int64_t steps) {
   return steps == 1 && batch <= kSingleStepDirectRows;
 }
@@ -906,7 +905,9 @@ constexpr int64_t kBackwardChunk = (128 << 10) / (U * static_cast<int64_t>(sizeo
 // the panel in place: read in place, a block's rows are H apart, which for the usual power-of-two
 // H puts them in a few cache sets (and a page apart), so that a chunk of the panel does not stay
 // in L2 across the tiles and the prefetchers cannot follow it. Row kk of every panel of the
-// thread comes from one run of M's row kk, so a row-major M is read in order.
+// thread comes from one run of M's row kk, so a row-major M is read in order. A single step
+// reads the rows in place all the same (run_backward): there packing is a pass over W_hh as
+// long as the one product it would serve.
 template <int64_t U, typename scalar_t, typename acc_t>
 inline void pack_column_panels(acc_t* panels, const scalar_t* w, int64_t stride0,
                                int64_t stride1, int64_t K, int64_t N, Share mine) {
@@ -997,10 +998,15 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
       }
     }
   }
+  // Without a panel (a single step: run_backward) W_hh's rows serve as the panels in place.
+  const bool in_place = !pairs && a.panel == nullptr;
   acc_t* const panels = a.panel;
-  if (!pairs) pack_column_panels<U>(panels, a.w_hh, a.w_stride0, a.w_stride1, G, H, mine);
-  const bool fetch_panels =
-      !pairs && panels_outgrow_l2(mine.count() * G * U * static_cast<int64_t>(sizeof(acc_t)));
+  if (!pairs && !in_place) {
+    pack_column_panels<U>(panels, a.w_hh, a.w_stride0, a.w_stride1, G, H, mine);
+  }
+  const int64_t panel_ld = in_place ? a.w_stride0 : U;
+  const bool fetch_panels = !pairs && !in_place &&
+                            panels_outgrow_l2(mine.count() * G * U * int64_t{sizeof(acc_t)});
   // The bias gradient of this thread's blocks, summed as the gate gradients are made.
   std::vector<acc_t> bias_sums(a.grad_bias ? mine.count() * 4 * U : 0);
 #pragma omp barrier
@@ -1052,7 +1058,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     }
     for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
       const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
-      const acc_t* panel = panels + jb * G * U;
+      const acc_t* panel = in_place ? in_place_weight<acc_t>(a.w_hh) + u0 : panels + jb * G * U;
       // dh carried into this step, for rows [0, prev_rows).
       acc_t* carried = a.carry_work + thread * B * U;
       if constexpr (kAmxKernel) {
@@ -1094,7 +1100,8 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
         // Only the vectors the block's units fill: the last block's may be fewer than four,
         // so the last thread (the larger share of an uneven count) is not a whole block behind.
         with_vectors(static_cast<int>(ceil_div(n_units, V)), [&](auto nv) {
-          tile_product_n<acc_t, V, R, decltype(nv)::value>(n, kn, in, panel + k0 * U, U,
+          tile_product_n<acc_t, V, R, decltype(nv)::value>(n, kn, in, panel + k0 * panel_ld,
+                                                           panel_ld,
                                                            carried + r0 * U,
                                                            /*accumulate=*/k0 > 0, nullptr, 0,
                                                            next);
