@@ -1336,10 +1336,11 @@ def cell_step_reference(cell, x, hx, zoneout_masks=None):
     return h_new, c_new
 
 
-def variant_cell(**options):
-    """An fp64 LSTMCell(5, 7) with the options, its norm gains and biases drawn at random."""
+def variant_cell(hidden=7, **options):
+    """An fp64 LSTMCell(5, hidden) with the options, its norm gains and biases drawn at
+    random."""
     torch.manual_seed(0)
-    cell = lstm_ext.LSTMCell(5, 7, dtype=torch.float64, **options)
+    cell = lstm_ext.LSTMCell(5, hidden, dtype=torch.float64, **options)
     with torch.no_grad():
         for name, parameter in cell.named_parameters():
             if name.startswith("layer_norm_"):
@@ -1352,7 +1353,7 @@ def cell_grads(cell, step, batched):
     torch.manual_seed(7)
     shape = (3,) if batched else ()
     leaves = [torch.randn(*shape, n, dtype=torch.float64, requires_grad=True)
-              for n in (5, 7, 7)]
+              for n in (5, cell.hidden_size, cell.hidden_size)]
     h, c = step(leaves[0], (leaves[1], leaves[2]))
     weights = [torch.randn(t.shape, generator=torch.Generator().manual_seed(k),
                            dtype=torch.float64) for k, t in enumerate((h, c))]
@@ -1372,14 +1373,16 @@ def test_layer_norm_cell_is_the_formula(training, batched):
         assert rel_error(a, b) < 1e-10, index
 
 
+@pytest.mark.parametrize("hidden", [7, 32])
 @pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("batched", [True, False])
-def test_zoneout_cell_is_the_formula_with_fresh_masks_per_call(batched, layer_norm):
+def test_zoneout_cell_is_the_formula_with_fresh_masks_per_call(batched, layer_norm, hidden):
     """Training: the masks the cell draws (d^c then d^h, (B, H), from torch's generator) in
     the formula, fp64, outputs and every gradient; a second call draws other masks; eval mode
-    is the expectation. Alone and with layer_norm."""
+    is the expectation. Alone and with layer_norm; at H 32 the backward kernel reads W_hh's
+    rows in place (whole vectors long in every instruction set), at H 7 the step loop runs."""
     z = (0.3, 0.2)
-    cell = variant_cell(zoneout=z, layer_norm=layer_norm)
+    cell = variant_cell(hidden, zoneout=z, layer_norm=layer_norm)
     rows = 3 if batched else 1
 
     def seeded_cell(x, hx):
@@ -1388,7 +1391,7 @@ def test_zoneout_cell_is_the_formula_with_fresh_masks_per_call(batched, layer_no
 
     def reference(x, hx):
         torch.manual_seed(11)
-        masks = [ops.bernoulli_mask((rows, 7), p, 1.0, torch.float64, "cpu") for p in z]
+        masks = [ops.bernoulli_mask((rows, hidden), p, 1.0, torch.float64, "cpu") for p in z]
         if not batched:
             masks = [m[0] for m in masks]
         return cell_step_reference(cell, x, hx, masks)
@@ -1396,7 +1399,7 @@ def test_zoneout_cell_is_the_formula_with_fresh_masks_per_call(batched, layer_no
     for index, (a, b) in enumerate(zip(cell_grads(cell, seeded_cell, batched),
                                        cell_grads(cell, reference, batched))):
         assert rel_error(a, b) < 1e-10, index
-    x, h, c = (torch.randn(rows, n, dtype=torch.float64) for n in (5, 7, 7))
+    x, h, c = (torch.randn(rows, n, dtype=torch.float64) for n in (5, hidden, hidden))
     first, second = cell(x, (h, c)), cell(x, (h, c))
     assert not torch.equal(first[1], second[1])
 
