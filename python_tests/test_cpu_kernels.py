@@ -204,6 +204,16 @@ def test_every_thread_count_gives_the_same_bits(dtype, reverse, batch, hidden):
     check_same_bits_on_any_thread_count(args, dtype)
 
 
+@pytest.mark.parametrize("batch", [37, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_a_single_step_gives_the_same_bits_on_any_thread_count(dtype, batch):
+    """A single step (an LSTMCell call) reads the weights in place, forward and backward, with
+    the hidden units split over threads as in a sequence: the same bits for 1, 2, 3 and 5
+    threads, near fp64. H 160: the backward's last block of units partly filled."""
+    args = layer_call(dtype, batch=batch, hidden=160, steps=1)
+    check_same_bits_on_any_thread_count(args, dtype)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_every_thread_count_gives_the_same_bits_with_a_projection(dtype, reverse):
