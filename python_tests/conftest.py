@@ -229,6 +229,12 @@ class Case:
         return result
 
 
+def separate_products(profile):
+    """The whole-sequence products a profile recorded outside the recurrence."""
+    return sum(event.count for event in profile.key_averages()
+               if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+
+
 def compare(actual, expected, tolerance):
     """Relative error of every entry; fails listing the entries above tolerance."""
     assert actual.keys() == expected.keys()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lstm_ext
-from conftest import Case, compare, load_benchmark_script, rel_error
+from conftest import Case, compare, load_benchmark_script, rel_error, separate_products
 
 OPS = torch.ops.lstm_ext
 ISAS = ["amx", "avx512_bf16", "avx512", "avx2", "baseline"]
@@ -617,12 +617,6 @@ def test_input_projection_fused_into_fp32_panels_where_the_cpu_streams_them_fast
     products = separate_products(profile)
     fused = input_fits_panels(hidden)
     assert products == (0 if fused else 1), (products, fused)
-
-
-def separate_products(profile):
-    """The whole-sequence products a profile recorded outside the recurrence."""
-    return sum(event.count for event in profile.key_averages()
-               if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
 
 
 def intel_cpu():

@@ -1379,8 +1379,9 @@ def test_layer_norm_cell_is_the_formula(training, batched):
 def test_zoneout_cell_is_the_formula_with_fresh_masks_per_call(batched, layer_norm, hidden):
     """Training: the masks the cell draws (d^c then d^h, (B, H), from torch's generator) in
     the formula, fp64, outputs and every gradient; a second call draws other masks; eval mode
-    is the expectation. Alone and with layer_norm; at H 32 the backward kernel reads W_hh's
-    rows in place (whole vectors long in every instruction set), at H 7 the step loop runs."""
+    is the expectation. Alone and with layer_norm; alone at H 32 the backward kernel reads
+    W_hh's rows in place (whole vectors long in every instruction set), at H 7 the step loop
+    runs."""
     z = (0.3, 0.2)
     cell = variant_cell(hidden, zoneout=z, layer_norm=layer_norm)
     rows = 3 if batched else 1
