@@ -547,6 +547,13 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
   // Under amx, two tiles' products are made at once where a tile has a next one
   // (amx_product_pair): the second's wait here for their turn.
   std::vector<acc_t> second_products(amx ? kAmxRows * 4 * V : 0);
+  // A training call's saved gates (written here only, when the input projection is made here
+  // too) are stored around the caches in whole aligned lines: no read for ownership of lines
+  // that are wholly overwritten, and the backward is the next to read them.
+  constexpr bool kStreamGates =
+      isa >= Isa::avx512 && std::is_same_v<scalar_t, float> && V % 16 == 0;
+  const bool stream_gates = kStreamGates && a.save_gates && project_input && !direct &&
+                            reinterpret_cast<uintptr_t>(a.gates) % 64 == 0 && H % 16 == 0;
   int64_t processed = 0, prev_rows = 0, prev_offset = 0;
   for (int64_t k = 0; k < a.steps; ++k) {
     const int64_t t = a.reverse ? a.steps - 1 - k : k;
@@ -604,7 +611,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         int n_ahead = 0;
         for (int i = 0; i < n; ++i) {
           const int64_t row = offset + r0 + i, at = row * H + j0;
-          for (int g = 0; g < 4 && a.gates; ++g) ahead[n_ahead++] = a.gates + row * G + j0 + g * H;
+          for (int g = 0; g < 4 && a.gates && !stream_gates; ++g) {
+            ahead[n_ahead++] = a.gates + row * G + j0 + g * H;
+          }
           ahead[n_ahead++] = a.output + at;
           if (a.cell_prev_saved) ahead[n_ahead++] = a.cell_prev_saved + at;
           if (a.hidden_prev_saved) ahead[n_ahead++] = a.hidden_prev_saved + at;
@@ -777,7 +786,22 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
           }
           if (a.cells) convert_n(c, a.cells + row * H + j0, n_units);
           if (a.save_gates) {
-            for (int g = 0; g < 4; ++g) convert_n(z + g * V, gate_row + g * H + j0, n_units);
+            bool streamed = false;
+            if constexpr (kStreamGates) {
+              if (stream_gates && n_units == V) {
+                using line = typename Vec<acc_t, 16>::type;
+                for (int g = 0; g < 4; ++g) {
+                  for (int64_t v = 0; v < V; v += 16) {
+                    stream_line(reinterpret_cast<line*>(gate_row + g * H + j0 + v),
+                                *reinterpret_cast<const line*>(z + g * V + v));
+                  }
+                }
+                streamed = true;
+              }
+            }
+            for (int g = 0; g < 4 && !streamed; ++g) {
+              convert_n(z + g * V, gate_row + g * H + j0, n_units);
+            }
           }
           // h stored, and read back rounded for the next step's product.
           scalar_t* y = a.output + row * H + j0;
@@ -806,6 +830,10 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     ++processed;
 #pragma omp barrier
   }
+#if defined(__x86_64__)
+  // Streamed stores are weakly ordered: fenced before the backward may read them.
+  if (stream_gates) __builtin_ia32_sfence();
+#endif
   if constexpr (kAmxKernel) {
     if (amx) amx_release();
   }
