@@ -350,10 +350,7 @@ void projected_backward_thread(const SequenceBackward<scalar_t>& a, int thread, 
     }
     prev_rows = rows;
     prev_offset = offset;
-#if defined(__x86_64__)
-    // Streamed stores (transpose_columns) are weakly ordered: fenced before others may read.
-    __builtin_ia32_sfence();
-#endif
+    stream_fence();  // transpose_columns' stores, before the other threads read them
 #pragma omp barrier
   }
   for (int64_t jb = units.begin; jb < units.end && a.grad_bias; ++jb) {

@@ -230,6 +230,13 @@ inline void stream_line(vec* to, vec value) {
 }
 #endif
 
+// Streamed stores are weakly ordered: a thread fences its own before others may read them.
+inline void stream_fence() {
+#if defined(__x86_64__)
+  __builtin_ia32_sfence();
+#endif
+}
+
 // The V vectors of a square as rows of `out`, ld apart; kStream writes around the caches (the
 // rows then must be whole aligned lines).
 template <typename T, int V, bool kStream = false>
@@ -830,10 +837,7 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
     ++processed;
 #pragma omp barrier
   }
-#if defined(__x86_64__)
-  // Streamed stores are weakly ordered: fenced before the backward may read them.
-  if (stream_gates) __builtin_ia32_sfence();
-#endif
+  if (stream_gates) stream_fence();  // before the backward may read the gates
   if constexpr (kAmxKernel) {
     if (amx) amx_release();
   }
@@ -1255,10 +1259,7 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
     prev_rows = rows;
     prev_offset = offset;
     ++processed;
-#if defined(__x86_64__)
-    // Streamed stores (transpose_columns) are weakly ordered: fenced before others may read.
-    __builtin_ia32_sfence();
-#endif
+    stream_fence();  // transpose_columns' stores, before the other threads read them
 #pragma omp barrier
   }
   if constexpr (kAmxKernel) {
