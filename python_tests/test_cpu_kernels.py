@@ -678,6 +678,26 @@ def test_small_batches_read_weights_in_place_or_pack_them_as_the_sequence_repays
         assert (products == 0) == packs, (dtype, products, packs)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("steps", [49, 60])
+@pytest.mark.parametrize("training", [False, True])
+def test_one_row_packs_w_hh_alone_over_a_long_sequence_except_on_intel(steps, training):
+    """One row reads W_hh in place below 50 steps, and on Intel at any length; elsewhere from
+    50 steps it packs panels of W_hh alone, W_ih's product kept separate (recurrence.cpp).
+    H 80 leaves the last block of units part-filled. Both forms match fp64 nn.LSTM in fp32
+    and fp64, forward and, in training, every gradient."""
+    torch.manual_seed(13)
+    hidden = 80
+    reference = nn.LSTM(hidden, hidden, dtype=torch.float64)
+    case = Case(reference, "padded", steps=steps, batch=1)
+    form = "panels" if steps >= 50 and not intel_cpu() else "direct"
+    expected = case_results(case, reference, torch.float64, training)
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        assert forward_form(1, steps, hidden, training, dtype) == form
+        ours = lstm_ext.LSTM.from_torch(reference).to(dtype)
+        compare(case_results(case, ours, dtype, training), expected, tolerance)
+
+
 def forward_form(batch, steps, hidden, training, dtype=torch.float32):
     """The form the fused forward takes for a layer of input size = hidden, as the layer calls
     it: first offering the input projection, then, where that is declined, without it."""
@@ -695,17 +715,18 @@ def test_small_batches_read_weights_in_place_where_intel_would_stream_the_panels
         training, batch, hidden):
     """On Intel, panels of W_hh beyond half a thread's L2 come from L3 every step, slower than
     reading W_hh's rows in place: up to 4 rows then take the direct form at any length
-    (recurrence.cpp's direct_form). Elsewhere, and with more rows, 150 steps repay packing,
-    and one row is always direct. At H 1024 both forms leave the same single separate product
-    in a profile, so the plan itself is asked; the direct form at that size matches fp64."""
+    (recurrence.cpp's direct_form). Elsewhere, and with more rows, 150 steps repay packing;
+    one row is direct on Intel and elsewhere packs W_hh alone (W_ih's product stays separate).
+    At H 1024 both forms leave the same single separate product in a profile, so the plan
+    itself is asked; the direct form at that size matches fp64."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         form = forward_form(batch, 150, hidden, training)
         # fp32 panels of a thread's half of the units: (H / 2) * 4 gates * H rows * 4 bytes.
         streamed = intel_cpu() and 2 * (hidden // 2 * 4 * hidden * 4) > l2_bytes()
-        direct = batch == 1 or (streamed and batch <= 4)
-        fused = not direct and input_fits_panels(hidden)
+        direct = (batch == 1 and intel_cpu()) or (streamed and batch <= 4)
+        fused = not direct and batch > 1 and input_fits_panels(hidden)
         assert form == ("direct" if direct else "panels with input" if fused else "panels"), \
             (form, streamed)
         if direct and hidden == 1024 and batch == 4:

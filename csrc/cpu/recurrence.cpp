@@ -191,10 +191,11 @@ bool recurrence_enabled() {
   return !(setting && std::strcmp(setting, "0") == 0);
 }
 
-bool direct_form(int64_t batch, int64_t steps, bool panels_take_input, bool panels_streamed) {
-  // One row always (a panel has nothing to gain there), up to kDirectRows rows when the
-  // sequence is too short to repay packing (measured on a Zen 5: at B = 4 packing wins from
-  // about 50 steps), and a single step (an LSTMCell call) up to kSingleStepDirectRows. Where
+bool direct_form(int64_t batch, int64_t steps, bool panels_take_input, bool panels_streamed,
+                 bool one_row_packs) {
+  // Up to kDirectRows rows when the sequence is too short to repay packing (measured on a Zen
+  // 5: at B = 4 packing wins from about 50 steps), one row at any length unless one_row_packs,
+  // and a single step (an LSTMCell call) up to kSingleStepDirectRows. Where
   // the panels take the input projection too, packing also saves the separate GEMM: on a Xeon
   // (family 6 model 167) inference at H 64-256, B 4, T 20-25 ran 10-25 % faster with panels
   // (training 2-10 %), at B 3, T 15 4 %, at B 4, T 10 even; at B 2, T 12 it lost 5-9 % and at
@@ -207,7 +208,7 @@ bool direct_form(int64_t batch, int64_t steps, bool panels_take_input, bool pane
   const int64_t pays_from = panels_take_input && batch >= kPackingWithInputFromRows
                                 ? kPackingWithInputPaysFromSteps
                                 : kPackingPaysFromSteps;
-  return batch == 1 || (batch <= kDirectRows && steps < pays_from) ||
+  return (batch == 1 && !one_row_packs) || (batch <= kDirectRows && steps < pays_from) ||
          single_step_in_place(batch, steps);
 }
 
@@ -225,7 +226,7 @@ ForwardPlan plan_forward(const SequenceForward<scalar_t>& a) {
   const Isa isa = active_isa();
   const int64_t V = lanes<acc_t>(isa);
   const int64_t blocks = ceil_div(a.hidden, V);
-  constexpr int64_t kFusedInputMaxBytes = 12 << 20;
+  constexpr int64_t kFusedInputMaxBytes = 12 << 20, kFusedInputFromRows = 2;
   const int64_t weight_bytes =
       4 * a.hidden * (a.hidden + a.input_size) * static_cast<int64_t>(sizeof(acc_t));
   const int threads = threads_for(blocks);
@@ -248,14 +249,21 @@ ForwardPlan plan_forward(const SequenceForward<scalar_t>& a) {
   // Intel core reads its L3 far slower: on a Xeon (family 6 model 167) fused panels beyond L2 lost
   // 3-11 % in training and 1.3-1.9x in inference at B 4 (H 320-512, and H 256 on one thread), and
   // within half of L2 they measured even; there they are fused only within it.
+  // One row packs panels of W_hh, without W_ih, over a sequence that repays the packing: on the
+  // Zen 4, from 50 steps, H 128-1024 ran 6-16 % faster than with the direct form's dot
+  // products (inference; training 3-10 %), and even at H 512, T 50; at T 25 it lost up to 16 %.
+  // W_ih fused into the panels, read every step for one row, cost 10-80 % instead. One row on
+  // Intel was measured only over short sequences, where it stays direct.
+  const bool one_row_packs = !intel && a.w_hh_int8 == nullptr;
   const bool panels_take_input = std::is_same_v<acc_t, scalar_t> && a.w_hh_int8 == nullptr &&
+                                 a.batch >= kFusedInputFromRows &&
                                  (intel ? !panels_outgrow_l2(thread_weight_bytes)
                                         : weight_bytes <= kFusedInputMaxBytes);
   // Both exceptions to the steps rule were measured on the Xeon only.
   const bool direct =
       std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
       direct_form(a.batch, a.steps, intel && project_input && panels_take_input,
-                  intel && panels_outgrow_l2(thread_panel_bytes));
+                  intel && panels_outgrow_l2(thread_panel_bytes), one_row_packs);
   const bool fused_panels = panels_take_input && !direct;
   const bool fused_pairs = std::is_same_v<scalar_t, c10::BFloat16> &&
                            isa == Isa::avx512_bf16 && !direct && a.hidden % 2 == 0 &&

@@ -1295,9 +1295,10 @@ void run_parallel(const Args& a, Fn fn, int threads) {
 // Whether a forward of this batch and length reads W_hh in place (the direct
 // form: small batches, where its rows are contiguous and in the math type) instead of packing
 // panels; panels_take_input: the panels would carry W_ih too (no separate input projection);
-// panels_streamed: a thread's panels would come from L3 at every step.
+// panels_streamed: a thread's panels would come from L3 at every step; one_row_packs: a single
+// row packs panels too once the sequence repays it (otherwise one row is always direct).
 bool direct_form(int64_t batch, int64_t steps, bool panels_take_input = false,
-                 bool panels_streamed = false);
+                 bool panels_streamed = false, bool one_row_packs = false);
 
 // The whole recurrence, in a parallel region of torch's thread count (recurrence.cpp); the
 // workspace fields of the arguments are filled there. run_forward declines (false) a step
