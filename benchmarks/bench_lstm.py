@@ -351,7 +351,7 @@ def baseline_kernel(run):
 
 
 GEMM_EVENTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "lstm_ext::step_gemm",
-               "mkldnn::_linear_pointwise"}
+               "mkldnn::_linear_pointwise", "lstm_ext::panel_product"}
 
 
 def recurrence_kernels(dtype):
@@ -391,6 +391,9 @@ def profile_split(run, dtype=torch.float32):
                             else "ATen") + ")")
     if "mkldnn::_linear_pointwise" in keys:
         libraries.append("whole-sequence products in oneDNN")
+    if "lstm_ext::panel_product" in keys:
+        libraries.append("backward products in lstm_ext's panel tiles "
+                         f"({recurrence_kernels(dtype)})")
     if keys & {"aten::mm", "aten::addmm"}:
         # ATen's matmul is oneDNN's for bf16 and fp16, MKL's for fp32 and fp64 (x86 wheels).
         by = "oneDNN" if dtype in (torch.bfloat16, torch.float16) else "MKL on x86 wheels"

@@ -744,3 +744,87 @@ def test_small_batches_read_weights_in_place_where_intel_would_stream_the_panels
 def test_forward_plan_refuses_sizes_that_are_not_positive():
     with pytest.raises(RuntimeError, match="must be positive"):
         OPS._cpu_forward_plan(0, 10, 64, 64, torch.float32, True, False)
+
+
+def cell_steps_and_gradients(cell, xs, state, dtype):
+    """Three steps of `cell` in dtype from `state`, then the gradients of a weighted sum of
+    every h and the last c: dx of each step, dh0, dc0 and the parameters'."""
+    xs = [x.detach().to(dtype).requires_grad_() for x in xs]
+    h, c = (s.detach().to(dtype).requires_grad_() for s in state)
+    leaves = [*xs, h, c]
+    generator = torch.Generator().manual_seed(9)
+    loss = 0
+    for x in xs:
+        h, c = cell(x, (h, c))
+        loss = loss + (h * torch.randn(h.shape, generator=generator,
+                                       dtype=torch.float64).to(dtype)).sum()
+    cell.zero_grad(set_to_none=True)
+    (loss + c.sum()).backward()
+    return [t.grad for t in leaves] + [p.grad for p in cell.parameters()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("batch", [1, 3, 13])
+@pytest.mark.parametrize("input_size,hidden", [(1, 32), (33, 64), (70, 16)])
+def test_backward_products_in_panel_tiles_match_fp64_on_any_thread_count(batch, input_size,
+                                                                         hidden):
+    """Off Intel, a step's dW_ih, dW_hh and dx are linear.cpp's panel products: rows of the gate
+    gradients times panels of 4V columns of the transposed x, h or W_ih. Their edges: a sum over
+    1, 3 or 13 rows of data (dW) or over 4H (dx); 4H rows not whole tiles of 6 (AVX-512) or 3;
+    N (the input or hidden size) less than a vector, whole panels (64 fp32 values, 16 fp64), or
+    a partial last panel. fp32 and fp64 against fp64 nn.LSTMCell over three steps, and each
+    value is one tile's sum over k in order wherever the threads split the rows, so 1, 2 and 3
+    threads give the same bits (H whole vectors: the backward recurrence's own dh W_hh, not the
+    step loop's product)."""
+    torch.manual_seed(13)
+    reference = nn.LSTMCell(input_size, hidden, dtype=torch.float64)
+    xs = [torch.randn(batch, input_size, dtype=torch.float64) for _ in range(3)]
+    state = [torch.randn(batch, hidden, dtype=torch.float64) for _ in range(2)]
+    expected = cell_steps_and_gradients(reference, xs, state, torch.float64)
+    previous = torch.get_num_threads()
+    try:
+        for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            ours = lstm_ext.LSTMCell.from_torch(reference).to(dtype)
+            results = {}
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                with torch.profiler.profile() as profile:
+                    results[threads] = cell_steps_and_gradients(ours, xs, state, dtype)
+                panel_products = sum(event.count for event in profile.key_averages()
+                                     if event.key == "lstm_ext::panel_product")
+                # dx of up to 4 rows where W_ih's rows are contiguous (input size 1) is
+                # small_linear's dot products on W_ih in place instead.
+                per_step = 2 if batch <= 4 and input_size == 1 else 3
+                assert panel_products == (0 if intel_cpu() else 3 * per_step), panel_products
+            for actual, wanted in zip(results[1], expected):
+                assert rel_error(actual, wanted) <= tolerance, (dtype, rel_error(actual, wanted))
+            if not intel_cpu():
+                for threads in (2, 3):
+                    for actual, wanted in zip(results[threads], results[1]):
+                        assert torch.equal(actual, wanted), (dtype, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("input_size", [512, 520])
+def test_panel_products_stop_where_their_panels_outgrow_8_mb(input_size):
+    """dx of an LSTMCell step at H 1024 sums over 4H = 4096 rows of W_ih: 512 input columns are
+    8 MB of fp32 panels, still a panel product; 520 (whole panels: 576 columns) are 9.4 MB,
+    which go to oneDNN instead (16 MB of panels lost 10 % to it on a Zen 4). dW stays in panels;
+    all of it matches fp64 nn.LSTMCell."""
+    torch.manual_seed(14)
+    hidden = 1024
+    reference = nn.LSTMCell(input_size, hidden, dtype=torch.float64)
+    xs = [torch.randn(2, input_size, dtype=torch.float64)]
+    state = [torch.randn(2, hidden, dtype=torch.float64) for _ in range(2)]
+    ours = lstm_ext.LSTMCell.from_torch(reference).float()
+    with torch.profiler.profile() as profile:
+        actual = cell_steps_and_gradients(ours, xs, state, torch.float32)
+    counts = {event.key: event.count for event in profile.key_averages()}
+    in_panels = 0 if intel_cpu() else 3 if input_size == 512 else 2
+    assert counts.get("lstm_ext::panel_product", 0) == in_panels, counts
+    assert separate_products(profile) == 3
+    expected = cell_steps_and_gradients(reference, xs, state, torch.float64)
+    for got, wanted in zip(actual, expected):
+        assert rel_error(got, wanted) <= 1e-5

@@ -8,11 +8,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <variant>
 
 namespace lstm_ext {
@@ -37,17 +39,24 @@ const c10::TypedOperatorHandle<LinearPointwise>* onednn_linear() {
   return handle.has_value() ? &*handle : nullptr;
 }
 
+// LSTM_EXT_ONEDNN_LINEAR, or null where it is unset or empty.
+const char* library_setting() {
+  static const char* setting = [] {
+    const char* value = std::getenv("LSTM_EXT_ONEDNN_LINEAR");
+    return value && *value ? value : nullptr;
+  }();
+  return setting;
+}
+
 // Whether oneDNN takes the fp32 products. MKL (behind at::mm on x86 wheels) picks its kernels
 // by CPU vendor: on AMD it ran at about half of oneDNN's speed (Zen 4 and Zen 5), on Intel it
 // measured as fast or up to 20 % faster for the LSTM's shapes (Emerald Rapids), and it reads
 // the backward's transposed operands in place where oneDNN takes copies. So: oneDNN except on
-// Intel CPUs; LSTM_EXT_ONEDNN_LINEAR=1 or =0 forces either (=0 for bf16 too).
+// Intel CPUs; LSTM_EXT_ONEDNN_LINEAR=1 or =0 forces either (=0 for bf16 too), and then takes
+// every product there, none by panel_product below.
 bool onednn_for_fp32() {
-  static const bool use = [] {
-    const char* setting = std::getenv("LSTM_EXT_ONEDNN_LINEAR");
-    if (setting && *setting) return std::strcmp(setting, "0") != 0;
-    return !cpu::intel_cpu();
-  }();
+  static const bool use = library_setting() ? std::strcmp(library_setting(), "0") != 0
+                                            : !cpu::intel_cpu();
   return use;
 }
 
@@ -84,6 +93,67 @@ LSTM_EXT_KERNEL_VARIANTS(transpose_variant, transpose_kernel,
                           int64_t r_end),
                          (in, out, rows, cols, r_begin, r_end))
 
+// out (M, N) = x (M, K) w (N, K)^T, x's rows contiguous, w packed in panels of 4V of its rows
+// (its columns contiguous in each: K rows of 4V values, zeros past N), each tile of rows and
+// 4V columns the recurrence's tile_product. Read in place instead, w's columns a multiple of
+// 4 KB apart (N = 1024 fp32) evicted each other from L1 and the product lost 10 % to oneDNN.
+template <typename T>
+struct PanelProduct {
+  int64_t N, K;
+  const T* x;
+  int64_t x_stride;
+  const T* panels;
+  T* out;  // (M, N), contiguous
+};
+
+template <cpu::Isa isa, typename T>
+void panel_product_kernel(const PanelProduct<T>& a, int64_t m_begin, int64_t m_end) {
+  constexpr int V = cpu::Tiling<isa, T>::V;
+  constexpr int R = cpu::Tiling<isa, T>::R;
+  constexpr int64_t W = 4 * V;
+  alignas(64) T tile[R * W];
+  for (int64_t m = m_begin; m < m_end; m += R) {
+    const int n_rows = static_cast<int>(std::min<int64_t>(R, m_end - m));
+    const T* rows[R];
+    for (int r = 0; r < n_rows; ++r) rows[r] = a.x + (m + r) * a.x_stride;
+    for (int64_t n = 0; n < a.N; n += W) {
+      cpu::tile_product_n<T, V, R>(n_rows, a.K, rows, a.panels + n * a.K, W, tile);
+      T* to = a.out + m * a.N + n;
+      if (n + W <= a.N) {
+        for (int r = 0; r < n_rows; ++r) {
+          for (int64_t c = 0; c < W; ++c) to[r * a.N + c] = tile[r * W + c];
+        }
+      } else {
+        for (int r = 0; r < n_rows; ++r) {
+          std::memcpy(to + r * a.N, tile + r * W, (a.N - n) * sizeof(T));
+        }
+      }
+    }
+  }
+}
+
+// w (N, K), its columns contiguous, packed as panel_product_kernel reads it: panel p holds
+// w's rows [p 4V, (p + 1) 4V), one row of 4V values per k.
+template <cpu::Isa isa, typename T>
+void panel_pack(const T* w, int64_t w_stride1, int64_t N, int64_t K, T* panels) {
+  constexpr int64_t W = 4 * cpu::Tiling<isa, T>::V;
+  for (int64_t n = 0; n < N; n += W) {
+    const int64_t cols = std::min(W, N - n);
+    T* panel = panels + n * K;
+    for (int64_t k = 0; k < K; ++k) {
+      std::memcpy(panel + k * W, w + k * w_stride1 + n, cols * sizeof(T));
+      std::fill(panel + k * W + cols, panel + (k + 1) * W, T(0));
+    }
+  }
+}
+
+LSTM_EXT_KERNEL_VARIANTS(panel_product_variant, panel_product_kernel,
+                         (const PanelProduct<T>& a, int64_t m_begin, int64_t m_end),
+                         (a, m_begin, m_end))
+LSTM_EXT_KERNEL_VARIANTS(panel_pack_variant, panel_pack,
+                         (const T* w, int64_t w_stride1, int64_t N, int64_t K, T* panels),
+                         (w, w_stride1, N, K, panels))
+
 // t as a contiguous tensor in the slot's kept memory. The backward's transposed operands (x^T,
 // h^T of a contiguous x, h) are transposed by transpose_kernel on all threads: ATen's copy
 // of a transposed fp32 matrix ran at about 3 GB/s on one thread (0.56 ms at H 256, B 32,
@@ -110,6 +180,64 @@ at::Tensor contiguous_in(const at::Tensor& t, cpu::Workspace slot) {
   return out;
 }
 
+// An uninitialized (rows, cols) result in the memory `into` names: a workspace slot, a saved
+// buffer, or (none) a fresh tensor.
+at::Tensor result_in(const LinearInto& into, int64_t rows, int64_t cols,
+                     const at::TensorOptions& options) {
+  const std::array<int64_t, 2> sizes{rows, cols};
+  if (std::holds_alternative<cpu::Workspace>(into)) {
+    return cpu::workspace(std::get<cpu::Workspace>(into), sizes, options);
+  }
+  if (std::holds_alternative<cpu::Saved>(into)) {
+    return cpu::saved_buffer(std::get<cpu::Saved>(into), sizes, options);
+  }
+  return at::empty(sizes, options);
+}
+
+// x (M, K) @ w (N, K)^T by panel_product_kernel, into `into`'s memory, for fp32 or fp64 where w is
+// the transpose of a row-major (K, N) matrix (the backward's products: dW = the gate gradients^T
+// times x or h, dx = the gate gradients times W_ih) and w's panels fit in kPanelProductBytes; not
+// on Intel (at::mm's MKL there, unmeasured against this), nor where LSTM_EXT_ONEDNN_LINEAR picks a
+// library; nullopt for anything else. On the Zen 4 (family 25 model 17), oneDNN, which first copies
+// w's transpose, ran the LSTMCell weight gradients (K = batch 8-32, N 128-1024) at 28-165 GFLOP/s
+// and this at 85-200; from K 64 to 6400 with up to 6.5 MB of panels this was as fast or up to 40 %
+// faster (dx at H 256 and 512, B 32, T 50: 220 and 217 against 207 and 198); 16 MB of panels (dx at
+// H 1024) lost 10 %, 26 MB 20 %. fp64's at::mm (MKL) took 1.05-2x as long for K <= 256.
+std::optional<at::Tensor> panel_product(const at::Tensor& x, const at::Tensor& w,
+                                        const LinearInto& into) {
+  constexpr int64_t kPanelProductBytes = 8 << 20;
+  const auto dtype = x.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kDouble) || x.dim() != 2 || w.dim() != 2 ||
+      x.size(0) == 0 || x.size(1) == 0 || w.size(0) == 0 ||
+      (w.stride(0) != 1 && w.size(0) != 1) || cpu::intel_cpu() || library_setting()) {
+    return std::nullopt;
+  }
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  const cpu::Isa isa = cpu::active_isa();
+  const int64_t W = 4 * (dtype == at::kFloat ? cpu::lanes<float>(isa) : cpu::lanes<double>(isa));
+  const int64_t panel_values = (N + W - 1) / W * W * K;
+  if (panel_values * static_cast<int64_t>(x.element_size()) > kPanelProductBytes) {
+    return std::nullopt;
+  }
+  at::Tensor out = result_in(into, M, N, x.options());
+  RECORD_FUNCTION("lstm_ext::panel_product", std::vector<c10::IValue>());
+  // The gate gradients without their transposed copy (the step loop's backward) come as a
+  // transposed x, whose rows the tiles want contiguous.
+  const at::Tensor rows = x.stride(1) == 1 ? x : contiguous_in(x, cpu::Workspace::operand_x);
+  const at::Tensor panels = cpu::workspace(cpu::Workspace::operand_w, {panel_values}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_ext_panel_product", [&] {
+    panel_pack_variant<scalar_t>(isa)(w.const_data_ptr<scalar_t>(), w.stride(1), N, K,
+                                      panels.data_ptr<scalar_t>());
+    const PanelProduct<scalar_t> a{N, K, rows.const_data_ptr<scalar_t>(), rows.stride(0),
+                                   panels.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>()};
+    const auto kernel = panel_product_variant<scalar_t>(isa);
+    // Tasks of at least 32 K multiply-adds.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (N * K));
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  });
+  return out;
+}
+
 }  // namespace
 
 bool cpu_linear_reads_transposed(at::ScalarType dtype) {
@@ -121,6 +249,9 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
   // A few rows (a decode step) are bound by reading w once, which dot products on w in place
   // do; oneDNN would reorder w first.
   if (auto small = cpu::small_linear(x, w, bias)) return *small;
+  if (!bias.has_value()) {
+    if (auto product = panel_product(x, w, into)) return *product;
+  }
   // bf16 operands in another layout (the backward's transposed ones) stay with at::mm, whose
   // oneDNN matmul reads them in place; copying them would cost more than the product gains.
   const bool bf16_in_place = x.scalar_type() == at::kBFloat16 &&
@@ -145,10 +276,7 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                         "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
   }
   if (!std::holds_alternative<std::monostate>(into)) {
-    const std::array<int64_t, 2> sizes{x.size(0), w.size(0)};
-    at::Tensor out = std::holds_alternative<cpu::Workspace>(into)
-                         ? cpu::workspace(std::get<cpu::Workspace>(into), sizes, x.options())
-                         : cpu::saved_buffer(std::get<cpu::Saved>(into), sizes, x.options());
+    at::Tensor out = result_in(into, x.size(0), w.size(0), x.options());
     return bias.has_value() ? at::addmm_out(out, *bias, x, w.t()) : at::mm_out(out, x, w.t());
   }
   if (bias.has_value()) return at::addmm(*bias, x, w.t());

@@ -11,7 +11,9 @@
 namespace lstm_ext {
 
 // x (M, K) @ w (N, K)^T [+ bias (N,)], as a new contiguous (M, N) tensor. A few rows of fp32 or
-// fp64 are dot products on w in place (cpu::small_linear); otherwise fp32, and bf16 on a CPU
+// fp64 are dot products on w in place (cpu::small_linear); off Intel, fp32 and fp64 with w the
+// transpose of a row-major matrix (the backward's dW and dx) are the recurrence's tile products
+// on w packed in panels (linear.cpp's panel_product); otherwise fp32, and bf16 on a CPU
 // with bf16 dot products, go through the oneDNN that torch ships (mkldnn::_linear_pointwise),
 // which runs at the CPU's own vector width on any vendor's x86 CPU (the MKL behind at::mm ran at
 // about half of it on AMD, and at::addmm first copies the broadcast bias into its output); other
