@@ -132,7 +132,8 @@ def test_whole_sequence_products_through_either_library(onednn):
     """The input projection, dx and dW go through torch's oneDNN or ATen (MKL) depending on the
     CPU's vendor (and with it whether the backward recurrence writes the gate gradients'
     transposed copy for dW, which only oneDNN's fp32 route wants); both routes, forced, against
-    fp64, whatever this machine would pick."""
+    fp64, whatever this machine would pick. Forced, neither leaves dx or dW to the panel
+    products that take them off Intel otherwise (the variant tests above run those)."""
     result = run_variant(OPS.cpu_isa(), {"LSTM_EXT_ONEDNN_LINEAR": onednn})
     for name, error in result["errors"].items():
         assert error <= TOLERANCE[dtype_of(name)], (onednn, name, error)
