@@ -200,9 +200,10 @@ at::Tensor result_in(const LinearInto& into, int64_t rows, int64_t cols,
 // on Intel (at::mm's MKL there, unmeasured against this), nor where LSTM_EXT_ONEDNN_LINEAR picks a
 // library; nullopt for anything else. On the Zen 4 (family 25 model 17), oneDNN, which first copies
 // w's transpose, ran the LSTMCell weight gradients (K = batch 8-32, N 128-1024) at 28-165 GFLOP/s
-// and this at 85-200; from K 64 to 6400 with up to 6.5 MB of panels this was as fast or up to 40 %
-// faster (dx at H 256 and 512, B 32, T 50: 220 and 217 against 207 and 198); 16 MB of panels (dx at
-// H 1024) lost 10 %, 26 MB 20 %. fp64's at::mm (MKL) took 1.05-2x as long for K <= 256.
+// and this at 85-200; from K 64 to 6400 with up to 6.5 MB of panels oneDNN took 1.0-2.2x this one's
+// time (dx at H 256 and 512, B 32, T 50: 207 and 198 GFLOP/s against 220 and 217); 16 MB of panels
+// (dx at H 1024) lost 10 % to it, 26 MB 20 %. fp64's at::mm (MKL) took 0.98-2.3x as long for K <=
+// 256.
 std::optional<at::Tensor> panel_product(const at::Tensor& x, const at::Tensor& w,
                                         const LinearInto& into) {
   constexpr int64_t kPanelProductBytes = 8 << 20;
