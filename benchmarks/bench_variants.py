@@ -4,7 +4,10 @@ without a fused kernel: lstm_ext.ops.reference_layer_forward, torch ops step by 
 forward + backward, eager and under torch.compile, interleaved in one run.
 
 Targets (issue 13): the variant costs at most 1.3x plain lstm_ext.LSTM, and runs at least 10x
-faster than the eager cell loop, at H 256-512.
+faster than the eager cell loop, at H 256-512. Each row also says how far the GEMM roof
+(measured in the same run) lets any implementation get: the variant's % of the roof, and the
+loop's time over the time of the row's products at the roof, the most any fused kernel could
+be faster than the loop there.
 
     python benchmarks/bench_variants.py --quick --no-compile   # seconds
     python benchmarks/bench_variants.py --save                 # benchmarks/results/variants-*.md
@@ -13,6 +16,7 @@ faster than the eager cell loop, at H 256-512.
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -109,8 +113,8 @@ VARIANTS = {
                                       _layer_norm_zoneout_loop),
 }
 # (H, B, T), one layer, input size H. At B 32 the loop's per-step products are most of its
-# time; at B 4 its per-op overhead is.
-SHAPES = [(256, 32, 50), (512, 32, 50), (256, 4, 50), (512, 4, 50)]
+# time; at B 4 its per-op overhead is, and at B 1 (online learning) all but a tenth of it.
+SHAPES = [(256, 32, 50), (512, 32, 50), (256, 4, 50), (512, 4, 50), (256, 1, 50), (512, 1, 50)]
 QUICK_SHAPES = [(64, 8, 10)]
 TARGET_COST = 1.3      # variant time / plain time, at most
 TARGET_SPEEDUP = 10.0  # eager cell-loop time / variant time, at least
@@ -130,15 +134,38 @@ def step(model, x, parameters):
 
 def measure(contenders, repeats, warmup):
     """Seconds of each contender (name -> zero-argument callable) per iteration, interleaved:
-    name -> list of `repeats` times."""
+    name -> list of `repeats` times. Each timed call follows an untimed call of the same
+    contender, in an order shuffled every iteration (the same for every run): in a fixed order,
+    the contender after the loop ran 15-25 % slower at B 1 on a Zen 4 than in its own place,
+    10 % even after a call of its own, which favoured the one after it."""
     times = {name: [] for name in contenders}
+    order = random.Random(0)
     for iteration in range(warmup + repeats):
-        for name, run in contenders.items():
+        names = list(contenders)
+        order.shuffle(names)
+        for name in names:
+            run = contenders[name]
+            run()
             start = time.perf_counter()
             run()
             if iteration >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def training_flops(shape):
+    """FLOPs of one layer's forward + backward with input size H and an input that does not
+    require grad (bench_lstm.flops: 3x the forward's products, less the input's gradient)."""
+    hidden, batch, steps = shape
+    return bench_lstm.flops(bench_lstm.Row("training", hidden, batch, steps), batch * steps)
+
+
+def roof_limits(results, shape, roof_gflops):
+    """The variant's fraction of the roof, and the loop's time over the products' time at the
+    roof: no kernel doing these FLOPs could be faster than the loop by more than that."""
+    at_roof_ms = training_flops(shape) / (roof_gflops * 1e9) * 1e3
+    return {"roof_fraction": at_roof_ms / results["variant_ms"],
+            "loop_ceiling": results["loop_ms"] / at_roof_ms}
 
 
 def measure_variant(name, shape, compile_too, repeats, warmup):
@@ -177,18 +204,23 @@ def measure_variant(name, shape, compile_too, repeats, warmup):
     return result
 
 
-def table(rows, machine, command):
+def table(rows, machine, command, roof_gflops):
     lines = [f"# lstm_ext variants — {machine.get('device', 'cpu')}", "",
              f"`{command}` on {machine['date']}: torch {machine['torch']}, "
              f"{machine['threads']} threads. Forward + backward of one layer (input size H), "
              f"interleaved; times are medians, and each ratio is the median of the ratios of "
              f"back-to-back runs. cost = variant / plain lstm_ext.LSTM (target ≤ "
              f"{TARGET_COST}); speedup = eager pure-PyTorch cell loop / variant (target ≥ "
-             f"{TARGET_SPEEDUP:g}); compiled speedup = both under torch.compile.",
+             f"{TARGET_SPEEDUP:g}); compiled speedup = both under torch.compile. roof = the "
+             f"variant's FLOP/s (fwd+bwd products, bench_lstm.flops) as a share of the fp32 GEMM "
+             f"roof measured in this run ({roof_gflops:.0f} GFLOP/s); ceiling = loop time / the "
+             f"time of the same products at that roof, the most any kernel could be faster "
+             f"than the loop (rows whose ceiling is below {TARGET_SPEEDUP:g} cannot meet the "
+             f"speedup target on this machine).",
              bench_lstm.cpu_line(machine), "",
              "| variant | H | B | T | plain ms | variant ms | loop ms | cost | speedup | "
-             "compiled speedup | met |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             "compiled speedup | roof | ceiling | met |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for row in rows:
         r = row["results"]
         compiled = f"{r['compiled_speedup']:.1f}" if "compiled_speedup" in r else ""
@@ -196,7 +228,11 @@ def table(rows, machine, command):
             f"| {row['variant']} | {row['hidden']} | {row['batch']} | {row['steps']} | "
             f"{r['plain_ms']:.2f} | {r['variant_ms']:.2f} | {r['loop_ms']:.2f} | "
             f"{r['cost']:.2f} | {r['speedup']:.1f} | {compiled} | "
+            f"{r['roof_fraction']:.0%} | {r['loop_ceiling']:.1f} | "
             f"{'yes' if r['met'] else 'no'} |")
+    reachable = sum(row["results"]["loop_ceiling"] >= TARGET_SPEEDUP for row in rows)
+    lines += ["", f"{reachable} of {len(rows)} rows have a ceiling of at least "
+              f"{TARGET_SPEEDUP:g}x here."]
     return "\n".join(lines) + "\n"
 
 
@@ -215,15 +251,26 @@ def main(argv=None):
     machine = bench_lstm.machine_details(torch.device("cpu"))
     command = "python benchmarks/bench_variants.py " + " ".join(argv or sys.argv[1:])
     rows = []
+    roofs = {}
+    roof_of = bench_lstm.roof_keeper(
+        lambda dtype: bench_lstm.gemm_roof(dtype, torch.device("cpu")), roofs)
     for name in VARIANTS:
         for hidden, batch, steps in QUICK_SHAPES if args.quick else SHAPES:
             results = measure_variant(name, (hidden, batch, steps), args.compile, repeats,
                                       warmup=2)
+            # The roof again (keeping the better) wherever a row runs faster than it.
+            gflops = training_flops((hidden, batch, steps)) / results["variant_ms"] / 1e6
+            roof_of(bench_lstm.Row("training", hidden, batch, steps,
+                                   results={"ours_gflops": gflops}))
             rows.append({"variant": name, "hidden": hidden, "batch": batch, "steps": steps,
                          "results": results})
             print(f"{name} H{hidden} B{batch} T{steps}: cost {results['cost']:.2f}, speedup "
                   f"{results['speedup']:.1f}", flush=True)
-    report = table(rows, machine, command.strip())
+    roof_gflops = roofs[torch.float32]
+    for row in rows:
+        row["results"].update(roof_limits(row["results"], (row["hidden"], row["batch"],
+                                                           row["steps"]), roof_gflops))
+    report = table(rows, machine, command.strip(), roof_gflops)
     print(report)
     paths = {"json": args.json, "markdown": args.markdown}
     if args.save:
@@ -232,7 +279,8 @@ def main(argv=None):
         paths = {"json": base + ".json", "markdown": base + ".md"}
     if paths["json"]:
         bench_lstm.write_atomically(paths["json"], json.dumps(
-            {"machine": machine, "command": command, "rows": rows}, indent=1))
+            {"machine": machine, "command": command, "roof_gflops": roof_gflops, "rows": rows},
+            indent=1))
     if paths["markdown"]:
         bench_lstm.write_atomically(paths["markdown"], report)
     return 0

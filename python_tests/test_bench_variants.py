@@ -43,4 +43,40 @@ def test_a_quick_run_reports_cost_and_speedup_of_every_variant(bench, tmp_path, 
             paired = statistics.median(a / b for a, b in zip(times[over], times[under]))
             assert results[ratio] == pytest.approx(paired, 1e-3)
     assert saved["machine"]["kernel_isa"] == torch.ops.lstm_ext.cpu_isa()
-    assert "| weight_drop=0.3 |" in capsys.readouterr().out
+    roof = saved["roof_gflops"]
+    assert roof > 0
+    for row in saved["rows"]:
+        results = row["results"]
+        # (64, 8, 10): 40 N H^2 FLOPs (see the test below), N = 80 rows.
+        at_roof_ms = 40 * 80 * 64**2 / (roof * 1e9) * 1e3
+        assert results["roof_fraction"] == pytest.approx(at_roof_ms / results["variant_ms"])
+        assert results["loop_ceiling"] == pytest.approx(results["loop_ms"] / at_roof_ms)
+    out = capsys.readouterr().out
+    assert "| weight_drop=0.3 |" in out and "have a ceiling of at least 10x" in out
+
+
+def test_roof_limits_are_the_hand_computed_ones(bench):
+    """Forward 2 N 4H (I + H), backward twice that less the input's gradient 2 N 4H I: with
+    I = H, 8 N H (2 + 4 - 1) H = 40 N H^2 FLOPs per forward + backward."""
+    assert bench.training_flops((256, 4, 50)) == 40 * 200 * 256**2  # 524 MFLOP
+    # At 200 GFLOP/s those take 2.62 ms: a 5.24 ms variant runs at half the roof, and a
+    # 26.2 ms loop can be beaten by 10x at most.
+    limits = bench.roof_limits({"variant_ms": 5.24288, "loop_ms": 26.2144}, (256, 4, 50), 200)
+    assert limits["roof_fraction"] == pytest.approx(0.5)
+    assert limits["loop_ceiling"] == pytest.approx(10.0)
+
+
+def test_each_timed_call_follows_one_of_its_own_in_a_shuffled_order(bench):
+    """In a fixed order the contender after the loop ran slower than in its own place, which
+    biased the ratios: every call is now made twice (the second timed), in an order that
+    changes between iterations and puts every contender first some time."""
+    calls = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = bench.measure(contenders, repeats=12, warmup=1)
+    assert all(len(values) == 12 for values in times.values())
+    assert len(calls) == 2 * 3 * 13
+    pairs = [calls[i:i + 2] for i in range(0, len(calls), 2)]
+    assert all(first == second for first, second in pairs)
+    orders = ["".join(pair[0] for pair in pairs[i:i + 3]) for i in range(0, len(pairs), 3)]
+    assert all(sorted(order) == ["a", "b", "c"] for order in orders)
+    assert {order[0] for order in orders} == {"a", "b", "c"}
