@@ -390,10 +390,13 @@ BackwardResult layer_norm_backward(
   // (N, H) (the fused kernel keeps them per step).
   at::Tensor grad_z = at::empty({fused ? 0 : s.rows, G}, acc);
   at::Tensor grad_cell_norm = at::empty({fused ? 0 : s.rows, H}, acc);
-  // Of W_hh h before its norm, (N, G); the fused kernel writes it transposed, (G, N).
+  // Of W_hh h before its norm, (N, G); the fused kernel writes it transposed, (G, N), except
+  // for a small batch (cpu::grads_in_rows), and the input products' likewise.
+  const bool in_rows = fused && cpu::grads_in_rows(s.batch, c10::elementSize(math));
   at::Tensor grad_products =
-      fused ? cpu::workspace(cpu::Workspace::grad_products_t, {G, s.rows}, acc).t()
-            : at::empty({s.rows, G}, acc);
+      !fused    ? at::empty({s.rows, G}, acc)
+      : in_rows ? cpu::workspace(cpu::Workspace::grad_products_t, {s.rows, G}, acc)
+                : cpu::workspace(cpu::Workspace::grad_products_t, {G, s.rows}, acc).t();
   at::Tensor grad_h_all = at::empty({s.has_projection ? s.rows : 0, R}, acc);
   // The gradients of the norms' parameters (gains, biases), and of the input products before
   // their norm, (N, G) and transposed.
@@ -406,10 +409,13 @@ BackwardResult layer_norm_backward(
                                 cell.contiguous(),     products.contiguous(),
                                 stats.contiguous(),    input_products.contiguous()};
     // These never leave the call: kept memory, not fresh pages (see cpu/workspace.h).
-    // Row-major, they are only dx's operand: not written where the input needs no gradient.
+    // Row-major, they are dx's operand, and at a small batch dW_ih's too: otherwise not
+    // written where the input needs no gradient.
     grad_product_x = cpu::workspace(cpu::Workspace::grad_input_products,
-                                    {input_grad ? s.rows : 0, G}, acc);
-    grad_product_x_t = cpu::workspace(cpu::Workspace::grad_input_products_t, {G, s.rows}, acc);
+                                    {input_grad || in_rows ? s.rows : 0, G}, acc);
+    grad_product_x_t =
+        in_rows ? grad_product_x.t()
+                : cpu::workspace(cpu::Workspace::grad_input_products_t, {G, s.rows}, acc);
     AT_DISPATCH_FLOATING_TYPES(math, "lstm_layer_norm_backward", [&] {
       auto a = fused_sequence<scalar_t>(s, reverse, w, ln, mask, zone_c, zone_h);
       // Read only (the struct's pointers are writable for forward).
@@ -420,13 +426,14 @@ BackwardResult layer_norm_backward(
       a.stats = saved[4].data_ptr<scalar_t>();
       a.input_products = saved[5].const_data_ptr<scalar_t>();
       a.ih_gain = ln.ih_weight.const_data_ptr<scalar_t>();
-      a.grad_input_products = input_grad ? grad_product_x.data_ptr<scalar_t>() : nullptr;
-      a.grad_input_products_t = grad_product_x_t.data_ptr<scalar_t>();
+      a.grad_input_products =
+          input_grad || in_rows ? grad_product_x.data_ptr<scalar_t>() : nullptr;
+      a.grad_input_products_t = in_rows ? nullptr : grad_product_x_t.data_ptr<scalar_t>();
       a.grad_output = grad_y.defined() ? grad_y.const_data_ptr<scalar_t>() : nullptr;
       a.grad_cells = grad_c_seq.defined() ? grad_c_seq.const_data_ptr<scalar_t>() : nullptr;
       a.grad_hidden = dh.data_ptr<scalar_t>();
       a.grad_cell = dc.data_ptr<scalar_t>();
-      a.grad_products_t = grad_products.data_ptr<scalar_t>();
+      (in_rows ? a.grad_products : a.grad_products_t) = grad_products.data_ptr<scalar_t>();
       a.rows = s.rows;
       a.grad_norms = grad_norms.data_ptr<scalar_t>();
       cpu::layer_norm_sequence_backward(a);

@@ -906,6 +906,52 @@ def test_layer_norm_lstm_is_the_cell_loop(config, path, monkeypatch):
         assert rel_error(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5])
+def test_layer_norm_lstm_at_a_few_rows_a_step_is_the_cell_loop(batch, monkeypatch):
+    """A small batch's fused backward writes the products' gradients in rows rather than
+    transposed (cpu::grads_in_rows: up to 2 rows in fp64, 4 in fp32), and the weight
+    gradients' products read them so: every gradient against the cell loop in fp64 with and
+    without zoneout, on either side of both limits, and in fp32 (H 40: two blocks of units and
+    a partial one at every width) against fp64; packed, the gradients of the parameters are
+    those of each sequence alone, summed."""
+    monkeypatch.setenv("LSTM_EXT_CPU_RECURRENCE", "1")
+    config = dict(input_size=6, hidden_size=40, num_layers=1)
+    z = (0.3, 0.2)
+    for zoneout in (None, z):
+        options = {"zoneout": zoneout} if zoneout else {}
+        ours, reference, norms = layer_norm_pair(config, **options)
+        case = Case(reference, "padded", steps=6, batch=batch)
+        zones = None
+        if zoneout:
+            zones = [masks[1:] for masks in variant_masks(reference, batch, case_rows(case),
+                                                          seed=3, zoneout=z)]
+        torch.manual_seed(3)
+        expected = case.run(LayerNormReference(reference, norms, zones=zones))
+        torch.manual_seed(3)
+        compare(case.run(ours), expected, 1e-10)
+        torch.manual_seed(3)
+        compare(case.run(copy.deepcopy(ours).float(), dtype=torch.float32), expected, 2e-5)
+
+    ours, _, _ = layer_norm_pair(config)
+    lengths = [6, 3, 5, 1, 4][:batch]
+    sequences = [torch.randn(n, 6, dtype=torch.float64) for n in lengths]
+    weights = [torch.randn(n, 40, dtype=torch.float64) for n in lengths]
+    for module, tolerance in ((ours, 1e-10), (copy.deepcopy(ours).float(), 2e-5)):
+        dtype = next(module.parameters()).dtype
+        module.zero_grad()
+        packed = torch.nn.utils.rnn.pack_sequence([x.to(dtype) for x in sequences],
+                                                  enforce_sorted=False)
+        output, _ = torch.nn.utils.rnn.pad_packed_sequence(module(packed)[0])
+        sum((output[:n, i] * w.to(dtype)).sum()
+            for i, (n, w) in enumerate(zip(lengths, weights))).backward()
+        together = [p.grad.double().clone() for p in module.parameters()]
+        module.zero_grad()
+        for x, w in zip(sequences, weights):
+            (module(x.to(dtype).unsqueeze(1))[0][:, 0] * w.to(dtype)).sum().backward()
+        for got, want in zip(together, module.parameters()):
+            assert rel_error(got, want.grad.double()) < tolerance
+
+
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]], ids=str)
 def test_layer_norm_lstm_without_an_input_gradient(config, monkeypatch):
     """An input that needs no gradient (data, or a frozen embedding's output): the fused

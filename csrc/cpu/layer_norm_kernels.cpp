@@ -681,18 +681,21 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
 // A norm's input gradient for a step's rows of a thread's gate columns, from dz (the gate
 // pre-activations' gradient) and the norm's input `values`: rstd (dy - mean(dy) - hat
 // mean(dy hat)) with dy = dz gain and hat = (values - mean) rstd, each row's four coefficients
-// from `coefficients` (rows of 4: mean, rstd, mean(dy), mean(dy hat)); dz, values and out have
-// rows G apart. Into `out` (unless null) and the transposed (G, N) copy, where each column gets
-// the step's rows in one run. Through a small L1 tile, 64 bytes of a row at a time: storing
-// straight down the columns, N apart (a multiple of 4 KB whenever N is a power of two), keeps
-// sixteen lines of one L1 set in flight and misses on every store.
+// from `coefficients` (rows of 4: mean, rstd, mean(dy), mean(dy hat)); dz, values, out and
+// out_too have rows G apart. Into `out` and `out_too` (each unless null) and the transposed
+// (G, N) copy (unless null), where each column gets the step's rows in one run. Through a small
+// L1 tile, 64 bytes of a row at a time: storing straight down the columns, N apart (a multiple
+// of 4 KB whenever N is a power of two), keeps sixteen lines of one L1 set in flight and misses
+// on every store.
 template <typename acc_t>
 inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz,
                               const acc_t* values, const acc_t* gain, const acc_t* coefficients,
-                              acc_t* out, acc_t* transposed, int64_t rows, int64_t offset,
-                              const Units& own) {
+                              acc_t* out, acc_t* out_too, acc_t* transposed, int64_t rows,
+                              int64_t offset, const Units& own) {
   constexpr int kLine = 64 / sizeof(acc_t);
   constexpr int64_t kRows = 64;  // a multiple of kLine
+  constexpr int64_t kFewRows = kLine / 4;
+  static_assert(kFewRows == 64 / sizeof(acc_t) / 4, "grads_in_rows's count");
   using vec = typename Vec<acc_t, kLine>::type;
   const int64_t H = a.hidden, G = 4 * H;
   alignas(64) acc_t tile[kLine * kRows];
@@ -707,6 +710,23 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz
       const int64_t n = std::min<int64_t>(kLine, end - j0);
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int64_t m = std::min(kRows, rows - r0);
+        // A few rows (a small batch), or none transposed, do not repay a transpose of kLine
+        // rows: each row's line is one vector, its lanes stored straight down their columns.
+        if (n == kLine && (m <= kFewRows || !transposed)) {
+          const vec g_line = *reinterpret_cast<const vec*>(gain + j0);
+          for (int64_t r = r0; r < r0 + m; ++r) {
+            alignas(64) acc_t line[kLine];
+            *reinterpret_cast<vec*>(line) =
+                grad(r, *reinterpret_cast<const vec*>(dz + r * G + j0),
+                     *reinterpret_cast<const vec*>(values + r * G + j0), g_line);
+            if (out) std::memcpy(out + r * G + j0, line, sizeof(line));
+            if (out_too) std::memcpy(out_too + r * G + j0, line, sizeof(line));
+            acc_t* __restrict__ column = transposed ? transposed + j0 * a.rows + offset + r
+                                                    : nullptr;
+            for (int64_t v = 0; column && v < kLine; ++v) column[v * a.rows] = line[v];
+          }
+          continue;
+        }
         // A full line: kLine rows at a time, transposed in registers into the tile.
         for (int64_t rb = 0; n == kLine && rb < m; rb += kLine) {
           const vec g_line = *reinterpret_cast<const vec*>(gain + j0);
@@ -720,6 +740,7 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz
             block[q] = grad(r, *reinterpret_cast<const vec*>(dz + r * G + j0),
                             *reinterpret_cast<const vec*>(values + r * G + j0), g_line);
             if (out) *reinterpret_cast<vec*>(out + r * G + j0) = block[q];
+            if (out_too) *reinterpret_cast<vec*>(out_too + r * G + j0) = block[q];
           }
           transpose_square<acc_t, kLine>(block);
           for (int64_t v = 0; v < kLine; ++v) {
@@ -732,10 +753,11 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz
             const int64_t j = j0 + v;
             const acc_t value = grad(r, dz[r * G + j], values[r * G + j], gain[j]);
             if (out) out[r * G + j] = value;
+            if (out_too) out_too[r * G + j] = value;
             tile[v * kRows + i] = value;
           }
         }
-        for (int64_t v = 0; v < n; ++v) {
+        for (int64_t v = 0; transposed && v < n; ++v) {
           acc_t* __restrict__ column = transposed + (j0 + v) * a.rows + offset + r0;
           const acc_t* __restrict__ run = tile + v * kRows;
           for (int64_t r = 0; r < m; ++r) column[r] = run[r];
@@ -987,11 +1009,13 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
       c[3] = sum_hat / acc_t(G);
     }
     finish_transposed(a, gate_grads, a.products + offset * G, a.hh_gain, coefficients.data(),
-                      grad_product, a.grad_products_t, rows, offset, own);
+                      grad_product, a.grad_products ? a.grad_products + offset * G : nullptr,
+                      a.grad_products_t, rows, offset, own);
     finish_transposed(a, gate_grads, a.input_products + offset * G, a.ih_gain,
                       coefficients.data() + B * 4,
                       a.grad_input_products ? a.grad_input_products + offset * G : nullptr,
-                      a.grad_input_products_t, rows, offset, own);
+                      static_cast<acc_t*>(nullptr), a.grad_input_products_t, rows, offset,
+                      own);
     prev_rows = rows;
     step_barrier(threads);
   }
