@@ -694,8 +694,7 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz
                               int64_t offset, const Units& own) {
   constexpr int kLine = 64 / sizeof(acc_t);
   constexpr int64_t kRows = 64;  // a multiple of kLine
-  constexpr int64_t kFewRows = kLine / 4;
-  static_assert(kFewRows == 64 / sizeof(acc_t) / 4, "grads_in_rows's count");
+  constexpr int64_t kFewRows = few_grad_rows(sizeof(acc_t));  // grads_in_rows's count
   using vec = typename Vec<acc_t, kLine>::type;
   const int64_t H = a.hidden, G = 4 * H;
   alignas(64) acc_t tile[kLine * kRows];

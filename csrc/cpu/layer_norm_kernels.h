@@ -85,8 +85,9 @@ void layer_norm_sequence_backward(LayerNormSequence<acc_t> a);
 // the weight gradients (whose products then transpose them once) rather than transposed step by
 // step: with at most a quarter of a cache line's values per step, every transposed store is a
 // line of its own (at B 1, H 256, T 50 on a Zen 4 they took 40 % of the backward kernel).
+constexpr int64_t few_grad_rows(int64_t value_bytes) { return 64 / value_bytes / 4; }
 inline bool grads_in_rows(int64_t batch, int64_t value_bytes) {
-  return batch <= 64 / value_bytes / 4;
+  return batch <= few_grad_rows(value_bytes);
 }
 
 // One step's rows for a layer with a projection, all row-major and contiguous, in the math
