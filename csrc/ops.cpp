@@ -454,6 +454,49 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   }
 };
 
+using DropConnectSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& weight,
+                                                                 double p);
+using DropConnectBackwardSignature = at::Tensor(const at::Tensor& grad, const at::Tensor& kept,
+                                                double p);
+
+// DropConnect's: the gradient is the output's times the same mask, read back from the bits
+// the forward kept.
+struct DropConnectFunction : torch::autograd::Function<DropConnectFunction> {
+  static constexpr std::array<int, 1> kSaved = {1};  // kept
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, double p) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lstm_ext::drop_connect", "")
+                               .typed<DropConnectSignature>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, kept] = op.call(weight, p);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["p"] = p;
+    ctx->save_for_backward({kept});
+    return {output, kept};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lstm_ext::drop_connect_backward", "")
+                               .typed<DropConnectBackwardSignature>();
+    const at::Tensor kept = ctx->get_saved_variables()[0];
+    const double p = ctx->saved_data["p"].toDouble();
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return {at::Tensor(), at::Tensor()};
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: grad times the mask as a tensor, which torch differentiates.
+      at::Tensor mask;
+      {
+        at::NoGradGuard no_grad;
+        mask = op.call(at::ones_like(grad, at::MemoryFormat::Contiguous), kept, p);
+      }
+      return {grad * mask, at::Tensor()};
+    }
+    return {op.call(grad, kept, p), at::Tensor()};
+  }
+};
+
 using Int8LayerSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_ih_scale, const at::Tensor& w_hh, const at::Tensor& w_hh_scale,
@@ -677,6 +720,13 @@ TORCH_LIBRARY_FRAGMENT(lstm_ext, m) {
   m.def("bernoulli_mask(SymInt[] size, float probability, float value, ScalarType dtype) -> "
         "Tensor",
         {at::Tag::nondeterministic_seeded});
+  // DropConnect (weight drop) on the CPU (cpu/random_mask.h), fp32 and fp64: weight * M for a
+  // fresh M of entries 1 / (1 - p) with probability 1 - p, else 0 (the mask bernoulli_mask
+  // would draw in its place), and which entries M kept, as bits for the backward.
+  m.def("drop_connect(Tensor weight, float p) -> (Tensor output, Tensor kept)",
+        {at::Tag::nondeterministic_seeded});
+  // drop_connect's gradient: grad * M, for the M whose bits `kept` holds.
+  m.def("drop_connect_backward(Tensor grad, Tensor kept, float p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
@@ -686,6 +736,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
     auto* past_end = static_cast<volatile unsigned char*>(target.data_ptr()) + target.nbytes();
     *past_end = 1;
   });
+  m.impl("drop_connect", &cpu::drop_connect);
+  m.impl("drop_connect_backward", &cpu::drop_connect_backward);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {
@@ -703,6 +755,7 @@ TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   m.impl("lstm_layer_norm_forward",
          &AutogradKernel<LayerNormFunction, LayerNormForwardSignature>::call);
   m.impl("lstm_cell_forward", &AutogradKernel<CellFunction, decltype(cell_forward)>::call);
+  m.impl("drop_connect", &AutogradKernel<DropConnectFunction, DropConnectSignature>::call);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CompositeImplicitAutograd, m) {

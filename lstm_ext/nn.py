@@ -166,12 +166,6 @@ class Dropout(nn.Dropout):
         return dropout(input, self.p, self.training, self.inplace)
 
 
-def _drop_connect(weight, p):
-    """weight * M / (1 - p) with M 1 with probability 1 - p, else 0, per entry: one mask per
-    call, so one per forward, the same at every step."""
-    return (weight * _dropout_mask(weight.shape, p, weight)).to(weight.dtype)
-
-
 def _recurrent_mask(batch, size, p, like):
     """Gal & Ghahramani's mask for one batch of sequences of one layer-direction: (batch,
     size), in the math dtype of `like`, as the layer op takes it."""
@@ -525,7 +519,7 @@ class LSTM(_GateInit, nn.RNNBase):
                 w_hr = w[-1] if self.proj_size > 0 else None
                 w_hh = w[1]
                 if self.training and self.weight_drop > 0:
-                    w_hh = _drop_connect(w_hh, self.weight_drop)
+                    w_hh = ops.drop_connect(w_hh, self.weight_drop)
                 mask = None
                 if self.training and self.recurrent_dropout > 0:
                     mask = _recurrent_mask(h0.shape[1], h0.shape[2], self.recurrent_dropout,

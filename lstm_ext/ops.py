@@ -70,6 +70,24 @@ def bernoulli_mask(size, probability, value, dtype, device):
     return mask if value == 1 else mask * value
 
 
+def drop_connect(weight, p):
+    """DropConnect (Wan et al. 2013): weight * M, M with entries 1 / (1 - p) with probability
+    1 - p, else 0, fresh per call, in the math dtype of `weight` and back. On the CPU in fp32 and
+    fp64 one op (csrc/cpu/random_mask.h) writes the product into memory kept across calls and
+    keeps M as bits for the backward (the mask bernoulli_mask would draw in its place); at B 1
+    the mask, the product and the gradient's product each in fresh pages cost more than the
+    masking itself."""
+    if (0 < p < 1 and weight.device.type == "cpu" and weight.layout == torch.strided
+            and weight.dtype in (torch.float32, torch.float64)):
+        return _ops.drop_connect(weight, p)[0]
+    dtype = math_dtype(weight.dtype)
+    if p >= 1:
+        mask = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    else:
+        mask = bernoulli_mask(weight.shape, 1 - p, 1 / (1 - p), dtype, weight.device)
+    return (weight * mask).to(weight.dtype)
+
+
 def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
     """One LSTMCell step. Returns (h, c)."""
     h, c, *_ = _ops.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
@@ -83,6 +101,22 @@ def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True)
 @torch.library.register_fake("lstm_ext::bernoulli_mask")
 def _bernoulli_mask_fake(size, probability, value, dtype):
     return torch.empty(size, dtype=dtype)
+
+
+# drop_connect's kept bits: 16 bytes per 128 entries (csrc/cpu/random_mask.cpp).
+def _kept_bytes(numel):
+    return (numel + 127) // 128 * 16
+
+
+@torch.library.register_fake("lstm_ext::drop_connect")
+def _drop_connect_fake(weight, p):
+    return (torch.empty(weight.shape, dtype=weight.dtype),
+            torch.empty(_kept_bytes(weight.numel()), dtype=torch.uint8))
+
+
+@torch.library.register_fake("lstm_ext::drop_connect_backward")
+def _drop_connect_backward_fake(grad, kept, p):
+    return torch.empty(grad.shape, dtype=grad.dtype)
 
 
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")

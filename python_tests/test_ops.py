@@ -257,6 +257,19 @@ def test_opcheck_cell(bias):
     ])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_drop_connect(dtype):
+    """The forward draws afresh each call, so its check leaves out the comparisons of two
+    calls' values (its values are test_variants.py's); the backward is checked in full."""
+    weight = torch.randn(40, 9, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(OPS.drop_connect, [weight, 0.3],
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+    _, kept = OPS.drop_connect(weight.detach(), 0.3)
+    torch.library.opcheck(OPS.drop_connect_backward,
+                          [torch.randn(40, 9, dtype=dtype), kept, 0.3])
+
+
 def differentiable_layer(*variant_args, **variant):
     args = layer_args(**variant)
     tensors = [a for a in args[:8] if a is not None]

@@ -7,6 +7,7 @@ the fused recurrence and on the step loop; the masks' rate, freshness and repeat
 mode; torch.compile; errors; state_dict; the driver's option."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -131,6 +132,70 @@ def test_bernoulli_mask_under_compile_is_eagers_draw_and_never_merged():
     assert torch.equal(grad, eager)
 
 
+def _weight_like(shape, dtype, layout):
+    """A random weight of `shape`, contiguous or as the transpose of a contiguous tensor."""
+    if layout == "transposed":
+        return torch.randn(shape[::-1], dtype=dtype).t()
+    return torch.randn(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("shape", [(256, 64), (4 * 37, 37), (5, 3), (0, 4)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_drop_connect_is_the_weight_times_bernoulli_masks_draw_and_so_is_its_gradient(
+        dtype, shape, layout):
+    """The fused op (product and kept bits in one pass; the gradient from the bits) gives
+    exactly weight * M and grad * M for the M bernoulli_mask draws from the same seed: whole
+    chunks of 128 entries, a tail, a weight shorter than a chunk; inf and NaN entries as the
+    product gives them; and double backward, whose gradient of the gradient is M too."""
+    torch.manual_seed(0)
+    p = 0.3
+    weight = _weight_like(shape, dtype, layout)
+    if weight.numel() > 2:
+        weight[0, 0], weight[-1, -1] = float("inf"), float("nan")
+    weight.requires_grad_()
+    torch.manual_seed(11)
+    mask = ops.bernoulli_mask(shape, 1 - p, 1 / (1 - p), dtype, "cpu")
+    torch.manual_seed(11)
+    output = ops.drop_connect(weight, p)
+    assert output.dtype == dtype and output.shape == shape
+    assert torch.equal(output.isnan(), (weight * mask).isnan())
+    assert torch.equal(output.nan_to_num(), (weight * mask).nan_to_num())
+    grad = _weight_like(shape, dtype, layout)
+    (actual,) = torch.autograd.grad(output, weight, grad, create_graph=True)
+    assert torch.equal(actual, grad * mask)
+    if weight.numel():
+        assert mask.unique().numel() == 2  # a mask with both values
+        grad.requires_grad_()
+        (again,) = torch.autograd.grad(output, weight, grad, create_graph=True)
+        (second,) = torch.autograd.grad(again, grad, torch.ones_like(again))
+        assert torch.equal(second, mask)
+    torch.manual_seed(11)
+    (plain,) = torch.autograd.grad(ops.drop_connect(weight, p), weight, grad)
+    assert torch.equal(plain, grad.detach() * mask)
+
+
+def test_drop_connect_elsewhere_and_its_refusals():
+    """Other dtypes and p = 1 take torch ops (the mask in fp32 for bf16); the op itself refuses
+    what it cannot do, with what to fix."""
+    torch.manual_seed(0)
+    weight = torch.randn(40, 7)
+    torch.manual_seed(3)
+    half = ops.drop_connect(weight.bfloat16(), 0.5)
+    torch.manual_seed(3)
+    mask = ops.bernoulli_mask(weight.shape, 0.5, 2.0, torch.float32, "cpu")
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, (weight.bfloat16() * mask).bfloat16())
+    assert torch.equal(ops.drop_connect(weight, 1.0), torch.zeros_like(weight))
+    with pytest.raises(RuntimeError, match="p must be at least 0 and below 1"):
+        torch.ops.lstm_ext.drop_connect(weight, 1.0)
+    with pytest.raises(RuntimeError, match="expected a float32 or float64 tensor"):
+        torch.ops.lstm_ext.drop_connect(weight.bfloat16(), 0.5)
+    _, kept = torch.ops.lstm_ext.drop_connect(weight, 0.5)
+    with pytest.raises(RuntimeError, match="expected kept as drop_connect returned it"):
+        torch.ops.lstm_ext.drop_connect_backward(torch.randn(60, 7), kept, 0.5)
+
+
 class MaskedReference(nn.Module):
     """nn.LSTM computing with W_hh * mask, the masked weight made from the raw parameter so that
     gradients reach the parameter through the mask; parameters named as nn.LSTM's."""
@@ -185,6 +250,33 @@ def test_weight_drop_masks_drop_at_the_rate_asked_afresh_each_forward_and_repeat
         assert torch.equal(dropped, repeat[name]), name  # torch.manual_seed repeats it
     # Each layer and direction draws its own mask.
     assert not torch.equal(first["weight_hh_l0"], first["weight_hh_l0_reverse"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
+def test_weight_drop_training_steps_fault_in_no_fresh_pages_for_the_dropped_weight():
+    """The dropped W_hh, its kept bits and W_hh's gradient come in memory kept across calls
+    (workspace.h's saved buffers): 32 MiB each here in fp64, over glibc's largest mmap
+    threshold, so a fresh one every step would fault in 8192 pages, each of them three times
+    (the mask, the product, the gradient's product) as weight * mask did."""
+    import resource
+
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(8, 1024, weight_drop=0.3, dtype=torch.float64)
+    x = torch.randn(2, 1, 8, dtype=torch.float64)
+    pages = 4 * 1024 * 1024 * 8 // 4096
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x)[0].sum().backward()
+
+    for _ in range(2):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        step()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+    assert faults < pages / 2, (faults, pages)
+    assert abs((model.weight_hh_l0.grad == 0).double().mean().item() - 0.3) < 0.01
 
 
 def test_weight_drop_in_eval_mode_uses_the_weights_as_they_are():

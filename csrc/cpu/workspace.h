@@ -28,6 +28,7 @@ enum class Workspace {
 enum class Saved {
   gates, products, cell_prev, cell, hidden_prev, stats,
   output, grad_input, grad_w_ih, grad_w_hh,
+  drop_connect_output, drop_connect_kept, drop_connect_grad,  // weight drop's (random_mask.h)
   count
 };
 
