@@ -657,16 +657,16 @@ def case_results(case, module, dtype, training):
 def test_small_batches_read_weights_in_place_or_pack_them_as_the_sequence_repays(
         batch, steps, training):
     """Up to 4 rows the recurrence reads W_hh in place by dot products while a sequence is too
-    short to repay packing panels: below 50 steps, except on Intel where the panels also take
-    the input projection, there from 12 steps of 3 or more rows (recurrence.cpp). The profile
-    shows which form ran (the dot products leave a separate input product), and both match
-    fp64 nn.LSTM in fp32 and fp64, forward and, in training, every gradient."""
+    short to repay packing panels: below 50 steps, except where the panels also take the input
+    projection, there from 12 steps of 3 or more rows (recurrence.cpp's packing_pays_from; the
+    next test has the exception's exception, for larger weights). The profile shows which form
+    ran (the dot products leave a separate input product), and both match fp64 nn.LSTM in fp32
+    and fp64, forward and, in training, every gradient."""
     torch.manual_seed(11)
     hidden = 64
     reference = nn.LSTM(hidden, hidden, dtype=torch.float64)
     case = Case(reference, "padded", steps=steps, batch=batch)
-    packs = steps >= 50 or (intel_cpu() and input_fits_panels(hidden) and batch >= 3 and
-                            steps >= 12)
+    packs = steps >= 50 or (input_fits_panels(hidden) and batch >= 3 and steps >= 12)
 
     expected = case_results(case, reference, torch.float64, training)
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
@@ -738,6 +738,30 @@ def test_small_batches_read_weights_in_place_where_intel_would_stream_the_panels
             ours = lstm_ext.LSTM.from_torch(reference).float()
             compare(case_results(case, ours, torch.float32, training),
                     case_results(case, reference, torch.float64, training), 1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("training", [False, True])
+def test_a_few_rows_pack_larger_panels_with_the_input_over_a_longer_sequence(training):
+    """Where a few rows' panels would carry W_ih too, packing pays from 12 steps, but elsewhere
+    than on Intel only with at most 2 MB of W_ih and W_hh (H 256 in fp32); with more (H 512)
+    from 25 steps in inference and 50 in training (recurrence.cpp's packing_pays_from). Two
+    rows, or panels that take no input, wait for 50 steps. The previous test runs both forms
+    against fp64."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for hidden, batch, steps in [(256, 4, 11), (256, 4, 12), (256, 3, 12), (256, 2, 25),
+                                     (512, 4, 12), (512, 4, 24), (512, 4, 25), (512, 4, 49),
+                                     (512, 4, 50)]:
+            fused = input_fits_panels(hidden) and batch >= 3
+            pays_from = (50 if not fused else 12 if intel_cpu() or hidden <= 256
+                         else 50 if training else 25)
+            expected = "direct" if steps < pays_from else "panels with input"
+            assert forward_form(batch, steps, hidden, training) == expected, \
+                (hidden, batch, steps)
     finally:
         torch.set_num_threads(previous)
 

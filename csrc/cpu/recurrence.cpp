@@ -191,23 +191,30 @@ bool recurrence_enabled() {
   return !(setting && std::strcmp(setting, "0") == 0);
 }
 
-bool direct_form(int64_t batch, int64_t steps, bool panels_take_input, bool panels_streamed,
+int64_t packing_pays_from(int64_t batch, bool panels_take_input, bool small_weights,
+                          bool training) {
+  // Where the panels take the input projection too, packing also saves the separate GEMM: on a
+  // Xeon (family 6 model 167) inference at H 64-256, B 4, T 20-25 ran 10-25 % faster with
+  // panels (training 2-10 %), at B 3, T 15 4 %, at B 4, T 10 even; at B 2, T 12 it lost 5-9 %
+  // and at B 1 5-10 %, as the panels' tiles of one or two rows wait on their loads. On the Zen 4
+  // (medians of 200 paired calls, interleaved in one process) panels took 0.68-0.84x the direct
+  // form's time in inference at H 128-256, B 3-4, T 12-40 (training 0.88-0.94x); at H 512, with
+  // 8 MB of weights packed every call, 0.91-0.93x in inference at T 25-40 but 1.00x at T 12,
+  // and in training 1.03x at T 25, 0.99x at T 40.
+  constexpr int64_t kWithInputFromRows = 3, kWithInputPaysFromSteps = 12,
+                    kWithLargeInputPaysFromSteps = 25;
+  if (!panels_take_input || batch < kWithInputFromRows) return kPackingPaysFromSteps;
+  if (small_weights) return kWithInputPaysFromSteps;
+  return training ? kPackingPaysFromSteps : kWithLargeInputPaysFromSteps;
+}
+
+bool direct_form(int64_t batch, int64_t steps, int64_t pays_from, bool panels_streamed,
                  bool one_row_packs) {
-  // Up to kDirectRows rows when the sequence is too short to repay packing (measured on a Zen
-  // 5: at B = 4 packing wins from about 50 steps), one row at any length unless one_row_packs,
-  // and a single step (an LSTMCell call) up to kSingleStepDirectRows. Where
-  // the panels take the input projection too, packing also saves the separate GEMM: on a Xeon
-  // (family 6 model 167) inference at H 64-256, B 4, T 20-25 ran 10-25 % faster with panels
-  // (training 2-10 %), at B 3, T 15 4 %, at B 4, T 10 even; at B 2, T 12 it lost 5-9 % and at
-  // B 1 5-10 %, as the panels' tiles of one or two rows wait on their loads. Panels streamed
-  // from L3 every step lost to the dot products at every length there (H 512 B 4 T 60-150 by
-  // 15 %, H 1024 B 4 T 150 by 25 %).
+  // Up to kDirectRows rows when the sequence is too short to repay packing (pays_from steps),
+  // one row at any length unless one_row_packs, and a single step (an LSTMCell call) up to
+  // kSingleStepDirectRows. Panels streamed from L3 every step lost to the dot products at
+  // every length on the Xeon (H 512 B 4 T 60-150 by 15 %, H 1024 B 4 T 150 by 25 %).
   if (panels_streamed && batch <= kDirectRows) return true;
-  constexpr int64_t kPackingPaysFromSteps = 50;
-  constexpr int64_t kPackingWithInputPaysFromSteps = 12, kPackingWithInputFromRows = 3;
-  const int64_t pays_from = panels_take_input && batch >= kPackingWithInputFromRows
-                                ? kPackingWithInputPaysFromSteps
-                                : kPackingPaysFromSteps;
   return (batch == 1 && !one_row_packs) || (batch <= kDirectRows && steps < pays_from) ||
          single_step_in_place(batch, steps);
 }
@@ -259,10 +266,16 @@ ForwardPlan plan_forward(const SequenceForward<scalar_t>& a) {
                                  a.batch >= kFusedInputFromRows &&
                                  (intel ? !panels_outgrow_l2(thread_weight_bytes)
                                         : weight_bytes <= kFusedInputMaxBytes);
-  // Both exceptions to the steps rule were measured on the Xeon only.
+  // Streamed panels were measured on the Xeon only; elsewhere fused panels of more than
+  // kSmallFusedBytes need a longer sequence to repay their packing, in inference only. Offered
+  // the input projection, the layer gives the gates somewhere to go in training only.
+  const bool training = project_input && a.gates != nullptr;
+  constexpr int64_t kSmallFusedBytes = 2 << 20;
   const bool direct =
       std::is_same_v<acc_t, scalar_t> && a.w_stride1 == 1 &&
-      direct_form(a.batch, a.steps, intel && project_input && panels_take_input,
+      direct_form(a.batch, a.steps,
+                  packing_pays_from(a.batch, project_input && panels_take_input,
+                                    intel || weight_bytes <= kSmallFusedBytes, training),
                   intel && panels_outgrow_l2(thread_panel_bytes), one_row_packs);
   const bool fused_panels = panels_take_input && !direct;
   const bool fused_pairs = std::is_same_v<scalar_t, c10::BFloat16> &&

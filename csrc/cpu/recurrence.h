@@ -1292,12 +1292,19 @@ void run_parallel(const Args& a, Fn fn, int threads) {
   fn(a, omp_get_thread_num(), omp_get_num_threads());
 }
 
+// The steps from which packing panels repays itself at up to kDirectRows rows: from about 50
+// (measured on a Zen 5 at B 4), fewer where the panels would carry W_ih too (panels_take_input:
+// no separate input projection) and those weights are small, or in inference.
+constexpr int64_t kPackingPaysFromSteps = 50;
+int64_t packing_pays_from(int64_t batch, bool panels_take_input, bool small_weights,
+                          bool training);
+
 // Whether a forward of this batch and length reads W_hh in place (the direct
 // form: small batches, where its rows are contiguous and in the math type) instead of packing
-// panels; panels_take_input: the panels would carry W_ih too (no separate input projection);
-// panels_streamed: a thread's panels would come from L3 at every step; one_row_packs: a single
-// row packs panels too once the sequence repays it (otherwise one row is always direct).
-bool direct_form(int64_t batch, int64_t steps, bool panels_take_input = false,
+// panels; pays_from: packing_pays_from's steps; panels_streamed: a thread's panels would come
+// from L3 at every step; one_row_packs: a single row packs panels too once the sequence repays
+// it (otherwise one row is always direct).
+bool direct_form(int64_t batch, int64_t steps, int64_t pays_from = kPackingPaysFromSteps,
                  bool panels_streamed = false, bool one_row_packs = false);
 
 // The whole recurrence, in a parallel region of torch's thread count (recurrence.cpp); the
