@@ -135,15 +135,6 @@ def initialize_gates(module, forget_bias=0.0, init="default", chrono_max_len=Non
             forget_gate.add_(forget_bias)
 
 
-def _dropout_mask(shape, p, like):
-    """Entries 1 / (1 - p) with probability 1 - p, else 0, in the math dtype of `like` (fp32
-    for bf16/fp16, so that the scale is not rounded to 8 bits)."""
-    dtype = ops.math_dtype(like.dtype)
-    if p >= 1:
-        return torch.zeros(shape, dtype=dtype, device=like.device)
-    return ops.bernoulli_mask(shape, 1 - p, 1 / (1 - p), dtype, like.device)
-
-
 def dropout(input, p, training=True, inplace=False):
     """torch.nn.functional.dropout's function (zero each entry with probability p, scale the
     rest by 1 / (1 - p), in training only), with the mask from the library's bernoulli_mask on
@@ -152,7 +143,7 @@ def dropout(input, p, training=True, inplace=False):
     if (not training or not 0 < p <= 1 or input.device.type != "cpu"
             or not input.is_floating_point()):
         return F.dropout(input, p, training, inplace)  # its result, or its error for a bad p
-    mask = _dropout_mask(input.shape, p, input)
+    mask = ops.dropout_mask(input.shape, p, input)
     if inplace:
         return input.mul_(mask)
     return (input * mask).to(input.dtype)
@@ -169,7 +160,7 @@ class Dropout(nn.Dropout):
 def _recurrent_mask(batch, size, p, like):
     """Gal & Ghahramani's mask for one batch of sequences of one layer-direction: (batch,
     size), in the math dtype of `like`, as the layer op takes it."""
-    return _dropout_mask((batch, size), p, like)
+    return ops.dropout_mask((batch, size), p, like)
 
 
 def _zoneout_weights(rows, size, z, like, training):

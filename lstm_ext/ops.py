@@ -70,6 +70,15 @@ def bernoulli_mask(size, probability, value, dtype, device):
     return mask if value == 1 else mask * value
 
 
+def dropout_mask(shape, p, like):
+    """Entries 1 / (1 - p) with probability 1 - p, else 0, in the math dtype of `like` (fp32
+    for bf16/fp16, so that the scale is not rounded to 8 bits), on its device."""
+    dtype = math_dtype(like.dtype)
+    if p >= 1:
+        return torch.zeros(shape, dtype=dtype, device=like.device)
+    return bernoulli_mask(shape, 1 - p, 1 / (1 - p), dtype, like.device)
+
+
 def drop_connect(weight, p):
     """DropConnect (Wan et al. 2013): weight * M, M with entries 1 / (1 - p) with probability
     1 - p, else 0, fresh per call, in the math dtype of `weight` and back. On the CPU in fp32 and
@@ -80,12 +89,7 @@ def drop_connect(weight, p):
     if (0 < p < 1 and weight.device.type == "cpu" and weight.layout == torch.strided
             and weight.dtype in (torch.float32, torch.float64)):
         return _ops.drop_connect(weight, p)[0]
-    dtype = math_dtype(weight.dtype)
-    if p >= 1:
-        mask = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-    else:
-        mask = bernoulli_mask(weight.shape, 1 - p, 1 / (1 - p), dtype, weight.device)
-    return (weight * mask).to(weight.dtype)
+    return (weight * dropout_mask(weight.shape, p, weight)).to(weight.dtype)
 
 
 def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
