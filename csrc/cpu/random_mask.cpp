@@ -28,6 +28,11 @@ namespace {
 constexpr int kVectors = 4;
 constexpr int kCounters = kVectors * 8;
 constexpr int64_t kChunk = 4 * kCounters;
+// Tasks of 16K entries: each about 10 us of generator work (drop_connect's memory-bound
+// backward takes the same).
+constexpr int64_t kGrainChunks = 16384 / kChunk;
+
+int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
 // The generator's words for chunk c: x[w][v][l] is word w of counter c * kCounters + v * 8 + l.
 inline void draw_chunk(int64_t c, uint32_t key0, uint32_t key1,
@@ -92,6 +97,10 @@ LSTM_EXT_KERNEL_VARIANTS(fill_kernel, fill_chunks,
 // layout the vectors write with one and-or each, rather than one bit per entry in order).
 using KeptWord = uint16_t;
 constexpr int64_t kKeptWords = 8;
+
+int64_t kept_bytes(int64_t numel) {
+  return chunks_of(numel) * kKeptWords * int64_t{sizeof(KeptWord)};
+}
 
 template <typename T>
 struct DropConnectArgs {
@@ -210,8 +219,7 @@ at::Tensor bernoulli_mask(at::IntArrayRef size, double probability, double value
                                static_cast<scalar_t>(value), static_cast<uint32_t>(seed),
                                static_cast<uint32_t>(seed >> 32)};
     const auto fill = fill_kernel<scalar_t>(active_isa());
-    // Tasks of 16K entries: each about 10 us of generator work.
-    at::parallel_for(0, (a.numel + kChunk - 1) / kChunk, 16384 / kChunk,
+    at::parallel_for(0, chunks_of(a.numel), kGrainChunks,
                      [&](int64_t begin, int64_t end) { fill(a, begin, end); });
   });
   return out;
@@ -227,11 +235,6 @@ void check_drop_connect(const char* name, const at::Tensor& tensor, double p) {
               name, ": expected a float32 or float64 tensor, got ", tensor.scalar_type());
 }
 
-int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
-
-// Tasks of 16K entries, as bernoulli_mask's (the backward, memory-bound, as well).
-constexpr int64_t kGrainChunks = 16384 / kChunk;
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> drop_connect(const at::Tensor& weight, double p) {
@@ -239,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> drop_connect(const at::Tensor& weight, double
   const at::Tensor in = weight.contiguous();
   at::Tensor out = saved_buffer(Saved::drop_connect_output, in.sizes(), in.options());
   at::Tensor kept = saved_buffer(Saved::drop_connect_kept,
-                                 {chunks_of(in.numel()) * kKeptWords * int64_t{sizeof(KeptWord)}},
+                                 {kept_bytes(in.numel())},
                                  in.options().dtype(at::kByte));
   const uint64_t seed = draw_seed();
   // As bernoulli_mask(size, 1 - p, 1 / (1 - p), dtype) draws: the same mask for the same seed.
@@ -259,11 +262,11 @@ std::tuple<at::Tensor, at::Tensor> drop_connect(const at::Tensor& weight, double
 
 at::Tensor drop_connect_backward(const at::Tensor& grad, const at::Tensor& kept, double p) {
   check_drop_connect("drop_connect_backward", grad, p);
-  const int64_t kept_bytes = chunks_of(grad.numel()) * kKeptWords * int64_t{sizeof(KeptWord)};
+  const int64_t bytes = kept_bytes(grad.numel());
   TORCH_CHECK(kept.scalar_type() == at::kByte && kept.is_contiguous() && kept.device().is_cpu() &&
-                  kept.numel() == kept_bytes,
+                  kept.numel() == bytes,
               "drop_connect_backward: expected kept as drop_connect returned it for a weight of ",
-              grad.numel(), " entries (", kept_bytes, " bytes), got ", kept.numel(), " of ",
+              grad.numel(), " entries (", bytes, " bytes), got ", kept.numel(), " of ",
               kept.scalar_type());
   const at::Tensor in = grad.contiguous();
   at::Tensor out = saved_buffer(Saved::drop_connect_grad, in.sizes(), in.options());
