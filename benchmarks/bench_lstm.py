@@ -351,7 +351,7 @@ def baseline_kernel(run):
 
 
 GEMM_EVENTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "lstm_ext::step_gemm",
-               "mkldnn::_linear_pointwise", "lstm_ext::panel_product"}
+               "mkldnn::_linear_pointwise", "lstm_ext::panel_product", "lstm_ext::small_linear"}
 
 
 def recurrence_kernels(dtype):
@@ -391,6 +391,9 @@ def profile_split(run, dtype=torch.float32):
                             else "ATen") + ")")
     if "mkldnn::_linear_pointwise" in keys:
         libraries.append("whole-sequence products in oneDNN")
+    if "lstm_ext::small_linear" in keys:
+        libraries.append("whole-sequence products in lstm_ext's dot products on the weights "
+                         f"in place ({recurrence_kernels(dtype)})")
     if "lstm_ext::panel_product" in keys:
         libraries.append("backward products in lstm_ext's panel tiles "
                          f"({recurrence_kernels(dtype)})")

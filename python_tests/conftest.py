@@ -233,7 +233,7 @@ def separate_products(profile):
     """The whole-sequence products a profile recorded outside the recurrence."""
     return sum(event.count for event in profile.key_averages()
                if event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise",
-                                "lstm_ext::panel_product"))
+                                "lstm_ext::panel_product", "lstm_ext::small_linear"))
 
 
 def compare(actual, expected, tolerance):

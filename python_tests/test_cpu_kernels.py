@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import lstm_ext
-from conftest import Case, compare, load_benchmark_script, rel_error, separate_products
+from conftest import (Case, compare, load_benchmark_script, rel_error, relayout,
+                      separate_products, values_for)
 
 OPS = torch.ops.lstm_ext
 ISAS = ["amx", "avx512_bf16", "avx512", "avx2", "baseline"]
@@ -699,6 +700,49 @@ def test_one_row_packs_w_hh_alone_over_a_long_sequence_except_on_intel(steps, tr
         compare(case_results(case, ours, dtype, training), expected, tolerance)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("steps,batch", [(5, 1), (25, 1), (48, 1), (49, 1), (20, 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "expanded", "transposed", "stepped"])
+@pytest.mark.parametrize("training", [False, True])
+def test_short_sequences_of_few_rows_project_their_input_by_dot_products_off_intel(
+        steps, batch, layout, training):
+    """Where the recurrence leaves the input projection to a product of its own (one or two
+    rows, read by the direct form), off Intel up to 48 rows of x (T B) are dot products on
+    W_ih's rows in place (linear.cpp's small_linear: lstm_ext::small_linear in a profile; on
+    Intel up to 4 rows), and more rows go to the library. x's rows may lie anywhere (padded,
+    repeated by expand, or transposed with two rows, which the layer's reshape copies), but
+    each must be contiguous (stepped, or transposed with one row, which the reshape leaves a
+    strided view, go to the library). Input size 37 leaves a partial vector of k. fp32 and
+    fp64 match fp64 nn.LSTM, forward and, in training, every gradient."""
+    torch.manual_seed(17)
+    reference = nn.LSTM(37, 24, dtype=torch.float64)
+    values = torch.randn(steps, batch, 37, dtype=torch.float64)
+    state = tuple(torch.randn(1, batch, 24, dtype=torch.float64) for _ in range(2))
+    weights = torch.randn(steps, batch, 24, dtype=torch.float64)
+
+    def run(module, x, dtype):
+        with torch.set_grad_enabled(training):
+            output, (h_n, c_n) = module(x, tuple(s.to(dtype) for s in state))
+        result = {"output": output, "h_n": h_n, "c_n": c_n}
+        if training:
+            ((output * weights.to(dtype)).sum() + h_n.sum() + c_n.sum()).backward()
+            result.update({name: p.grad for name, p in module.named_parameters()})
+        return result
+
+    expected = run(reference, values_for(values, layout), torch.float64)
+    rows = steps * batch
+    strided = layout == "stepped" or (layout == "transposed" and batch == 1)
+    takes = rows <= (4 if intel_cpu() else 48) and not strided
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        ours = lstm_ext.LSTM.from_torch(reference).to(dtype).train(training)
+        with torch.profiler.profile() as profile:
+            result = run(ours, relayout(values.to(dtype), layout), dtype)
+        counts = {event.key: event.count for event in profile.key_averages()}
+        assert counts.get("lstm_ext::small_linear", 0) == int(takes), (dtype, counts)
+        assert separate_products(profile) >= 1
+        compare(result, expected, tolerance)
+
+
 def forward_form(batch, steps, hidden, training, dtype=torch.float32):
     """The form the fused forward takes for a layer of input size = hidden, as the layer calls
     it: first offering the input projection, then, where that is declined, without it."""
@@ -817,9 +861,9 @@ def test_backward_products_in_panel_tiles_match_fp64_on_any_thread_count(batch, 
                     results[threads] = cell_steps_and_gradients(ours, xs, state, dtype)
                 panel_products = sum(event.count for event in profile.key_averages()
                                      if event.key == "lstm_ext::panel_product")
-                # dx of up to 4 rows where W_ih's rows are contiguous (input size 1) is
-                # small_linear's dot products on W_ih in place instead.
-                per_step = 2 if batch <= 4 and input_size == 1 else 3
+                # dx where W_ih's rows are contiguous (input size 1) is small_linear's dot
+                # products on W_ih in place instead, off Intel up to 48 rows (linear.cpp).
+                per_step = 2 if batch <= 48 and input_size == 1 else 3
                 assert panel_products == (0 if intel_cpu() else 3 * per_step), panel_products
             for actual, wanted in zip(results[1], expected):
                 assert rel_error(actual, wanted) <= tolerance, (dtype, rel_error(actual, wanted))

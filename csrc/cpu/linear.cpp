@@ -154,6 +154,91 @@ LSTM_EXT_KERNEL_VARIANTS(panel_pack_variant, panel_pack,
                          (const T* w, int64_t w_stride1, int64_t N, int64_t K, T* panels),
                          (w, w_stride1, N, K, panels))
 
+// out (M, N) = x (M, K) w (N, K)^T [+ bias] on output columns [begin, end), by dot products
+// over w's rows in place: four of them at a time against each tile of kDirectRows rows of x,
+// so that the four stay in L1 while all of x passes them.
+template <typename T>
+struct SmallLinear {
+  int64_t M, N, K;
+  const T* x;
+  int64_t x_stride;
+  const T* w;
+  int64_t w_stride;
+  const T* bias;
+  T* out;  // (M, N), contiguous
+};
+
+template <cpu::Isa isa, typename T>
+void small_linear_columns(const SmallLinear<T>& a, int64_t begin, int64_t end) {
+  constexpr int V = cpu::Tiling<isa, T>::V;
+  constexpr int R = cpu::kDirectRows;
+  for (int64_t n = begin; n < end; n += 4) {
+    for (int64_t i0 = 0; i0 < a.M; i0 += R) {
+      const int m = static_cast<int>(std::min<int64_t>(R, a.M - i0));
+      const T* rows[R] = {};
+      for (int i = 0; i < m; ++i) rows[i] = a.x + (i0 + i) * a.x_stride;
+      T dots[4 * R];
+      if (n + 4 <= a.N) {
+        cpu::dot_rows_n<T, V, R>(m, a.K, a.w + n * a.w_stride, a.w_stride, rows, dots);
+      } else {
+        for (int64_t g = 0; g < 4; ++g) {
+          for (int i = 0; i < m; ++i) {
+            T sum = 0;
+            for (int64_t k = 0; n + g < a.N && k < a.K; ++k) {
+              sum += a.w[(n + g) * a.w_stride + k] * rows[i][k];
+            }
+            dots[g * m + i] = sum;
+          }
+        }
+      }
+      for (int64_t g = 0; g < 4 && n + g < a.N; ++g) {
+        for (int i = 0; i < m; ++i) {
+          a.out[(i0 + i) * a.N + n + g] = dots[g * m + i] + (a.bias ? a.bias[n + g] : T(0));
+        }
+      }
+    }
+  }
+}
+
+LSTM_EXT_KERNEL_VARIANTS(small_linear_variant, small_linear_columns,
+                         (const SmallLinear<T>& a, int64_t begin, int64_t end), (a, begin, end))
+
+// Whether small_linear takes x @ w^T: fp32 or fp64, x's and w's rows contiguous, and few rows
+// of x. Every CPU takes up to kDirectRows (a decode step, read by w once, as its floor is;
+// oneDNN would reorder w first). Off Intel, short sequences of one row take it too: oneDNN
+// spent about 40 us on a call before its first row (Zen 4, K 256, N 1024: 60 us at 8 rows,
+// 97 at 25, then 2.3 us a row), and this ran layer calls of H 256-1024, B 1, T 25 5-7 % faster
+// (T 49: 3 %; T 64 lost 5 %). MKL on Intel was not measured against it.
+bool small_linear_takes(const at::Tensor& x, const at::Tensor& w,
+                        const std::optional<at::Tensor>& bias) {
+  constexpr int64_t kSmallLinearRowsOffIntel = 48;
+  const bool math_type = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  const int64_t max_rows = cpu::intel_cpu() || library_setting() ? cpu::kDirectRows
+                                                                 : kSmallLinearRowsOffIntel;
+  return math_type && x.dim() == 2 && x.size(0) > 0 && x.size(0) <= max_rows &&
+         w.stride(1) == 1 && x.stride(1) == 1 && (!bias.has_value() || bias->is_contiguous());
+}
+
+// x @ w^T [+ bias] into out (M, N), contiguous, where small_linear_takes.
+void small_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                  at::Tensor& out) {
+  RECORD_FUNCTION("lstm_ext::small_linear", std::vector<c10::IValue>());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_linear", [&] {
+    const SmallLinear<scalar_t> a{x.size(0), w.size(0), x.size(1),
+                                  x.const_data_ptr<scalar_t>(), x.stride(0),
+                                  w.const_data_ptr<scalar_t>(), w.stride(0),
+                                  bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
+                                  out.data_ptr<scalar_t>()};
+    const auto kernel = small_linear_variant<scalar_t>(cpu::active_isa());
+    // Tasks of whole groups of four columns, each worth a few thousand multiply-adds.
+    const int64_t groups = (a.N + 3) / 4;
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.K * a.M));
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+      kernel(a, 4 * begin, std::min(a.N, 4 * end));
+    });
+  });
+}
+
 // t as a contiguous tensor in the slot's kept memory. The backward's transposed operands (x^T,
 // h^T of a contiguous x, h) are transposed by transpose_kernel on all threads: ATen's copy
 // of a transposed fp32 matrix ran at about 3 GB/s on one thread (0.56 ms at H 256, B 32,
@@ -247,9 +332,11 @@ bool cpu_linear_reads_transposed(at::ScalarType dtype) {
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias, LinearInto into) {
-  // A few rows (a decode step) are bound by reading w once, which dot products on w in place
-  // do; oneDNN would reorder w first.
-  if (auto small = cpu::small_linear(x, w, bias)) return *small;
+  if (small_linear_takes(x, w, bias)) {
+    at::Tensor out = result_in(into, x.size(0), w.size(0), x.options());
+    small_linear(x, w, bias, out);
+    return out;
+  }
   if (!bias.has_value()) {
     if (auto product = panel_product(x, w, into)) return *product;
   }

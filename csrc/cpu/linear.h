@@ -10,14 +10,15 @@
 
 namespace lstm_ext {
 
-// x (M, K) @ w (N, K)^T [+ bias (N,)], as a new contiguous (M, N) tensor. A few rows of fp32 or
-// fp64 are dot products on w in place (cpu::small_linear); off Intel, fp32 and fp64 with w the
-// transpose of a row-major matrix (the backward's dW and dx) are the recurrence's tile products
-// on w packed in panels (linear.cpp's panel_product); otherwise fp32, and bf16 on a CPU
-// with bf16 dot products, go through the oneDNN that torch ships (mkldnn::_linear_pointwise),
-// which runs at the CPU's own vector width on any vendor's x86 CPU (the MKL behind at::mm ran at
-// about half of it on AMD, and at::addmm first copies the broadcast bias into its output); other
-// dtypes, empty products, a torch without oneDNN, or LSTM_EXT_ONEDNN_LINEAR=0 use at::addmm.
+// x (M, K) @ w (N, K)^T [+ bias (N,)], as a new contiguous (M, N) tensor. Few rows of fp32 or
+// fp64 (up to 4; off Intel up to 48) are dot products on w in place (linear.cpp's small_linear);
+// off Intel, fp32 and fp64 with w the transpose of a row-major matrix (the backward's dW and
+// dx) are the recurrence's tile products on w packed in panels (linear.cpp's panel_product);
+// otherwise fp32, and bf16 on a CPU with bf16 dot products, go through the oneDNN that torch
+// ships (mkldnn::_linear_pointwise), which runs at the CPU's own vector width on any vendor's
+// x86 CPU (the MKL behind at::mm ran at about half of it on AMD, and at::addmm first copies the
+// broadcast bias into its output); other dtypes, empty products, a torch without oneDNN, or
+// LSTM_EXT_ONEDNN_LINEAR=0 use at::addmm.
 // With a workspace slot (a result that never leaves the caller's call) or a saved-buffer kind
 // (one autograd keeps until the backward), the result is written into kept memory where the
 // product can write into given memory (at::addmm's route; mkldnn::_linear_pointwise allocates

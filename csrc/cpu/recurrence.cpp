@@ -100,51 +100,6 @@ LSTM_EXT_TARGET_AVX512 void forward_columns_kernel(const SequenceForward<T>& a, 
 }
 #endif
 
-// out (M, N) = x (M, K) w (N, K)^T [+ bias] for M <= kDirectRows, on output columns
-// [begin, end): dot products over w's rows in place, four at a time.
-template <typename acc_t>
-struct SmallLinear {
-  int64_t M, N, K;
-  const acc_t* x;
-  int64_t x_stride;
-  const acc_t* w;
-  int64_t w_stride;
-  const acc_t* bias;
-  acc_t* out;
-};
-
-template <Isa isa, typename acc_t>
-inline void small_linear_columns(const SmallLinear<acc_t>& a, int64_t begin, int64_t end) {
-  constexpr int V = Tiling<isa, acc_t>::V;
-  const acc_t* rows[kDirectRows] = {};
-  for (int64_t i = 0; i < a.M; ++i) rows[i] = a.x + i * a.x_stride;
-  const int m = static_cast<int>(a.M);
-  for (int64_t n = begin; n < end; n += 4) {
-    acc_t dots[4 * kDirectRows];
-    if (n + 4 <= a.N) {
-      dot_rows_n<acc_t, V, kDirectRows>(m, a.K, a.w + n * a.w_stride, a.w_stride, rows, dots);
-    } else {
-      for (int64_t g = 0; g < 4; ++g) {
-        for (int64_t i = 0; i < a.M; ++i) {
-          acc_t sum = 0;
-          for (int64_t k = 0; n + g < a.N && k < a.K; ++k) {
-            sum += a.w[(n + g) * a.w_stride + k] * rows[i][k];
-          }
-          dots[g * m + i] = sum;
-        }
-      }
-    }
-    for (int64_t g = 0; g < 4 && n + g < a.N; ++g) {
-      for (int64_t i = 0; i < a.M; ++i) {
-        a.out[i * a.N + n + g] = dots[g * m + i] + (a.bias ? a.bias[n + g] : acc_t(0));
-      }
-    }
-  }
-}
-
-LSTM_EXT_KERNEL_VARIANTS(small_linear_kernel, small_linear_columns,
-                         (const SmallLinear<T>& a, int64_t begin, int64_t end), (a, begin, end))
-
 }  // namespace
 
 const char* isa_name(Isa isa) {
@@ -404,31 +359,6 @@ bool run_backward(SequenceBackward<scalar_t> a) {
   a.carry_work = carry_work.data_ptr<acc_t>();
   run_parallel(a, backward_kernel<scalar_t>(isa), threads);
   return true;
-}
-
-std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
-                                       const std::optional<at::Tensor>& bias) {
-  const bool math_type = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  if (!math_type || x.dim() != 2 || x.size(0) == 0 || x.size(0) > kDirectRows ||
-      w.stride(1) != 1 || x.stride(1) != 1 || (bias.has_value() && !bias->is_contiguous())) {
-    return std::nullopt;
-  }
-  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_linear", [&] {
-    const SmallLinear<scalar_t> a{x.size(0), w.size(0), x.size(1),
-                                  x.const_data_ptr<scalar_t>(), x.stride(0),
-                                  w.const_data_ptr<scalar_t>(), w.stride(0),
-                                  bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
-                                  out.data_ptr<scalar_t>()};
-    const auto columns = small_linear_kernel<scalar_t>(active_isa());
-    // Tasks of whole groups of four columns, each worth a few thousand multiply-adds.
-    const int64_t groups = ceil_div(a.N, 4);
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.K * a.M));
-    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      columns(a, 4 * begin, std::min(a.N, 4 * end));
-    });
-  });
-  return out;
 }
 
 #define LSTM_EXT_INSTANTIATE(scalar_t)                               \

@@ -1323,12 +1323,6 @@ void run_projected_forward(SequenceForward<scalar_t> a);
 template <typename scalar_t>
 void run_projected_backward(SequenceBackward<scalar_t> a);
 
-// x (M, K) @ w (N, K)^T [+ bias] for at most kDirectRows rows of fp32/fp64 with w's rows
-// contiguous, by dot products on w in place (a decode step's input projection); nullopt for
-// anything else.
-std::optional<at::Tensor> small_linear(const at::Tensor& x, const at::Tensor& w,
-                                       const std::optional<at::Tensor>& bias);
-
 // False when LSTM_EXT_CPU_RECURRENCE=0, which sends the CPU through the step-by-step path
 // (per-step GEMM plus elementwise pass) instead, for comparison.
 bool recurrence_enabled();
