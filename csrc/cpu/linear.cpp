@@ -231,7 +231,7 @@ void small_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
                                   out.data_ptr<scalar_t>()};
     const auto kernel = small_linear_variant<scalar_t>(cpu::active_isa());
     // Tasks of whole groups of four columns, each worth a few thousand multiply-adds.
-    const int64_t groups = (a.N + 3) / 4;
+    const int64_t groups = cpu::ceil_div(a.N, 4);
     const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.K * a.M));
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
       kernel(a, 4 * begin, std::min(a.N, 4 * end));
