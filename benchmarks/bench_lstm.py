@@ -231,17 +231,42 @@ def onednn_product(a, b):
         return None
 
 
-def gemm_roof(dtype, device, size=None, repeats=10):
-    """GFLOP/s of a large square product in this dtype, on this device, now: on the CPU the
-    better of torch.mm and torch's oneDNN (prepacked), since the roof is the best GEMM
-    available, not whichever library torch.mm happens to call."""
+def roof_products(dtype, device, size=None):
+    """The roof's candidates: a large square product in this dtype through torch.mm and, on
+    the CPU, torch's oneDNN (prepacked), since the roof is the best GEMM available, not
+    whichever library torch.mm happens to call; with the FLOPs of one."""
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     runs = [lambda: torch.mm(a, b)]
     if device.type == "cpu":
         runs.append(onednn_product(a, b))
-    return max(2 * size**3 / best_time(run, device, repeats) / 1e9 for run in runs if run)
+    return [run for run in runs if run], 2 * size**3
+
+
+def gemm_roof(dtype, device, size=None, repeats=10):
+    """GFLOP/s of the roof's product in this dtype, on this device, now: the better of its
+    candidates."""
+    runs, product_flops = roof_products(dtype, device, size)
+    return max(product_flops / best_time(run, device, repeats) / 1e9 for run in runs)
+
+
+# Per dtype, the roof's product that measure() times around each CPU row, and its FLOPs.
+_ROOF_PRODUCTS = {}
+
+
+def roof_now(dtype, device, repeats=3):
+    """GFLOP/s of the faster of the roof's candidates in this dtype (chosen once per run), now.
+    measure() takes it right before and right after a CPU row: a VM's speed moves by up to
+    1.8x within a run, so a row measured in a slow phase sits low against a roof measured in
+    a fast one. Not in every iteration: the product's 48 MB would push the row's weights out
+    of the caches between its timed calls."""
+    if dtype not in _ROOF_PRODUCTS:
+        runs, product_flops = roof_products(dtype, device)
+        _ROOF_PRODUCTS[dtype] = (min(runs, key=lambda run: best_time(run, device, 2)),
+                                 product_flops)
+    run, product_flops = _ROOF_PRODUCTS[dtype]
+    return product_flops / best_time(run, device, repeats) / 1e9
 
 
 def build(row, device, generator):
@@ -432,6 +457,9 @@ def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
         fp32 = build(dataclasses.replace(row, int8=False), device,
                      torch.Generator().manual_seed(0))[1]
         runs["ours fp32"] = step_function(row, fp32, make_input, device)
+    roofs_around = []
+    if device.type == "cpu":
+        roofs_around.append(roof_now(getattr(torch, row.dtype), device))
     # Decode steps are too short to time one by one: 1000 carried steps per timing. On CUDA the
     # warm-ups size the repeat count so that a timing lasts MIN_CUDA_TIMING_S.
     inner = {name: 1000 if row.mode == "decode" else 1 for name in runs}
@@ -463,6 +491,10 @@ def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
         "ours_gflops": flops(row, rows_of_data) / ours_s / 1e9,
     }
     result["times_ms"] = times_in_ms(times)
+    if roofs_around:
+        roofs_around.append(roof_now(getattr(torch, row.dtype), device))
+        result["roof_around_gflops"] = max(roofs_around)
+        result["roof_around_fraction"] = result["ours_gflops"] / max(roofs_around)
     if row.int8:
         result["ours_fp32_ms"] = statistics.median(times["ours fp32"]) * 1e3
         result["speedup_over_fp32"] = paired_ratio(times, "ours fp32", "ours")
@@ -609,7 +641,8 @@ def table(rows, summary, machine, command):
            f"{'on' if machine['tf32'] else 'off'}" if machine.get("gpu") else "")
         + ". ratio = torch time / ours (above 1: we are faster). GFLOP/s are ours; the "
         "limit is the GEMM roof in the row's dtype (the better of torch.mm and torch's "
-        "oneDNN, measured in the same run) or, for batches of at most "
+        "oneDNN, measured in the same run; on the CPU, in brackets, against the faster of "
+        "the two timed right before and right after the row) or, for batches of at most "
         f"{SMALL_BATCH} and decode, the weight-read floor (the weights a call must read, over "
         "the read bandwidth of a working set that size measured in the same run) where that "
         "floor is the tighter bound.",
@@ -649,11 +682,15 @@ def table(rows, summary, machine, command):
 def limit_text(results):
     """Where a row stands against its limit: the GEMM roof, or for small batches and decode the
     weight-read floor, unless the roof is the tighter of the two there (a CPU whose multiply-adds,
-    not its reads, bound a batch of 4: the larger fraction is the limit that binds)."""
+    not its reads, bound a batch of 4: the larger fraction is the limit that binds); with the
+    roof as timed around the row, where it was."""
     roof = results["roof_fraction"]
     if "bound_fraction" in results and results["bound_fraction"] >= roof:
         return f"{100 * results['bound_fraction']:.0f} % of floor"
-    return f"{100 * roof:.0f} % of roof"
+    text = f"{100 * roof:.0f} % of roof"
+    if "roof_around_fraction" in results:
+        text += f" ({100 * results['roof_around_fraction']:.0f} % of the roof timed around it)"
+    return text
 
 
 def cpu_line(machine):

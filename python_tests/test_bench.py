@@ -64,6 +64,29 @@ def test_forward_rows_time_both_implementations(bench):
     assert results["ratio"] == pytest.approx(paired, 1e-3)
 
 
+def test_a_cpu_row_is_placed_against_the_faster_roof_timed_right_before_and_after_it(
+        bench, monkeypatch):
+    """A VM's speed moves within a run: each CPU row also reports its GFLOP/s over the roof
+    product's, timed right before and right after the row (the faster of the two)."""
+    rates = iter([150.0, 200.0])
+    asked = []
+
+    def roof_now(dtype, device):
+        asked.append(dtype)
+        return next(rates)
+
+    monkeypatch.setattr(bench, "roof_now", roof_now)
+    row = bench.Row("forward", 16, 8, 3, dtype="float64")  # a batch above the floor's
+    results = bench.measure(row, torch.device("cpu"), repeats=2, warmup=1)
+    assert "bound_fraction" not in results and asked == [torch.float64, torch.float64]
+    assert results["roof_around_gflops"] == 200.0
+    assert results["roof_around_fraction"] == pytest.approx(results["ours_gflops"] / 200.0)
+    results["roof_fraction"] = results["ours_gflops"] / 400.0
+    assert bench.limit_text(results) == (
+        f"{100 * results['ours_gflops'] / 400:.0f} % of roof "
+        f"({100 * results['ours_gflops'] / 200:.0f} % of the roof timed around it)")
+
+
 def test_short_rows_get_more_iterations_up_to_the_cap(bench, monkeypatch):
     """Without --repeats a row runs at least MIN_TIMED_S in all, sized by its last warm-up
     iteration, and at most MAX_REPEATS iterations; a row already long enough keeps its count."""
@@ -224,6 +247,8 @@ def test_flops_and_limit_columns_are_the_hand_computed_ones(bench):
     assert bench.limit_text({"roof_fraction": 0.2, "bound_fraction": 0.25}) == "25 % of floor"
     # A small batch bound by the multiply-adds rather than the reads: the roof binds.
     assert bench.limit_text({"roof_fraction": 0.75, "bound_fraction": 0.25}) == "75 % of roof"
+    assert (bench.limit_text({"roof_fraction": 0.5, "roof_around_fraction": 0.8})
+            == "50 % of roof (80 % of the roof timed around it)")
 
 
 def test_roof_is_the_better_of_torch_mm_and_onednn(bench, monkeypatch):
