@@ -457,9 +457,10 @@ def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
         fp32 = build(dataclasses.replace(row, int8=False), device,
                      torch.Generator().manual_seed(0))[1]
         runs["ours fp32"] = step_function(row, fp32, make_input, device)
+    dtype = getattr(torch, row.dtype)
     roofs_around = []
     if device.type == "cpu":
-        roofs_around.append(roof_now(getattr(torch, row.dtype), device))
+        roofs_around.append(roof_now(dtype, device))
     # Decode steps are too short to time one by one: 1000 carried steps per timing. On CUDA the
     # warm-ups size the repeat count so that a timing lasts MIN_CUDA_TIMING_S.
     inner = {name: 1000 if row.mode == "decode" else 1 for name in runs}
@@ -492,15 +493,15 @@ def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
     }
     result["times_ms"] = times_in_ms(times)
     if roofs_around:
-        roofs_around.append(roof_now(getattr(torch, row.dtype), device))
-        result["roof_around_gflops"] = max(roofs_around)
-        result["roof_around_fraction"] = result["ours_gflops"] / max(roofs_around)
+        roofs_around.append(roof_now(dtype, device))
+        result["roof_around_gflops"] = roof = max(roofs_around)
+        result["roof_around_fraction"] = result["ours_gflops"] / roof
     if row.int8:
         result["ours_fp32_ms"] = statistics.median(times["ours fp32"]) * 1e3
         result["speedup_over_fp32"] = paired_ratio(times, "ours fp32", "ours")
     result["baseline_kernel"] = baseline_kernel(runs["torch"])
     if profile:
-        result["profile"] = profile_split(runs["ours"], getattr(torch, row.dtype))
+        result["profile"] = profile_split(runs["ours"], dtype)
     if row.mode == "decode" or row.batch <= SMALL_BATCH:
         weight_bytes, working_set = bytes_read(row, ours, rows_of_data)
         bandwidth = read_bandwidth(working_set, device)

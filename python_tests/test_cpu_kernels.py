@@ -2,6 +2,7 @@
 against an fp64 nn.LSTM, the fused recurrence against the step-by-step path, and the parallel
 recurrence with every thread count giving the same bits."""
 
+import functools
 import json
 import os
 import subprocess
@@ -627,6 +628,7 @@ def intel_cpu():
             "GenuineIntel"
 
 
+@functools.cache
 def l2_bytes():
     """A core's L2 as the recurrence reads it, glibc's sysconf(_SC_LEVEL2_CACHE_SIZE) (a machine
     that does not say: 1 MB). Python's os.sysconf does not know that name, and getconf asks
@@ -638,6 +640,12 @@ def l2_bytes():
     except (OSError, subprocess.CalledProcessError, ValueError):
         l2 = 0
     return l2 if l2 > 0 else 1 << 20
+
+
+def panels_streamed(hidden):
+    """Whether, on Intel, fp32 panels of W_hh of a thread's half of the units, (H / 2) * 4 gates
+    * H rows * 4 bytes, outgrow half its L2 and would come from L3 every step."""
+    return intel_cpu() and 2 * (hidden // 2 * 4 * hidden * 4) > l2_bytes()
 
 
 def input_fits_panels(hidden):
@@ -775,8 +783,7 @@ def test_small_batches_read_weights_in_place_where_intel_would_stream_the_panels
     torch.set_num_threads(2)
     try:
         form = forward_form(batch, 150, hidden, training)
-        # fp32 panels of a thread's half of the units: (H / 2) * 4 gates * H rows * 4 bytes.
-        streamed = intel_cpu() and 2 * (hidden // 2 * 4 * hidden * 4) > l2_bytes()
+        streamed = panels_streamed(hidden)
         direct = (batch == 1 and intel_cpu()) or (streamed and batch <= 4)
         fused = not direct and batch > 1 and input_fits_panels(hidden)
         assert form == ("direct" if direct else "panels with input" if fused else "panels"), \
@@ -811,7 +818,7 @@ def test_a_few_rows_pack_larger_panels_with_the_input_over_a_longer_sequence(tra
             fused = input_fits_panels(hidden) and batch >= 3
             pays_from = (50 if not fused else 12 if intel_cpu() or hidden <= 256
                          else 50 if training else 25)
-            streamed = intel_cpu() and 2 * (hidden // 2 * 4 * hidden * 4) > l2_bytes()
+            streamed = panels_streamed(hidden)
             expected = ("direct" if steps < pays_from or streamed
                         else "panels with input" if fused else "panels")
             assert forward_form(batch, steps, hidden, training) == expected, \

@@ -543,7 +543,8 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
     };
 
     // The products of this thread's units, and their moments per row.
-    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+    for (int64_t visit = 0; visit < mine.count(); ++visit) {
+      const int64_t jb = mine.visit(visit, k), after = mine.visit_after(visit, k);
       const acc_t* panel = a.panel + jb * H * 4 * V;
       const int64_t j0 = jb * V, n_units = std::min<int64_t>(V, H - j0);
       const Tiles tiles(rows, R);
@@ -554,8 +555,8 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
         for (int i = 0; i < n; ++i) in[i] = h_in + (r0 + i) * H;
         alignas(64) acc_t out[R * 4 * V];
         const PanelAhead next =
-            fetch_panels && rows >= kPanelAheadFromRows
-                ? panel_ahead(a.panel + mine.after(jb) * H * 4 * V, panel_bytes, tile,
+            fetch_panels && rows >= kPanelAheadFromRows && after >= 0
+                ? panel_ahead(a.panel + after * H * 4 * V, panel_bytes, tile,
                               tiles.count)
                 : PanelAhead{};
         tile_product_n<acc_t, V, R>(n, H, in, panel, 4 * V, out, false, nullptr, 0, next);
@@ -872,11 +873,12 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
       offset = a.step_offset[t];
       if (rows == 0) continue;
     }
-    for (int64_t jb = mine.begin; jb < mine.end; ++jb) {
+    for (int64_t visit = 0; visit < mine.count(); ++visit) {
+      const int64_t jb = mine.visit(visit, k), after = mine.visit_after(visit, k);
       const acc_t* panel = a.panel + jb * G * U;
       const int64_t j0 = jb * U, n_units = std::min<int64_t>(U, H - j0);
-      const acc_t* next_panel = fetch_panels && prev_rows >= kPanelAheadFromRows
-                                    ? a.panel + mine.after(jb) * G * U
+      const acc_t* next_panel = fetch_panels && prev_rows >= kPanelAheadFromRows && after >= 0
+                                    ? a.panel + after * G * U
                                     : nullptr;
       for_backward_tiles<acc_t, U>(prev_rows, G, R, panel, next_panel,
                                    [&](int64_t k0, int64_t kn, int64_t r0, int n,
