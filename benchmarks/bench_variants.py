@@ -15,6 +15,7 @@ be faster than the loop there.
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -118,6 +119,11 @@ SHAPES = [(256, 32, 50), (512, 32, 50), (256, 4, 50), (512, 4, 50), (256, 1, 50)
 QUICK_SHAPES = [(64, 8, 10)]
 TARGET_COST = 1.3      # variant time / plain time, at most
 TARGET_SPEEDUP = 10.0  # eager cell-loop time / variant time, at least
+# Without --repeats, a row is timed at least this long in all (every contender's calls, the
+# untimed ones too), up to bench_lstm.MAX_REPEATS iterations: with ten, plain H 256 B 4 took
+# 3.2-5.4 ms in different rows of one run on an Emerald Rapids, and layer_norm with zoneout
+# cost 1.38x there against 1.26x over 100 interleaved iterations.
+MIN_TIMED_S = 3.0
 
 
 def cell_loop(module, loop):
@@ -132,17 +138,21 @@ def step(model, x, parameters):
     (output.sum() + h.sum()).backward()
 
 
-def measure(contenders, repeats, warmup):
+def measure(contenders, repeats, warmup, min_timed_s=0.0):
     """Seconds of each contender (name -> zero-argument callable) per iteration, interleaved:
-    name -> list of `repeats` times. Each timed call follows an untimed call of the same
-    contender, in an order shuffled every iteration (the same for every run): in a fixed order,
-    the contender after the loop ran 15-25 % slower at B 1 on a Zen 4 than in its own place,
-    10 % even after a call of its own, which favoured the one after it."""
+    name -> list of times, `repeats` of them, or more where that many iterations would take
+    less than min_timed_s (the warm-up's last iteration tells), up to bench_lstm.MAX_REPEATS.
+    Each timed call follows an untimed call of the same contender, in an order shuffled every
+    iteration (the same for every run): in a fixed order, the contender after the loop ran
+    15-25 % slower at B 1 on a Zen 4 than in its own place, 10 % even after a call of its own,
+    which favoured the one after it."""
     times = {name: [] for name in contenders}
     order = random.Random(0)
-    for iteration in range(warmup + repeats):
+    iteration = 0
+    while iteration < warmup + repeats:
         names = list(contenders)
         order.shuffle(names)
+        iteration_start = time.perf_counter()
         for name in names:
             run = contenders[name]
             run()
@@ -150,6 +160,11 @@ def measure(contenders, repeats, warmup):
             run()
             if iteration >= warmup:
                 times[name].append(time.perf_counter() - start)
+        iteration += 1
+        if iteration == warmup and min_timed_s > 0:
+            iteration_s = time.perf_counter() - iteration_start
+            repeats = max(repeats, min(bench_lstm.MAX_REPEATS,
+                                       math.ceil(min_timed_s / iteration_s)))
     return times
 
 
@@ -168,7 +183,7 @@ def roof_limits(results, shape, roof_gflops):
             "loop_ceiling": results["loop_ms"] / at_roof_ms}
 
 
-def measure_variant(name, shape, compile_too, repeats, warmup):
+def measure_variant(name, shape, compile_too, repeats, warmup, min_timed_s=0.0):
     options, weights_for = VARIANTS[name]
     hidden, batch, steps = shape
     torch.manual_seed(0)
@@ -191,7 +206,7 @@ def measure_variant(name, shape, compile_too, repeats, warmup):
         compiled_loop = torch.compile(loop)
         contenders["variant compiled"] = lambda: step(compiled_variant, x, parameters)
         contenders["loop compiled"] = lambda: step(compiled_loop, x, parameters)
-    times = measure(contenders, repeats, warmup)
+    times = measure(contenders, repeats, warmup, min_timed_s)
     result = {key.replace(" ", "_") + "_ms": statistics.median(values) * 1e3
               for key, values in times.items()}
     result["times_ms"] = bench_lstm.times_in_ms(times)
@@ -241,13 +256,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one small shape, seconds")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the torch.compile columns (compiling the loop takes minutes)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="iterations per row (default: 10, or more where a row would run "
+                             f"less than {MIN_TIMED_S:g} s, up to {bench_lstm.MAX_REPEATS})")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--save", action="store_true",
                         help="write JSON and markdown to benchmarks/results/variants-<cpu>.*")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 10)
+    # A given --repeats (or --quick) is the count; otherwise at least MIN_TIMED_S per row.
+    min_timed_s = 0.0 if args.repeats or args.quick else MIN_TIMED_S
     machine = bench_lstm.machine_details(torch.device("cpu"))
     command = "python benchmarks/bench_variants.py " + " ".join(argv or sys.argv[1:])
     rows = []
@@ -257,7 +276,7 @@ def main(argv=None):
     for name in VARIANTS:
         for hidden, batch, steps in QUICK_SHAPES if args.quick else SHAPES:
             results = measure_variant(name, (hidden, batch, steps), args.compile, repeats,
-                                      warmup=2)
+                                      warmup=2, min_timed_s=min_timed_s)
             # The roof again (keeping the better) wherever a row runs faster than it.
             gflops = training_flops((hidden, batch, steps)) / results["variant_ms"] / 1e6
             roof_of(bench_lstm.Row("training", hidden, batch, steps,

@@ -3,6 +3,7 @@ the speedup compares like with like), and a quick run reports every column."""
 
 import json
 import statistics
+import time
 
 import pytest
 import torch
@@ -80,3 +81,14 @@ def test_each_timed_call_follows_one_of_its_own_in_a_shuffled_order(bench):
     orders = ["".join(pair[0] for pair in pairs[i:i + 3]) for i in range(0, len(pairs), 3)]
     assert all(sorted(order) == ["a", "b", "c"] for order in orders)
     assert {order[0] for order in orders} == {"a", "b", "c"}
+
+
+def test_short_rows_get_more_iterations_up_to_the_cap(bench, monkeypatch):
+    """Without --repeats a row runs at least MIN_TIMED_S in all, sized by its last warm-up
+    iteration, and at most bench_lstm.MAX_REPEATS iterations; a row already long enough keeps
+    its count."""
+    monkeypatch.setattr(bench.bench_lstm, "MAX_REPEATS", 7)
+    contenders = {name: (lambda: time.sleep(1e-4)) for name in "ab"}
+    for min_timed_s, expected in ((0.0, 3), (1e-9, 3), (60.0, 7)):
+        times = bench.measure(contenders, repeats=3, warmup=1, min_timed_s=min_timed_s)
+        assert [len(values) for values in times.values()] == [expected, expected]
