@@ -543,8 +543,8 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
     };
 
     // The products of this thread's units, and their moments per row.
-    for (int64_t visit = 0; visit < mine.count(); ++visit) {
-      const int64_t jb = mine.visit(visit, k), after = mine.visit_after(visit, k);
+    for (int64_t nth = 0; nth < mine.count(); ++nth) {
+      const int64_t jb = mine.visit(nth, k), after = mine.visit_after(nth, k);
       const acc_t* panel = a.panel + jb * H * 4 * V;
       const int64_t j0 = jb * V, n_units = std::min<int64_t>(V, H - j0);
       const Tiles tiles(rows, R);
@@ -873,8 +873,8 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
       offset = a.step_offset[t];
       if (rows == 0) continue;
     }
-    for (int64_t visit = 0; visit < mine.count(); ++visit) {
-      const int64_t jb = mine.visit(visit, k), after = mine.visit_after(visit, k);
+    for (int64_t nth = 0; nth < mine.count(); ++nth) {
+      const int64_t jb = mine.visit(nth, k), after = mine.visit_after(nth, k);
       const acc_t* panel = a.panel + jb * G * U;
       const int64_t j0 = jb * U, n_units = std::min<int64_t>(U, H - j0);
       const acc_t* next_panel = fetch_panels && prev_rows >= kPanelAheadFromRows && after >= 0

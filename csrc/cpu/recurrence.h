@@ -606,9 +606,9 @@ void forward_thread(const SequenceForward<scalar_t>& a, int thread, int threads)
         if (project_input) columns.set_rows(1, rows, a.input_size, in_rows.data());
       }
     }
-    for (int64_t visit = 0; visit < mine.count(); ++visit) {
-      const int64_t jb = mine.visit(visit, processed);
-      const int64_t after = mine.visit_after(visit, processed);
+    for (int64_t nth = 0; nth < mine.count(); ++nth) {
+      const int64_t jb = mine.visit(nth, processed);
+      const int64_t after = mine.visit_after(nth, processed);
       const acc_t* panel = direct ? nullptr : a.panel + jb * H * 4 * V;
       const int64_t j0 = jb * V, n_units = std::min<int64_t>(V, H - j0);
       const Tiles tiles(rows, tile_rows);
@@ -1097,9 +1097,9 @@ void backward_thread(const SequenceBackward<scalar_t>& a, int thread, int thread
             [&](int64_t r) { return a.grad_gates + (prev_offset + r) * G; }, amx_packed);
       }
     }
-    for (int64_t visit = 0; visit < mine.count(); ++visit) {
-      const int64_t jb = mine.visit(visit, processed);
-      const int64_t after = mine.visit_after(visit, processed);
+    for (int64_t nth = 0; nth < mine.count(); ++nth) {
+      const int64_t jb = mine.visit(nth, processed);
+      const int64_t after = mine.visit_after(nth, processed);
       const int64_t u0 = jb * U, n_units = std::min<int64_t>(U, H - u0);
       const acc_t* panel = in_place ? in_place_weight<acc_t>(a.w_hh) + u0 : panels + jb * G * U;
       // dh carried into this step, for rows [0, prev_rows).
