@@ -457,6 +457,14 @@ def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
         fp32 = build(dataclasses.replace(row, int8=False), device,
                      torch.Generator().manual_seed(0))[1]
         runs["ours fp32"] = step_function(row, fp32, make_input, device)
+    # Rows bound by reading weights measure the read bandwidth of their working set in every
+    # iteration too, so that the floor comes from the same moments as the row's own times (a
+    # VM's speed drifts within seconds; decode measured 65 % of its floor in a full run where
+    # the bandwidth was measured in one burst after the row, 86 % alone).
+    has_floor = row.mode == "decode" or row.batch <= SMALL_BATCH
+    if has_floor:
+        weight_bytes, working_set = bytes_read(row, ours, rows_of_data)
+    bandwidths = []
     dtype = getattr(torch, row.dtype)
     roofs_around = []
     if device.type == "cpu":
@@ -481,6 +489,8 @@ def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
                 times[name].append(seconds)
             elif device.type == "cuda":
                 inner[name] = max(inner[name], math.ceil(MIN_CUDA_TIMING_S / seconds))
+        if has_floor and iteration >= warmup:
+            bandwidths.append(read_bandwidth(working_set, device, repeats=3))
         iteration += 1
         if iteration == warmup and min_timed_s > 0:
             repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_timed_s / iteration_s)))
@@ -502,12 +512,14 @@ def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
     result["baseline_kernel"] = baseline_kernel(runs["torch"])
     if profile:
         result["profile"] = profile_split(runs["ours"], dtype)
-    if row.mode == "decode" or row.batch <= SMALL_BATCH:
-        weight_bytes, working_set = bytes_read(row, ours, rows_of_data)
-        bandwidth = read_bandwidth(working_set, device)
+    if has_floor:
+        bandwidth = statistics.median(bandwidths)
         result.update(weight_bytes=weight_bytes, read_gbps=bandwidth,
-                      bound_ms=weight_bytes / bandwidth / 1e6)
-        result["bound_fraction"] = result["bound_ms"] / result["ours_ms"]
+                      bound_ms=weight_bytes / bandwidth / 1e6, read_gbps_each=bandwidths)
+        # Paired, as the ratio is: each iteration's floor over the row's time in it.
+        result["bound_fraction"] = statistics.median(
+            weight_bytes / (gbps * 1e9) / seconds
+            for gbps, seconds in zip(bandwidths, times["ours"]))
     return result
 
 
@@ -645,8 +657,8 @@ def table(rows, summary, machine, command):
         "oneDNN, measured in the same run; on the CPU, in brackets, against the faster of "
         "the two timed right before and right after the row) or, for batches of at most "
         f"{SMALL_BATCH} and decode, the weight-read floor (the weights a call must read, over "
-        "the read bandwidth of a working set that size measured in the same run) where that "
-        "floor is the tighter bound.",
+        "the read bandwidth of a working set that size, measured in every iteration of the "
+        "row and paired with it as the ratio is) where that floor is the tighter bound.",
         "" if machine.get("gpu") else cpu_line(machine),
         "",
         "| group | rows | median ratio | target | met |",

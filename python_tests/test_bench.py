@@ -213,6 +213,30 @@ def test_weight_read_floor_counts_w_hh_per_step_and_w_ih_once(bench):
     assert bench.bytes_read(row, projected, rows_of_data=20) == (256 + 10 * (128 + 32), 416)
 
 
+def test_a_floor_row_measures_its_read_bandwidth_in_every_iteration_and_pairs_the_two(
+        bench, monkeypatch):
+    """The weight-read floor's bandwidth is measured in every iteration of the row, and the
+    row's share of its floor pairs each iteration's floor with its time, as the ratio does:
+    here 1 MB of weights from a 2 MB working set read at 10 or 30 GB/s in turn."""
+    monkeypatch.setattr(bench, "bytes_read", lambda row, module, rows_of_data: (10**6, 2 * 10**6))
+    rates = iter([10.0, 30.0] * 20)
+    asked = []
+
+    def read_bandwidth(nbytes, device, repeats=20):
+        asked.append(nbytes)
+        return next(rates)
+
+    monkeypatch.setattr(bench, "read_bandwidth", read_bandwidth)
+    row = bench.Row("inference", 16, 2, 3)
+    results = bench.measure(row, torch.device("cpu"), repeats=4, warmup=1)
+    assert asked == [2 * 10**6] * 4 and results["read_gbps_each"] == [10.0, 30.0] * 2
+    assert results["read_gbps"] == 20.0 and results["bound_ms"] == pytest.approx(0.05)
+    # (times_ms keeps a few digits)
+    paired = statistics.median(1e6 / (gbps * 1e9) / (ms / 1e3) for gbps, ms
+                               in zip([10.0, 30.0] * 2, results["times_ms"]["ours"]))
+    assert results["bound_fraction"] == pytest.approx(paired, rel=1e-3)
+
+
 def test_int8_rows_count_int8_bytes_and_time_our_fp32_too(bench):
     """An int8 module's weights are buffers: W_ih and W_hh 16 x 4 int8 (64 bytes each) plus a
     4-byte scale per row (64 bytes each). The int8 rows also time our fp32 on the same
