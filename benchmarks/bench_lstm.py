@@ -445,6 +445,14 @@ def times_in_ms(times):
             for name, values in times.items()}
 
 
+def sized_repeats(repeats, min_timed_s, iteration_s):
+    """The iterations to time: `repeats`, or more where that many iterations of iteration_s
+    each would take less than min_timed_s, up to MAX_REPEATS."""
+    if min_timed_s <= 0:
+        return repeats
+    return max(repeats, min(MAX_REPEATS, math.ceil(min_timed_s / iteration_s)))
+
+
 def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
     """Times the row's contenders interleaved: `warmup` iterations, then `repeats`, or more
     where that many would take less than min_timed_s (the warm-up's last iteration tells),
@@ -492,8 +500,8 @@ def measure(row, device, repeats, warmup, profile=False, min_timed_s=0.0):
         if has_floor and iteration >= warmup:
             bandwidths.append(read_bandwidth(working_set, device, repeats=3))
         iteration += 1
-        if iteration == warmup and min_timed_s > 0:
-            repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_timed_s / iteration_s)))
+        if iteration == warmup:
+            repeats = sized_repeats(repeats, min_timed_s, iteration_s)
     ours_s, torch_s = statistics.median(times["ours"]), statistics.median(times["torch"])
     result = {
         "ours_ms": ours_s * 1e3,

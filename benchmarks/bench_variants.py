@@ -15,7 +15,6 @@ be faster than the loop there.
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -161,10 +160,9 @@ def measure(contenders, repeats, warmup, min_timed_s=0.0):
             if iteration >= warmup:
                 times[name].append(time.perf_counter() - start)
         iteration += 1
-        if iteration == warmup and min_timed_s > 0:
-            iteration_s = time.perf_counter() - iteration_start
-            repeats = max(repeats, min(bench_lstm.MAX_REPEATS,
-                                       math.ceil(min_timed_s / iteration_s)))
+        if iteration == warmup:
+            repeats = bench_lstm.sized_repeats(repeats, min_timed_s,
+                                               time.perf_counter() - iteration_start)
     return times
 
 
