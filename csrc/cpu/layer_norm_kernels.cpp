@@ -350,49 +350,6 @@ inline Units units_of(int64_t H, int64_t block, int thread, int threads) {
   return {std::min(H, s.begin * block), std::min(H, s.end * block)};
 }
 
-// Per thread and row, a pair of partial results, in slots (one per reduction in flight):
-// slot k of thread t for row r at [((k * threads + t) * B + r) * 2].
-template <typename acc_t>
-struct Partials {
-  acc_t* base;
-  int64_t batch;
-  int threads;
-  acc_t* at(int slot, int thread, int64_t r) const {
-    return base + ((static_cast<int64_t>(slot) * threads + thread) * batch + r) * 2;
-  }
-};
-
-// Mean and 1/std of a row of n = per_unit * H values from each thread's (mean, squared
-// deviations) of its own units' values (Chan, Golub & LeVeque's pairwise update).
-template <typename acc_t>
-inline void combined_moments(const Partials<acc_t>& p, int slot, int64_t r, int64_t H,
-                             int64_t block, int64_t per_unit, acc_t& mean, acc_t& rstd) {
-  const int64_t n = per_unit * H;
-  acc_t sum = 0;
-  for (int t = 0; t < p.threads; ++t) {
-    sum += p.at(slot, t, r)[0] * acc_t(per_unit * units_of(H, block, t, p.threads).count());
-  }
-  mean = sum / acc_t(n);
-  acc_t squares = 0;
-  for (int t = 0; t < p.threads; ++t) {
-    const acc_t* part = p.at(slot, t, r);
-    const acc_t count = acc_t(per_unit * units_of(H, block, t, p.threads).count());
-    squares += part[1] + count * (part[0] - mean) * (part[0] - mean);
-  }
-  rstd = rstd_of(squares, n);
-}
-
-// The two sums of every thread for a row, added.
-template <typename acc_t>
-inline void combined_sums(const Partials<acc_t>& p, int slot, int64_t r, acc_t& first,
-                          acc_t& second) {
-  first = second = 0;
-  for (int t = 0; t < p.threads; ++t) {
-    first += p.at(slot, t, r)[0];
-    second += p.at(slot, t, r)[1];
-  }
-}
-
 // A barrier among the threads that share a step's rows (none where a thread has them alone).
 inline void step_barrier(int threads) {
   if (threads > 1) {
@@ -425,13 +382,12 @@ RowSplit row_split(int64_t B, int64_t H, int threads) {
 }
 
 // The sequence as one thread of a row split sees it: rows [begin, end) of each step's, with
-// its own state rows and workspace slice (work_size and partials_size values per thread).
+// its own state rows and workspace slice (work_size values per thread).
 template <typename acc_t>
 struct RowSlice {
   LayerNormSequence<acc_t> a;
   std::vector<int64_t> size, offset;
-  RowSlice(const LayerNormSequence<acc_t>& whole, int thread, int threads, int64_t work_size,
-           int64_t partials_size)
+  RowSlice(const LayerNormSequence<acc_t>& whole, int thread, int threads, int64_t work_size)
       : a(whole), size(whole.steps), offset(whole.steps) {
     const Share s = share_of(whole.batch, thread, threads);
     const int64_t H = whole.hidden;
@@ -449,7 +405,6 @@ struct RowSlice {
     a.grad_hidden = shift(whole.grad_hidden);
     a.grad_cell = shift(whole.grad_cell);
     a.work = whole.work + thread * work_size;
-    a.partials = whole.partials + thread * partials_size;
   }
 };
 
@@ -461,8 +416,6 @@ inline int64_t forward_work_size(int64_t B, int64_t H, bool masked, bool trainin
 inline int64_t backward_work_size(int64_t B, int64_t H) {
   return 2 * B * 4 * H + 3 * B * H + 4 * kSkew;
 }
-// Per-thread partial sums: three reductions in flight, a pair per row.
-inline int64_t partials_size(int64_t B, int threads) { return 3 * threads * B * 2; }
 
 // Values of a workspace that a team of up to `threads` needs (OpenMP may start fewer than
 // asked, which may change the split), given per_rows(n, team): what n rows need, of a slice
@@ -494,15 +447,15 @@ void sequence_forward_thread(const LayerNormSequence<acc_t>& a, int thread, int 
   const RowSplit split = row_split<acc_t>(a.batch, H, threads);
   if (split.on) {
     const RowSlice<acc_t> slice(
-        a, thread, threads, forward_work_size(split.rows, H, a.recurrent_mask, a.gates),
-        partials_size(split.rows, 1));
+        a, thread, threads, forward_work_size(split.rows, H, a.recurrent_mask, a.gates));
     forward_steps<isa>(slice.a, 0, 1);
   } else {
     forward_steps<isa>(a, thread, threads);
   }
 }
 
-// The time loop of the forward, for a thread's units of every row.
+// The time loop of the forward: the products of a thread's units of every row, then the rest
+// of its rows.
 template <Isa isa, typename acc_t>
 void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
   constexpr int V = Tiling<isa, acc_t>::V;
@@ -510,8 +463,6 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
   const int64_t H = a.hidden, B = a.batch, G = 4 * H;
   const Share mine = share_of(ceil_div(H, V), thread, threads);
   const Units own = units_of(H, V, thread, threads);
-  const Partials<acc_t> partials{a.partials, B, threads};
-  enum { kProducts, kInputs, kCells };
   // As the plain recurrence's forward: the next panel asked for ahead where they outgrow L2.
   const int64_t panel_bytes = H * 4 * V * static_cast<int64_t>(sizeof(acc_t));
   const bool fetch_panels = panels_outgrow_l2(mine.count() * panel_bytes);
@@ -522,8 +473,8 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
   acc_t* scratch = a.work + (a.recurrent_mask ? B * H : 0);
   const bool training = a.gates != nullptr;
   acc_t* c_entering = training ? a.cell_prev : scratch + 2 * B * G;
-  // With zoneout of h, h~ of this thread's units of a row.
-  std::vector<acc_t> fresh(a.zoneout_hidden ? own.count() : 0);
+  // With zoneout of h, h~ of a row.
+  std::vector<acc_t> fresh(a.zoneout_hidden ? H : 0);
   for (int64_t r = 0; a.recurrent_mask && r < B; ++r) {
     for (int64_t j = own.begin; j < own.end; ++j) {
       h_in[r * H + j] = a.hidden_state[r * H + j] * a.recurrent_mask[r * H + j];
@@ -542,7 +493,7 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
       return training ? a.gates + (offset + r) * G : scratch + (B + r) * G;
     };
 
-    // The products of this thread's units, and their moments per row.
+    // The products of this thread's units for every row.
     for (int64_t nth = 0; nth < mine.count(); ++nth) {
       const int64_t jb = mine.visit(nth, k), after = mine.visit_after(nth, k);
       const acc_t* panel = a.panel + jb * H * 4 * V;
@@ -577,109 +528,60 @@ void forward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
         }
       }
     }
-    // Each thread's mean and squared deviations of its columns of a row.
-    const auto own_moments = [&](const acc_t* row, acc_t* part) {
-      acc_t sum = 0;
-      for (int g = 0; g < 4; ++g) sum += sum_of<acc_t, V>(row + g * H + own.begin, own.count());
-      part[0] = sum / acc_t(4 * own.count());
-      part[1] = 0;
-      for (int g = 0; g < 4; ++g) {
-        part[1] += squares_about<acc_t, V>(row + g * H + own.begin, own.count(), part[0]);
-      }
-    };
-    for (int64_t r = 0; r < rows; ++r) {
-      own_moments(product_row(r), partials.at(kProducts, thread, r));
-      own_moments(a.input_products + (offset + r) * G, partials.at(kInputs, thread, r));
-    }
+    // Every unit's product is in; each thread takes its share of the rows.
     step_barrier(threads);
-
-    // Gates and c of this thread's units, and c's moments per row.
-    for (int64_t r = 0; r < rows; ++r) {
+    const Share my_rows = share_of(rows, thread, threads);
+    for (int64_t r = my_rows.begin; r < my_rows.end; ++r) {
       const int64_t row = offset + r;
+      const acc_t* p = product_row(r);
+      const acc_t* px = a.input_products + row * G;
       acc_t mean, rstd, x_mean, x_rstd;
-      combined_moments(partials, kProducts, r, H, V, 4, mean, rstd);
-      combined_moments(partials, kInputs, r, H, V, 4, x_mean, x_rstd);
-      if (training && thread == 0) {
+      moments<acc_t, V>(G, p, mean, rstd);
+      moments<acc_t, V>(G, px, x_mean, x_rstd);
+      acc_t* z = gate_row(r);
+      acc_t* c = a.cell_state + r * H;
+      acc_t* h = a.hidden_state + r * H;
+      if (training || a.zoneout_cell) {
+        std::memcpy(c_entering + (training ? row : r) * H, c, H * sizeof(acc_t));
+      }
+      cell_of_products(H, H, px, x_mean, x_rstd, a.ih_gain, a.input_bias, p, mean, rstd,
+                       a.hh_gain, a.hh_bias, z, c);
+      acc_t c_mean, c_rstd;
+      moments<acc_t, V>(H, c, c_mean, c_rstd);
+      if (training) {
         acc_t* stats = a.stats + row * 6;
         stats[0] = x_mean;
         stats[1] = x_rstd;
         stats[2] = mean;
         stats[3] = rstd;
-      }
-      const acc_t* p = product_row(r);
-      const acc_t* px = a.input_products + row * G;
-      acc_t* z = gate_row(r);
-      acc_t* c = a.cell_state + r * H;
-      if (training || a.zoneout_cell) {
-        std::memcpy(c_entering + (training ? row : r) * H + own.begin, c + own.begin,
-                    own.count() * sizeof(acc_t));
-      }
-      if (training) {
-        std::memcpy(a.hidden_prev + row * H + own.begin, h_in + r * H + own.begin,
-                    own.count() * sizeof(acc_t));
-      }
-      const int64_t j = own.begin;
-      cell_of_products(own.count(), H, px + j, x_mean, x_rstd, a.ih_gain + j, a.input_bias + j,
-                       p + j, mean, rstd, a.hh_gain + j, a.hh_bias + j, z + j, c + j);
-      acc_t* part = partials.at(kCells, thread, r);
-      part[0] = sum_of<acc_t, V>(c + own.begin, own.count()) /
-                acc_t(std::max<int64_t>(1, own.count()));
-      part[1] = squares_about<acc_t, V>(c + own.begin, own.count(), part[0]);
-    }
-    step_barrier(threads);
-
-    // h of this thread's units.
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = offset + r;
-      acc_t mean, rstd;
-      combined_moments(partials, kCells, r, H, V, 1, mean, rstd);
-      acc_t* c = a.cell_state + r * H;
-      if (training) {
-        if (thread == 0) {
-          a.stats[row * 6 + 4] = mean;
-          a.stats[row * 6 + 5] = rstd;
-        }
+        stats[4] = c_mean;
+        stats[5] = c_rstd;
+        std::memcpy(a.hidden_prev + row * H, h_in + r * H, H * sizeof(acc_t));
         // With zoneout of c the saved sequence is c after it (below).
-        if (!a.zoneout_cell) {
-          std::memcpy(a.cell_out + row * H + own.begin, c + own.begin,
-                      own.count() * sizeof(acc_t));
-        }
+        if (!a.zoneout_cell) std::memcpy(a.cell_out + row * H, c, H * sizeof(acc_t));
       }
-      const acc_t* z = gate_row(r);
-      acc_t* y = a.output + row * H;
-      acc_t* h = a.hidden_state + r * H;
-      const int64_t j = own.begin;
-      hidden_from_cell(own.count(), z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j,
-                       a.cell_bias + j, a.zoneout_hidden ? fresh.data() : h + j);
+      hidden_from_cell(H, z + 3 * H, c, c_mean, c_rstd, a.cell_gain, a.cell_bias,
+                       a.zoneout_hidden ? fresh.data() : h);
       if (a.zoneout_hidden) {
-        const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride + j;
-        for (int64_t u = 0; u < own.count(); ++u) {
-          h[j + u] = d[u] * h[j + u] + (acc_t(1) - d[u]) * fresh[u];
-        }
+        const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride;
+        for (int64_t u = 0; u < H; ++u) h[u] = d[u] * h[u] + (acc_t(1) - d[u]) * fresh[u];
       }
       if (a.zoneout_cell) {
         const acc_t* d = a.zoneout_cell + row * a.zoneout_cell_stride;
         const acc_t* before = c_entering + (training ? row : r) * H;
-        for (int64_t u = own.begin; u < own.end; ++u) {
-          c[u] = d[u] * before[u] + (acc_t(1) - d[u]) * c[u];
-        }
-        if (training) {
-          std::memcpy(a.cell_out + row * H + own.begin, c + own.begin,
-                      own.count() * sizeof(acc_t));
-        }
+        for (int64_t u = 0; u < H; ++u) c[u] = d[u] * before[u] + (acc_t(1) - d[u]) * c[u];
+        if (training) std::memcpy(a.cell_out + row * H, c, H * sizeof(acc_t));
       }
-      std::memcpy(y + j, h + j, own.count() * sizeof(acc_t));
+      std::memcpy(a.output + row * H, h, H * sizeof(acc_t));
       if (a.recurrent_mask) {
-        for (int64_t j = own.begin; j < own.end; ++j) {
-          h_in[r * H + j] = h[j] * a.recurrent_mask[r * H + j];
-        }
+        for (int64_t j = 0; j < H; ++j) h_in[r * H + j] = h[j] * a.recurrent_mask[r * H + j];
       }
     }
     step_barrier(threads);
   }
 }
 
-// A norm's input gradient for a step's rows of a thread's gate columns, from dz (the gate
+// A norm's input gradient for a thread's rows of a step, from dz (the gate
 // pre-activations' gradient) and the norm's input `values`: rstd (dy - mean(dy) - hat
 // mean(dy hat)) with dy = dz gain and hat = (values - mean) rstd, each row's four coefficients
 // from `coefficients` (rows of 4: mean, rstd, mean(dy), mean(dy hat)); dz, values, out and
@@ -692,76 +594,73 @@ template <typename acc_t>
 inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz,
                               const acc_t* values, const acc_t* gain, const acc_t* coefficients,
                               acc_t* out, acc_t* out_too, acc_t* transposed, int64_t rows,
-                              int64_t offset, const Units& own) {
+                              int64_t offset) {
   constexpr int kLine = 64 / sizeof(acc_t);
   constexpr int64_t kRows = 64;  // a multiple of kLine
   constexpr int64_t kFewRows = few_grad_rows(sizeof(acc_t));  // grads_in_rows's count
   using vec = typename Vec<acc_t, kLine>::type;
-  const int64_t H = a.hidden, G = 4 * H;
+  const int64_t G = 4 * a.hidden;
   alignas(64) acc_t tile[kLine * kRows];
   // Row r's gradient from dz, values and the gain (a value each, or a line of each).
   const auto grad = [&](int64_t r, const auto& d, const auto& v, const auto& g) {
     const acc_t* c = coefficients + r * 4;
     return norm_grad(d * g, (v - c[0]) * c[1], c[1], c[2], c[3]);
   };
-  for (int g = 0; g < 4 && rows > 0; ++g) {
-    const int64_t end = g * H + own.end;
-    for (int64_t j0 = g * H + own.begin; j0 < end; j0 += kLine) {
-      const int64_t n = std::min<int64_t>(kLine, end - j0);
-      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-        const int64_t m = std::min(kRows, rows - r0);
-        // A few rows (a small batch), or none transposed, do not repay a transpose of kLine
-        // rows: each row's line is one vector, its lanes stored straight down their columns.
-        if (n == kLine && (m <= kFewRows || !transposed)) {
-          const vec g_line = *reinterpret_cast<const vec*>(gain + j0);
-          for (int64_t r = r0; r < r0 + m; ++r) {
-            alignas(64) acc_t line[kLine];
-            *reinterpret_cast<vec*>(line) =
-                grad(r, *reinterpret_cast<const vec*>(dz + r * G + j0),
-                     *reinterpret_cast<const vec*>(values + r * G + j0), g_line);
-            if (out) std::memcpy(out + r * G + j0, line, sizeof(line));
-            if (out_too) std::memcpy(out_too + r * G + j0, line, sizeof(line));
-            acc_t* __restrict__ column = transposed ? transposed + j0 * a.rows + offset + r
-                                                    : nullptr;
-            for (int64_t v = 0; column && v < kLine; ++v) column[v * a.rows] = line[v];
-          }
-          continue;
+  for (int64_t j0 = 0; j0 < G && rows > 0; j0 += kLine) {
+    const int64_t n = std::min<int64_t>(kLine, G - j0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      const int64_t m = std::min(kRows, rows - r0);
+      // A few rows (a small batch), or none transposed, do not repay a transpose of kLine
+      // rows: each row's line is one vector, its lanes stored straight down their columns.
+      if (n == kLine && (m <= kFewRows || !transposed)) {
+        const vec g_line = *reinterpret_cast<const vec*>(gain + j0);
+        for (int64_t r = r0; r < r0 + m; ++r) {
+          alignas(64) acc_t line[kLine];
+          *reinterpret_cast<vec*>(line) =
+              grad(r, *reinterpret_cast<const vec*>(dz + r * G + j0),
+                   *reinterpret_cast<const vec*>(values + r * G + j0), g_line);
+          if (out) std::memcpy(out + r * G + j0, line, sizeof(line));
+          if (out_too) std::memcpy(out_too + r * G + j0, line, sizeof(line));
+          acc_t* __restrict__ column = transposed ? transposed + j0 * a.rows + offset + r
+                                                  : nullptr;
+          for (int64_t v = 0; column && v < kLine; ++v) column[v * a.rows] = line[v];
         }
-        // A full line: kLine rows at a time, transposed in registers into the tile.
-        for (int64_t rb = 0; n == kLine && rb < m; rb += kLine) {
-          const vec g_line = *reinterpret_cast<const vec*>(gain + j0);
-          vec block[kLine];
-          for (int64_t q = 0; q < kLine; ++q) {
-            const int64_t r = r0 + rb + q;
-            if (rb + q >= m) {
-              block[q] = vec{};
-              continue;
-            }
-            block[q] = grad(r, *reinterpret_cast<const vec*>(dz + r * G + j0),
-                            *reinterpret_cast<const vec*>(values + r * G + j0), g_line);
-            if (out) *reinterpret_cast<vec*>(out + r * G + j0) = block[q];
-            if (out_too) *reinterpret_cast<vec*>(out_too + r * G + j0) = block[q];
+        continue;
+      }
+      // A full line: kLine rows at a time, transposed in registers into the tile.
+      for (int64_t rb = 0; n == kLine && rb < m; rb += kLine) {
+        const vec g_line = *reinterpret_cast<const vec*>(gain + j0);
+        vec block[kLine];
+        for (int64_t q = 0; q < kLine; ++q) {
+          const int64_t r = r0 + rb + q;
+          if (rb + q >= m) {
+            block[q] = vec{};
+            continue;
           }
-          transpose_square<acc_t, kLine>(block);
-          for (int64_t v = 0; v < kLine; ++v) {
-            *reinterpret_cast<vec*>(tile + v * kRows + rb) = block[v];
-          }
+          block[q] = grad(r, *reinterpret_cast<const vec*>(dz + r * G + j0),
+                          *reinterpret_cast<const vec*>(values + r * G + j0), g_line);
+          if (out) *reinterpret_cast<vec*>(out + r * G + j0) = block[q];
+          if (out_too) *reinterpret_cast<vec*>(out_too + r * G + j0) = block[q];
         }
-        for (int64_t i = 0; n < kLine && i < m; ++i) {
-          const int64_t r = r0 + i;
-          for (int64_t v = 0; v < n; ++v) {
-            const int64_t j = j0 + v;
-            const acc_t value = grad(r, dz[r * G + j], values[r * G + j], gain[j]);
-            if (out) out[r * G + j] = value;
-            if (out_too) out_too[r * G + j] = value;
-            tile[v * kRows + i] = value;
-          }
+        transpose_square<acc_t, kLine>(block);
+        for (int64_t v = 0; v < kLine; ++v) {
+          *reinterpret_cast<vec*>(tile + v * kRows + rb) = block[v];
         }
-        for (int64_t v = 0; transposed && v < n; ++v) {
-          acc_t* __restrict__ column = transposed + (j0 + v) * a.rows + offset + r0;
-          const acc_t* __restrict__ run = tile + v * kRows;
-          for (int64_t r = 0; r < m; ++r) column[r] = run[r];
+      }
+      for (int64_t i = 0; n < kLine && i < m; ++i) {
+        const int64_t r = r0 + i;
+        for (int64_t v = 0; v < n; ++v) {
+          const int64_t j = j0 + v;
+          const acc_t value = grad(r, dz[r * G + j], values[r * G + j], gain[j]);
+          if (out) out[r * G + j] = value;
+          if (out_too) out_too[r * G + j] = value;
+          tile[v * kRows + i] = value;
         }
+      }
+      for (int64_t v = 0; transposed && v < n; ++v) {
+        acc_t* __restrict__ column = transposed + (j0 + v) * a.rows + offset + r0;
+        const acc_t* __restrict__ run = tile + v * kRows;
+        for (int64_t r = 0; r < m; ++r) column[r] = run[r];
       }
     }
   }
@@ -770,25 +669,22 @@ inline void finish_transposed(const LayerNormSequence<acc_t>& a, const acc_t* dz
 template <Isa isa, typename acc_t>
 std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads);
 
-// The units [begin, end) of a thread's gradients of the norms' gains and biases (as
-// backward_steps returns them, each part kSkew apart), into the caller's (G + G + H + H + G).
+// A thread's gradients of the norms' gains and biases (as backward_steps returns them, each
+// part kSkew apart), added to the caller's (G + G + H + H + G).
 template <typename acc_t>
-void add_norm_grads(const LayerNormSequence<acc_t>& a, const std::vector<acc_t>& norm_grads,
-                    const Units& units) {
+void add_norm_grads(const LayerNormSequence<acc_t>& a, const std::vector<acc_t>& norm_grads) {
   const int64_t H = a.hidden, G = 4 * H;
   const acc_t* grad_hh_gain = norm_grads.data();
   const acc_t* grad_hh_bias = grad_hh_gain + G + kSkew;
   const acc_t* grad_cell_gain = grad_hh_bias + G + kSkew;
   const acc_t* grad_cell_bias = grad_cell_gain + H + kSkew;
   const acc_t* grad_ih_gain = grad_cell_bias + H + kSkew;
-  for (int g = 0; g < 4; ++g) {
-    for (int64_t j = g * H + units.begin; j < g * H + units.end; ++j) {
-      a.grad_norms[j] += grad_hh_gain[j];
-      a.grad_norms[G + j] += grad_hh_bias[j];
-      a.grad_norms[2 * G + 2 * H + j] += grad_ih_gain[j];
-    }
+  for (int64_t j = 0; j < G; ++j) {
+    a.grad_norms[j] += grad_hh_gain[j];
+    a.grad_norms[G + j] += grad_hh_bias[j];
+    a.grad_norms[2 * G + 2 * H + j] += grad_ih_gain[j];
   }
-  for (int64_t j = units.begin; j < units.end; ++j) {
+  for (int64_t j = 0; j < H; ++j) {
     a.grad_norms[2 * G + j] += grad_cell_gain[j];
     a.grad_norms[2 * G + H + j] += grad_cell_bias[j];
   }
@@ -802,23 +698,21 @@ void sequence_backward_thread(const LayerNormSequence<acc_t>& a, int thread, int
                         share_of(ceil_div(H, U), thread, threads));
   step_barrier(threads);
   const RowSplit split = row_split<acc_t>(a.batch, H, threads);
-  if (split.on) {
-    const RowSlice<acc_t> slice(a, thread, threads, backward_work_size(split.rows, H),
-                                partials_size(split.rows, 1));
-    const std::vector<acc_t> norm_grads = backward_steps<isa>(slice.a, 0, 1);
-    // Every thread has all units: added in thread order, so a run's bits repeat.
-    for (int t = 0; t < threads; ++t) {
-      if (t == thread) add_norm_grads(a, norm_grads, Units{0, H});
-      step_barrier(threads);
-    }
-  } else {
-    add_norm_grads(a, backward_steps<isa>(a, thread, threads),
-                   units_of(H, U, thread, threads));
+  const std::vector<acc_t> norm_grads =
+      split.on ? backward_steps<isa>(
+                     RowSlice<acc_t>(a, thread, threads, backward_work_size(split.rows, H)).a,
+                     0, 1)
+               : backward_steps<isa>(a, thread, threads);
+  // Each thread's sums are of its rows and every unit: added in thread order, so a run's bits
+  // repeat.
+  for (int t = 0; t < threads; ++t) {
+    if (t == thread) add_norm_grads(a, norm_grads);
+    step_barrier(threads);
   }
 }
 
-// The time loop of the backward, for a thread's units of every row; returns its sums of the
-// norms' gain and bias gradients over its units.
+// The time loop of the backward: the product of a thread's units for every row, then the rest
+// of its rows; returns its sums of the norms' gain and bias gradients over its rows.
 template <Isa isa, typename acc_t>
 std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread, int threads) {
   constexpr int V = Tiling<isa, acc_t>::V;
@@ -827,8 +721,6 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
   const int64_t H = a.hidden, B = a.batch, G = 4 * H;
   const Share mine = share_of(ceil_div(H, U), thread, threads);
   const Units own = units_of(H, U, thread, threads);
-  const Partials<acc_t> partials{a.partials, B, threads};
-  enum { kCellSums, kProductSums, kInputSums };
   const bool fetch_panels =
       panels_outgrow_l2(mine.count() * G * U * static_cast<int64_t>(sizeof(acc_t)));
 
@@ -904,16 +796,18 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
       }
     }
 
-    // The output gate's gradient and LN(c)'s; their sums per row.
-    for (int64_t r = 0; r < rows; ++r) {
+    // Every unit's dh is in; each thread takes its share of the rows.
+    step_barrier(threads);
+    const Share my_rows = share_of(rows, thread, threads);
+    for (int64_t r = my_rows.begin; r < my_rows.end; ++r) {
       const int64_t row = offset + r;
-      const acc_t mean = a.stats[row * 6 + 4], rstd = a.stats[row * 6 + 5];
+      const acc_t* stats = a.stats + row * 6;
       const acc_t* z = a.gates + row * G;
+      const acc_t* c_prev = a.cell_prev + row * H;
       const acc_t* c = a.cell_out + row * H;
       // With zoneout of c the saved sequence is c after it; the norm saw c~ = f c_prev + i g.
       if (a.zoneout_cell) {
-        const acc_t* c_prev = a.cell_prev + row * H;
-        for (int64_t u = own.begin; u < own.end; ++u) {
+        for (int64_t u = 0; u < H; ++u) {
           cell_fresh[u] = z[H + u] * c_prev[u] + z[u] * z[2 * H + u];
         }
         c = cell_fresh.data();
@@ -925,7 +819,7 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
       if (carry) {
         const acc_t* d = a.zoneout_hidden + row * a.zoneout_hidden_stride;
         with_optional(from_output, [&](auto has_output) {
-          for (int64_t u = own.begin; u < own.end; ++u) {
+          for (int64_t u = 0; u < H; ++u) {
             const acc_t total = dh[u] + (has_output ? from_output[u] : acc_t(0));
             carry[r * H + u] = d[u] * total;
             dh[u] = (acc_t(1) - d[u]) * total;
@@ -933,90 +827,51 @@ std::vector<acc_t> backward_steps(const LayerNormSequence<acc_t>& a, int thread,
         });
         from_output = nullptr;
       }
+      // The output gate's gradient and LN(c)'s.
       acc_t* dz = gate_grads + r * G;
       acc_t* s = scaled + r * H;
       acc_t* x = cell_hat + r * H;
-      const int64_t j = own.begin;
-      output_gate_grads(own.count(), dh + j, from_output ? from_output + j : nullptr,
-                        z + 3 * H + j, c + j, mean, rstd, a.cell_gain + j, a.cell_bias + j,
-                        dz + 3 * H + j, grad_cell_gain + j, grad_cell_bias + j, s + j, x + j);
-      acc_t* part = partials.at(kCellSums, thread, r);
-      part[0] = sum_of<acc_t, V>(s + own.begin, own.count());
-      part[1] = dot_of<acc_t, V>(s + own.begin, x + own.begin, own.count());
-    }
-    step_barrier(threads);
-
-    // c's whole gradient, the other gates' and dc carried back; then the products' gradient
-    // before their norm's backward, and its sums per row.
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = offset + r;
-      acc_t sum, sum_xhat;
-      combined_sums(partials, kCellSums, r, sum, sum_xhat);
-      const acc_t mean_dy = sum / acc_t(H), mean_dy_xhat = sum_xhat / acc_t(H);
-      const acc_t rstd = a.stats[row * 6 + 5];
-      const acc_t* z = a.gates + row * G;
-      const acc_t* c_prev = a.cell_prev + row * H;
-      const acc_t* s = scaled + r * H;
-      const acc_t* x = cell_hat + r * H;
+      output_gate_grads(H, dh, from_output, z + 3 * H, c, stats[4], stats[5], a.cell_gain,
+                        a.cell_bias, dz + 3 * H, grad_cell_gain, grad_cell_bias, s, x);
+      const acc_t mean_dy = sum_of<acc_t, V>(s, H) / acc_t(H);
+      const acc_t mean_dy_xhat = dot_of<acc_t, V>(s, x, H) / acc_t(H);
+      // c's whole gradient, the other gates' and dc carried back.
       acc_t* dc = a.grad_cell + r * H;
-      acc_t* dz = gate_grads + r * G;
-      const int64_t j = own.begin;
       if (a.grad_cells) {
         const acc_t* extra = a.grad_cells + row * H;
-        for (int64_t u = own.begin; u < own.end; ++u) dc[u] += extra[u];
+        for (int64_t u = 0; u < H; ++u) dc[u] += extra[u];
       }
-      const acc_t* keep =
-          a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride + j : nullptr;
-      cell_gate_grads(own.count(), s + j, x + j, rstd, mean_dy, mean_dy_xhat, z + j, z + H + j,
-                      z + 2 * H + j, c_prev + j, keep, dc + j, dz + j, dz + H + j,
-                      dz + 2 * H + j);
-      // Then both product norms' row sums.
-      const acc_t* stats = a.stats + row * 6;
+      const acc_t* keep = a.zoneout_cell ? a.zoneout_cell + row * a.zoneout_cell_stride : nullptr;
+      cell_gate_grads(H, s, x, stats[5], mean_dy, mean_dy_xhat, z, z + H, z + 2 * H, c_prev,
+                      keep, dc, dz, dz + H, dz + 2 * H);
+      // Both product norms' row sums: their backward's coefficients.
       acc_t sums[4] = {};
-      for (int g = 0; g < 4; ++g) {
-        const int64_t column = g * H + own.begin;
-        const ProductNorm<acc_t> hh{a.products + row * G + column, stats[2], stats[3],
-                                    a.hh_gain + column, grad_hh_gain + column};
-        const ProductNorm<acc_t> ih{a.input_products + row * G + column, stats[0], stats[1],
-                                    a.ih_gain + column, grad_ih_gain + column};
-        product_norm_sums<acc_t, V>(own.count(), dz + column, hh, grad_hh_bias + column, ih,
-                                    sums);
+      const ProductNorm<acc_t> hh{a.products + row * G, stats[2], stats[3], a.hh_gain,
+                                  grad_hh_gain};
+      const ProductNorm<acc_t> ih{a.input_products + row * G, stats[0], stats[1], a.ih_gain,
+                                  grad_ih_gain};
+      product_norm_sums<acc_t, V>(G, dz, hh, grad_hh_bias, ih, sums);
+      acc_t* hh_coefficients = coefficients.data() + r * 4;
+      acc_t* ih_coefficients = coefficients.data() + (B + r) * 4;
+      for (int i = 0; i < 2; ++i) {
+        hh_coefficients[i] = stats[2 + i];
+        hh_coefficients[2 + i] = sums[i] / acc_t(G);
+        ih_coefficients[i] = stats[i];
+        ih_coefficients[2 + i] = sums[2 + i] / acc_t(G);
       }
-      acc_t* part = partials.at(kProductSums, thread, r);
-      part[0] = sums[0];
-      part[1] = sums[1];
-      acc_t* input_part = partials.at(kInputSums, thread, r);
-      input_part[0] = sums[2];
-      input_part[1] = sums[3];
     }
-    step_barrier(threads);
-
     // The products' gradients, in both layouts (the weight gradients' products read them
     // transposed).
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t* stats = a.stats + (offset + r) * 6;
-      acc_t sum, sum_hat;
-      combined_sums(partials, kProductSums, r, sum, sum_hat);
-      acc_t* c = coefficients.data() + r * 4;
-      c[0] = stats[2];
-      c[1] = stats[3];
-      c[2] = sum / acc_t(G);
-      c[3] = sum_hat / acc_t(G);
-      combined_sums(partials, kInputSums, r, sum, sum_hat);
-      c = coefficients.data() + (B + r) * 4;
-      c[0] = stats[0];
-      c[1] = stats[1];
-      c[2] = sum / acc_t(G);
-      c[3] = sum_hat / acc_t(G);
-    }
-    finish_transposed(a, gate_grads, a.products + offset * G, a.hh_gain, coefficients.data(),
-                      grad_product, a.grad_products ? a.grad_products + offset * G : nullptr,
-                      a.grad_products_t, rows, offset, own);
-    finish_transposed(a, gate_grads, a.input_products + offset * G, a.ih_gain,
-                      coefficients.data() + B * 4,
-                      a.grad_input_products ? a.grad_input_products + offset * G : nullptr,
-                      static_cast<acc_t*>(nullptr), a.grad_input_products_t, rows, offset,
-                      own);
+    const int64_t first = my_rows.begin, count = my_rows.count();
+    finish_transposed(a, gate_grads + first * G, a.products + (offset + first) * G, a.hh_gain,
+                      coefficients.data() + first * 4, grad_product + first * G,
+                      a.grad_products ? a.grad_products + (offset + first) * G : nullptr,
+                      a.grad_products_t, count, offset + first);
+    finish_transposed(
+        a, gate_grads + first * G, a.input_products + (offset + first) * G, a.ih_gain,
+        coefficients.data() + (B + first) * 4,
+        a.grad_input_products ? a.grad_input_products + (offset + first) * G : nullptr,
+        static_cast<acc_t*>(nullptr), a.grad_input_products_t, count, offset + first);
     prev_rows = rows;
     step_barrier(threads);
   }
@@ -1114,12 +969,8 @@ void layer_norm_sequence_forward(LayerNormSequence<acc_t> a) {
         return forward_work_size(n, H, a.recurrent_mask, a.gates);
       })},
       math_options<acc_t>());
-  const at::Tensor partials = workspace(
-      Workspace::carried, {team_workspace<acc_t>(B, H, threads, partials_size)},
-      math_options<acc_t>());
   a.panel = panel.data_ptr<acc_t>();
   a.work = work.data_ptr<acc_t>();
-  a.partials = partials.data_ptr<acc_t>();
   run_parallel(a, sequence_forward_variant<acc_t>(isa), threads);
 }
 
@@ -1136,12 +987,8 @@ void layer_norm_sequence_backward(LayerNormSequence<acc_t> a) {
         return backward_work_size(n, H);
       })},
       math_options<acc_t>());
-  const at::Tensor partials = workspace(
-      Workspace::carried, {team_workspace<acc_t>(B, H, threads, partials_size)},
-      math_options<acc_t>());
   a.panel = panel.data_ptr<acc_t>();
   a.work = work.data_ptr<acc_t>();
-  a.partials = partials.data_ptr<acc_t>();
   run_parallel(a, sequence_backward_variant<acc_t>(isa), threads);
 }
 

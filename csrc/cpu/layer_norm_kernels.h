@@ -4,11 +4,12 @@
 // - the fused recurrence (no projection): the whole time loop of one layer-direction in one
 //   parallel region, as recurrence.h's. Where each thread gets enough of a step's rows the
 //   threads split the rows and share nothing inside the loop. Otherwise they split the hidden
-//   units and multiply their own panels of W_hh; a norm spans a whole row, so each step then
-//   takes three barriers instead of one: after the products (each thread's mean and squared
-//   deviations of its columns, combined by every thread as Chan et al.'s pairwise update),
-//   after the cell update (the same for c), and after h. Backward the same for its two norm
-//   gradients. The norms' gains and biases are summed per thread and added in thread order.
+//   units for the products (each thread multiplies its own panels of W_hh for every row), then,
+//   after a barrier, the rows for the rest: a norm spans a whole row, so a thread with whole
+//   rows needs no other barrier before the step's end: two barriers a step, forward and
+//   backward (with the norms' sums split by units as well, three, and every row's statistics
+//   moved between cores). The norms' gains and biases are summed per thread over its rows and
+//   added in thread order.
 // - per-step row kernels for a layer with a projection, whose step products go through ATen.
 //
 // Compiled per instruction set (isa.h) with the branch-free gate math of cell_math.h.
@@ -70,10 +71,9 @@ struct LayerNormSequence : SequenceLayout {
   // (G + G + H + H + G), added to: gradients of the recurrent product norm's gain and bias,
   // of the cell norm's, then of the input product norm's gain (its bias's is the first's).
   acc_t* grad_norms;
-  // Workspace, filled in by the run functions: panels, state and per-thread partial sums.
+  // Workspace, filled in by the run functions: panels and state.
   acc_t* panel;
   acc_t* work;
-  acc_t* partials;
 };
 
 template <typename acc_t>
