@@ -420,6 +420,8 @@ class LSTM(_GateInit, nn.RNNBase):
                         f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
                     )
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        if len(hx) != 2:  # nn.LSTM's op refuses it so, after the checks above
+            raise RuntimeError("lstm expects two hidden states")
         weights = self._current_weights()
         self.check_forward_args(data, hx, batch_sizes)
         _check_device(data, weights[0])
@@ -628,6 +630,8 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        if len(hx) != 2:  # as nn.LSTMCell's op, where unbatched hx was not cut to two above
+            raise RuntimeError("lstm_cell expects two hidden states")
         weights = self._weights()
         self._check_forward_args(input, hx, weights[0])
         with _without_autograd_dispatch():

@@ -69,6 +69,19 @@ CALLS = {
         lambda m: m(pack_sequence([torch.randn(3, 5), torch.randn(2, 5)])),
         "input_size. Expected 4, got 5",
     ),
+    "three states": (
+        lambda m: m(torch.randn(3, 2, 4), (torch.randn(2, 2, 6),) * 3), "two hidden states",
+    ),
+    "packed with three states": (
+        lambda m: m(pack_sequence([torch.randn(3, 4), torch.randn(2, 4)]),
+                    (torch.randn(2, 2, 6),) * 3),
+        "two hidden states",
+    ),
+    "packed with one state": (
+        lambda m: m(pack_sequence([torch.randn(3, 4), torch.randn(2, 4)]),
+                    (torch.randn(2, 2, 6),)),
+        "two hidden states",
+    ),
 }
 
 
@@ -144,6 +157,9 @@ CELL_CALLS = {
     "input dtype": (lambda m: m(torch.randn(2, 4, dtype=torch.float64)), "dtype"),
     "state dtype": (lambda m: m(torch.randn(2, 4), (torch.randn(2, 6).double(), torch.randn(2, 6))),
                     r"hx\[0\] has dtype torch.float64"),
+    "three states": (lambda m: m(torch.randn(2, 4), (torch.randn(2, 6),) * 3),
+                     "two hidden states"),
+    "one state": (lambda m: m(torch.randn(2, 4), (torch.randn(2, 6),)), "two hidden states"),
 }
 
 
