@@ -65,6 +65,15 @@ def _check_state_dtype_and_device(input, states, names):
             )
 
 
+def _module_tensors(module, names):
+    """The module's tensors of these names, read from _parameters, where attribute access would
+    find them at ten times the cost (1-2 us a step), except the names that a parametrization
+    (weight_norm, spectral_norm) or pruning has taken out of it: those as attributes, which
+    compute them."""
+    parameters = module._parameters
+    return [parameters[name] if name in parameters else getattr(module, name) for name in names]
+
+
 def _refuse_script(module):
     raise RuntimeError(
         f"torch.jit.script cannot compile lstm_ext.{type(module).__name__}: its forward calls "
@@ -446,10 +455,10 @@ class LSTM(_GateInit, nn.RNNBase):
         return output, (h_n, c_n), *cells
 
     def _current_weights(self):
-        # Read from the parameter dict on every call: always current (assignment, load_state_dict
-        # with assign=True, torch.func.functional_call), and much cheaper than RNNBase's weakref
-        # bookkeeping (_update_flat_weights), which costs ~20 us per call.
-        return [self._parameters[name] for name in self._flat_weights_names]
+        # Read on every call: always current (assignment, load_state_dict with assign=True,
+        # torch.func.functional_call), and much cheaper than RNNBase's weakref bookkeeping
+        # (_update_flat_weights), which costs ~20 us per call.
+        return _module_tensors(self, self._flat_weights_names)
 
     def _plain_in_inference(self):
         """Whether a call that keeps nothing for backward is plain layers, one after another,
@@ -491,8 +500,8 @@ class LSTM(_GateInit, nn.RNNBase):
                 cell_sequences = []
                 norms = None
                 if self.layer_norm:
-                    norms = [[self._parameters[name] for name in self._layer_norm_names(
-                        layer, "_reverse" if direction else "")]
+                    norms = [_module_tensors(self, self._layer_norm_names(
+                        layer, "_reverse" if direction else ""))
                         for direction in range(num_directions)]
                 if self.proj_size > 0 or any(self.zoneout) or return_cells or norms:
                     layer_input, h, c, *cell_sequences = _onnx.lstm_layer_scan(
@@ -527,8 +536,7 @@ class LSTM(_GateInit, nn.RNNBase):
                         for z, size in zip(self.zoneout, (c0.shape[2], h0.shape[2])))
                 if self.layer_norm:
                     suffix = "_reverse" if direction else ""
-                    norms = [self._parameters[name]
-                             for name in self._layer_norm_names(layer, suffix)]
+                    norms = _module_tensors(self, self._layer_norm_names(layer, suffix))
                     output, h, c, *cells = ops.layer_norm_forward(
                         layer_input, h0[index], c0[index], w[0], w_hh, b_ih, b_hh, w_hr,
                         batch_sizes, direction == 1, training or _needs_saved_state(norms),
@@ -641,19 +649,12 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
         return h, c
 
     def _weights(self):
-        """(weight_ih, weight_hh, bias_ih, bias_hh): read from _parameters, where attribute
-        access would find them at ten times the cost (1-2 us a step), unless a
-        parametrization or weight_norm has taken a name out of it."""
-        p = self._parameters
-        try:
-            return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
-        except KeyError:
-            return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        """(weight_ih, weight_hh, bias_ih, bias_hh)."""
+        return tuple(_module_tensors(self, ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
 
     def _step(self, input, hx, weights):
         """(h', c') for batched input and state that passed the checks."""
-        norms = [self._parameters[name] for name in _layer_norm_names()] if self.layer_norm \
-            else None
+        norms = _module_tensors(self, _layer_norm_names()) if self.layer_norm else None
         variant = self.layer_norm or any(self.zoneout)
         if _exporting_onnx():  # one step of an ONNX LSTM node, or of a Scan for the variants
             if variant:

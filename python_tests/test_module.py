@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401 - nn.utils.prune
 from torch import nn
 
 import lstm_ext
@@ -130,6 +131,51 @@ def test_gradients_in_eval_mode():
     (grad_ours,) = torch.autograd.grad(module(x)[0].sum(), x)
     (grad_torch,) = torch.autograd.grad(reference(x)[0].sum(), x)
     torch.testing.assert_close(grad_ours, grad_torch, rtol=1e-10, atol=1e-12)
+
+
+def _weight_norm(module, name):
+    nn.utils.parametrizations.weight_norm(module, name)
+
+
+def _spectral_norm(module, name):
+    nn.utils.parametrizations.spectral_norm(module, name)
+
+
+def _pruned(module, name):
+    nn.utils.prune.l1_unstructured(module, name, amount=0.5)
+
+
+@pytest.mark.parametrize("reweight", [_weight_norm, _spectral_norm, _pruned],
+                         ids=["weight_norm", "spectral_norm", "prune"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_weights_reparametrized_or_pruned_as_in_nn_lstm(reweight, packed):
+    """torch.nn.utils' weight_norm, spectral_norm and pruning take a weight out of
+    _parameters and compute it on access: the layers read that computed weight, as nn.LSTM's
+    do, with the same outputs and gradients of what the user trains. (spectral_norm in eval
+    mode: in training each access runs a power iteration, and nn.LSTM reads its weights twice a
+    call where we read them once.)"""
+    results = []
+    for module_type in (nn.LSTM, lstm_ext.LSTM):
+        torch.manual_seed(3)
+        module = module_type(4, 6, 2, bidirectional=True, proj_size=3).double()
+        for name in ("weight_ih_l0", "weight_hh_l1_reverse", "weight_hr_l0"):
+            reweight(module, name)
+        module.train(reweight is not _spectral_norm)
+        torch.manual_seed(4)
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+        if packed:
+            x = nn.utils.rnn.pack_padded_sequence(x, [5, 4, 2])
+        output, (h, c) = module(x)
+        output = output.data if packed else output
+        (output.pow(2).sum() + h.sum() + c.pow(2).sum()).backward()
+        results.append((output, h, c, dict(module.named_parameters())))
+    (*expected, expected_params), (*got, params) = results
+    assert params.keys() == expected_params.keys()
+    for ours, reference in zip(got, expected):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    for name, parameter in params.items():
+        torch.testing.assert_close(parameter.grad, expected_params[name].grad, rtol=1e-10,
+                                   atol=1e-12, msg=name)
 
 
 def test_module_double_backward():
