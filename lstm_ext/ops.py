@@ -15,6 +15,28 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def under_functorch():
+    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is active. Their
+    tensors cannot pass through the ops' C++ autograd formulas, so the layers then run as the
+    differentiable reference below (reference_layer_forward): the same math in torch ops, step
+    by step, which the transforms differentiate and batch as they do any torch code."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _by_reference(reference, input, tensors, *args, **kwargs):
+    """reference(*tensors, *args, **kwargs) in the math dtype (fp32 for bf16 and fp16 storage,
+    as the kernels' gate math and cell), its tensors returned in input's dtype."""
+    dtype = math_dtype(input.dtype)
+
+    def up(t):
+        if isinstance(t, (list, tuple)):
+            return [up(item) for item in t]
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+    if dtype != input.dtype:
+        tensors = [up(t) for t in tensors]
+    return tuple(t.to(input.dtype) for t in reference(*tensors, *args, **kwargs))
+
+
 def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None,
                   reverse=False, training=True, recurrent_mask=None, zoneout_cell=None,
                   zoneout_hidden=None, return_cells=False):
@@ -23,6 +45,11 @@ def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, ba
     before every W_hh product; zoneout_cell (N or 1, H) and zoneout_hidden (N or 1, R) weigh
     the previous state, c = d c_prev + (1 - d) c~ (h likewise). Returns (output, h_n, c_n),
     and with return_cells the c of every step, shaped like output with H features."""
+    if under_functorch():
+        return _by_reference(
+            reference_layer_forward, input,
+            (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, recurrent_mask,
+             zoneout_cell, zoneout_hidden), return_cells=return_cells)
     output, h_n, c_n, _, _, _, _, cells = _ops.lstm_layer_forward(
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, training,
         recurrent_mask, zoneout_cell, zoneout_hidden, return_cells
@@ -48,6 +75,15 @@ def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
     for layer_forward. Returns (output, h_n, c_n), and with return_cells the c after every
     step (after zoneout), laid out as the output: the op's saved cell sequence (kept for that
     even without training), whose gradient backward takes."""
+    if under_functorch():
+        output, h_n, c_n, *cells = _by_reference(
+            reference_layer_norm_forward, input,
+            (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, norms,
+             recurrent_mask), return_cells=return_cells, zoneout_cell=zoneout_cell,
+            zoneout_hidden=zoneout_hidden)
+        if cells and batch_sizes is None:
+            cells = [cells[0].view(input.shape[0], input.shape[1], cells[0].shape[-1])]
+        return output, h_n, c_n, *cells
     output, h_n, c_n, _, _, cell, *_ = _ops.lstm_layer_norm_forward(
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
         training or return_cells, *norms, recurrent_mask, zoneout_cell, zoneout_hidden)
@@ -87,13 +123,16 @@ def drop_connect(weight, p):
     the mask, the product and the gradient's product each in fresh pages cost more than the
     masking itself."""
     if (0 < p < 1 and weight.device.type == "cpu" and weight.layout == torch.strided
-            and weight.dtype in (torch.float32, torch.float64)):
+            and weight.dtype in (torch.float32, torch.float64) and not under_functorch()):
         return _ops.drop_connect(weight, p)[0]
     return (weight * dropout_mask(weight.shape, p, weight)).to(weight.dtype)
 
 
 def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
     """One LSTMCell step. Returns (h, c)."""
+    if under_functorch():
+        return _by_reference(_reference_cell_forward, input,
+                             (input, hx, cx, w_ih, w_hh, b_ih, b_hh))
     h, c, *_ = _ops.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
     return h, c
 

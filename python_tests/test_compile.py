@@ -144,13 +144,3 @@ def test_backward_under_compiled_autograd_equals_eager(kind):
         actual = gradients()
     for a, b in zip(actual, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-def test_torch_func_transforms_are_refused_with_an_error():
-    """As the README says: torch.func.grad over the ops raises (C++ autograd functions do not
-    support functorch transforms) rather than returning something wrong."""
-    module = lstm_ext.LSTM(3, 4).double()
-    x = torch.randn(2, 2, 3, dtype=torch.float64)
-    weights = {name: p.detach() for name, p in module.named_parameters()}
-    with pytest.raises(RuntimeError, match="functorch transforms"):
-        torch.func.grad(lambda w: torch.func.functional_call(module, w, (x,))[0].sum())(weights)
