@@ -478,7 +478,7 @@ class LSTM(_GateInit, nn.RNNBase):
         exporting = _exporting_onnx()
         if exporting:
             _onnx.check_exportable(self, batch_sizes is not None)
-        elif not training and self._plain_in_inference() and not ops.under_functorch():
+        elif not training and self._plain_in_inference() and not ops.under_transform():
             return ops.layers_forward(data, h0, c0, weights, self.bias, self.num_layers,
                                       self.bidirectional, batch_sizes)
         h_n, c_n = [], []

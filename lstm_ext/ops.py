@@ -3,6 +3,7 @@ export) and the differentiable reference behind double backward. The schemas, th
 the autograd formulas live in csrc/."""
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -15,12 +16,13 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def under_functorch():
-    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is active. Their
-    tensors cannot pass through the ops' C++ autograd formulas, so the layers then run as the
-    differentiable reference below (reference_layer_forward): the same math in torch ops, step
-    by step, which the transforms differentiate and batch as they do any torch code."""
-    return torch._C._are_functorch_transforms_active()
+def under_transform():
+    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) or forward-mode AD
+    (torch.autograd.forward_ad.dual_level) is active. Their tensors cannot pass through the ops'
+    C++ autograd formulas (which have no forward-mode rule either), so the layers then run as
+    the differentiable reference below (reference_layer_forward): the same math in torch ops,
+    step by step, which the transforms differentiate and batch as they do any torch code."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 def _by_reference(reference, input, tensors, *args, **kwargs):
@@ -45,7 +47,7 @@ def layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, ba
     before every W_hh product; zoneout_cell (N or 1, H) and zoneout_hidden (N or 1, R) weigh
     the previous state, c = d c_prev + (1 - d) c~ (h likewise). Returns (output, h_n, c_n),
     and with return_cells the c of every step, shaped like output with H features."""
-    if under_functorch():
+    if under_transform():
         return _by_reference(
             reference_layer_forward, input,
             (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, recurrent_mask,
@@ -75,7 +77,7 @@ def layer_norm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
     for layer_forward. Returns (output, h_n, c_n), and with return_cells the c after every
     step (after zoneout), laid out as the output: the op's saved cell sequence (kept for that
     even without training), whose gradient backward takes."""
-    if under_functorch():
+    if under_transform():
         output, h_n, c_n, *cells = _by_reference(
             reference_layer_norm_forward, input,
             (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, norms,
@@ -123,14 +125,14 @@ def drop_connect(weight, p):
     the mask, the product and the gradient's product each in fresh pages cost more than the
     masking itself."""
     if (0 < p < 1 and weight.device.type == "cpu" and weight.layout == torch.strided
-            and weight.dtype in (torch.float32, torch.float64) and not under_functorch()):
+            and weight.dtype in (torch.float32, torch.float64) and not under_transform()):
         return _ops.drop_connect(weight, p)[0]
     return (weight * dropout_mask(weight.shape, p, weight)).to(weight.dtype)
 
 
 def cell_forward(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, training=True):
     """One LSTMCell step. Returns (h, c)."""
-    if under_functorch():
+    if under_transform():
         return _by_reference(_reference_cell_forward, input,
                              (input, hx, cx, w_ih, w_hh, b_ih, b_hh))
     h, c, *_ = _ops.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
