@@ -114,6 +114,16 @@ def _check_float_cpu(module, kinds):
         raise ValueError(reason)
 
 
+def _refuse_transforms(module):
+    """The int8 ops run without gradients, so under a torch.func transform or forward-mode AD
+    their derivative would come out as zeros: refused instead."""
+    if ops.under_transform():
+        raise RuntimeError(
+            f"{type(module).__name__} is for inference only (int8 weights, no derivative): "
+            f"torch.func transforms and forward-mode AD cannot differentiate or batch it; apply "
+            f"them to the float model it was made from")
+
+
 class QuantizedLSTM(_Int8Weights, LSTM):
     """An LSTM with int8 weights for inference on the CPU (see the module docstring); built from
     a float LSTM by :meth:`from_float` or :func:`quantize_dynamic`. Inputs, outputs, states and
@@ -162,6 +172,7 @@ class QuantizedLSTM(_Int8Weights, LSTM):
         if _exporting_onnx():
             raise NotImplementedError("torch.onnx.export of a QuantizedLSTM is not supported: "
                                       "export the float model")
+        _refuse_transforms(self)
         num_directions = 2 if self.bidirectional else 1
         per_direction = len(weights) // (self.num_layers * num_directions)
         names = self._flat_weights_names
@@ -234,6 +245,7 @@ class QuantizedLSTMCell(_Int8Weights, LSTMCell):
         if _exporting_onnx():
             raise NotImplementedError("torch.onnx.export of a QuantizedLSTMCell is not "
                                       "supported: export the float model")
+        _refuse_transforms(self)
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             _, h, c = torch.ops.lstm_ext.lstm_int8_layer_forward(
                 input.unsqueeze(0), hx[0], hx[1], weights[0], self._scale("weight_ih"),

@@ -182,3 +182,17 @@ def test_outside_a_transform_the_fused_ops_run():
     seen = []
     grad(lambda x: seen.append(ops.under_transform()) or x.sum())(torch.ones(2))
     assert seen == [True]
+
+
+@pytest.mark.parametrize("module_type", [lstm_ext.LSTM, lstm_ext.LSTMCell])
+def test_int8_modules_refuse_transforms_rather_than_answer_zeros(module_type):
+    """The int8 ops have no derivative: without the refusal jacrev returned zeros."""
+    torch.manual_seed(7)
+    quantized = lstm_ext.quantize_dynamic(module_type(4, 6))
+    x = torch.randn(*((5, 3, 4) if module_type is lstm_ext.LSTM else (3, 4)))
+    with pytest.raises(RuntimeError, match="inference only"):
+        jacrev(lambda x: quantized(x)[0])(x)
+    with pytest.raises(RuntimeError, match="inference only"):
+        with forward_ad.dual_level():
+            quantized(forward_ad.make_dual(x, torch.ones_like(x)))
+    quantized(x)  # and outside them it runs
