@@ -110,6 +110,21 @@ def test_training_rows_ask_for_the_input_gradient_only_where_the_row_says(bench,
                                    else "training fp32")
 
 
+def test_batched_inference_rows_are_summarised_apart_from_b1_and_b4(bench):
+    suite = bench.SUITES["inference-batched"]
+    assert suite and all(row.mode == "inference" and row.batch >= 16 for row in suite)
+    assert {bench.group_of(row) for row in suite} == {"inference fp32, B >= 16"}
+    assert {bench.group_of(row) for row in bench.SUITES["inference"]} == {"inference fp32"}
+    # The B 1 and 4 group keeps its target; the batched group is reported beside it.
+    rows = [bench.Row("inference", 256, b, 25) for b in (1, 4, 16, 32)]
+    for row, ratio in zip(rows, (1.4, 1.6, 0.9, 1.1)):
+        row.results = {"ratio": ratio}
+    summary = {entry["group"]: entry for entry in bench.summarize(rows, "cpu")}
+    assert summary["inference fp32"]["median_ratio"] == pytest.approx(1.5)
+    assert summary["inference fp32"]["target"] == bench.TARGETS["inference fp32"]
+    assert summary["inference fp32, B >= 16"]["median_ratio"] == pytest.approx(1.0)
+
+
 def test_gpu_report_names_the_software_and_tf32(bench):
     row = bench.Row("training", 256, 16, 25)
     row.results = {"ours_ms": 1.0, "torch_ms": 2.0, "ratio": 2.0, "ours_gflops": 10.0,
