@@ -638,6 +638,9 @@ class LSTMCell(_GateInit, nn.RNNCellBase):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        if isinstance(hx, torch.Tensor):  # its rows would pass for h and c below
+            raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
+                            "not Tensor")
         if len(hx) != 2:  # as nn.LSTMCell's op, where unbatched hx was not cut to two above
             raise RuntimeError("lstm_cell expects two hidden states")
         weights = self._weights()

@@ -160,6 +160,10 @@ CELL_CALLS = {
     "three states": (lambda m: m(torch.randn(2, 4), (torch.randn(2, 6),) * 3),
                      "two hidden states"),
     "one state": (lambda m: m(torch.randn(2, 4), (torch.randn(2, 6),)), "two hidden states"),
+    # A tensor where the (h, c) pair belongs: also one whose two rows would pass for h and c.
+    **{f"state as one tensor of {rows} rows": (
+        lambda m, rows=rows: m(torch.randn(rows, 4), torch.randn(rows, 6)),
+        "must be tuple of Tensors, not Tensor") for rows in (2, 3)},
 }
 
 
