@@ -74,6 +74,7 @@ class Row:
 # fp32 inference rows of at least this batch count in their own group (the "inference-batched"
 # suite); the "inference" suite's B 1 and 4 rows are bound by reading the weights instead.
 BATCHED_INFERENCE_ROWS = 16
+BATCHED_INFERENCE_GROUP = f"inference fp32, B >= {BATCHED_INFERENCE_ROWS}"
 
 QUICK = [
     Row("inference", 256, 16, 25),
@@ -139,7 +140,7 @@ TARGETS = {
     "training fp32": 1.3,
     "inference fp32": 1.3,
     # The inference group as it was first tried included H 256 B 32 and H 512 B 16.
-    "inference fp32, B >= 16": 1.3,
+    BATCHED_INFERENCE_GROUP: 1.3,
     "packed training": 3.0,
     "bf16 training (autocast)": 1.3,
     "fp64 training": 2.0,
@@ -188,7 +189,7 @@ def group_of(row):
     if row.input_grad:
         return f"{row.mode} fp32, input requires grad"
     if row.mode == "inference" and row.batch >= BATCHED_INFERENCE_ROWS:
-        return "inference fp32, B >= 16"
+        return BATCHED_INFERENCE_GROUP
     return f"{row.mode} fp32"
 
 
